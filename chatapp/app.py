@@ -1,0 +1,212 @@
+"""Running a real server or client: sockets, the terminal, signals, the database."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from chatapp import screen
+from chatapp.net import UdpEndpoint
+from chatapp.node import BadInput, Input, LogSink, Node, Signal, TerminalScreen
+from chatapp.protocol.client import ClientProtocol
+from chatapp.protocol.common import Timers
+from chatapp.protocol.server import DEFAULT_MAILBOX_LIMIT, ServerProtocol
+from chatapp.store import MemoryStore, Store
+from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+
+#: A typed line longer than this is refused whole rather than read into memory.
+MAX_LINE_BYTES = 65536
+
+
+class StartupError(Exception):
+    """A node could not start (port in use, database unreadable): one line for the user."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    port: int
+    host: str = "0.0.0.0"
+    db: str | None = None
+    trace: str | None = None
+    log_level: str = "info"
+    mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
+    timers: Timers = Timers()
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    name: str
+    server_ip: str
+    server_port: int
+    port: int
+    trace: str | None = None
+    verbose: bool = False
+    timers: Timers = Timers()
+
+
+def _open_recorder(path: str | None, timers: Timers, node: str, role: str) -> Recorder:
+    path = path or os.environ.get("CHATAPP_TRACE") or None
+    if not path:
+        return NullRecorder()
+    try:
+        return JsonlRecorder.open(path, timers=timers, nodes={node: {"role": role}})
+    except OSError as exc:
+        raise StartupError(f"cannot write the trace {path}: {exc.strerror}") from None
+
+
+async def _bind(host: str, port: int, what: str) -> UdpEndpoint:
+    try:
+        return await UdpEndpoint.bind(host, port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on UDP {host}:{port} ({what}): {exc.strerror}") from None
+
+
+def open_store(db: str | None, port: int) -> Store:
+    if db == ":memory:":
+        return MemoryStore()
+    from chatapp.sqlite_store import SqliteStore, default_db_path
+
+    path = db or default_db_path(port)
+    try:
+        return SqliteStore(path)
+    except Exception as exc:  # sqlite3.Error, OSError: any reason the file cannot be used
+        raise StartupError(f"cannot open the database {path}: {exc}") from None
+
+
+async def run_server(options: ServerOptions, argv: list[str]) -> int:
+    log = LogSink(sys.stdout, level=options.log_level)
+    endpoint = await _bind(options.host, options.port, "server")
+    store = open_store(options.db, options.port)
+    recorder = _open_recorder(options.trace, options.timers, "server", "server")
+    protocol = ServerProtocol(
+        timers=options.timers,
+        id_prefix="s" + secrets.token_hex(3),
+        epoch=time.time_ns() // 1_000_000,
+        wall_offset=time.time() - trio.current_time(),
+        mailbox_limit=options.mailbox_limit,
+    )
+    clients, mailbox = store.load()
+    protocol.restore(clients, mailbox)
+    node = Node("server", protocol, endpoint, log=log, recorder=recorder, store=store)
+    from chatapp.protocol.common import Log
+
+    waiting = sum(len(items) for items in mailbox.values())
+    log(Log(f"chatapp server listening on UDP {options.host}:{options.port}"
+            f" ({len(clients)} known clients, {waiting} stored messages)"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, node.stop, None)
+            await node.run(argv=argv)
+            nursery.cancel_scope.cancel()
+    finally:
+        log(Log("server stopped"))
+        recorder.close()
+        store.close()
+        endpoint.close()
+    return 0
+
+
+async def run_client(options: ClientOptions, argv: list[str]) -> int:
+    log = LogSink(sys.stderr if options.verbose else None, level="debug")
+    endpoint = await _bind("0.0.0.0", options.port, "client")
+    recorder = _open_recorder(options.trace, options.timers, options.name, "client")
+    protocol = ClientProtocol(
+        options.name,
+        (options.server_ip, options.server_port),
+        options.port,
+        timers=options.timers,
+        id_prefix=options.name + "." + secrets.token_hex(3),
+    )
+    send_input, receive_input = trio.open_memory_channel[Input](16)
+    node = Node(
+        options.name, protocol, endpoint, screen=TerminalScreen(), log=log, recorder=recorder
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_stdin, send_input.clone())
+            nursery.start_soon(_stop_on_signals, None, send_input)
+            status = await node.run(receive_input, argv=argv)
+            nursery.cancel_scope.cancel()
+    finally:
+        recorder.close()
+        endpoint.close()
+    return status
+
+
+async def _stop_on_signals(
+    stop: Callable[[], None] | None, inputs: trio.MemorySendChannel[Input] | None
+) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP end the node cleanly: a server stops, a client is told."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if inputs is None:
+                assert stop is not None
+                stop()
+                return
+            item = Signal.INTERRUPT if signum == signal.SIGINT else Signal.HANG_UP
+            try:
+                inputs.send_nowait(item)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
+    """Lines from standard input. Read with os.read in a thread: the terminal stays
+    blocking (so stdout does too), and no Python-level lock is held at exit."""
+    async with inputs:
+        pending = b""
+        while True:
+            chunk = await trio.to_thread.run_sync(_read_fd0, abandon_on_cancel=True)
+            if not chunk:
+                if pending:
+                    await inputs.send(_decode_line(pending))
+                await inputs.send(Signal.HANG_UP)
+                return
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                await inputs.send(_decode_line(line))
+            if len(pending) > MAX_LINE_BYTES:
+                await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))
+                pending = b""
+                await _skip_rest_of_line(inputs)
+
+
+async def _skip_rest_of_line(inputs: trio.MemorySendChannel[Input]) -> None:
+    while True:
+        chunk = await trio.to_thread.run_sync(_read_fd0, abandon_on_cancel=True)
+        if not chunk or b"\n" in chunk:
+            return
+
+
+def _read_fd0() -> bytes:
+    try:
+        return os.read(0, 65536)
+    except OSError:
+        return b""
+
+
+def _decode_line(raw: bytes) -> Input:
+    if len(raw) > MAX_LINE_BYTES:
+        return BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        return BadInput("it is not UTF-8 text")
+
+
+__all__ = [
+    "ClientOptions",
+    "ServerOptions",
+    "StartupError",
+    "run_client",
+    "run_server",
+    "screen",
+]

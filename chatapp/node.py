@@ -1,0 +1,323 @@
+"""The Trio layer: runs a protocol state machine against an endpoint.
+
+One nursery per node runs its receive task, its timer task and (for a
+client) its input task. Every handler call and the effects it returns are
+carried out under one lock, so effects leave in the order the state machine
+produced them, and a ``Persist`` is committed before anything after it is sent.
+
+The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
+earliest ACK deadline the state machine has: every retry and give-up of every
+pending request is driven from there.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TextIO
+
+import trio
+
+from chatapp import screen
+from chatapp.net import Endpoint
+from chatapp.protocol.client import ClientProtocol
+from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show
+from chatapp.protocol.server import ServerProtocol
+from chatapp.store import MemoryStore, Store
+from chatapp.trace import NullRecorder, Recorder
+from chatapp.wire import WireError, decode
+
+
+class Signal(enum.Enum):
+    """Inputs that are not lines."""
+
+    INTERRUPT = "interrupt"  # Ctrl-C
+    HANG_UP = "hang_up"  # Ctrl-D, end of input, SIGHUP, SIGTERM
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A line that could not be read as text (not UTF-8, or far too long)."""
+
+    detail: str
+
+
+Input = str | Signal | BadInput
+
+
+class Screen(Protocol):
+    def show(self, line: str) -> None: ...
+
+    def typed(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TerminalScreen:
+    """The client's terminal: every line is shown behind the prompt, and the prompt
+    is shown again whenever the client waits for input."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self._out = out if out is not None else sys.stdout
+        self._at_prompt = False
+        self._write(screen.PROMPT)
+        self._at_prompt = True
+
+    def _write(self, text: str) -> None:
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            pass  # the terminal is gone; the node exits on the hang-up that follows
+
+    def show(self, line: str) -> None:
+        if line == screen.KEYBOARD_INTERRUPT:
+            self._write(line + "\n")
+            self._at_prompt = False
+            return
+        self._write(line + "\n" + screen.PROMPT)
+        self._at_prompt = True
+
+    def typed(self) -> None:
+        self._write(screen.PROMPT)
+        self._at_prompt = True
+
+    def close(self) -> None:
+        if self._at_prompt:
+            self._write("\n")
+            self._at_prompt = False
+
+
+class CapturedScreen:
+    """Collects the lines a client shows (demo, tests, replay)."""
+
+    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self._on_line = on_line
+        self.changed = trio.Event()
+
+    def show(self, line: str) -> None:
+        self.lines.append(line)
+        if self._on_line is not None:
+            self._on_line(line)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def typed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LogSink:
+    """A node's log: one timestamped line per event, rate-limited for warnings
+    so that a flood of bad datagrams cannot fill the screen or the disk."""
+
+    LEVELS = {"debug": 10, "info": 20, "warning": 30}
+
+    def __init__(
+        self,
+        out: TextIO | None,
+        *,
+        level: str = "info",
+        warnings_per_second: float = 5.0,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._out = out
+        self._threshold = self.LEVELS[level]
+        self._rate = warnings_per_second
+        self._allowance = warnings_per_second
+        self._last = now()
+        self._now = now
+        self.suppressed = 0
+
+    def __call__(self, entry: Log) -> None:
+        if self._out is None or self.LEVELS.get(entry.level, 20) < self._threshold:
+            return
+        if entry.level == "warning" and not self._admit():
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        suffix = ""
+        if self.suppressed and entry.level == "warning":
+            suffix = f" ({self.suppressed} similar lines suppressed)"
+            self.suppressed = 0
+        try:
+            self._out.write(f"{stamp} {entry.text}{suffix}\n")
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _admit(self) -> bool:
+        now = self._now()
+        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
+        self._last = now
+        if self._allowance >= 1:
+            self._allowance -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+AnyProtocol = ClientProtocol | ServerProtocol
+
+
+class Node:
+    """One client or server: a state machine, an endpoint, and the tasks that drive them."""
+
+    def __init__(
+        self,
+        name: str,
+        protocol: AnyProtocol,
+        endpoint: Endpoint,
+        *,
+        screen: Screen | None = None,
+        log: Callable[[Log], None] | None = None,
+        recorder: Recorder | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.name = name
+        self.protocol = protocol
+        self.endpoint = endpoint
+        self.screen = screen
+        self.log = log or (lambda entry: None)
+        self.recorder = recorder or NullRecorder()
+        self.store = store or MemoryStore()
+        self.exit_status: int | None = None
+        self._lock = trio.Lock()
+        self._timer_changed = trio.Event()
+        self._armed_deadline = math.inf
+        self._cancel_scope: trio.CancelScope | None = None
+
+    # --- running ------------------------------------------------------------------
+
+    async def run(
+        self,
+        inputs: trio.MemoryReceiveChannel[Input] | None = None,
+        *,
+        argv: list[str] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Run until the node exits (returns its status) or is cancelled."""
+        role = "client" if isinstance(self.protocol, ClientProtocol) else "server"
+        self.recorder.node_started(self.name, role, argv or [], self.endpoint.local_address)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._timer_loop)
+                if inputs is not None:
+                    nursery.start_soon(self._input_loop, inputs)
+                task_status.started()
+                await self._handle(self.protocol.start)
+        finally:
+            status = 0 if self.exit_status is None else self.exit_status
+            self.recorder.node_exited(self.name, status)
+            if self.screen is not None:
+                self.screen.close()
+        return status
+
+    def stop(self) -> None:
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def _receive_loop(self) -> None:
+        local = self.endpoint.local_address
+        while True:
+            try:
+                data, addr = await self.endpoint.receive()
+            except OSError as exc:
+                # e.g. an ICMP "port unreachable" reported on a later read: not fatal
+                self.log(Log(f"receive failed: {exc}", "debug"))
+                continue
+            try:
+                message = decode(data)
+            except WireError as exc:
+                self.recorder.datagram(self.name, "recv", local, addr, data, None, str(exc))
+                self.log(Log(f"dropped a bad datagram from {addr[0]}:{addr[1]}: {exc}", "warning"))
+                continue
+            self.recorder.datagram(self.name, "recv", local, addr, data, message)
+            await self._handle(self.protocol.handle_message, message, addr)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.protocol.next_deadline()
+            self._armed_deadline = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._armed_deadline):
+                await self._timer_changed.wait()
+                self._timer_changed = trio.Event()
+                continue
+            await self._handle(self.protocol.handle_timer)
+
+    async def _input_loop(self, inputs: trio.MemoryReceiveChannel[Input]) -> None:
+        client = self.protocol
+        assert isinstance(client, ClientProtocol)
+        async with inputs:
+            async for item in inputs:
+                if isinstance(item, Signal):
+                    self.recorder.typed(self.name, f"<{item.value}>")
+                    react = client.interrupt if item is Signal.INTERRUPT else client.hang_up
+                    await self._handle_now(react)
+                    continue
+                if self.screen is not None:
+                    self.screen.typed()
+                if isinstance(item, BadInput):
+                    self.recorder.typed(self.name, f"<bad input: {item.detail}>")
+                    await self._apply([Show(screen.bad_input(item.detail))])
+                    continue
+                self.recorder.typed(self.name, item)
+                await self._handle(client.handle_command, item)
+        await self._handle_now(client.hang_up)
+
+    # --- carrying out effects ---------------------------------------------------------
+
+    async def _handle(self, handler: Callable[..., list[Effect]], *args: object) -> None:
+        async with self._lock:
+            effects = handler(*args, trio.current_time())
+            await self._apply_locked(effects)
+
+    async def _handle_now(self, handler: Callable[[], list[Effect]]) -> None:
+        async with self._lock:
+            await self._apply_locked(handler())
+
+    async def _apply(self, effects: list[Effect]) -> None:
+        async with self._lock:
+            await self._apply_locked(effects)
+
+    async def _apply_locked(self, effects: list[Effect]) -> None:
+        changes: list[Persist] = []
+        for effect in effects:
+            if isinstance(effect, Persist):
+                changes.append(effect)
+                continue
+            if changes:
+                await self.store.commit(changes)
+                changes = []
+            if isinstance(effect, Send):
+                await self._send(effect)
+            elif isinstance(effect, Show):
+                self.recorder.shown(self.name, effect.line)
+                if self.screen is not None:
+                    self.screen.show(effect.line)
+            elif isinstance(effect, Log):
+                self.log(effect)
+            elif isinstance(effect, Exit):
+                self.exit_status = effect.status
+                self.stop()
+        if changes:
+            await self.store.commit(changes)
+        deadline = self.protocol.next_deadline()
+        if deadline is not None and deadline < self._armed_deadline:
+            self._timer_changed.set()
+
+    async def _send(self, effect: Send) -> None:
+        local = self.endpoint.local_address
+        self.recorder.datagram(self.name, "send", local, effect.addr, effect.data, effect.message)
+        try:
+            await self.endpoint.send(effect.data, effect.addr)
+        except OSError as exc:
+            self.log(Log(f"could not send to {effect.addr[0]}:{effect.addr[1]}: {exc}", "warning"))

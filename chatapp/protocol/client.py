@@ -1,0 +1,441 @@
+"""The client's rules, as a state machine with no I/O.
+
+Feed it datagrams (``handle_datagram``), typed lines (``handle_command``) and
+timer expiries (``handle_timer``), each with the current time; it returns the
+effects to carry out (datagrams to send, lines to show, an exit) and says when
+it next needs to wake (``next_deadline``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chatapp import screen
+from chatapp.protocol.common import (
+    Effect,
+    Exit,
+    IdFactory,
+    Log,
+    Pending,
+    RetryQueue,
+    SeenIds,
+    Show,
+    Timers,
+    send,
+)
+from chatapp.wire import (
+    MAX_DATAGRAM,
+    Ack,
+    Address,
+    ChannelDelivery,
+    ChannelPost,
+    Chat,
+    Deregister,
+    Lookup,
+    LookupResult,
+    Mailbox,
+    Message,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    SaveMessage,
+    Saved,
+    Table,
+    TableEntry,
+    WireError,
+    decode,
+    encode,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,32}$"
+
+
+class ClientState(enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DEREGISTERING = "deregistering"
+    OFFLINE = "offline"
+    REJOINING = "rejoining"
+    EXITED = "exited"
+
+
+#: States in which the client is (or is about to be) online: it shows and ACKs what arrives.
+_LISTENING = {
+    ClientState.JOINING,
+    ClientState.ONLINE,
+    ClientState.DEREGISTERING,
+    ClientState.REJOINING,
+}
+
+
+class WaitKind(enum.Enum):
+    JOIN = "join"
+    DIRECT = "direct"
+    SAVE = "save"
+    DEREG = "dereg"
+    REG = "reg"
+    CHANNEL = "channel"
+    LOOKUP = "lookup"
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """What a pending request is for; ``to`` and ``text`` for messages."""
+
+    kind: WaitKind
+    to: str = ""
+    text: str = ""
+
+
+# Room left in a datagram for the envelope of the largest message that carries text.
+_ENVELOPE_ALLOWANCE = 64
+
+
+class ClientProtocol:
+    def __init__(
+        self,
+        name: str,
+        server: Address,
+        port: int,
+        *,
+        timers: Timers = Timers(),
+        id_prefix: str = "c",
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.port = port
+        self.timers = timers
+        self.state = ClientState.JOINING
+        self.table: dict[str, TableEntry] = {}
+        self.token = ""
+        self._new_id = IdFactory(id_prefix)
+        self._retry: RetryQueue[Wait] = RetryQueue(timers)
+        self._seen = SeenIds()
+        self._deliveries_shown = SeenIds(capacity=1024)
+        self._table_version: tuple[int, int] = (-1, -1)
+        self._table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]] = {}
+
+    # --- entry points --------------------------------------------------------
+
+    def start(self, now: float) -> list[Effect]:
+        register = Register(self._new_id(), self.name, self.port)
+        return [self._request(register, now, Wait(WaitKind.JOIN))]
+
+    def next_deadline(self) -> float | None:
+        return self._retry.next_deadline()
+
+    def handle_timer(self, now: float) -> list[Effect]:
+        resends, given_up = self._retry.expire(now)
+        effects: list[Effect] = list(resends)
+        for pending in given_up:
+            if self.state is ClientState.EXITED:
+                break
+            effects += self._give_up(pending, now)
+        return effects
+
+    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        try:
+            message = decode(data)
+        except WireError as exc:
+            return [Log(f"dropped a bad datagram from {_fmt(addr)}: {exc}", "warning")]
+        return self.handle_message(message, addr, now)
+
+    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+        if self.state is ClientState.EXITED:
+            return []
+        handler = self._message_handlers.get(type(message))
+        if handler is None:
+            return [_dropped(message, addr, "a client does not take it")]
+        return handler(self, message, addr, now)
+
+    def handle_command(self, line: str, now: float) -> list[Effect]:
+        if self.state is ClientState.EXITED:
+            return []
+        line = line.strip()
+        if not line:
+            return []
+        word, _, rest = line.partition(" ")
+        handler = self._command_handlers.get(word)
+        if handler is None:
+            return [Show(screen.unknown_command(word))]
+        return handler(self, rest.strip(), now)
+
+    def interrupt(self) -> list[Effect]:
+        """Ctrl-C: leave without deregistering (a silent leave)."""
+        return self._exit(0, screen.KEYBOARD_INTERRUPT)
+
+    def hang_up(self) -> list[Effect]:
+        """End of input or a closed terminal: leave quietly."""
+        return self._exit(0)
+
+    # --- commands ----------------------------------------------------------------
+
+    def _cmd_send(self, rest: str, now: float) -> list[Effect]:
+        to, _, text = rest.partition(" ")
+        text = text.strip()
+        if not to or not text:
+            return [Show(screen.usage("send NAME MESSAGE"))]
+        if refusal := self._refuse_unless_online():
+            return refusal
+        if refusal := self._refuse_if_too_long(text, to):
+            return refusal
+        entry = self.table.get(to)
+        if entry is None:
+            lookup = Lookup(self._new_id(), to, self.token)
+            return [self._request(lookup, now, Wait(WaitKind.LOOKUP, to, text))]
+        return [self._send_direct(entry, text, now)]
+
+    def _cmd_send_all(self, rest: str, now: float) -> list[Effect]:
+        if not rest:
+            return [Show(screen.usage("send_all MESSAGE"))]
+        if refusal := self._refuse_unless_online():
+            return refusal
+        if refusal := self._refuse_if_too_long(rest, self.name):
+            return refusal
+        post = ChannelPost(self._new_id(), self.name, rest, self.token)
+        return [self._request(post, now, Wait(WaitKind.CHANNEL, text=rest))]
+
+    def _cmd_dereg(self, rest: str, now: float) -> list[Effect]:
+        if not rest:
+            return [Show(screen.usage("dereg NAME"))]
+        if rest != self.name:
+            return [Show(screen.only_yourself("deregister", self.name))]
+        if refusal := self._refuse_unless_online():
+            return refusal
+        self.state = ClientState.DEREGISTERING
+        dereg = Deregister(self._new_id(), self.name, self.token)
+        return [self._request(dereg, now, Wait(WaitKind.DEREG))]
+
+    def _cmd_reg(self, rest: str, now: float) -> list[Effect]:
+        if not rest:
+            return [Show(screen.usage("reg NAME"))]
+        if rest != self.name:
+            return [Show(screen.only_yourself("register", self.name))]
+        if self.state is not ClientState.OFFLINE:
+            return [Show(self._busy_line())]
+        self.state = ClientState.REJOINING
+        reg = Reregister(self._new_id(), self.name, self.token)
+        return [self._request(reg, now, Wait(WaitKind.REG))]
+
+    def _cmd_table(self, rest: str, now: float) -> list[Effect]:
+        rows = [(e.name, e.ip, e.port, e.online) for e in sorted(self.table.values())]
+        return [Show(line) for line in screen.table_lines(rows)]
+
+    def _cmd_help(self, rest: str, now: float) -> list[Effect]:
+        return [Show(screen.HELP)]
+
+    def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
+        return self._exit(0, screen.EXITING)
+
+    _command_handlers: dict[str, Callable[[ClientProtocol, str, float], list[Effect]]] = {
+        "send": _cmd_send,
+        "send_all": _cmd_send_all,
+        "dereg": _cmd_dereg,
+        "reg": _cmd_reg,
+        "table": _cmd_table,
+        "list": _cmd_table,
+        "help": _cmd_help,
+        "exit": _cmd_exit,
+        "quit": _cmd_exit,
+    }
+
+    def _refuse_unless_online(self) -> list[Effect]:
+        if self.state is ClientState.ONLINE:
+            return []
+        return [Show(self._busy_line())]
+
+    def _busy_line(self) -> str:
+        return {
+            ClientState.ONLINE: screen.ALREADY_ONLINE,
+            ClientState.OFFLINE: screen.OFFLINE_ONLY_REG,
+            ClientState.DEREGISTERING: screen.BUSY_DEREGISTERING,
+        }.get(self.state, screen.STILL_JOINING)
+
+    def _refuse_if_too_long(self, text: str, to: str) -> list[Effect]:
+        # The save form is the largest datagram that carries a message's text.
+        probe = SaveMessage("x" * 32, self.name, to if len(to) <= 32 else self.name, text, "t" * 32)
+        size = len(encode(probe)) + _ENVELOPE_ALLOWANCE
+        if size <= MAX_DATAGRAM:
+            return []
+        limit = MAX_DATAGRAM - (size - len(text.encode()))
+        return [Show(screen.too_long(len(text.encode()), max(limit, 0)))]
+
+    # --- sending ---------------------------------------------------------------------
+
+    def _request(self, message: Message, now: float, wait: Wait) -> Effect:
+        tries = 1 if wait.kind is WaitKind.DIRECT else self.timers.tries
+        return self._retry.start(message.id, send(message, self.server), now, wait, tries)
+
+    def _send_direct(self, entry: TableEntry, text: str, now: float) -> Effect:
+        chat = Chat(self._new_id(), self.name, text)
+        wait = Wait(WaitKind.DIRECT, entry.name, text)
+        return self._retry.start(chat.id, send(chat, (entry.ip, entry.port)), now, wait, tries=1)
+
+    def _exit(self, status: int, *lines: str) -> list[Effect]:
+        self.state = ClientState.EXITED
+        return [*(Show(line) for line in lines), Exit(status)]
+
+    # --- giving up ----------------------------------------------------------------------
+
+    def _give_up(self, pending: Pending[Wait], now: float) -> list[Effect]:
+        wait = pending.context
+        if wait.kind is WaitKind.DIRECT:
+            save = SaveMessage(str(pending.key), self.name, wait.to, wait.text, self.token)
+            return [Show(screen.no_ack(wait.to)), self._request(save, now, Wait(WaitKind.SAVE, wait.to))]
+        if wait.kind is WaitKind.SAVE:
+            return self._exit(1, screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING)
+        if wait.kind is WaitKind.DEREG:
+            return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
+        if wait.kind is WaitKind.JOIN:
+            return self._exit(1, screen.join_not_answered(_fmt(self.server)), screen.EXITING)
+        if wait.kind is WaitKind.CHANNEL:
+            return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
+        if wait.kind is WaitKind.REG:
+            self.state = ClientState.OFFLINE
+            return [Show(screen.REG_NOT_ANSWERED)]
+        return [Show(screen.lookup_not_answered(wait.to))]
+
+    # --- datagrams ------------------------------------------------------------------------
+
+    def _reply_to(self, message: Message, addr: Address) -> Pending[Wait] | None:
+        """The request that ``message`` answers, if it came from where the request went."""
+        pending = self._retry.get(message.id)
+        if pending is None or pending.send.addr != addr:
+            return None
+        return self._retry.ack(message.id)
+
+    def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
+        pending = self._reply_to(message, addr)
+        if pending is None:
+            return [Log(f"ignored a late or unknown ack {message.id} from {_fmt(addr)}", "debug")]
+        wait = pending.context
+        if wait.kind is WaitKind.DIRECT:
+            return [Show(screen.received_by(wait.to))]
+        if wait.kind is WaitKind.CHANNEL:
+            return [Show(screen.CHANNEL_ACKED)]
+        if wait.kind is WaitKind.DEREG:
+            self.state = ClientState.OFFLINE
+            return [Show(screen.YOU_ARE_OFFLINE)]
+        if wait.kind is WaitKind.REG:
+            self.state = ClientState.ONLINE
+            return []
+        return [_dropped(message, addr, f"it does not answer a {wait.kind.value} request")]
+
+    def _on_registered(self, message: Registered, addr: Address, now: float) -> list[Effect]:
+        pending = self._reply_to(message, addr)
+        if pending is None or pending.context.kind is not WaitKind.JOIN:
+            return [Log(f"ignored a late registration answer from {_fmt(addr)}", "debug")]
+        self.token = message.token
+        self.state = ClientState.ONLINE
+        return []
+
+    def _on_refused(self, message: Refused, addr: Address, now: float) -> list[Effect]:
+        pending = self._reply_to(message, addr)
+        if pending is None:
+            return [Log(f"ignored a late refusal from {_fmt(addr)}", "debug")]
+        kind = pending.context.kind
+        if kind is WaitKind.JOIN:
+            return self._exit(1, screen.refused(message.reason))
+        if kind is WaitKind.REG:
+            self.state = ClientState.OFFLINE
+        elif kind is WaitKind.DEREG:
+            self.state = ClientState.ONLINE
+        return [Show(screen.request_refused(message.reason))]
+
+    def _on_saved(self, message: Saved, addr: Address, now: float) -> list[Effect]:
+        pending = self._reply_to(message, addr)
+        if pending is None or pending.context.kind is not WaitKind.SAVE:
+            return [Log(f"ignored a late save answer from {_fmt(addr)}", "debug")]
+        if message.outcome == "delivered":
+            return [Show(screen.received_by(pending.context.to))]
+        return [Show(screen.SAVED_BY_SERVER)]
+
+    def _on_lookup_result(self, message: LookupResult, addr: Address, now: float) -> list[Effect]:
+        pending = self._reply_to(message, addr)
+        if pending is None or pending.context.kind is not WaitKind.LOOKUP:
+            return [Log(f"ignored a late lookup answer from {_fmt(addr)}", "debug")]
+        wait = pending.context
+        if message.entry is None or message.entry.name != wait.to:
+            return [Show(screen.unknown_user(wait.to))]
+        self.table[wait.to] = message.entry
+        return [self._send_direct(message.entry, wait.text, now)]
+
+    def _on_chat(self, message: Chat, addr: Address, now: float) -> list[Effect]:
+        if self.state not in _LISTENING:
+            return [Log(f"offline: ignored a message from {message.sender}", "debug")]
+        effects: list[Effect] = [send(Ack(message.id), addr)]
+        if self._seen.add(message.id):
+            effects.append(Show(screen.chat(message.sender, message.text)))
+        return effects
+
+    def _on_channel(self, message: ChannelDelivery, addr: Address, now: float) -> list[Effect]:
+        if refusal := self._refuse_unless_from_server(message, addr):
+            return refusal
+        effects: list[Effect] = [send(Ack(message.id), addr)]
+        if self._seen.add(message.id):
+            effects.append(Show(screen.channel_message(message.sender, message.text)))
+        return effects
+
+    def _on_mailbox(self, message: Mailbox, addr: Address, now: float) -> list[Effect]:
+        if refusal := self._refuse_unless_from_server(message, addr):
+            return refusal
+        effects: list[Effect] = [send(Ack(message.id), addr)]
+        for item in message.items:
+            if not self._seen.add(item.id):
+                continue
+            if self._deliveries_shown.add(message.delivery):
+                effects.append(Show(screen.YOU_HAVE_MESSAGE))
+            format_line = screen.stored_direct if item.kind == "direct" else screen.stored_channel
+            effects.append(Show(format_line(item.stored_at, item.sender, item.text)))
+        return effects
+
+    def _on_table(self, message: Table, addr: Address, now: float) -> list[Effect]:
+        if refusal := self._refuse_unless_from_server(message, addr):
+            return refusal
+        effects: list[Effect] = [send(Ack(message.id), addr)]
+        version = (message.epoch, message.version)
+        if version <= self._table_version or message.part >= message.parts:
+            return effects
+        parts = self._table_parts.setdefault(version, {})
+        parts[message.part] = message.entries
+        if len(parts) < message.parts:
+            return effects
+        self.table = {entry.name: entry for part in parts.values() for entry in part}
+        self._table_version = version
+        self._table_parts = {v: p for v, p in self._table_parts.items() if v > version}
+        effects.append(Show(screen.TABLE_UPDATED))
+        return effects
+
+    def _refuse_unless_from_server(self, message: Message, addr: Address) -> list[Effect]:
+        if addr != self.server:
+            return [_dropped(message, addr, "it did not come from the server")]
+        if self.state not in _LISTENING:
+            return [Log(f"offline: ignored a {_kind(message)} from the server", "debug")]
+        return []
+
+    _message_handlers: dict[type, Callable[[ClientProtocol, Message, Address, float], list[Effect]]] = {
+        Ack: _on_ack,
+        Registered: _on_registered,
+        Refused: _on_refused,
+        Saved: _on_saved,
+        LookupResult: _on_lookup_result,
+        Chat: _on_chat,
+        ChannelDelivery: _on_channel,
+        Mailbox: _on_mailbox,
+        Table: _on_table,
+    }  # type: ignore[dict-item]
+
+
+def _fmt(addr: Address) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _kind(message: Message) -> str:
+    return type(message).__struct_config__.tag  # type: ignore[return-value]
+
+
+def _dropped(message: Message, addr: Address, why: str) -> Log:
+    return Log(f"dropped a {_kind(message)} from {_fmt(addr)}: {why}", "warning")

@@ -1,0 +1,111 @@
+"""Every line a client shows, in one place.
+
+The lines marked SEED are the contract: the user's test transcripts show them
+word for word. The others are ours; they keep the seed's bracketed style and
+say what happened and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+PROMPT = ">>> "
+
+# --- SEED lines ----------------------------------------------------------------
+TABLE_UPDATED = "[Client Table Updated]"
+YOU_ARE_OFFLINE = "[You are now offline. Bye.]"
+YOU_HAVE_MESSAGE = "[You have message]"
+SAVED_BY_SERVER = "[Messages received by the server and saved.]"
+CHANNEL_ACKED = "[Message received by the server.]"
+SEND_FAILED = "[Message sent failed]"
+SERVER_SHUT_DOWN = "[Server is shut down]"
+EXITING = "[Exiting]"
+SERVER_NOT_RESPONDING = "[Server not responding]"
+SERVER_NOT_RESPONDING_CHANNEL = "[Server not responding.]"
+KEYBOARD_INTERRUPT = "Caught keyboard interrupt. Exiting"
+
+
+def chat(sender: str, text: str) -> str:
+    return f"{sender} : {text}"
+
+
+def received_by(name: str) -> str:
+    return f"[Message has been received by {name}.]"
+
+
+def no_ack(name: str) -> str:
+    return f"[No ACK from {name}, message sent to server.]"
+
+
+def channel_message(sender: str, text: str) -> str:
+    return f"Channel_Message {sender} : {text}"
+
+
+def stored_direct(stored_at: float, sender: str, text: str) -> str:
+    return f"({stored_at!r}) {sender} : {text}"
+
+
+def stored_channel(stored_at: float, sender: str, text: str) -> str:
+    return f"({stored_at!r}) Channel_Message {sender} : {text}"
+
+
+# --- our lines ------------------------------------------------------------------
+
+HELP = (
+    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME"
+    " | table | help | exit]"
+)
+OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit).]"
+ALREADY_ONLINE = "[You are already online.]"
+STILL_JOINING = "[Still waiting for the server to accept the registration. Try again in a moment.]"
+BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
+REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
+EMPTY_TABLE = "[The client table is empty.]"
+
+
+def unknown_command(word: str) -> str:
+    return f"[Unknown command {word!r}. Type help for the commands.]"
+
+
+def usage(form: str) -> str:
+    return f"[Usage: {form}]"
+
+
+def only_yourself(command: str, own_name: str) -> str:
+    return f"[You can only {command} yourself ({own_name}).]"
+
+
+def unknown_user(name: str) -> str:
+    return f"[Unknown user {name}: not in the client table and not known to the server.]"
+
+
+def lookup_not_answered(name: str) -> str:
+    return f"[{name} is not in the client table and the server is not responding. Nothing was sent.]"
+
+
+def too_long(size: int, limit: int) -> str:
+    return f"[Message too long: {size} bytes, the limit is {limit}. Nothing was sent.]"
+
+
+def refused(reason: str) -> str:
+    return f"[Registration refused: {reason}]"
+
+
+def request_refused(reason: str) -> str:
+    return f"[The server refused: {reason}]"
+
+
+def join_not_answered(server: str) -> str:
+    return f"[Server {server} not responding. Is `chatapp serve` running there?]"
+
+
+def table_lines(rows: Iterable[tuple[str, str, int, bool]]) -> list[str]:
+    lines = [
+        f"[{name:<16} {ip}:{port:<6} {'online' if online else 'offline'}]"
+        for name, ip, port, online in rows
+    ]
+    return lines or [EMPTY_TABLE]
+
+
+def bad_input(detail: str) -> str:
+    return f"[Could not read that line: {detail}. Nothing was sent.]"

@@ -1,0 +1,204 @@
+"""The datagrams chatapp sends, and their encoding.
+
+Every datagram is one JSON object whose field ``t`` names its type. JSON keeps
+traces readable; msgspec validates untrusted bytes against these types at C
+speed, so a malformed datagram becomes one ``WireError`` and nothing else.
+
+Everything that is acknowledged carries an ``id``. Ids are unique across nodes
+(a random per-process prefix and a counter), stay the same on every retry, and
+are what receivers deduplicate on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+#: Largest datagram chatapp sends or accepts. Well under the 65,507-byte UDP
+#: limit so that a LAN's fragment reassembly is not stressed.
+MAX_DATAGRAM = 8192
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.\-]+$")]
+MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_DATAGRAM)]
+Address = tuple[str, int]
+
+
+class _Message(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
+    pass
+
+
+# --- client -> server -------------------------------------------------------
+
+
+class Register(_Message, tag="register"):
+    id: MsgId
+    name: Name
+    port: Port
+
+
+class Deregister(_Message, tag="dereg"):
+    id: MsgId
+    name: Name
+    token: Token
+
+
+class Reregister(_Message, tag="reg"):
+    id: MsgId
+    name: Name
+    token: Token
+
+
+class SaveMessage(_Message, tag="save"):
+    """A direct message the peer did not ACK: deliver it or store it."""
+
+    id: MsgId
+    sender: Name
+    to: Name
+    text: Text
+    token: Token
+
+
+class ChannelPost(_Message, tag="send_all"):
+    id: MsgId
+    sender: Name
+    text: Text
+    token: Token
+
+
+class Lookup(_Message, tag="lookup"):
+    id: MsgId
+    name: Name
+    token: Token
+
+
+# --- server -> client -------------------------------------------------------
+
+
+class Registered(_Message, tag="registered"):
+    id: MsgId
+    token: Token
+
+
+class Refused(_Message, tag="refused"):
+    """Answer to any request the server will not carry out; ``reason`` is for people."""
+
+    id: MsgId
+    reason: Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class Saved(_Message, tag="saved"):
+    """The server took responsibility for a message: ``delivered`` or ``stored``."""
+
+    id: MsgId
+    outcome: Literal["delivered", "stored"]
+
+
+class TableEntry(msgspec.Struct, frozen=True, array_like=True):
+    name: Name
+    ip: Annotated[str, msgspec.Meta(max_length=64)]
+    port: Port
+    online: bool
+
+
+class Table(_Message, tag="table"):
+    """One part of version ``(epoch, version)`` of the client table."""
+
+    id: MsgId
+    epoch: int
+    version: int
+    part: Annotated[int, msgspec.Meta(ge=0)]
+    parts: Annotated[int, msgspec.Meta(ge=1)]
+    entries: list[TableEntry]
+
+
+class ChannelDelivery(_Message, tag="channel"):
+    id: MsgId
+    sender: Name
+    text: Text
+
+
+class StoredItem(msgspec.Struct, frozen=True):
+    id: MsgId
+    kind: Literal["direct", "channel"]
+    sender: Name
+    text: Text
+    stored_at: float
+
+
+class Mailbox(_Message, tag="mailbox"):
+    """A batch of stored messages, oldest first; the batches of one ``reg`` share ``delivery``."""
+
+    id: MsgId
+    delivery: MsgId
+    items: list[StoredItem]
+
+
+class LookupResult(_Message, tag="lookup_result"):
+    id: MsgId
+    entry: TableEntry | None
+
+
+# --- peer <-> peer, and every ACK --------------------------------------------
+
+
+class Chat(_Message, tag="chat"):
+    """A direct message; the server re-sends it with the same id when it delivers it itself."""
+
+    id: MsgId
+    sender: Name
+    text: Text
+
+
+class Ack(_Message, tag="ack"):
+    id: MsgId
+
+
+Message = Union[
+    Register,
+    Deregister,
+    Reregister,
+    SaveMessage,
+    ChannelPost,
+    Lookup,
+    Registered,
+    Refused,
+    Saved,
+    Table,
+    ChannelDelivery,
+    Mailbox,
+    LookupResult,
+    Chat,
+    Ack,
+]
+
+
+class WireError(ValueError):
+    """A datagram that is not a chatapp message."""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    if len(data) > MAX_DATAGRAM:
+        raise WireError(f"datagram of {len(data)} bytes is over the {MAX_DATAGRAM}-byte limit")
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise WireError(str(exc)) from None
+
+
+def to_builtins(message: Message) -> dict[str, object]:
+    """The message as plain JSON values (for traces)."""
+    result = msgspec.to_builtins(message)
+    assert isinstance(result, dict)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -46,6 +47,7 @@ class ClientOptions:
     server_ip: str
     server_port: int
     port: int
+    host: str = "0.0.0.0"
     trace: str | None = None
     verbose: bool = False
     timers: Timers = Timers()
@@ -94,19 +96,29 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
     )
     clients, mailbox = store.load()
     protocol.restore(clients, mailbox)
+    recorder.restored("server", clients, mailbox)  # a replay starts from the same database
     node = Node("server", protocol, endpoint, log=log, recorder=recorder, store=store)
     from chatapp.protocol.common import Log
 
     waiting = sum(len(items) for items in mailbox.values())
     log(Log(f"chatapp server listening on UDP {options.host}:{options.port}"
-            f" ({len(clients)} known clients, {waiting} stored messages)"))
+            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"))
+    stopped_by: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopped_by.append(signum)
+        node.stop()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, node.stop, None)
+            nursery.start_soon(_stop_on_signals, stop, None)
             await node.run(argv=argv)
             nursery.cancel_scope.cancel()
     finally:
-        log(Log("server stopped"))
+        if stopped_by and stopped_by[0] == signal.SIGINT:
+            log.end_line()  # the terminal echoed ^C where the next log line would start
+        reason = f" ({_SIGNAL_NAMES.get(stopped_by[0], 'signal')})" if stopped_by else ""
+        log(Log(f"server stopped{reason}"))
         recorder.close()
         store.close()
         endpoint.close()
@@ -115,7 +127,7 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
 
 async def run_client(options: ClientOptions, argv: list[str]) -> int:
     log = LogSink(sys.stderr if options.verbose else None, level="debug")
-    endpoint = await _bind("0.0.0.0", options.port, "client")
+    endpoint = await _bind(options.host, options.port, "client")
     recorder = _open_recorder(options.trace, options.timers, options.name, "client")
     protocol = ClientProtocol(
         options.name,
@@ -140,21 +152,26 @@ async def run_client(options: ClientOptions, argv: list[str]) -> int:
     return status
 
 
+_SIGNAL_NAMES: dict[int, str] = {
+    signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"
+}
+
+
 async def _stop_on_signals(
-    stop: Callable[[], None] | None, inputs: trio.MemorySendChannel[Input] | None
+    stop: Callable[[int], None] | None, inputs: trio.MemorySendChannel[Input] | None
 ) -> None:
     """Ctrl-C, SIGTERM and SIGHUP end the node cleanly: a server stops, a client is told."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             if inputs is None:
                 assert stop is not None
-                stop()
+                stop(signum)
                 return
             item = Signal.INTERRUPT if signum == signal.SIGINT else Signal.HANG_UP
-            try:
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
                 inputs.send_nowait(item)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
 
 async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:

@@ -7,26 +7,74 @@ line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import re
+import os
+import signal
 import sys
-from typing import Annotated, NoReturn
 
-import trio
-import typer
 
-from chatapp import __version__
-from chatapp.net import resolve_ipv4
-from chatapp.protocol.common import Timers
+def _started_as_program() -> bool:
+    """True in the ``chatapp`` command and ``python -m chatapp``, not when imported by tests."""
+    program = sys.modules.get("__main__")
+    spec = getattr(program, "__spec__", None)
+    if spec is not None and spec.name == "chatapp.__main__":
+        return True
+    return os.path.basename(getattr(program, "__file__", None) or "") == "chatapp"
+
+
+#: The shell's status for a program ended by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT = 130
+
+
+def _leave_interrupted(command: str | None) -> NoReturn:
+    """Ctrl-C before a node is listening for it: leave as a running node would (a client
+    with its line), and never with a traceback."""
+    if command in ("join", "-c"):
+        from chatapp.screen import KEYBOARD_INTERRUPT
+
+        print(KEYBOARD_INTERRUPT, flush=True)
+        raise SystemExit(0)
+    raise SystemExit(0 if command in ("serve", "-s") else INTERRUPTED_EXIT)
+
+
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    _leave_interrupted(sys.argv[1] if len(sys.argv) > 1 else None)
+
+
+# Loading the modules below takes a moment; a Ctrl-C during it would print a traceback.
+if _started_as_program():
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import contextlib  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from typing import Annotated, NoReturn  # noqa: E402
+
+import trio  # noqa: E402
+import typer  # noqa: E402
+
+from chatapp import __version__  # noqa: E402
+from chatapp.net import resolve_ipv4  # noqa: E402
+from chatapp.protocol.common import Timers  # noqa: E402
 
 PROG = "chatapp"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 USAGE_EXIT = 2
+#: A bug, not the user's doing (BSD's EX_SOFTWARE).
+INTERNAL_ERROR_EXIT = 70
 
 app = typer.Typer(
     name=PROG,
     help=(
         "A UDP chat: one server, peer-to-peer clients.\n\n"
-        "Seed spelling: chatapp -s PORT | chatapp -c NAME SERVER_IP SERVER_PORT CLIENT_PORT"
+        "\b\nStart the server, then each client in a terminal of its own:\n"
+        "  chatapp serve 8001\n"
+        "  chatapp join user1 127.0.0.1 8001 9001\n\n"
+        "\b\nThe seed's spelling works too:\n"
+        "  chatapp -s PORT\n"
+        "  chatapp -c NAME SERVER_IP SERVER_PORT CLIENT_PORT\n\n"
+        "At the client's prompt, type help for the commands."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -69,6 +117,17 @@ def _ipv4(value: str) -> str:
         ) from None
 
 
+def _listen_address(value: str) -> str:
+    if value == "0.0.0.0":
+        return value
+    try:
+        return resolve_ipv4(value)
+    except OSError:
+        raise BadArgument(
+            f"--host must be an IPv4 address such as 127.0.0.1, or 0.0.0.0, not {value!r}"
+        ) from None
+
+
 def _timers(ack_timeout: float, tries: int) -> Timers:
     if not 0.01 <= ack_timeout <= 60:
         raise BadArgument(f"--ack-timeout must be from 0.01 to 60 seconds, not {ack_timeout}")
@@ -87,7 +146,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     pass
@@ -95,7 +156,11 @@ def _root(
 
 TraceOption = Annotated[
     str | None,
-    typer.Option("--trace", metavar="FILE", help="Record every datagram and line to FILE (JSONL). Also: CHATAPP_TRACE."),
+    typer.Option(
+        "--trace",
+        metavar="FILE",
+        help="Record every datagram and line to FILE (JSONL). Also: CHATAPP_TRACE.",
+    ),
 ]
 AckTimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for an ACK.", hidden=True)]
 TriesOption = Annotated[int, typer.Option(help="Tries of a request to the server.", hidden=True)]
@@ -103,16 +168,28 @@ TriesOption = Annotated[int, typer.Option(help="Tries of a request to the server
 
 @app.command()
 def serve(
-    port: Annotated[str, typer.Argument(metavar="[PORT]", help="UDP port, 1024-65535.")] = "8001",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[
+        str, typer.Argument(metavar="PORT", help="UDP port, 1024-65535.", show_default=True)
+    ] = "8001",
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="IPv4 address to listen on.")
+    ] = "0.0.0.0",
     db: Annotated[
         str | None,
-        typer.Option(metavar="PATH", help="SQLite file for the table and the mailbox (default: one per port under the user's data directory); ':memory:' keeps nothing."),
+        typer.Option(
+            metavar="PATH",
+            help=(
+                "SQLite file for the table and the mailbox (default: one per port under"
+                " the user's data directory); ':memory:' keeps nothing."
+            ),
+        ),
     ] = None,
     trace: TraceOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every event.")] = False,
-    mailbox_limit: Annotated[int, typer.Option(help="Stored messages kept per client.")] = 1000,
+    mailbox_limit: Annotated[
+        int, typer.Option(metavar="N", help="Stored messages kept per client.")
+    ] = 1000,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
@@ -121,24 +198,38 @@ def serve(
 
     options = ServerOptions(
         port=_port(port, "PORT"),
-        host=_ipv4(host) if host != "0.0.0.0" else host,
+        host=_listen_address(host),
         db=db,
         trace=trace,
         log_level="warning" if quiet else "debug" if verbose else "info",
         mailbox_limit=max(1, mailbox_limit),
         timers=_timers(ack_timeout, tries),
     )
-    _run(run_server, options)
+    _run(run_server, options, sys.argv, command="serve")
 
 
 @app.command()
 def join(
-    name: Annotated[str, typer.Argument(help="Your nickname: 1-32 letters, digits, _ - .")],
-    server_ip: Annotated[str, typer.Argument(help="The server's IPv4 address, or localhost.")],
-    server_port: Annotated[str, typer.Argument(help="The server's UDP port.")],
-    client_port: Annotated[str, typer.Argument(help="The UDP port this client listens on.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="Your nickname: 1-32 letters, digits, _ - .")
+    ],
+    server_ip: Annotated[
+        str,
+        typer.Argument(metavar="SERVER_IP", help="The server's IPv4 address, or localhost."),
+    ],
+    server_port: Annotated[
+        str, typer.Argument(metavar="SERVER_PORT", help="The server's UDP port.")
+    ],
+    client_port: Annotated[
+        str, typer.Argument(metavar="CLIENT_PORT", help="The UDP port this client listens on.")
+    ],
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="IPv4 address to listen on.")
+    ] = "0.0.0.0",
     trace: TraceOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
+    ] = False,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
@@ -150,11 +241,12 @@ def join(
         server_ip=_ipv4(server_ip),
         server_port=_port(server_port, "SERVER_PORT"),
         port=_port(client_port, "CLIENT_PORT"),
+        host=_listen_address(host),
         trace=trace,
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
     )
-    _run(run_client, options)
+    _run(run_client, options, sys.argv, command="join")
 
 
 @app.command()
@@ -163,51 +255,109 @@ def demo(
         int | None, typer.Option("--test", min=1, max=3, help="Play only this seed test (1-3).")
     ] = None,
     trace: Annotated[
-        str | None, typer.Option("--trace", metavar="DIR", help="Record each test to DIR/testN.jsonl.")
+        str | None,
+        typer.Option("--trace", metavar="DIR", help="Record each test to DIR/testN.jsonl."),
     ] = None,
 ) -> None:
     """Play the seed's tests on loopback: a server and three clients, each screen shown."""
     from chatapp.demo import run_demo
 
     tests = [test] if test else [1, 2, 3]
-    status = trio.run(run_demo, tests, trace)
-    raise typer.Exit(status)
+    _run(run_demo, tests, trace, command="demo")
 
 
-def _run(entry: object, options: object) -> NoReturn:
+def _run(entry: Callable[..., Awaitable[int]], *args: object, command: str) -> NoReturn:
+    """Run ``entry`` under Trio and exit with its status. Whatever goes wrong ends in one
+    line: Trio may wrap an error, or a Ctrl-C, in an exception group."""
     from chatapp.app import StartupError
 
     try:
-        status = trio.run(entry, options, sys.argv)  # type: ignore[arg-type]
-    except StartupError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        status = 0
+        status = trio.run(entry, *args)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            _leave_interrupted(command)  # before the node was listening for Ctrl-C
+        if len(leaves) == 1 and isinstance(leaves[0], StartupError):
+            print(f"{PROG}: error: {leaves[0]}", file=sys.stderr)
+            raise SystemExit(1) from None
+        # a bug: the user gets one line, the report gets the traceback
+        print(f"{PROG}: internal error: {_crash_report(exc)}", file=sys.stderr)
+        status = INTERNAL_ERROR_EXIT
+    if _started_as_program():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node is done: a late Ctrl-C waits
+    _quiet_stdout()
     raise SystemExit(status)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside any exception groups around ``exc`` (``exc`` if none)."""
+    inner = getattr(exc, "exceptions", None)
+    if not isinstance(inner, tuple) or not inner:
+        return [exc]
+    return [leaf for child in inner for leaf in _leaves(child)]
+
+
+def _crash_report(exc: BaseException) -> str:
+    leaves = _leaves(exc)
+    shown = leaves[0] if len(leaves) == 1 else exc
+    summary = f"{type(shown).__name__}: {shown}"
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"{PROG}-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as report:
+            report.write(f"{PROG} {__version__}\n{' '.join(sys.argv)}\n\n")
+            report.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        return f"{summary}. Please report it."
+    return f"{summary}. Please report it, with the details in {path}"
+
+
+def _quiet_stdout() -> None:
+    """Flush stdout now; if the terminal is gone, point it at /dev/null so that the
+    interpreter's own flush at exit cannot print 'Exception ignored ...'."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
 _SEED_SPELLING = {"-s": "serve", "-c": "join"}
+#: What Typer returns when Ctrl-C interrupts it while it reads the arguments.
+_TYPER_INTERRUPTED = INTERRUPTED_EXIT
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in _SEED_SPELLING:
         args[0] = _SEED_SPELLING[args[0]]
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        # Trio takes Ctrl-C over only from Python's own handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = app(args=args, prog_name=PROG, standalone_mode=False)
+        if result == _TYPER_INTERRUPTED:
+            _leave_interrupted(args[0] if args else None)
     except typer.Exit as done:
         raise SystemExit(done.exit_code) from None
     except typer.Abort:
         raise SystemExit(1) from None
     except _UsageError as exc:
         _usage_error(exc)
+    except KeyboardInterrupt:
+        _leave_interrupted(args[0] if args else None)
     raise SystemExit(result if isinstance(result, int) else 0)
 
 
 def _usage_error(exc: Exception) -> NoReturn:
     ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        # `chatapp` alone: a person asking what it does gets the help, as Click does it
+        print(exc.format_message(), file=sys.stderr)  # type: ignore[attr-defined]
+        raise SystemExit(USAGE_EXIT)
     where = ctx.command_path if ctx is not None else PROG
-    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    message = " ".join(exc.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
     print(f"{where}: error: {message} (see '{where} --help')", file=sys.stderr)
     raise SystemExit(USAGE_EXIT)

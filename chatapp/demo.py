@@ -17,7 +17,7 @@ from chatapp.scenario import (
     scenario_path,
 )
 from chatapp.seed import SEED_LINES, unmatched_seed_lines
-from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+from chatapp.trace import JsonlRecorder, NullRecorder, Recorder, complete_header
 
 _COLUMN = 7
 
@@ -65,7 +65,10 @@ async def run_demo(tests: list[int], trace_dir: str | None) -> int:
         if trace_dir:
             os.makedirs(trace_dir, exist_ok=True)
             path = os.path.join(trace_dir, f"test{test}.jsonl")
-            recorder = JsonlRecorder.open(path, timers=Timers(), nodes={})
+            recorder = JsonlRecorder.open(
+                path, timers=Timers(), append=False, source="chatapp demo",
+                scenario=f"chatapp/scenarios/test{test}.txt",
+            )
         try:
             cluster = await play_seed_test(test, recorder)
         except ScenarioError as exc:
@@ -74,6 +77,8 @@ async def run_demo(tests: list[int], trace_dir: str | None) -> int:
             continue
         finally:
             recorder.close()
+            if isinstance(recorder, JsonlRecorder):
+                complete_header(recorder.path)
         failures += _report(test, cluster)
     print(flush=True)
     print("demo: every seed line matched" if not failures else f"demo: {failures} test(s) failed",
@@ -90,7 +95,11 @@ def _report(test: int, cluster: Cluster) -> int:
         summary.append(f"{name} {len(expected) - len(missing)}/{len(expected)}")
         if missing:
             failed = 1
-            print(f"Test {test}: {name} did not show, in order: {missing!r}", file=sys.stderr, flush=True)
+            print(
+                f"Test {test}: {name} did not show, in order: {missing!r}",
+                file=sys.stderr,
+                flush=True,
+            )
     verdict = "every seed line matched" if not failed else "MISMATCH"
     print(f"--- Test {test}: {verdict} ({', '.join(summary)})", flush=True)
     return failed

@@ -22,6 +22,8 @@ from chatapp.wire import MAX_DATAGRAM, Address
 
 #: Read buffer: larger than any datagram we accept, so oversized ones are seen whole and dropped.
 RECEIVE_BUFFER = 65536
+#: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF).
+RECEIVE_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class Endpoint(Protocol):
@@ -38,30 +40,78 @@ class Endpoint(Protocol):
 class UdpEndpoint:
     """A bound UDP socket."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, raw: _stdlib_socket.socket | None = None
+    ) -> None:
+        """``raw`` is the (non-blocking) stdlib socket under ``sock``, for the fast paths."""
         self._sock = sock
+        self._raw = raw
         host, port = sock.getsockname()[:2]
         self._local: Address = (host, port)
 
     @classmethod
     async def bind(cls, host: str, port: int) -> UdpEndpoint:
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        raw = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_DGRAM)
+        sock = trio.socket.from_stdlib_socket(raw)
         try:
+            # A fan-out to a thousand clients brings a thousand ACKs back at once: with the
+            # default buffer (~200 datagrams) the kernel drops most of them and the server
+            # marks live clients offline. The kernel caps this at net.core.rmem_max.
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
             await sock.bind((host, port))
         except BaseException:
             sock.close()
             raise
-        return cls(sock)
+        return cls(sock, raw)
 
     @property
     def local_address(self) -> Address:
         return self._local
 
     async def send(self, data: bytes, addr: Address) -> None:
+        # Trio's sendto costs a trip through the scheduler and an address check per
+        # datagram, about as much as the system call; a UDP send almost never blocks, so
+        # try it directly and wait only when the socket's buffer is full. Addresses are
+        # always numeric here (from recvfrom, the table, or resolve_ipv4), so nothing blocks
+        # on a name lookup. Not a checkpoint when it does not block: receive() is.
+        if self._raw is not None and self._raw.fileno() != -1:  # closed: Trio says so
+            try:
+                self._raw.sendto(data, addr)
+                return
+            except BlockingIOError:
+                pass
         await self._sock.sendto(data, addr)
 
     async def receive(self) -> tuple[bytes, Address]:
-        data, addr = await self._sock.recvfrom(RECEIVE_BUFFER)
+        raw = self._raw
+        if raw is None or raw.fileno() == -1:  # closed: Trio raises ClosedResourceError
+            data, addr = await self._sock.recvfrom(RECEIVE_BUFFER)
+            return data, (addr[0], addr[1])
+        try:
+            data, addr = raw.recvfrom(RECEIVE_BUFFER)
+        except BlockingIOError:
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    data, addr = raw.recvfrom(RECEIVE_BUFFER)
+                    break
+                except BlockingIOError:
+                    continue
+        else:
+            # Data was already queued: still yield once per datagram, so that a flood of
+            # datagrams cannot starve the node's timer and input tasks.
+            await trio.lowlevel.checkpoint()
+        return data, (addr[0], addr[1])
+
+    def receive_nowait(self) -> tuple[bytes, Address]:
+        """A datagram that is already queued, without waiting; ``trio.WouldBlock`` if none."""
+        raw = self._raw
+        if raw is None or raw.fileno() == -1:
+            raise trio.WouldBlock
+        try:
+            data, addr = raw.recvfrom(RECEIVE_BUFFER)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
         return data, (addr[0], addr[1])
 
     def close(self) -> None:

@@ -66,14 +66,18 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
         kind, _, rest = line.partition(" ")
         rest = rest.strip()
         if kind not in STEP_KINDS:
-            raise ScenarioError(f"{source}:{number}: unknown step {kind!r} (steps: {', '.join(STEP_KINDS)})")
+            raise ScenarioError(
+                f"{source}:{number}: unknown step {kind!r} (steps: {', '.join(STEP_KINDS)})"
+            )
         if kind == "serve":
             steps.append(Step(kind, SERVER, line_no=number))
         elif kind == "wait":
             try:
                 float(rest)
             except ValueError:
-                raise ScenarioError(f"{source}:{number}: wait takes seconds, not {rest!r}") from None
+                raise ScenarioError(
+                    f"{source}:{number}: wait takes seconds, not {rest!r}"
+                ) from None
             steps.append(Step(kind, text=rest, line_no=number))
         else:
             node, _, arg = rest.partition(" ")
@@ -189,6 +193,7 @@ class Cluster:
         store = self._store_factory()
         clients, mailbox = store.load()
         protocol.restore(clients, mailbox)
+        self.recorder.restored(SERVER, clients, mailbox)
         node = Node(SERVER, protocol, endpoint, recorder=self.recorder, store=store)
         self.server, self.server_addr = node, endpoint.local_address
         self._server_done = trio.Event()
@@ -198,7 +203,8 @@ class Cluster:
         self, node: Node, endpoint: Endpoint, done: trio.Event, task_status: trio.TaskStatus[None]
     ) -> None:
         try:
-            await node.run(argv=["chatapp", "serve", str(endpoint.local_address[1])], task_status=task_status)
+            argv = ["chatapp", "serve", str(endpoint.local_address[1])]
+            await node.run(argv=argv, task_status=task_status)
         finally:
             endpoint.close()
             node.store.close()
@@ -215,7 +221,9 @@ class Cluster:
             step.node, self.server_addr, port, timers=self.timers, id_prefix=step.node
         )
         name = step.node
-        screen = CapturedScreen(on_line=(lambda line: self._on_line(name, line)) if self._on_line else None)
+        report = self._on_line
+        on_line = (lambda line: report(name, line)) if report is not None else None
+        screen = CapturedScreen(on_line=on_line)
         node = Node(name, protocol, endpoint, screen=screen, recorder=self.recorder)
         send_input, receive_input = trio.open_memory_channel[Input](64)
         handle = ClientHandle(node, screen, send_input)
@@ -281,7 +289,8 @@ class Cluster:
             raise ScenarioError(f"line {step.line_no}: {step.node} did not exit")
         if step.text and handle.status != int(step.text):
             raise ScenarioError(
-                f"line {step.line_no}: {step.node} exited with status {handle.status}, not {step.text}"
+                f"line {step.line_no}: {step.node} exited with status {handle.status},"
+                f" not {step.text}"
             )
 
     def _client(self, step: Step) -> ClientHandle:
@@ -341,9 +350,9 @@ __all__ = [
     "ScenarioError",
     "Step",
     "VirtualNetwork",
+    "line_matches",
     "load_scenario",
     "parse_scenario",
     "play_scenario",
-    "line_matches",
     "scenario_path",
 ]

@@ -25,8 +25,16 @@ SERVER_NOT_RESPONDING_CHANNEL = "[Server not responding.]"
 KEYBOARD_INTERRUPT = "Caught keyboard interrupt. Exiting"
 
 
+def printable(text: str) -> str:
+    """``text`` from the network made safe for a terminal: a control character (a line
+    break, an escape sequence) could otherwise fake lines or move the cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in text)
+
+
 def chat(sender: str, text: str) -> str:
-    return f"{sender} : {text}"
+    return f"{sender} : {printable(text)}"
 
 
 def received_by(name: str) -> str:
@@ -38,22 +46,21 @@ def no_ack(name: str) -> str:
 
 
 def channel_message(sender: str, text: str) -> str:
-    return f"Channel_Message {sender} : {text}"
+    return f"Channel_Message {sender} : {printable(text)}"
 
 
 def stored_direct(stored_at: float, sender: str, text: str) -> str:
-    return f"({stored_at!r}) {sender} : {text}"
+    return f"({stored_at!r}) {sender} : {printable(text)}"
 
 
 def stored_channel(stored_at: float, sender: str, text: str) -> str:
-    return f"({stored_at!r}) Channel_Message {sender} : {text}"
+    return f"({stored_at!r}) Channel_Message {sender} : {printable(text)}"
 
 
 # --- our lines ------------------------------------------------------------------
 
 HELP = (
-    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME"
-    " | table | help | exit]"
+    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table | help | exit]"
 )
 OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit).]"
 ALREADY_ONLINE = "[You are already online.]"
@@ -80,7 +87,9 @@ def unknown_user(name: str) -> str:
 
 
 def lookup_not_answered(name: str) -> str:
-    return f"[{name} is not in the client table and the server is not responding. Nothing was sent.]"
+    return (
+        f"[{name} is not in the client table and the server is not responding. Nothing was sent.]"
+    )
 
 
 def too_long(size: int, limit: int) -> str:

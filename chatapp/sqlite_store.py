@@ -3,6 +3,12 @@
 A run of ``Persist`` changes is one transaction, committed in a worker thread
 before the node sends the ACK that depends on it; so a message the server
 has ACKed as saved survives a crash of the server (SIGKILL included).
+
+The file belongs to one server at a time: the connection holds SQLite's
+exclusive lock from open to close, so a second server pointed at the same
+file stops at start with a clear error instead of keeping a second, diverging
+copy of the table. The lock dies with the process, so a server restarted
+after SIGKILL opens the file (and recovers the WAL) at once.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from chatapp.protocol.common import Persist
 from chatapp.protocol.server import ClientRecord, Presence
 from chatapp.wire import StoredItem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_MIGRATIONS: dict[int, str] = {
-    # version reached -> the SQL that reaches it from the one before
+#: version reached -> the statements that reach it from the one before. Statements are
+#: split on ';', so none may contain one in a literal.
+MIGRATIONS: dict[int, str] = {
     1: """
         CREATE TABLE clients (
             name TEXT PRIMARY KEY,
@@ -42,7 +49,20 @@ _MIGRATIONS: dict[int, str] = {
         );
         CREATE INDEX mailbox_by_recipient ON mailbox (recipient, seq);
     """,
+    # Two records can hold one address (a name re-registered from a port that another
+    # name had); the one changed last owns it, so restore must replay them in that order.
+    2: """
+        ALTER TABLE clients ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+        UPDATE clients SET changed = rowid;
+    """,
 }
+
+#: How long opening waits for another process's lock before giving up.
+LOCK_TIMEOUT = 1.0
+
+
+class StoreError(sqlite3.DatabaseError):
+    """The database cannot be used by this server (said in one line)."""
 
 
 def default_db_path(port: int) -> str:
@@ -57,22 +77,44 @@ class SqliteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # One connection, used by one worker thread at a time (the node serialises commits).
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=LOCK_TIMEOUT
+        )
         self._guard = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._migrate()
+        try:
+            # Exclusive before WAL: SQLite then keeps the WAL index in this process's
+            # memory and no other process can open the file while we run.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("BEGIN IMMEDIATE")  # take the lock now, not at the first save
+            self._db.execute("COMMIT")
+            self._migrate()
+            # Read everything now, so a damaged file is refused at start (one error line)
+            # rather than surfacing later as a traceback.
+            self._loaded: tuple[list[ClientRecord], dict[str, list[StoredItem]]] | None = (
+                self._read()
+            )
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if "locked" in str(exc):
+                raise StoreError(f"{exc} (is another chatapp server using it?)") from None
+            raise
+        except BaseException:
+            self._db.close()
+            raise
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"the database has schema version {version}; this chatapp knows up to {SCHEMA_VERSION}"
+            raise StoreError(
+                f"the database has schema version {version}; this chatapp knows up to"
+                f" {SCHEMA_VERSION} (use a newer chatapp, or another --db)"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _MIGRATIONS[target].split(";"):
+                for statement in MIGRATIONS[target].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={target}")
@@ -81,21 +123,31 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        clients = [
-            ClientRecord(name, (ip, port), token, Presence(presence))
-            for name, ip, port, token, presence in self._db.execute(
-                "SELECT name, ip, port, token, presence FROM clients"
-            )
-        ]
-        mailbox: dict[str, list[StoredItem]] = {}
-        for recipient, msg_id, kind, sender, text, stored_at in self._db.execute(
-            "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
-        ):
-            mailbox.setdefault(recipient, []).append(StoredItem(msg_id, kind, sender, text, stored_at))
+    def _read(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
+        try:
+            clients = [
+                ClientRecord(name, (ip, port), token, Presence(presence))
+                for name, ip, port, token, presence in self._db.execute(
+                    "SELECT name, ip, port, token, presence FROM clients ORDER BY changed, rowid"
+                )
+            ]
+            mailbox: dict[str, list[StoredItem]] = {}
+            for recipient, msg_id, kind, sender, text, stored_at in self._db.execute(
+                "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
+            ):
+                item = StoredItem(msg_id, kind, sender, text, stored_at)
+                mailbox.setdefault(recipient, []).append(item)
+        except ValueError as exc:  # a presence or a row that this chatapp never wrote
+            raise StoreError(f"the database holds a row chatapp cannot read: {exc}") from None
         return clients, mailbox
 
+    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
+        """The clients (oldest change first) and the stored messages (oldest first)."""
+        loaded, self._loaded = self._loaded, None
+        return loaded if loaded is not None else self._read()
+
     async def commit(self, changes: list[Persist]) -> None:
+        # Not abandoned on cancel: a commit that started finishes before the node goes on.
         await trio.to_thread.run_sync(self._commit, changes)
 
     def _commit(self, changes: list[Persist]) -> None:
@@ -104,7 +156,10 @@ class SqliteStore:
             db.execute("BEGIN")
             try:
                 for change in changes:
-                    _APPLY[change.op](db, change.args)
+                    apply = _APPLY.get(change.op)
+                    if apply is None:
+                        raise ValueError(f"unknown persist operation {change.op!r}")
+                    apply(db, change.args)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -117,9 +172,10 @@ class SqliteStore:
 
 def _upsert_client(db: sqlite3.Connection, args: tuple[object, ...]) -> None:
     db.execute(
-        "INSERT INTO clients (name, ip, port, token, presence) VALUES (?, ?, ?, ?, ?)"
+        "INSERT INTO clients (name, ip, port, token, presence, changed)"
+        " VALUES (?, ?, ?, ?, ?, (SELECT coalesce(max(changed), 0) + 1 FROM clients))"
         " ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, port=excluded.port,"
-        " token=excluded.token, presence=excluded.presence",
+        " token=excluded.token, presence=excluded.presence, changed=excluded.changed",
         args,
     )
 

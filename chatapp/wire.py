@@ -11,7 +11,7 @@ are what receivers deduplicate on.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -157,23 +157,23 @@ class Ack(_Message, tag="ack"):
     id: MsgId
 
 
-Message = Union[
-    Register,
-    Deregister,
-    Reregister,
-    SaveMessage,
-    ChannelPost,
-    Lookup,
-    Registered,
-    Refused,
-    Saved,
-    Table,
-    ChannelDelivery,
-    Mailbox,
-    LookupResult,
-    Chat,
-    Ack,
-]
+Message = (
+    Register
+    | Deregister
+    | Reregister
+    | SaveMessage
+    | ChannelPost
+    | Lookup
+    | Registered
+    | Refused
+    | Saved
+    | Table
+    | ChannelDelivery
+    | Mailbox
+    | LookupResult
+    | Chat
+    | Ack
+)
 
 
 class WireError(ValueError):

@@ -9,6 +9,7 @@ it next needs to wake (``next_deadline``).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,6 +184,10 @@ class ClientProtocol:
         if refusal := self._refuse_if_too_long(text, to):
             return refusal
         entry = self.table.get(to)
+        if entry is None and re.fullmatch(NAME_PATTERN, to) is None:
+            # The server drops a Lookup for such a name as malformed: asking would only
+            # end, 2.5 s later, in a false "server is not responding".
+            return [Show(screen.unknown_user(to))]
         if entry is None:
             lookup = Lookup(self._new_id(), to, self.token)
             return [self._request(lookup, now, Wait(WaitKind.LOOKUP, to, text))]
@@ -221,7 +226,8 @@ class ClientProtocol:
         return [self._request(reg, now, Wait(WaitKind.REG))]
 
     def _cmd_table(self, rest: str, now: float) -> list[Effect]:
-        rows = [(e.name, e.ip, e.port, e.online) for e in sorted(self.table.values())]
+        entries = sorted(self.table.values(), key=lambda e: e.name)
+        rows = [(e.name, e.ip, e.port, e.online) for e in entries]
         return [Show(line) for line in screen.table_lines(rows)]
 
     def _cmd_help(self, rest: str, now: float) -> list[Effect]:

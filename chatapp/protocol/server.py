@@ -50,6 +50,7 @@ from chatapp.wire import (
     TableEntry,
     WireError,
     decode,
+    encode,
 )
 
 #: Bytes of a datagram kept for the envelope when packing entries or stored items.
@@ -141,6 +142,7 @@ class ServerProtocol:
         self._table_dirty = False
         self._table_waits: dict[str, list[tuple[Address, str]]] = {}
         self._mailbox_in_flight: dict[str, str] = {}  # recipient -> delivery id
+        self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
 
     # --- restoring from the database ------------------------------------------------
 
@@ -199,8 +201,11 @@ class ServerProtocol:
             self._recent.remember((addr, message.id), [reply[0]])  # type: ignore[list-item]
             return [Log(f"refused {message.name} from {_fmt(addr)}: name in use"), *reply]
         displaced = self._by_addr.get(addr)
+        persist_displaced: list[Effect] = []
         if displaced is not None and displaced != message.name:
             self._mark_silent(displaced)
+            # Stored too: after a restart the displaced name must not come back online here.
+            persist_displaced.append(self._persist_client(self.clients[displaced]))
         if holder is not None:
             self._by_addr.pop(holder.addr, None)
         record = ClientRecord(message.name, addr, self._new_token())
@@ -210,6 +215,7 @@ class ServerProtocol:
         self._recent.remember((addr, message.id), [registered])
         self._table_dirty = True
         return [
+            *persist_displaced,
             self._persist_client(record),
             Log(f"registered {record.name} at {_fmt(addr)}"),
             registered,
@@ -217,16 +223,25 @@ class ServerProtocol:
         ]
 
     def _on_deregister(self, message: Deregister, addr: Address, now: float) -> list[Effect]:
+        # A late copy of an old dereg (a retry, a duplicate) is ACKed again, never redone:
+        # redoing it would take offline a client that has since come back with reg.
+        done, answer = self._recent.lookup((addr, message.id))
+        if done:
+            return list(answer or [])
         record, refusal = self._authenticate(message.name, message.token, message.id, addr)
         if record is None:
             return refusal
         effects: list[Effect] = [send(Ack(message.id), addr)]
+        self._recent.remember((addr, message.id), [effects[0]])  # type: ignore[list-item]
         if record.presence is not Presence.DEREGISTERED:
             self._set_presence(record, Presence.DEREGISTERED)
             effects[:0] = [self._persist_client(record), Log(f"{record.name} deregistered")]
         return effects
 
     def _on_reregister(self, message: Reregister, addr: Address, now: float) -> list[Effect]:
+        done, answer = self._recent.lookup((addr, message.id))
+        if done:  # as for dereg: an old reg must not bring back a client that left since
+            return list(answer or [])
         record, refusal = self._authenticate(message.name, message.token, message.id, addr)
         if record is None:
             return refusal
@@ -234,7 +249,9 @@ class ServerProtocol:
         if not record.online:
             self._set_presence(record, Presence.ONLINE)
             effects += [self._persist_client(record), Log(f"{record.name} is back online")]
-        effects.append(send(Ack(message.id), addr))
+        ack = send(Ack(message.id), addr)
+        self._recent.remember((addr, message.id), [ack])
+        effects.append(ack)
         return effects + self._start_mailbox(record, now)
 
     def _on_lookup(self, message: Lookup, addr: Address, now: float) -> list[Effect]:
@@ -290,6 +307,7 @@ class ServerProtocol:
         self._recent.remember(key, [ack])
         item = StoredItem(message.id, "channel", message.sender, message.text, self._wall(now))
         delivery = ChannelDelivery(message.id, message.sender, message.text)
+        delivery_data = encode(delivery)  # once for every receiver
         stored: list[Effect] = []
         sent: list[Effect] = []
         for record in self.clients.values():
@@ -297,7 +315,7 @@ class ServerProtocol:
                 continue
             if record.online:
                 wait = Wait(WaitKind.CHANNEL, record.name, item)
-                effect = send(delivery, record.addr)
+                effect = Send(delivery, delivery_data, record.addr)
                 sent.append(self._retry.start((record.addr, message.id), effect, now, wait, tries=1))
             else:
                 stored += self._store(record.name, item, enforce_limit=True)
@@ -336,9 +354,13 @@ class ServerProtocol:
         effects: list[Effect] = []
         if wait.kind in (WaitKind.CHANNEL, WaitKind.DELIVER):
             assert wait.item is not None
-            effects += self._store(record.name, wait.item, enforce_limit=wait.kind is WaitKind.CHANNEL)
+            # Stamped now, when it is stored: a message stored at once while this wait ran
+            # is older, and the mailbox must stay oldest first by the times it shows.
+            item = msgspec.structs.replace(wait.item, stored_at=self._wall(now))
+            effects += self._store(record.name, item, enforce_limit=wait.kind is WaitKind.CHANNEL)
         if pending.send.addr == record.addr and record.online:
             self._set_presence(record, Presence.SILENT)
+            self._probes.add(record.name)
             effects[:0] = [
                 Log(f"no ACK from {record.name} ({wait.kind.value}): marked offline", "warning"),
                 self._persist_client(record),
@@ -356,8 +378,9 @@ class ServerProtocol:
         box = self.mailbox.setdefault(recipient, [])
         if enforce_limit and len(box) >= self.mailbox_limit:
             return [Log(f"mailbox of {recipient} is full: dropped a channel message", "warning")]
-        if any(stored.id == item.id for stored in box[-8:]):
-            return []  # the same message stored twice (a retry raced a timeout)
+        for stored in box[-8:]:  # a loop, not any(<genexpr>): this runs for every save
+            if stored.id == item.id:
+                return []  # the same message stored twice (a retry raced a timeout)
         box.append(item)
         return [Persist("store", (recipient, item)), Log(f"stored a message for {recipient}")]
 
@@ -377,9 +400,16 @@ class ServerProtocol:
         return self._retry.start((record.addr, batch.id), effect, now, wait, self.timers.tries)
 
     def _mailbox_acked(self, wait: Wait, now: float) -> list[Effect]:
-        delivered = set(wait.item_ids)
         box = self.mailbox.get(wait.recipient, [])
-        self.mailbox[wait.recipient] = [item for item in box if item.id not in delivered]
+        count = len(wait.item_ids)
+        if tuple(item.id for item in box[:count]) == wait.item_ids:
+            # The usual case, the batch still at the front: a slice, not a scan of the whole
+            # mailbox per batch (10,000 stored messages would cost 150 scans of thousands).
+            remaining = box[count:]
+        else:
+            delivered = set(wait.item_ids)
+            remaining = [item for item in box if item.id not in delivered]
+        self.mailbox[wait.recipient] = remaining
         effects: list[Effect] = [Persist("remove", (wait.recipient, wait.item_ids))]
         record = self.clients[wait.recipient]
         delivery = self._mailbox_in_flight.get(wait.recipient)
@@ -405,19 +435,24 @@ class ServerProtocol:
             Table(self._new_id(), self.epoch, self._table_version, index, len(parts), part)
             for index, part in enumerate(parts)
         ]
+        encoded = [(message, encode(message)) for message in messages]  # once for everyone
         effects: list[Effect] = []
         recipients = 0
+        probes, self._probes = self._probes, set()
         for record in self.clients.values():
-            if not record.online:
+            # A client just marked offline for not ACKing gets the table too: if it is
+            # alive after all (a lost datagram), its ACK brings it back by contact.
+            if not record.online and not (record.name in probes and record.presence is Presence.SILENT):
                 continue
             recipients += 1
             self._cancel_table_waits(record.name)
             keys = self._table_waits.setdefault(record.name, [])
-            for message in messages:
+            for message, data in encoded:
                 key = (record.addr, message.id)
                 keys.append(key)
                 wait = Wait(WaitKind.TABLE, record.name)
-                effects.append(self._retry.start(key, send(message, record.addr), now, wait, self.timers.tries))
+                effect = Send(message, data, record.addr)
+                effects.append(self._retry.start(key, effect, now, wait, self.timers.tries))
         effects.insert(0, Log(f"table version {self._table_version} sent to {recipients} clients", "debug"))
         return effects
 
@@ -442,8 +477,8 @@ class ServerProtocol:
     def _presence_by_contact(self, message: Message, addr: Address, now: float) -> list[Effect]:
         """A client marked offline because it stopped ACKing is online again once it speaks."""
         name = self._by_addr.get(addr)
-        if name is None or isinstance(message, Register):
-            return []
+        if name is None or isinstance(message, (Register, Deregister)):
+            return []  # a registration speaks for itself; a dereg is not a return
         record = self.clients[name]
         if record.presence is not Presence.SILENT:
             return []

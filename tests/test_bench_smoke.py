@@ -1,0 +1,33 @@
+"""The benchmark suite runs end to end in its tiny mode (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--tiny", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "figure" in done.stdout and "baseline" in done.stdout
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert {"date", "machine", "figures"} <= document.keys()
+    assert document["machine"]["python"] and document["machine"]["trio"]
+    keys = {figure["key"] for figure in document["figures"]}
+    for expected in ("rtt_median", "server_saves", "server_registrations", "trace_share",
+                     "sqlite_saves", "reg_delivery", "memory_2000", "replay_virtual"):
+        assert expected in keys
+    assert any(key.startswith("fanout_") for key in keys)
+    for figure in document["figures"]:
+        if figure["key"].startswith("replay_") and figure["value"] is None:
+            continue  # replay is n/a until tools/replay and its trace exist
+        assert figure["value"] is not None and figure["value"] > 0, figure
+        assert figure["baseline"] is not None and figure["baseline"] > 0, figure

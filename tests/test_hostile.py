@@ -1,0 +1,482 @@
+"""Hostile input: no datagram, from anywhere, stops a node; no one speaks for someone else.
+
+The decoder and both state machines are fuzzed with hypothesis (random bytes,
+malformed and wrong-typed JSON, every message type with fields drawn from small
+pools so that names, tokens and ids collide, messages in the wrong state,
+replays of old datagrams, commands at the prompt). Then garbage goes over real
+UDP to a real ``chatapp serve`` and ``chatapp join``, and a control datagram
+copied from a trace is sent from another port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from _harness import (
+    Proc,
+    chatapp_env,
+    free_udp_port,
+    start_client,
+    start_server,
+    wait_until_serving,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chatapp import screen
+from chatapp.net import MemoryNetwork
+from chatapp.protocol.client import ClientProtocol, ClientState
+from chatapp.protocol.common import Effect, Exit, Log, Send, Show
+from chatapp.protocol.server import Presence, ServerProtocol
+from chatapp.wire import (
+    MAX_DATAGRAM,
+    Ack,
+    ChannelDelivery,
+    ChannelPost,
+    Chat,
+    Deregister,
+    Lookup,
+    LookupResult,
+    Mailbox,
+    Message,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    Saved,
+    SaveMessage,
+    StoredItem,
+    Table,
+    TableEntry,
+    WireError,
+    decode,
+    encode,
+)
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+SERVER = ("127.0.0.1", 8001)
+USERS = {"user1": ("127.0.0.1", 9001), "user2": ("127.0.0.1", 9101), "user3": ("127.0.0.1", 9201)}
+STRANGER = ("127.0.0.1", 6666)
+TAGS = [t.__struct_config__.tag for t in Message.__args__]  # type: ignore[attr-defined]
+
+# --- pools that make collisions likely -------------------------------------------------------
+
+names = st.sampled_from([*USERS, "user4", "x" * 32, "bad name", "", "é"])
+tokens = st.sampled_from(["t.1", "t.2", "t.3", "t.9", "", "x" * 65])
+ids = st.sampled_from(["c.1", "c.2", "s1.1", "s1.2", "s1.3", "s1.4", "user1.2", "", "i" * 65])
+texts = st.one_of(st.sampled_from(["hi", "", "x" * 9000]), st.text(max_size=50))
+addrs = st.sampled_from([SERVER, *USERS.values(), STRANGER])
+ints = st.one_of(st.integers(-3, 3), st.sampled_from([2**63, -(2**70), 10**30]))
+ips = st.sampled_from(["127.0.0.1", "999.1.1.1", ""])
+entries = st.builds(TableEntry, names, ips, ints, st.booleans())
+kinds = st.sampled_from(["direct", "channel"])
+items = st.builds(StoredItem, ids, kinds, names, texts, st.floats())
+
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Register, ids, names, ints),
+    st.builds(Deregister, ids, names, tokens),
+    st.builds(Reregister, ids, names, tokens),
+    st.builds(SaveMessage, ids, names, names, texts, tokens),
+    st.builds(ChannelPost, ids, names, texts, tokens),
+    st.builds(Lookup, ids, names, tokens),
+    st.builds(Registered, ids, tokens),
+    st.builds(Refused, ids, texts),
+    st.builds(Saved, ids, st.sampled_from(["delivered", "stored"])),
+    st.builds(Table, ids, ints, ints, ints, ints, st.lists(entries, max_size=4)),
+    st.builds(ChannelDelivery, ids, names, texts),
+    st.builds(Mailbox, ids, ids, st.lists(items, max_size=4)),
+    st.builds(LookupResult, ids, st.none() | entries),
+    st.builds(Chat, ids, names, texts),
+    st.builds(Ack, ids),
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def json_datagrams(draw: st.DrawFn) -> bytes:
+    """JSON objects that look like ours: a real tag, real and made-up fields, any types."""
+    fields: dict[str, Any] = {"t": draw(st.sampled_from([*TAGS, "nope", 3]))}
+    for key in draw(st.lists(st.sampled_from(["id", "name", "token", "port", "text", "to",
+                                              "sender", "entries", "items", "epoch", "x"]))):
+        fields[key] = draw(json_values)
+    data = json.dumps(fields).encode()
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]  # truncated
+    return data
+
+
+datagrams = st.one_of(
+    st.binary(max_size=200),
+    json_datagrams(),
+    messages.map(encode),
+    st.sampled_from([b"", b"\x00" * 70000, b" " * (MAX_DATAGRAM + 1), b"{}", b"[]", b"null",
+                     b'{"t":"ack"}', b'{"t":"ack","id":"a","id":"b"}', b"\xff\xfe{", b"[" * 8000]),
+)
+
+
+# --- the decoder ---------------------------------------------------------------------------
+
+
+@FUZZ
+@given(datagrams)
+def test_the_decoder_returns_a_message_or_raises_wire_error(data: bytes) -> None:
+    try:
+        message = decode(data)
+    except WireError as exc:
+        assert str(exc)
+        return
+    assert len(data) <= MAX_DATAGRAM
+    assert decode(encode(message)) == message  # what we accept, we can say again
+
+
+# --- the state machines --------------------------------------------------------------------
+
+
+def check_effects(effects: list[Effect]) -> None:
+    """Effects any well-behaved node may produce: sendable datagrams, one-line text."""
+    for effect in effects:
+        assert isinstance(effect, Effect.__args__)  # type: ignore[attr-defined]
+        if isinstance(effect, Send):
+            assert len(effect.data) <= MAX_DATAGRAM
+            assert decode(effect.data) == effect.message
+        elif isinstance(effect, Log):
+            assert effect.text and effect.level in ("debug", "info", "warning")
+
+
+def registered_server() -> ServerProtocol:
+    tokens = iter(["t.1", "t.2", "t.3", "t.4", "t.5"] + [f"t.x{i}" for i in range(1000)])
+    server = ServerProtocol(token_factory=lambda: next(tokens), id_prefix="s1")
+    for index, (name, addr) in enumerate(USERS.items()):
+        check_effects(server.handle_message(Register(f"c.{index}", name, addr[1]), addr, 0.0))
+    return server
+
+
+def still_serves(server: ServerProtocol, now: float) -> None:
+    """A newcomer can register, and is answered with its token."""
+    newcomer = ("127.0.0.1", 7777)
+    effects = server.handle_datagram(encode(Register("new.1", "newcomer", 7777)), newcomer, now)
+    answers = [e.message for e in effects if isinstance(e, Send) and e.addr == newcomer]
+    assert any(isinstance(m, Registered) for m in answers), effects
+
+
+events = st.lists(
+    st.one_of(
+        st.tuples(st.just("datagram"), datagrams, addrs),
+        st.tuples(st.just("timer"), st.floats(0, 3)),
+        st.tuples(st.just("replay"), st.integers(0, 1000), addrs),
+    ),
+    max_size=40,
+)
+
+
+@FUZZ
+@given(events)
+def test_the_server_survives_any_sequence_of_datagrams(sequence: list[tuple[Any, ...]]) -> None:
+    server = registered_server()
+    now = 1.0
+    history: list[bytes] = []
+    for event in sequence:
+        if event[0] == "timer":
+            now += event[1]
+            effects = server.handle_timer(now)
+        else:
+            if event[0] == "replay":
+                if not history:
+                    continue
+                data, addr = history[event[1] % len(history)], event[2]
+            else:
+                data, addr = event[1], event[2]
+            effects = server.handle_datagram(data, addr, now)
+            try:
+                decode(data)
+            except WireError:
+                assert len(effects) == 1 and isinstance(effects[0], Log), effects
+                assert effects[0].level == "warning"
+        check_effects(effects)
+        history += [e.data for e in effects if isinstance(e, Send)]
+        if event[0] == "datagram":
+            history.append(event[1])
+    check_effects(server.handle_timer(now + 100))
+    still_serves(server, now + 100)
+
+
+def client_in(state: ClientState) -> ClientProtocol:
+    """A client brought to ``state`` by the datagrams a real server would send."""
+    client = ClientProtocol("user1", SERVER, 9001, id_prefix="user1")
+    check_effects(client.start(0.0))
+    if state is ClientState.JOINING:
+        return client
+    check_effects(client.handle_message(Registered("user1.1", "t.1"), SERVER, 0.1))
+    if state is ClientState.ONLINE:
+        return client
+    check_effects(client.handle_command("dereg user1", 0.2))
+    if state is ClientState.DEREGISTERING:
+        return client
+    check_effects(client.handle_message(Ack("user1.2"), SERVER, 0.3))
+    if state is ClientState.OFFLINE:
+        return client
+    check_effects(client.handle_command("reg user1", 0.4))
+    assert client.state is ClientState.REJOINING
+    return client
+
+
+commands = st.one_of(
+    st.text(max_size=100),
+    st.builds(
+        lambda verb, rest: f"{verb} {rest}",
+        st.sampled_from(["send", "send_all", "dereg", "reg", "table", "help", "list", "exit"]),
+        st.one_of(st.sampled_from(["user1", "user2 hi", "nobody hi", "user2", ""]),
+                  st.text(max_size=30), st.just("user2 " + "x" * 70000)),
+    ),
+)
+
+client_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("datagram"), datagrams, addrs),
+        st.tuples(st.just("timer"), st.floats(0, 3)),
+        st.tuples(st.just("command"), commands),
+    ),
+    max_size=40,
+)
+
+
+@FUZZ
+@given(st.sampled_from(list(ClientState)), client_events)
+def test_the_client_survives_any_datagram_and_any_command(
+    state: ClientState, sequence: list[tuple[Any, ...]]
+) -> None:
+    client = client_in(state) if state is not ClientState.EXITED else client_in(ClientState.ONLINE)
+    if state is ClientState.EXITED:
+        check_effects(client.handle_command("exit", 1.0))
+    now = 1.0
+    for event in sequence:
+        if event[0] == "timer":
+            now += event[1]
+            effects = client.handle_timer(now)
+        elif event[0] == "command":
+            effects = client.handle_command(event[1], now)
+            if event[1].strip() and client.state is not ClientState.EXITED:
+                # every command line is answered on the screen or on the wire
+                assert any(isinstance(e, (Show, Send, Exit)) for e in effects), (event, effects)
+        else:
+            effects = client.handle_datagram(event[1], event[2], now)
+        check_effects(effects)
+        if client.state is ClientState.EXITED:
+            assert client.handle_datagram(encode(Ack("x")), SERVER, now) == []
+
+
+async def test_replayed_datagrams_change_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    """Every datagram of a whole conversation, sent again to where it went from where it
+    came, in a shuffled order: nothing is shown again, nobody's presence changes, and
+    everyone keeps working."""
+    network = MemoryNetwork()
+    recorded: list[tuple[bytes, tuple[str, int], tuple[str, int]]] = []
+    transmit = network._transmit
+
+    def tap(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> None:
+        recorded.append((data, source, destination))
+        transmit(data, source, destination)
+
+    network._transmit = tap  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, network, SERVER)
+        x, y, z = [await start_client(nursery, network, n, a, SERVER) for n, a in USERS.items()]
+        for client in (x, y, z):
+            await client.idle()
+        for client, command in [
+            (x, "send user2 hello"), (y, "send_all hello guys"), (x, "dereg user1"),
+            (y, "send user1 hello?"), (z, "send_all anyone?"), (x, "reg user1"),
+            (z, "send user1 welcome back"), (x, "dereg user1"), (x, "reg user1"),
+        ]:
+            await client.type(command)
+            await client.idle()
+        await trio.sleep(3)
+        before = {c.name: list(c.lines) for c in (x, y, z)}
+        presence = {n: r.presence for n, r in server.protocol.clients.items()}
+        assert presence == dict.fromkeys(USERS, Presence.ONLINE)
+
+        replays = list(recorded)
+        random.Random(4).shuffle(replays)
+        for data, source, destination in replays:
+            network._transmit(data, source, destination)
+        await trio.sleep(5)  # every retry the replays could start has run out
+        assert {c.name: c.lines for c in (x, y, z)} == before
+        assert {n: r.presence for n, r in server.protocol.clients.items()} == presence
+
+        await y.type("send_all still here")
+        await y.idle()
+        await x.expect("Channel_Message user2 : still here")
+        await z.expect("Channel_Message user2 : still here")
+        nursery.cancel_scope.cancel()
+
+
+def test_a_flood_of_warnings_is_rate_limited() -> None:
+    from io import StringIO
+
+    from chatapp.node import LogSink
+
+    clock = [0.0]
+    out = StringIO()
+    log = LogSink(out, now=lambda: clock[0])
+    for _ in range(10_000):  # one second's flood
+        clock[0] += 0.0001
+        log(Log("dropped a bad datagram", "warning"))
+    assert len(out.getvalue().splitlines()) <= 10
+    clock[0] += 10
+    log(Log("dropped a bad datagram", "warning"))
+    assert "suppressed" in out.getvalue().splitlines()[-1]
+
+
+# --- real processes over real UDP ----------------------------------------------------------
+
+
+def _serve(tmp_path: Path, port: int) -> Proc:
+    args = ["serve", str(port), "--host", "127.0.0.1", "--db", str(tmp_path / "server.sqlite3")]
+    server = Proc(args, chatapp_env(tmp_path))
+    wait_until_serving(port)
+    return server
+
+
+def _join(tmp_path: Path, name: str, server_port: int, *extra: str) -> tuple[Proc, int]:
+    port = free_udp_port()
+    args = ["join", name, "127.0.0.1", str(server_port), str(port), "--host", "127.0.0.1", *extra]
+    return Proc(args, chatapp_env(tmp_path)), port
+
+
+def _ask(data: bytes, to: int, timeout: float = 2.0) -> Message:
+    """Send ``data`` from a fresh port (not any client's) and return the answer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(timeout)
+        sock.sendto(data, ("127.0.0.1", to))
+        return decode(sock.recvfrom(65536)[0])
+
+
+def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path) -> None:
+    server_port = free_udp_port()
+    server = _serve(tmp_path, server_port)
+    procs = [server]
+    try:
+        client, client_port = _join(tmp_path, "user1", server_port)
+        procs.append(client)
+        client.expect(screen.TABLE_UPDATED)
+        shown_before = client.lines()
+
+        rng = random.Random(20240325)
+        fixed = [
+            b"", b"\x00" * 65000, b"{", b"null", b'{"t":"register"}', b'{"t":"ack","id":5}',
+            b'{"t":"table","id":"a","epoch":1,"version":1,"part":5,"parts":1,"entries":[]}',
+            encode(Deregister("x.1", "user1", "not-the-token")), encode(Ack("s1.1")),
+            "ünïcödé".encode(), b"\xff\xfe\xfd",
+        ]
+        flood = fixed + [rng.randbytes(rng.randint(1, 1400)) for _ in range(1500)]
+        flood += [
+            json.dumps({"t": rng.choice(TAGS), "id": rng.random()}).encode() for _ in range(500)
+        ]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            for data in flood:
+                for port in (server_port, client_port):
+                    try:
+                        sock.sendto(data, ("127.0.0.1", port))
+                    except OSError:  # a full socket buffer: the datagram is simply lost
+                        time.sleep(0.001)
+        time.sleep(0.5)
+
+        # Both still serve: a newcomer registers, the client's send_all is answered.
+        answer = _ask(encode(Register("probe.1", "newcomer", 5555)), server_port)
+        assert isinstance(answer, Registered)
+        client.type("send_all still here")
+        client.expect(screen.CHANNEL_ACKED)
+        assert client.lines()[: len(shown_before)] == shown_before
+        assert not [line for line in client.lines()[len(shown_before):]
+                    if line not in (screen.CHANNEL_ACKED, screen.TABLE_UPDATED)]
+    finally:
+        statuses = [proc.stop() for proc in procs]
+    assert statuses == [0, 0]
+    for proc in procs:
+        assert "Traceback" not in proc.output, proc.output
+    dropped = [line for line in server.lines() if "dropped" in line or "refused" in line]
+    assert 1 <= len(dropped) <= 40, f"{len(dropped)} log lines for {len(flood)} bad datagrams"
+
+
+def _sent_in_trace(trace: Path, until: str, timeout: float = 5.0) -> dict[str, bytes]:
+    """The datagrams a node sent, by type, as its trace has them once ``until`` is in
+    (a trace may be written a little behind the node)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sent: dict[str, bytes] = {}
+        for line in trace.read_text(encoding="utf-8").splitlines()[1:]:
+            with contextlib.suppress(ValueError):  # a line still being written
+                event = json.loads(line)
+                if event.get("ev") == "send":
+                    sent[event["msg"]["t"]] = event["raw"].encode()
+        if until in sent or time.monotonic() > deadline:
+            return sent
+        time.sleep(0.05)
+
+
+def test_a_control_datagram_copied_from_a_trace_cannot_deregister_anyone(tmp_path: Path) -> None:
+    server_port = free_udp_port()
+    server = _serve(tmp_path, server_port)
+    procs = [server]
+    trace = tmp_path / "user1.jsonl"
+    try:
+        x, _ = _join(tmp_path, "user1", server_port, "--trace", str(trace))
+        procs.append(x)
+        x.expect(screen.TABLE_UPDATED)
+        y, _ = _join(tmp_path, "user2", server_port)
+        procs.append(y)
+        x.expect(screen.TABLE_UPDATED, count=2)
+        x.type("dereg user1")
+        x.expect(screen.YOU_ARE_OFFLINE)
+        x.type("reg user1")
+        x.expect(screen.TABLE_UPDATED, count=3)
+        x.type("send_all hello guys")
+        x.expect(screen.CHANNEL_ACKED)
+        y.expect("Channel_Message user1 : hello guys")
+
+        # What an eavesdropper on the path (or anyone shown the trace) has in hand:
+        sent = _sent_in_trace(trace, until="send_all")
+        for tag in ("dereg", "reg", "send_all"):
+            answer = _ask(sent[tag], server_port)
+            assert isinstance(answer, Refused), (tag, answer)
+            assert "not registered from" in answer.reason
+        # ...nor can a copy of user1's registration take its name from another port.
+        register = _ask(sent["register"], server_port)
+        assert isinstance(register, Refused) and "online at" in register.reason
+
+        # user1 is still online at the server: a channel message reaches it live.
+        y.type("send_all are you there?")
+        x.expect("Channel_Message user2 : are you there?")
+        time.sleep(0.5)
+        assert y.lines().count("Channel_Message user1 : hello guys") == 1  # not re-broadcast
+        assert "[You have message]" not in x.lines()
+    finally:
+        for proc in procs:
+            proc.stop()
+    refusals = [line for line in server.lines() if "refused" in line]
+    assert len(refusals) >= 4, server.output
+    for proc in procs:
+        assert "Traceback" not in proc.output

@@ -1,0 +1,754 @@
+"""The server's rules, driven directly: no Trio, no sockets, time passed by hand.
+
+The harness (``Sim``) is the one in ``test_protocol_client.py``: a real
+``ServerProtocol`` and real clients, or stub peers where a test needs many.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_protocol_client import (  # the shared harness; see that module's docstring
+    CLIENT_IP,
+    SERVER,
+    TU,
+    WALL,
+    Sim,
+    between,
+    entry,
+    first_only,
+    trio_of_clients,
+)
+
+from chatapp import screen
+from chatapp.protocol.client import ClientState
+from chatapp.protocol.common import Effect, Log, Persist, Send, send
+from chatapp.protocol.server import ClientRecord, Presence, ServerProtocol
+from chatapp.wire import (
+    MAX_DATAGRAM,
+    Ack,
+    Address,
+    ChannelDelivery,
+    ChannelPost,
+    Chat,
+    Deregister,
+    Lookup,
+    LookupResult,
+    Mailbox,
+    Message,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    Saved,
+    SaveMessage,
+    StoredItem,
+    Table,
+    decode,
+    encode,
+)
+
+
+class AckingPeer:
+    """A client that ACKs whatever it gets and does nothing else (for crowds of receivers)."""
+
+    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        message = decode(data)
+        return [send(Ack(message.id), addr)]
+
+    def handle_timer(self, now: float) -> list[Effect]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+
+def add_peers(sim: Sim, count: int, prefix: str = "peer") -> list[str]:
+    """Register ``count`` ACKing peers; returns their names."""
+    names = []
+    for n in range(count):
+        name = f"{prefix}{n:03d}"
+        addr = ("10.0.1.1", 20000 + n)
+        sim.add_node(name, addr, AckingPeer())
+        sim.inject(addr, Register(f"{name}.1", name, addr[1]), SERVER)
+        names.append(name)
+    return names
+
+
+def restore_peers(sim: Sim, count: int, prefix: str) -> list[str]:
+    """``count`` ACKing peers the server knows as online (as after a restart), without
+    the table broadcast of each registration."""
+    records = []
+    for n in range(count):
+        name = f"{prefix}{n:03d}"
+        addr = ("10.0.1.1", 20000 + n)
+        sim.add_node(name, addr, AckingPeer())
+        records.append(ClientRecord(name, addr, f"tok-{name}"))
+    sim.server.restore(records, {})
+    return [record.name for record in records]
+
+
+def sends(effects: list[Effect]) -> list[Send]:
+    return [e for e in effects if isinstance(e, Send)]
+
+
+def table_versions(sim: Sim, dst: str | None = None, since: float = -1.0) -> list[int]:
+    versions = []
+    for d in sim.datagrams(Table, dst=dst, since=since):
+        assert isinstance(d.message, Table)
+        if d.message.version not in versions:
+            versions.append(d.message.version)
+    return versions
+
+
+def index_of(effects: list[Effect], kind: type) -> int:
+    return next(
+        i for i, e in enumerate(effects)
+        if (isinstance(e, Send) and isinstance(e.message, kind)) or isinstance(e, kind)
+    )
+
+
+# === registration ===========================================================================
+
+
+def test_registration_records_the_client_and_persists_it_before_answering() -> None:
+    sim = Sim()
+    sim.join("user1", port=9001)
+    record = sim.server.clients["user1"]
+    assert (record.name, record.addr) == ("user1", (CLIENT_IP, 9001))
+    assert record.presence is Presence.ONLINE
+    effects = sim.server_effects
+    assert index_of(effects, Persist) < index_of(effects, Registered) < index_of(effects, Table)
+    (persist,) = [e for e in effects if isinstance(e, Persist)]
+    assert persist == Persist("client", ("user1", CLIENT_IP, 9001, "tok1", "online"))
+    (table,) = sim.datagrams(Table)
+    assert table.message.entries == [entry("user1", 9001)]  # type: ignore[union-attr]
+
+
+def test_the_table_goes_to_every_online_client_and_lists_the_offline_ones() -> None:
+    sim = Sim()
+    sim.join("user1")
+    sim.join("user2")
+    sim.type("user2", "dereg user2")
+    since = sim.now + 1
+    sim.run(1.0)
+    sim.join("user3")
+    tables = sim.datagrams(Table, since=since)
+    assert sorted(sim.label_of(d.dst) for d in tables) == ["user1", "user3"]
+    assert tables[0].message.entries == [  # type: ignore[union-attr]
+        entry("user1", 9001), entry("user2", 9101, online=False), entry("user3", 9201)
+    ]
+
+
+def test_a_repeated_register_is_answered_again_and_registers_once() -> None:
+    sim = Sim()
+    sim.join("user1")
+    (register,) = sim.datagrams(Register)
+    persisted = len(sim.persisted)
+    effects = sim.inject(sim.addr["user1"], register.message, SERVER)
+    assert [s.message for s in sends(effects)] == [Registered(register.message.id, "tok1")]
+    assert len(sim.persisted) == persisted
+    assert table_versions(sim) == [1]
+
+
+def test_a_client_restarted_on_its_address_registers_again() -> None:
+    sim = trio_of_clients()
+    sim.kill("user1")
+    sim.join("user1", label="user1 again", port=9001)
+    assert sim.lines("user1 again") == [TU]
+    assert sim.server.clients["user1"].token == "tok4"
+    assert sim.lines("user2")[-1] == TU
+
+
+@pytest.mark.parametrize("how", ["dereg", "silent"])
+def test_a_name_that_is_not_online_can_be_taken_from_another_address(how: str) -> None:
+    sim = trio_of_clients()
+    if how == "dereg":
+        sim.type("user1", "dereg user1")
+    else:
+        sim.kill("user1")
+        sim.type("user2", "send_all anyone?")
+        sim.run(0.5)
+        assert sim.server.clients["user1"].presence is Presence.SILENT
+    sim.join("user1", label="newcomer", port=9999)
+    assert TU in sim.lines("newcomer")
+    assert "newcomer" not in sim.exits
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9999)
+
+
+def test_registering_a_new_name_from_an_address_marks_its_old_name_offline() -> None:
+    sim = trio_of_clients()
+    sim.kill("user1")
+    sim.join("renamed", port=9001)
+    assert sim.server.clients["user1"].presence is Presence.SILENT
+    assert sim.clients["user2"].table["user1"].online is False
+    assert sim.clients["user2"].table["renamed"] == entry("renamed", 9001)
+
+
+# === dereg and reg ===========================================================================
+
+
+def test_dereg_persists_acks_and_sends_the_table_to_the_others_only() -> None:
+    sim = trio_of_clients()
+    sim.run(1.0)
+    start = len(sim.server_effects)
+    sim.type("user1", "dereg user1")
+    effects = sim.server_effects[start:]
+    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Table)
+    assert sim.server.clients["user1"].presence is Presence.DEREGISTERED
+    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=1.0)) == [
+        "user2", "user3"
+    ]
+
+
+def test_a_repeated_dereg_is_acked_again_without_a_second_table() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    (dereg,) = sim.datagrams(Deregister)
+    versions = table_versions(sim)
+    effects = sim.inject(sim.addr["user1"], dereg.message, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack(dereg.message.id)]
+    assert table_versions(sim) == versions
+
+
+def test_reg_acks_delivers_the_mailbox_and_sends_the_table_to_everyone() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.type("user2", "send user1 hello?")
+    sim.run(1.0)
+    start = len(sim.server_effects)
+    since = sim.now
+    sim.type("user1", "reg user1")
+    effects = sim.server_effects[start:]
+    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Mailbox)
+    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=since)) == [
+        "user1", "user2", "user3"
+    ]
+    (batch,) = sim.datagrams(Mailbox)
+    assert isinstance(batch.message, Mailbox)
+    (item,) = batch.message.items
+    assert (item.kind, item.sender, item.text) == ("direct", "user2", "hello?")
+    assert item.stored_at == WALL + 0.5
+
+
+def test_stored_messages_are_removed_only_when_their_batch_is_acked() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    for n in range(4):
+        sim.type("user2", f"send user1 {n} " + "x" * 3000)
+        sim.run(1.0)
+    mailbox_ids = [item.id for item in sim.server.mailbox["user1"]]
+    # the client gets the batches but its ACKs are lost: nothing is removed
+    sim.drop.append(between(sim, "user1", "server", Ack))
+    sim.type("user1", "reg user1")
+    assert [item.id for item in sim.server.mailbox["user1"]] == mailbox_ids
+    assert not any(p.op == "remove" for p in sim.persisted)
+    sim.drop.clear()
+    sim.settle()
+    removed = [p.args for p in sim.persisted if p.op == "remove"]
+    assert len(removed) >= 2  # one per batch
+    assert [i for _, ids in removed for i in ids] == mailbox_ids  # type: ignore[attr-defined]
+    assert sim.server.mailbox == {}
+
+
+def test_a_mailbox_never_acked_keeps_its_messages_and_the_client_is_marked_offline() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.type("user2", "send user1 hello?")
+    sim.run(1.0)
+    sim.drop.append(between(sim, "user1", "server", Ack))
+    sim.drop.append(lambda src, send: src == SERVER and isinstance(send.message, Ack))
+    sim.type("user1", "reg user1")
+    sim.settle()
+    assert len(sim.datagrams(Mailbox)) == 5
+    assert sim.server.clients["user1"].presence is Presence.SILENT
+    assert len(sim.server.mailbox["user1"]) == 1
+    # once it is heard from again, the rest is delivered, and nothing is shown twice
+    sim.drop.clear()
+    sim.type("user1", "reg user1")
+    sim.settle()
+    assert sim.server.mailbox == {}
+    assert sim.lines("user1").count("[You have message]") == 1
+    assert sum("hello?" in line for line in sim.lines("user1")) == 1
+
+
+# === saved messages ============================================================================
+
+
+def test_a_message_for_an_offline_client_is_stored_and_persisted_before_saved() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    start = len(sim.server_effects)
+    sim.type("user2", "send user1 hello?")
+    sim.run(0.5)
+    effects = sim.server_effects[start:]
+    assert index_of(effects, Persist) < index_of(effects, Saved)
+    (save,) = sim.datagrams(Saved)
+    assert save.message == Saved(sim.datagrams(Chat)[0].message.id, "stored")
+    (item,) = sim.server.mailbox["user1"]
+    assert item.stored_at == WALL + 0.5
+
+
+def test_delivered_by_the_server_when_its_table_says_online() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(between(sim, "user1", "user2", Chat))
+    sim.type("user1", "send user2 hi")
+    sim.run(0.5)
+    (chat,) = sim.datagrams(Chat, src="user1")
+    (relayed,) = sim.datagrams(Chat, src="server")
+    assert relayed.message == chat.message  # same id, sender and text
+    (saved,) = sim.datagrams(Saved)
+    assert saved.message == Saved(chat.message.id, "delivered")
+    assert sim.persisted.count(Persist("store", ())) == 0
+    assert not any(p.op == "store" for p in sim.persisted)
+
+
+def test_a_recipient_that_misses_the_server_delivery_too_is_marked_offline_and_stored() -> None:
+    sim = trio_of_clients()
+    sim.kill("user2")
+    sim.run(1.0)
+    sim.type("user1", "send user2 hi")
+    sim.advance_to(1.999)
+    assert sim.server.clients["user2"].online
+    sim.advance_to(2.0)
+    assert sim.server.clients["user2"].presence is Presence.SILENT
+    (saved,) = sim.datagrams(Saved)
+    assert (saved.at, saved.message.outcome) == (2.0, "stored")  # type: ignore[union-attr]
+    assert sim.timed("user1")[-3:] == [
+        (1.5, "[No ACK from user2, message sent to server.]"),
+        (2.0, "[Messages received by the server and saved.]"),
+        (2.0, TU),
+    ]
+    assert sim.timed("user3")[-1] == (2.0, TU)
+    assert sim.clients["user1"].table["user2"].online is False
+    (item,) = sim.server.mailbox["user2"]
+    assert (item.sender, item.text) == ("user1", "hi")
+
+
+def test_a_save_retried_during_the_delivery_is_not_delivered_twice() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(between(sim, "user1", "user2", Chat))
+    sim.drop.append(between(sim, "user2", "server", Ack))
+    sim.type("user1", "send user2 hi")
+    sim.run(0.5)
+    (save,) = sim.datagrams(SaveMessage)
+    effects = sim.inject(sim.addr["user1"], save.message, SERVER)
+    assert sends(effects) == []
+    assert len(sim.datagrams(Chat, src="server")) == 1
+
+
+def test_a_save_for_a_name_the_server_does_not_know_is_refused() -> None:
+    sim = trio_of_clients()
+    sim.clients["user1"].table["ghost"] = entry("ghost", 9901)
+    sim.type("user1", "send ghost boo")
+    sim.run(0.5)
+    assert sim.lines("user1")[-1] == "[The server refused: there is no user named ghost.]"
+    assert "user1" not in sim.exits
+
+
+def test_a_full_mailbox_refuses_more_with_a_clear_line() -> None:
+    sim = trio_of_clients(mailbox_limit=2)
+    sim.type("user1", "dereg user1")
+    for n in range(3):
+        sim.type("user2", f"send user1 m{n}")
+        sim.run(1.0)
+    assert sim.lines("user2")[-1] == (
+        "[The server refused: the mailbox of user1 is full (2 messages). Try later.]"
+    )
+    sim.type("user3", "send_all too many")
+    assert len(sim.server.mailbox["user1"]) == 2
+    assert any("mailbox of user1 is full" in log.text for _, log in sim.logs)
+
+
+# === send_all ==================================================================================
+
+
+def test_send_all_stores_for_offline_clients_acks_then_fans_out() -> None:
+    sim = trio_of_clients()
+    sim.type("user3", "dereg user3")
+    start = len(sim.server_effects)
+    sim.type("user1", "send_all hello guys")
+    effects = sim.server_effects[start:]
+    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, ChannelDelivery)
+    assert [sim.label_of(d.dst) for d in sim.datagrams(ChannelDelivery)] == ["user2"]
+    (item,) = sim.server.mailbox["user3"]
+    assert (item.kind, item.sender, item.text) == ("channel", "user1", "hello guys")
+
+
+def test_a_repeated_send_all_is_acked_again_and_not_broadcast_again() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "send_all hello guys")
+    (post,) = sim.datagrams(ChannelPost)
+    effects = sim.inject(sim.addr["user1"], post.message, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack(post.message.id)]
+    assert len(sim.datagrams(ChannelDelivery)) == 2
+
+
+def test_a_hundred_dead_receivers_cost_one_500_ms_wait_and_one_table() -> None:
+    sim = Sim()
+    sim.join("user1")
+    sim.join("user2")
+    peers = add_peers(sim, 100)
+    for name in peers:
+        sim.kill(name)
+    sim.run(1.0)
+    versions = table_versions(sim)
+    mark1, mark2 = len(sim.lines("user1")), len(sim.lines("user2"))
+    sim.type("user1", "send_all hello crowd")
+    assert sim.timed("user2")[-1] == (1.0, "Channel_Message user1 : hello crowd")
+    sim.advance_to(1.499)
+    assert all(sim.server.clients[name].online for name in peers)
+    sim.advance_to(1.5)
+    assert not any(sim.server.clients[name].online for name in peers)
+    assert len(table_versions(sim)) == len(versions) + 1
+    assert sim.timed("user1")[mark1:] == [(1.0, "[Message received by the server.]"), (1.5, TU)]
+    assert sim.timed("user2")[mark2:] == [(1.0, "Channel_Message user1 : hello crowd"), (1.5, TU)]
+    assert all(
+        [i.text for i in sim.server.mailbox[name]] == ["hello crowd"] for name in peers
+    )
+    stores = [p for p in sim.persisted if p.op == "store"]
+    assert len(stores) == 100
+    sim.settle()
+    assert len(table_versions(sim)) == len(versions) + 1
+
+
+def test_a_lost_channel_ack_never_shows_the_message_twice() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(first_only(between(sim, "user2", "server", Ack)))
+    sim.type("user1", "send_all hello guys")
+    sim.settle()
+    # marked offline for a moment, then back (its table ACK speaks for it)
+    assert sim.server.clients["user2"].online
+    assert sim.server.mailbox == {}
+    assert sim.lines("user2").count("Channel_Message user1 : hello guys") == 1
+    assert "[You have message]" not in sim.lines("user2")
+    assert sim.clients["user1"].table["user2"].online is True
+
+
+# === the table: reliable, split, versioned ================================================
+
+
+def test_a_table_never_acked_marks_the_client_offline_and_tells_the_others() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(between(sim, "user3", "server", Ack))
+    sim.type("user2", "dereg user2")
+    sim.advance_to(2.499)
+    assert sim.server.clients["user3"].online
+    sim.advance_to(2.5)
+    assert sim.server.clients["user3"].presence is Presence.SILENT
+    assert sim.clients["user1"].table["user3"].online is False
+    assert len(sim.datagrams(Table, src="server", dst="user3", since=0.0)) >= 5
+
+
+def test_a_large_table_is_split_into_parts_and_shown_once() -> None:
+    sim = Sim()
+    peers = restore_peers(sim, 300, prefix="a_rather_long_name_for_peer_")
+    sim.join("user1")
+    tables = sim.datagrams(Table, dst="user1")
+    parts = {d.message.part for d in tables}  # type: ignore[union-attr]
+    assert len(parts) == tables[0].message.parts > 1  # type: ignore[union-attr]
+    assert all(len(d.send.data) <= MAX_DATAGRAM for d in sim.sent)
+    assert sim.lines("user1") == [TU]
+    assert set(sim.clients["user1"].table) == {*peers, "user1"}
+
+
+def test_a_lost_table_part_is_resent_alone_and_the_table_shown_once() -> None:
+    sim = Sim()
+    restore_peers(sim, 300, prefix="a_rather_long_name_for_peer_")
+    sim.drop.append(
+        first_only(
+            lambda src, send: isinstance(send.message, Table)
+            and send.message.part == 1
+            and send.addr[0] == CLIENT_IP
+        )
+    )
+    user1 = sim.join("user1")
+    assert sim.lines("user1") == []
+    assert len(user1.table) == 0
+    since = sim.now + 0.001
+    sim.run(0.5)
+    assert sim.lines("user1") == [TU]
+    assert len(user1.table) == 301
+    assert [d.message.part for d in sim.datagrams(Table, dst="user1", since=since)] == [1]  # type: ignore[union-attr]
+
+
+def test_a_restarted_server_restores_its_clients_and_tells_those_online() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    records = [
+        ClientRecord(r.name, r.addr, r.token, r.presence) for r in sim.server.clients.values()
+    ]
+    mark = len(sim.lines("user1"))
+    server = ServerProtocol(epoch=2, id_prefix="r", wall_offset=WALL)
+    item = StoredItem("user2.9", "direct", "user2", "kept", WALL + 0.25)
+    server.restore(records, {"user1": [item]})
+    sim.nodes[SERVER] = server
+    sim.server = server
+    sim.apply(SERVER, server.start(sim.now))
+    sim.pump()
+    # a table of a newer epoch replaces one with a higher version
+    assert sim.lines("user2")[-1] == TU and sim.lines("user3")[-1] == TU
+    assert sim.lines_since("user1", mark) == []
+    sim.type("user1", "reg user1")
+    assert f"({WALL + 0.25!r}) user2 : kept" in sim.lines("user1")
+
+
+def test_a_restored_server_with_nobody_online_sends_nothing() -> None:
+    server = ServerProtocol()
+    server.restore([ClientRecord("user1", (CLIENT_IP, 9001), "t", Presence.DEREGISTERED)], {})
+    assert sends(server.start(0.0)) == []
+    assert server.next_deadline() is None
+
+
+# === lookups ===================================================================================
+
+
+def test_lookup_answers_with_the_entry_or_none() -> None:
+    sim = trio_of_clients()
+    sim.type("user2", "dereg user2")
+    token = sim.clients["user1"].token
+    user1 = sim.addr["user1"]
+    effects = sim.inject(user1, Lookup("q.1", "user2", token), SERVER)
+    assert [s.message for s in sends(effects)] == [
+        LookupResult("q.1", entry("user2", 9101, online=False))
+    ]
+    effects = sim.inject(user1, Lookup("q.2", "nobody", token), SERVER)
+    assert [s.message for s in sends(effects)] == [LookupResult("q.2", None)]
+
+
+# === refusals: wrong address, wrong token ===================================================
+
+
+FORGER: Address = (CLIENT_IP, 6666)
+
+
+@pytest.mark.parametrize(
+    ("kind", "forgery"),
+    [
+        (kind, forgery)
+        for kind in ("dereg", "reg", "save", "send_all", "lookup")
+        for forgery in ("wrong token", "wrong address", "wrong name")
+        if (kind, forgery) != ("lookup", "wrong name")  # a lookup names no sender
+    ],
+)
+def test_requests_with_a_wrong_address_token_or_name_are_refused(kind: str, forgery: str) -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")  # so that a forged reg would matter
+    victim = "user2" if kind != "reg" else "user1"
+    token = sim.clients[victim].token
+    src = sim.addr[victim]
+    name = victim
+    if forgery == "wrong token":
+        token = "forged"
+    elif forgery == "wrong address":
+        src = FORGER
+    else:
+        src, token = sim.addr["user3"], sim.clients["user3"].token
+    requests: dict[str, Message] = {
+        "dereg": Deregister("f.1", name, token),
+        "reg": Reregister("f.1", name, token),
+        "save": SaveMessage("f.1", name, "user1", "forged", token),
+        "send_all": ChannelPost("f.1", name, "forged", token),
+        "lookup": Lookup("f.1", "user1", token),
+    }
+    before = {n: r.presence for n, r in sim.server.clients.items()}
+    versions = table_versions(sim)
+    effects = sim.inject(src, requests[kind], SERVER)
+    (answer,) = sends(effects)
+    assert isinstance(answer.message, Refused) and answer.addr == src
+    assert "is not registered from" in answer.message.reason
+    assert {n: r.presence for n, r in sim.server.clients.items()} == before
+    assert table_versions(sim) == versions
+    assert sim.server.mailbox == {}
+    assert sim.datagrams(ChannelDelivery) == []
+    assert any(log.level == "warning" for _, log in sim.logs)
+
+
+# === presence by contact ======================================================================
+
+
+def test_a_client_marked_offline_is_back_online_when_it_speaks() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: src == SERVER and send.addr == sim.addr["user2"])
+    sim.type("user1", "send_all hello guys")
+    sim.settle()
+    assert sim.server.clients["user2"].presence is Presence.SILENT
+    assert len(sim.server.mailbox["user2"]) == 1
+    sim.drop.clear()
+    sim.run(1.0)
+    mark = len(sim.lines("user2"))
+    sim.type("user2", "send_all i am back")
+    assert sim.server.clients["user2"].online
+    shown = sim.lines_since("user2", mark)
+    # stored when the wait for its ACK ran out, 500 ms after it was posted
+    assert shown[:2] == [
+        "[You have message]",
+        f"({WALL + 0.5!r}) Channel_Message user1 : hello guys",
+    ]
+    assert "[Message received by the server.]" in shown and TU in shown
+    assert sim.server.mailbox == {}
+    assert sim.clients["user1"].table["user2"].online
+
+
+def test_a_dereg_from_a_client_marked_offline_is_not_a_return() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: src == SERVER and send.addr == sim.addr["user2"])
+    sim.type("user1", "send_all hello guys")
+    sim.settle()
+    sim.drop.clear()
+    sim.type("user2", "dereg user2")
+    assert sim.lines("user2")[-1] == "[You are now offline. Bye.]"
+    assert sim.server.clients["user2"].presence is Presence.DEREGISTERED
+    assert len(sim.server.mailbox["user2"]) == 1
+    assert [d for d in sim.datagrams(Mailbox)] == []
+
+
+# === bad input =================================================================================
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b'{"t": "nonsense", "id": "1"}',
+        b'{"t": "register", "id": "1", "name": "bad name!", "port": 9}',
+        b'{"t": "register", "id": "1", "name": "x", "port": 9, "extra": 1}',
+        b"x" * (MAX_DATAGRAM + 1),
+    ],
+)
+def test_a_bad_datagram_is_dropped_and_logged_and_the_server_keeps_serving(data: bytes) -> None:
+    sim = Sim()
+    sim.join("user1")
+    effects = sim.server.handle_datagram(data, FORGER, sim.now)
+    assert len(effects) == 1 and isinstance(effects[0], Log) and effects[0].level == "warning"
+    sim.join("user2")
+    assert sim.lines("user2") == [TU]
+
+
+def test_a_message_the_server_does_not_take_is_dropped() -> None:
+    sim = Sim()
+    sim.join("user1")
+    unexpected = (Chat("x.1", "user1", "hi"), Table("x.2", 0, 9, 0, 1, []), Saved("x.3", "stored"))
+    for message in unexpected:
+        effects = sim.server.handle_datagram(encode(message), sim.addr["user1"], sim.now)
+        assert [type(e) for e in effects] == [Log]
+    assert sim.server.clients["user1"].online
+
+
+def test_an_ack_for_nothing_is_ignored() -> None:
+    sim = Sim()
+    sim.join("user1")
+    effects = sim.inject(sim.addr["user1"], Ack("nothing.1"), SERVER)
+    assert sends(effects) == []
+
+
+# === screen coverage ==========================================================================
+
+
+#: Every public line or line-maker in ``chatapp.screen``, and a test that shows it on a client.
+SCREEN_COVERAGE = {
+    "printable": "test_control_characters_from_the_network_cannot_fake_screen_lines",
+    "PROMPT": "tests/test_virtual.py (the terminal screen)",
+    "TABLE_UPDATED": "test_join_shows_table_updated_and_keeps_the_whole_table",
+    "YOU_ARE_OFFLINE": "test_dereg_goes_offline_and_the_others_get_the_table",
+    "YOU_HAVE_MESSAGE": "test_reg_shows_stored_messages_oldest_first_interleaved",
+    "SAVED_BY_SERVER": "test_no_ack_within_500_ms_sends_the_message_to_the_server_once",
+    "CHANNEL_ACKED": "test_send_all_is_acked_and_reaches_every_other_online_client",
+    "SEND_FAILED": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
+    "SERVER_SHUT_DOWN": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
+    "EXITING": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
+    "SERVER_NOT_RESPONDING": "test_dereg_not_answered_in_five_tries_exits",
+    "SERVER_NOT_RESPONDING_CHANNEL": "test_send_all_not_answered_says_so_and_keeps_working",
+    "KEYBOARD_INTERRUPT": "test_ctrl_c_says_so_and_exits_0_without_deregistering",
+    "chat": "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
+    "received_by": "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
+    "no_ack": "test_no_ack_within_500_ms_sends_the_message_to_the_server_once",
+    "channel_message": "test_send_all_is_acked_and_reaches_every_other_online_client",
+    "stored_direct": "test_reg_shows_stored_messages_oldest_first_interleaved",
+    "stored_channel": "test_reg_shows_stored_messages_oldest_first_interleaved",
+    "HELP": "test_help_and_table",
+    "OFFLINE_ONLY_REG": "test_while_offline_the_only_command_is_reg",
+    "ALREADY_ONLINE": "test_bad_commands_get_a_line_and_the_client_keeps_working",
+    "STILL_JOINING": "test_commands_while_joining_or_deregistering_wait_for_the_server",
+    "BUSY_DEREGISTERING": "test_commands_while_joining_or_deregistering_wait_for_the_server",
+    "REG_NOT_ANSWERED": "test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again",
+    "EMPTY_TABLE": "test_help_and_table",
+    "unknown_command": "test_bad_commands_get_a_line_and_the_client_keeps_working",
+    "usage": "test_bad_commands_get_a_line_and_the_client_keeps_working",
+    "only_yourself": "test_bad_commands_get_a_line_and_the_client_keeps_working",
+    "unknown_user": "test_send_to_a_name_nobody_has_asks_the_server_then_says_unknown",
+    "lookup_not_answered": "test_a_lookup_the_server_never_answers_says_nothing_was_sent",
+    "too_long": "test_a_message_too_long_for_a_datagram_is_refused_with_a_clear_line",
+    "refused": "test_a_name_online_elsewhere_is_refused_and_the_holder_is_not_disturbed",
+    "request_refused": "test_a_forgetful_server_refuses_a_dereg_and_the_client_stays_online",
+    "join_not_answered": "test_an_unanswered_registration_gets_five_tries_of_500_ms",
+    "table_lines": "test_help_and_table",
+    "bad_input": "tests/test_virtual.py (a line that is not UTF-8)",
+}
+
+
+def test_every_screen_line_has_a_test_that_shows_it() -> None:
+    public = {
+        name for name, value in vars(screen).items()
+        if not name.startswith("_")
+        and (isinstance(value, str) or (callable(value) and value.__module__ == screen.__name__))
+    }
+    # a new line in chatapp.screen needs a test here that shows it
+    assert public == set(SCREEN_COVERAGE)
+    import test_protocol_client
+
+    for name, where in SCREEN_COVERAGE.items():
+        if where.startswith("test_"):
+            assert hasattr(test_protocol_client, where) or where in globals(), (name, where)
+
+
+def test_the_client_state_after_a_clean_session() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "send_all bye")
+    sim.settle()
+    assert {c.state for c in sim.clients.values()} == {ClientState.ONLINE}
+    assert sim.server.next_deadline() is None
+    assert all(c.next_deadline() is None for c in sim.clients.values())
+
+
+def test_stored_times_follow_the_order_of_storage_even_after_a_failed_delivery() -> None:
+    # A message the server waited on (delivery or channel) is stored when the wait fails;
+    # one sent meanwhile to the client now marked offline is stored at once. The mailbox
+    # must still be oldest first by the times it shows.
+    sim = trio_of_clients()
+    sim.kill("user3")
+    sim.type("user2", "send user3 a")  # direct try fails at 0.5; the server's at 1.0
+    sim.run(0.6)
+    sim.type("user1", "send user3 b")  # reaches the server at 1.1, after user3 is marked
+    sim.run(0.1)
+    sim.type("user2", "send_all c")  # the server waits on user3 until 1.2
+    sim.settle()
+    box = sim.server.mailbox["user3"]
+    assert [item.text for item in box] == ["a", "b", "c"]
+    assert [item.stored_at - WALL for item in box] == sorted(item.stored_at - WALL for item in box)
+    assert [round(item.stored_at - WALL, 6) for item in box] == [1.0, 1.1, 1.2]
+
+
+def test_a_repeated_reg_is_acked_again_without_a_second_delivery_or_table() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.type("user2", "send user1 hello?")
+    sim.run(1.0)
+    sim.type("user1", "reg user1")
+    (reg,) = sim.datagrams(Reregister)
+    versions = table_versions(sim)
+    effects = sim.inject(sim.addr["user1"], reg.message, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack(reg.message.id)]
+    assert len(sim.datagrams(Mailbox)) == 1
+    assert table_versions(sim) == versions
+    assert sim.lines("user1").count("[You have message]") == 1
+
+
+def test_a_late_copy_of_an_old_dereg_does_not_take_a_returned_client_offline() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    (dereg,) = sim.datagrams(Deregister)
+    sim.type("user1", "reg user1")
+    effects = sim.inject(sim.addr["user1"], dereg.message, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack(dereg.message.id)]
+    assert sim.server.clients["user1"].online

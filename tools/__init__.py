@@ -1,0 +1,1 @@
+"""Developer tools shipped with chatapp: the replay tool and the benchmarks."""

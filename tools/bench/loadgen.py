@@ -1,0 +1,189 @@
+"""A closed-loop load generator: many raw UDP sockets, each with a few requests in flight.
+
+Plain non-blocking sockets and epoll, no Trio, so that one core of generator
+can keep a server on the other core busy. Bounded by time: it stops sending
+at the deadline and waits at most a moment for the last answers.
+"""
+
+from __future__ import annotations
+
+import resource
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from chatapp.wire import Ack, Register, encode
+
+HOST = "127.0.0.1"
+#: A request unanswered for this long is written off and replaced (the datagram was lost).
+LOST_AFTER = 0.25
+
+
+class _Head(msgspec.Struct):
+    t: str
+    id: str = ""
+    token: str = ""
+
+
+_head = msgspec.json.Decoder(_Head)
+
+
+@dataclass
+class SimClient:
+    """One simulated client: its socket and, once registered, its name and token."""
+
+    sock: socket.socket
+    name: str
+    token: str = ""
+    outstanding: dict[str, float] = field(default_factory=dict)
+    counter: int = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def next_id(self) -> str:
+        self.counter += 1
+        return f"{self.name}.{self.counter}"
+
+
+@dataclass
+class LoadResult:
+    completed: int
+    elapsed: float
+    lost: int
+    cpu: float  # the generator's own CPU seconds over ``elapsed``
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.elapsed if self.elapsed else 0.0
+
+
+def open_clients(count: int, prefix: str) -> list[SimClient]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(count + 256, hard), hard))
+    clients = []
+    for index in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((HOST, 0))
+        s.setblocking(False)
+        clients.append(SimClient(s, f"{prefix}{index}"))
+    return clients
+
+
+def close_clients(clients: list[SimClient]) -> None:
+    for client in clients:
+        client.sock.close()
+
+
+def register_all(clients: list[SimClient], server: tuple[str, int], timeout: float = 20.0) -> float:
+    """Register every client at once, keep their tokens, and ACK the tables that follow;
+    returns the seconds until the last one was registered."""
+    result = run_closed_loop(
+        clients, server, lambda c: encode(Register(c.next_id(), c.name, c.port)),
+        window=1, duration=timeout, repeat=False,
+    )
+    missing = [c.name for c in clients if not c.token]
+    if missing:
+        raise RuntimeError(f"{len(missing)} simulated clients were not registered")
+    settle(clients, 0.15)
+    return result.elapsed
+
+
+def settle(clients: list[SimClient], seconds: float) -> None:
+    """ACK whatever the server sends (tables, mailbox batches) for ``seconds``."""
+    run_closed_loop(clients, ("0.0.0.0", 9), lambda c: b"", window=0, duration=seconds,
+                    repeat=False, until_done=False)
+
+
+def run_closed_loop(
+    clients: list[SimClient],
+    server: tuple[str, int],
+    request: Callable[[SimClient], bytes],
+    *,
+    window: int,
+    duration: float,
+    warmup: float = 0.0,
+    repeat: bool = True,
+    until_done: bool = True,
+) -> LoadResult:
+    """Keep ``window`` requests in flight per client for ``duration`` seconds.
+
+    A request is done when a datagram of any type but ``table`` comes back
+    with its id; tables are ACKed, as a client must. Completions during the
+    first ``warmup`` seconds are not counted. Without ``repeat`` each client
+    sends only its first ``window`` requests, and (``until_done``) the run
+    ends when they are all answered.
+    """
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+
+    def issue(client: SimClient, now: float) -> None:
+        data = request(client)
+        client.outstanding[_last_id(client)] = now
+        client.sock.sendto(data, server)
+
+    start = time.monotonic()
+    cpu_start = time.process_time()
+    measure_from = start + warmup
+    deadline = start + duration
+    completed = lost = 0
+    next_sweep = start + LOST_AFTER
+    for client in clients:
+        for _ in range(window):
+            issue(client, start)
+    now = start
+    try:
+        while now < deadline:
+            for key, _ in selector.select(0.05):
+                client = key.data
+                sock = client.sock
+                while True:
+                    try:
+                        data, addr = sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    try:
+                        head = _head.decode(data)
+                    except msgspec.DecodeError:
+                        continue
+                    if head.t == "table" or head.t == "mailbox":
+                        sock.sendto(encode(Ack(head.id)), addr)
+                        continue
+                    if client.outstanding.pop(head.id, None) is None:
+                        continue
+                    if head.token:
+                        client.token = head.token
+                    now = time.monotonic()
+                    if now >= measure_from:
+                        completed += 1
+                    if repeat:
+                        issue(client, now)
+                    elif until_done and not any(c.outstanding for c in clients):
+                        return LoadResult(completed, now - measure_from, lost,
+                                          time.process_time() - cpu_start)
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + LOST_AFTER
+                for client in clients:
+                    stale = [i for i, t in client.outstanding.items() if now - t > LOST_AFTER]
+                    for msg_id in stale:
+                        del client.outstanding[msg_id]
+                        lost += 1
+                        issue(client, now)
+    finally:
+        selector.close()
+        for client in clients:
+            client.outstanding.clear()
+    return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start)
+
+
+def _last_id(client: SimClient) -> str:
+    return f"{client.name}.{client.counter}"

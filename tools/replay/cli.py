@@ -1,0 +1,392 @@
+"""``chat-replay``: replay a recorded chatapp run and say whether the protocol behaved the same.
+
+chat-replay TRACE                 replay and compare (the same as ``chat-replay replay TRACE``)
+chat-replay check TRACE           the protocol's invariants over the history, with counts
+chat-replay show TRACE            the run as a timeline (--mermaid FILE for a diagram)
+chat-replay merge A B -o OUT      one trace from per-node traces
+chat-replay record SCENARIO -o TRACE
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import trio
+import trio.testing
+import typer
+
+from chatapp.scenario import Step
+from chatapp.trace import Trace, TraceError, merge_traces, read_trace, write_trace
+
+PROG = "chat-replay"
+COMMANDS = ("replay", "check", "show", "merge", "record")
+
+app = typer.Typer(
+    name=PROG,
+    help=(
+        "Replay a recorded chatapp run (a JSONL trace) and say whether the protocol behaved"
+        " the same.\n\n`chat-replay TRACE` is short for `chat-replay replay TRACE`."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_UsageError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+class Failed(Exception):
+    """A trace that cannot be used as asked: one line, exit status 2."""
+
+
+def _load(path: str) -> Trace:
+    try:
+        return read_trace(path)
+    except FileNotFoundError:
+        raise Failed(f"no such trace: {path}") from None
+    except (TraceError, OSError) as exc:
+        raise Failed(str(exc)) from None
+
+
+def _target(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise Failed(f"--target must be HOST:PORT, such as 127.0.0.1:8001, not {value!r}")
+    from chatapp.net import resolve_ipv4
+
+    try:
+        return (resolve_ipv4(host), int(port))
+    except OSError:
+        raise Failed(f"--target: {host!r} is not an IPv4 address or localhost") from None
+
+
+def _probability(value: float, what: str) -> float:
+    if not 0.0 <= value < 1.0:
+        raise Failed(f"{what} is a probability from 0 to 1 (exclusive), not {value}")
+    return value
+
+
+@app.command()
+def replay(
+    trace: Annotated[
+        str, typer.Argument(metavar="TRACE", help="A trace recorded by chatapp (JSONL).")
+    ],
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            "--virtual/--real",
+            help="--virtual (the default): the in-memory network in virtual time, instant and"
+            " deterministic. --real: real UDP sockets on 127.0.0.1 in real time.",
+        ),
+    ] = True,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="Test this node alone: every other node is played from the recording,"
+            " answering what this one actually sends.",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="A running server to test black-box (implies --node <the server> and --real):"
+            " the clients are played from the recording. Start it with an empty database.",
+        ),
+    ] = None,
+    loss: Annotated[
+        float,
+        typer.Option(metavar="P", help="Drop each datagram with probability P (virtual only)."),
+    ] = 0.0,
+    dup: Annotated[
+        float,
+        typer.Option(
+            metavar="P", help="Duplicate each datagram with probability P (virtual only)."
+        ),
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection.")] = 0,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="Also write the replay's own trace to FILE."
+        ),
+    ] = None,
+) -> None:
+    """Replay TRACE with fresh nodes and compare their behaviour with the recording.
+
+    Prints PASS (exit 0), or the first divergence with its context and the nearest
+    recorded candidates (exit 1).
+    """
+    from tools.replay.check import check
+    from tools.replay.compare import compare, compare_messages, report
+    from tools.replay.engine import ReplayError, ReplayOptions, run_replay, server_name
+
+    recorded = _load(trace)
+    target_address = _target(target)
+    if target_address is not None:
+        try:
+            node = node or server_name(recorded)
+        except ReplayError as exc:
+            raise Failed(str(exc)) from None
+        virtual = False
+    options = ReplayOptions(
+        virtual=virtual,
+        node=node,
+        target=target_address,
+        loss=_probability(loss, "--loss"),
+        dup=_probability(dup, "--dup"),
+        seed=seed,
+    )
+    where = (
+        "in virtual time on the in-memory network"
+        if virtual
+        else "on real UDP sockets on 127.0.0.1"
+    )
+    if options.faults:
+        where += f", losing {loss:g} and duplicating {dup:g} of the datagrams (seed {seed})"
+    who = "every node" if node is None else f"{node} alone, the others played from the recording"
+    if target_address is not None:
+        who = f"the server at {target}, the clients played from the recording"
+    nodes = recorded.nodes()
+    typer.echo(
+        f"replaying {trace}: {len(nodes)} nodes, {len(recorded.events)} events; {who}, {where}"
+    )
+    for note in recorded.header.notes:
+        typer.echo(f"  note: {note}")
+    started = time.perf_counter()
+    try:
+        replayed, run = run_replay(recorded, options)
+    except ReplayError as exc:
+        raise Failed(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"the replay could not use the network: {exc}") from None
+    elapsed = time.perf_counter() - started
+    if out:
+        write_trace(replayed, out)
+    for stall in run.stalls[:3]:
+        typer.echo(f"  note: {stall}")
+
+    if options.faults:
+        problems, notes = compare_messages(recorded, replayed)
+        for note in notes:
+            typer.echo(f"  note: {note}")
+        result = check(replayed)
+        for invariant in result.invariants:
+            problems += [f"{invariant.name}: {v}" for v in invariant.violations]
+        counts = result.counts
+        typer.echo(
+            f"  replay: {counts.get('datagrams sent', 0)} datagrams sent,"
+            f" {counts.get('retries', 0)} retries, {counts.get('duplicate datagrams', 0)}"
+            f" received twice; messages: {counts.get('delivered', 0)} delivered,"
+            f" {counts.get('stored', 0)} stored, {counts.get('lost', 0)} lost"
+        )
+        if problems:
+            typer.echo("FAIL: with these faults the protocol lost or repeated messages:")
+            for problem in problems[:20]:
+                typer.echo(f"  - {problem}")
+            raise typer.Exit(1)
+        typer.echo(
+            "PASS: no message shown twice, none missing that its sender was told was"
+            f" received, every invariant holds ({elapsed:.2f} s)"
+        )
+        return
+
+    comparison = compare(recorded, replayed, under_test=node, black_box=target_address is not None)
+    if comparison.passed:
+        typer.echo(
+            f"PASS: {'every node' if node is None else node} behaved as recorded"
+            f" ({comparison.compared} events compared in {len(comparison.streams)} streams;"
+            f" {elapsed:.2f} s)"
+        )
+        return
+    typer.echo(f"FAIL: the replay diverged from the recording ({elapsed:.2f} s)\n")
+    typer.echo(report(comparison))
+    raise typer.Exit(1)
+
+
+@app.command("check")
+def check_command(
+    trace: Annotated[str, typer.Argument(metavar="TRACE", help="A chatapp trace (JSONL).")],
+) -> None:
+    """Check the protocol's invariants over the whole history, and count what happened.
+
+    No message shown twice; every chat message ACKed, stored or reported as not
+    delivered; retries spaced by the timeout and never more than allowed; stored
+    messages delivered oldest first; every online client got each channel message
+    or had it stored. Exit 1 when one does not hold.
+    """
+    from tools.replay.check import check, render
+
+    result = check(_load(trace))
+    typer.echo(render(result, trace))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def show(
+    trace: Annotated[str, typer.Argument(metavar="TRACE", help="A chatapp trace (JSONL).")],
+    mermaid: Annotated[
+        str | None,
+        typer.Option(
+            "--mermaid",
+            metavar="FILE",
+            help="Write a Mermaid sequence diagram to FILE ('-': stdout).",
+        ),
+    ] = None,
+    acks: Annotated[bool, typer.Option("--acks/--no-acks", help="Show the ACK datagrams.")] = True,
+    width: Annotated[int, typer.Option(min=12, max=80, help="Width of a node's column.")] = 24,
+) -> None:
+    """Print the run as a timeline: one column per node, time going down."""
+    from tools.replay import show as draw
+
+    recorded = _load(trace)
+    if mermaid is not None:
+        text = draw.mermaid(recorded, acks=acks)
+        if mermaid == "-":
+            typer.echo(text, nl=False)
+            return
+        Path(mermaid).write_text(text, encoding="utf-8")
+        typer.echo(f"wrote a Mermaid sequence diagram to {mermaid}")
+        return
+    typer.echo(draw.timeline(recorded, width=width, acks=acks))
+
+
+@app.command()
+def merge(
+    traces: Annotated[list[str], typer.Argument(metavar="TRACE", help="Per-node traces.")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="The merged trace.")],
+) -> None:
+    """Merge per-node traces into one, ordered by wall clock.
+
+    When the clocks disagree (a datagram received before it was sent) the later
+    trace is shifted and the merged header says so.
+    """
+    loaded = [_load(path) for path in traces]
+    merged = merge_traces(loaded)
+    write_trace(merged, output)
+    typer.echo(
+        f"merged {len(loaded)} traces ({len(merged.events)} events,"
+        f" {len(merged.nodes())} nodes) into {output}"
+    )
+    for note in merged.header.notes:
+        typer.echo(f"  note: {note}")
+
+
+@app.command()
+def record(
+    scenario: Annotated[
+        str, typer.Argument(metavar="SCENARIO", help="A scenario file (see chatapp/scenarios/).")
+    ],
+    output: Annotated[
+        str, typer.Option("--output", "-o", metavar="TRACE", help="Where to write the trace.")
+    ],
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            "--virtual/--real",
+            help="--real (the default): real UDP sockets on 127.0.0.1."
+            " --virtual: the in-memory network in virtual time.",
+        ),
+    ] = False,
+) -> None:
+    """Play a scenario with a real server and clients and record every datagram and line."""
+    from chatapp.scenario import ScenarioError, load_scenario
+
+    try:
+        steps = load_scenario(scenario)
+    except OSError as exc:
+        raise Failed(f"cannot read the scenario {scenario}: {exc.strerror}") from None
+    except ScenarioError as exc:
+        raise Failed(str(exc)) from None
+    clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
+    try:
+        events = trio.run(_record, steps, _shareable(scenario), output, virtual, clock=clock)
+    except ScenarioError as exc:
+        typer.echo(
+            f"{PROG}: the scenario failed: {exc} (the trace so far is in {output})", err=True
+        )
+        raise typer.Exit(1) from None
+    typer.echo(f"recorded {scenario} ({events} events) to {output}")
+
+
+def _shareable(path: str) -> str:
+    """The scenario's path as it may appear in a shared trace: relative, or just its name."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return (
+        path
+        if not os.path.isabs(path)
+        else (relative if not relative.startswith("..") else os.path.basename(path))
+    )
+
+
+async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
+    from chatapp.protocol.common import Timers
+    from chatapp.scenario import Cluster, LoopbackNetwork, VirtualNetwork
+    from chatapp.trace import JsonlRecorder, complete_header
+
+    recorder = JsonlRecorder.open(
+        output,
+        timers=Timers(),
+        append=False,
+        clock="virtual" if virtual else "real",
+        source="chat-replay record",
+        scenario=scenario,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(
+                nursery,
+                VirtualNetwork() if virtual else LoopbackNetwork(),
+                recorder=recorder,
+                wall_offset=time.time() - trio.current_time(),
+            )
+            try:
+                await cluster.play(steps)
+            finally:
+                await cluster.shutdown()
+    finally:
+        recorder.close()
+        complete_header(output)
+    return len(read_trace(output).events)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        args = ["--help"]
+    elif args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
+        args.insert(0, "replay")  # `chat-replay TRACE` is the everyday form
+    try:
+        result = app(args=args, prog_name=PROG, standalone_mode=False)
+    except typer.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except Failed as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except _UsageError as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else PROG
+        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+        print(f"{where}: error: {message} (see '{where} --help')", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import trio
@@ -82,7 +82,18 @@ def open_store(db: str | None, port: int) -> Store:
         raise StartupError(f"cannot open the database {path}: {exc}") from None
 
 
+#: What ends a node cleanly: Ctrl-C, ``kill``, a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def run_server(options: ServerOptions, argv: list[str]) -> int:
+    # Signals are caught from the start: one that comes while the server starts up is
+    # queued and handled like any other, not left to kill the process or raise.
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        return await _run_server(options, argv, signals)
+
+
+async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
     log = LogSink(sys.stdout, level=options.log_level)
     endpoint = await _bind(options.host, options.port, "server")
     store = open_store(options.db, options.port)
@@ -104,14 +115,14 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
     log(Log(f"chatapp server listening on UDP {options.host}:{options.port}"
             f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"))
     stopped_by: list[int] = []
-
-    def stop(signum: int) -> None:
-        stopped_by.append(signum)
-        node.stop()
-
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, stop, None)
+
+            def stop(signum: int) -> None:
+                stopped_by.append(signum)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(_stop_on_signals, signals, stop, None)
             await node.run(argv=argv)
             nursery.cancel_scope.cancel()
     finally:
@@ -126,6 +137,11 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
 
 
 async def run_client(options: ClientOptions, argv: list[str]) -> int:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:  # as in run_server
+        return await _run_client(options, argv, signals)
+
+
+async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
     log = LogSink(sys.stderr if options.verbose else None, level="debug")
     endpoint = await _bind(options.host, options.port, "client")
     recorder = _open_recorder(options.trace, options.timers, options.name, "client")
@@ -143,7 +159,7 @@ async def run_client(options: ClientOptions, argv: list[str]) -> int:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_stdin, send_input.clone())
-            nursery.start_soon(_stop_on_signals, None, send_input)
+            nursery.start_soon(_stop_on_signals, signals, None, send_input)
             status = await node.run(receive_input, argv=argv)
             nursery.cancel_scope.cancel()
     finally:
@@ -158,20 +174,21 @@ _SIGNAL_NAMES: dict[int, str] = {
 
 
 async def _stop_on_signals(
-    stop: Callable[[int], None] | None, inputs: trio.MemorySendChannel[Input] | None
+    signals: AsyncIterator[int],
+    stop: Callable[[int], None] | None,
+    inputs: trio.MemorySendChannel[Input] | None,
 ) -> None:
     """Ctrl-C, SIGTERM and SIGHUP end the node cleanly: a server stops, a client is told."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if inputs is None:
-                assert stop is not None
-                stop(signum)
-                return
-            item = Signal.INTERRUPT if signum == signal.SIGINT else Signal.HANG_UP
-            with contextlib.suppress(
-                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                inputs.send_nowait(item)
+    async for signum in signals:
+        if inputs is None:
+            assert stop is not None
+            stop(signum)
+            return
+        item = Signal.INTERRUPT if signum == signal.SIGINT else Signal.HANG_UP
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            inputs.send_nowait(item)
 
 
 async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:

@@ -45,6 +45,7 @@ if _started_as_program():
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import contextlib  # noqa: E402
+import ipaddress  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -110,11 +111,23 @@ def _name(value: str) -> str:
 
 def _ipv4(value: str) -> str:
     try:
-        return resolve_ipv4(value)
+        address = resolve_ipv4(value)
     except OSError:
         raise BadArgument(
             f"SERVER_IP must be an IPv4 address such as 127.0.0.1, or localhost, not {value!r}"
         ) from None
+    parsed = ipaddress.IPv4Address(address)
+    # 0.0.0.0 reaches this host, but the server's answers come from another address and
+    # are dropped: the client would say the server is not responding while it is.
+    if parsed.is_unspecified or parsed.is_multicast or parsed == _BROADCAST:
+        raise BadArgument(
+            f"SERVER_IP must be the address of the server's machine, such as 127.0.0.1;"
+            f" {value} is not one a server can have"
+        )
+    return address
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def _listen_address(value: str) -> str:

@@ -614,7 +614,9 @@ def test_long_lines_from_a_pipe_get_a_clear_line(env: dict[str, str]) -> None:
                     stream.close()
 
 
-def test_a_port_in_use_gets_one_line_and_status_1(start: Start) -> None:
+def test_a_port_in_use_gets_one_line_and_status_1_and_sigterm_stops_the_server(
+    start: Start,
+) -> None:
     server_port, port = free_udp_ports(2)
     server = start_server(start, server_port)
     second = start("serve", str(server_port), "--host", "127.0.0.1", "--db", ":memory:")
@@ -633,5 +635,8 @@ def test_a_port_in_use_gets_one_line_and_status_1(start: Start) -> None:
     client.interrupt()
     client.shows(INTERRUPTED)
     assert client.exit_status() == 0
-    stop_server(server)
+    server.drain()
+    server.child.kill(signal.SIGTERM)  # `kill`, as a service manager stops it
+    server.shows("server stopped (SIGTERM)")
+    assert server.exit_status() == 0
     assert_no_noise(server, client)

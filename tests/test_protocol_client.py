@@ -339,6 +339,22 @@ def test_a_name_online_elsewhere_is_refused_and_the_holder_is_not_disturbed() ->
     assert sim.server.clients["user1"].addr == (CLIENT_IP, 9001)
 
 
+def test_a_name_whose_holder_left_silently_can_be_taken_from_another_port() -> None:
+    # Ctrl-C does not deregister: the server still has the name online. A new client
+    # asking for it from another port is not refused at once; the holder is asked first,
+    # and only its silence gives the name away (after one ACK timeout).
+    sim = Sim()
+    sim.join("user1")
+    sim.settle()
+    sim.kill("user1")
+    sim.join("user1", label="again", port=9002)
+    sim.settle()
+    assert sim.lines("again") == [TU]
+    assert "again" not in sim.exits
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)
+    assert sim.server.clients["user1"].online
+
+
 def test_an_unanswered_registration_gets_five_tries_of_500_ms() -> None:
     sim = Sim()
     sim.kill("server")

@@ -84,6 +84,7 @@ class WaitKind(enum.Enum):
     CHANNEL = "channel"  # a channel message, 1 try
     DELIVER = "deliver"  # a saved direct message the server delivers itself, 1 try
     MAILBOX = "mailbox"  # a batch of stored messages, 5 tries
+    CLAIM = "claim"  # is the holder of a name someone else asks for still there? 1 try
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class Wait:
     item: StoredItem | None = None  # CHANNEL and DELIVER: what to store if it is not ACKed
     reply_to: Address | None = None  # DELIVER: the sender waiting for Saved
     item_ids: tuple[str, ...] = ()  # MAILBOX: the items in the batch
+    claim: Register | None = None  # CLAIM: the registration waiting on the answer
 
 
 @dataclass
@@ -142,6 +144,7 @@ class ServerProtocol:
         self._table_dirty = False
         self._table_waits: dict[str, list[tuple[Address, str]]] = {}
         self._mailbox_in_flight: dict[str, str] = {}  # recipient -> delivery id
+        self._last_table: list[Table] = []  # the parts of the newest table, for claim checks
         self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
 
     # --- restoring from the database ------------------------------------------------
@@ -193,13 +196,35 @@ class ServerProtocol:
             return list(answer or [])
         holder = self.clients.get(message.name)
         if holder is not None and holder.online and holder.addr != addr:
-            reason = (
-                f"the name {message.name} is online at {_fmt(holder.addr)}."
-                " Choose another name."
-            )
-            reply: list[Effect] = [send(Refused(message.id, reason), addr)]
-            self._recent.remember((addr, message.id), [reply[0]])  # type: ignore[list-item]
-            return [Log(f"refused {message.name} from {_fmt(addr)}: name in use"), *reply]
+            return self._challenge_holder(holder, message, addr, now)
+        return self._register(message, addr, now)
+
+    def _challenge_holder(
+        self, holder: ClientRecord, claim: Register, addr: Address, now: float
+    ) -> list[Effect]:
+        """Someone else asks for an online name. Its holder may have left without a word
+        (Ctrl-C) and be about to come back from another port: ask the holder first, with a
+        table it already has (ACKed, not shown), and refuse the claim only if it answers."""
+        if not self._last_table:
+            return self._refuse_claim(holder, claim, addr)
+        self._recent.remember((addr, claim.id), None)  # the claim's retries wait for the answer
+        part = self._last_table[0]
+        probe = Table(self._new_id(), part.epoch, part.version, part.part, part.parts, part.entries)
+        wait = Wait(WaitKind.CLAIM, holder.name, reply_to=addr, claim=claim)
+        effect = send(probe, holder.addr)
+        return [
+            Log(f"{claim.name} asked for from {_fmt(addr)}: checking on its holder", "debug"),
+            self._retry.start((holder.addr, probe.id), effect, now, wait, tries=1),
+        ]
+
+    def _refuse_claim(self, holder: ClientRecord, claim: Register, addr: Address) -> list[Effect]:
+        reason = f"the name {claim.name} is online at {_fmt(holder.addr)}. Choose another name."
+        reply = send(Refused(claim.id, reason), addr)
+        self._recent.remember((addr, claim.id), [reply])
+        return [Log(f"refused {claim.name} from {_fmt(addr)}: name in use"), reply]
+
+    def _register(self, message: Register, addr: Address, now: float) -> list[Effect]:
+        holder = self.clients.get(message.name)
         displaced = self._by_addr.get(addr)
         persist_displaced: list[Effect] = []
         if displaced is not None and displaced != message.name:
@@ -344,6 +369,9 @@ class ServerProtocol:
             return [Log(f"delivered {wait.item.sender}'s message to {wait.recipient}"), answer]
         if wait.kind is WaitKind.MAILBOX:
             return self._mailbox_acked(wait, now)
+        if wait.kind is WaitKind.CLAIM:
+            assert wait.claim is not None and wait.reply_to is not None
+            return self._refuse_claim(self.clients[wait.recipient], wait.claim, wait.reply_to)
         return []
 
     def _give_up(self, pending: Pending[Wait], now: float) -> list[Effect]:
@@ -351,6 +379,8 @@ class ServerProtocol:
         record = self.clients.get(wait.recipient)
         if record is None:
             return []
+        if wait.kind is WaitKind.CLAIM:
+            return self._holder_gone(record, wait, now)
         effects: list[Effect] = []
         if wait.kind in (WaitKind.CHANNEL, WaitKind.DELIVER):
             assert wait.item is not None
@@ -435,6 +465,7 @@ class ServerProtocol:
             Table(self._new_id(), self.epoch, self._table_version, index, len(parts), part)
             for index, part in enumerate(parts)
         ]
+        self._last_table = messages
         encoded = [(message, encode(message)) for message in messages]  # once for everyone
         effects: list[Effect] = []
         recipients = 0
@@ -468,6 +499,21 @@ class ServerProtocol:
         if presence is not Presence.ONLINE:
             self._cancel_table_waits(record.name)
             self._mailbox_in_flight.pop(record.name, None)
+
+    def _holder_gone(self, holder: ClientRecord, wait: Wait, now: float) -> list[Effect]:
+        """The holder of a claimed name did not answer: it is offline, and the claim wins."""
+        assert wait.claim is not None and wait.reply_to is not None
+        effects: list[Effect] = []
+        if holder.online:
+            self._set_presence(holder, Presence.SILENT)
+            effects += [
+                Log(f"no ACK from {holder.name} (claim): marked offline", "warning"),
+                self._persist_client(holder),
+            ]
+        current = self.clients.get(wait.claim.name)
+        if current is not None and current.online and current.addr != wait.reply_to:
+            return effects + self._refuse_claim(current, wait.claim, wait.reply_to)
+        return effects + self._register(wait.claim, wait.reply_to, now)
 
     def _mark_silent(self, name: str) -> None:
         record = self.clients.get(name)

@@ -57,6 +57,7 @@ class LoadResult:
     elapsed: float
     lost: int
     cpu: float  # the generator's own CPU seconds over ``elapsed``
+    refused: int = 0  # answered "refused": not counted as done (a broken setup, not a rate)
 
     @property
     def rate(self) -> float:
@@ -134,7 +135,7 @@ def run_closed_loop(
     cpu_start = time.process_time()
     measure_from = start + warmup
     deadline = start + duration
-    completed = lost = 0
+    completed = lost = refused = 0
     next_sweep = start + LOST_AFTER
     for client in clients:
         for _ in range(window):
@@ -162,13 +163,15 @@ def run_closed_loop(
                     if head.token:
                         client.token = head.token
                     now = time.monotonic()
-                    if now >= measure_from:
+                    if head.t == "refused":
+                        refused += 1
+                    elif now >= measure_from:
                         completed += 1
                     if repeat:
                         issue(client, now)
                     elif until_done and not any(c.outstanding for c in clients):
                         return LoadResult(completed, now - measure_from, lost,
-                                          time.process_time() - cpu_start)
+                                          time.process_time() - cpu_start, refused)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + LOST_AFTER
@@ -182,8 +185,69 @@ def run_closed_loop(
         selector.close()
         for client in clients:
             client.outstanding.clear()
-    return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start)
+    return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start,
+                      refused)
 
 
 def _last_id(client: SimClient) -> str:
     return f"{client.name}.{client.counter}"
+
+
+def run_bursts(
+    clients: list[SimClient],
+    server: tuple[str, int],
+    request: Callable[[SimClient], bytes],
+    *,
+    bursts: int,
+    size: int,
+    timeout: float = 2.0,
+) -> LoadResult:
+    """Send ``size`` requests at once, wait for their answers, ``bursts`` times over.
+
+    The server always has a queue to work through, so (unlike the closed loop,
+    which also measures how fast two processes wake each other) its CPU per
+    request here is its cost at saturation. The server's socket buffer must
+    hold a burst.
+    """
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+    start = time.monotonic()
+    cpu_start = time.process_time()
+    completed = lost = refused = 0
+    try:
+        for _ in range(bursts):
+            for index in range(size):
+                client = clients[index % len(clients)]
+                data = request(client)
+                client.outstanding[_last_id(client)] = 0.0
+                client.sock.sendto(data, server)
+            waiting = size
+            deadline = time.monotonic() + timeout
+            while waiting and time.monotonic() < deadline:
+                for key, _ in selector.select(0.05):
+                    client = key.data
+                    while True:
+                        try:
+                            data, addr = client.sock.recvfrom(65536)
+                        except BlockingIOError:
+                            break
+                        try:
+                            head = _head.decode(data)
+                        except msgspec.DecodeError:
+                            continue
+                        if head.t == "table" or head.t == "mailbox":
+                            client.sock.sendto(encode(Ack(head.id)), addr)
+                        elif client.outstanding.pop(head.id, None) is not None:
+                            waiting -= 1
+                            if head.t == "refused":
+                                refused += 1
+                            else:
+                                completed += 1
+            lost += waiting
+            for client in clients:
+                client.outstanding.clear()
+    finally:
+        selector.close()
+    elapsed = time.monotonic() - start
+    return LoadResult(completed, elapsed, lost, time.process_time() - cpu_start, refused)

@@ -62,8 +62,13 @@ async def _until_end_of_input(max_seconds: float, commands: Any = None) -> None:
             _answer(commands(json.loads(line)) if commands else {"ok": True})
 
 
+#: The socket buffer a chatapp node asks for (chatapp.net): the baselines get the same.
+RECEIVE_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
 async def _echo(settings: dict[str, Any]) -> None:
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
     await sock.bind((HOST, 0))
     reply_size = settings.get("reply_size")
     reply = b"x" * int(reply_size) if reply_size else None
@@ -82,6 +87,7 @@ async def _echo(settings: dict[str, Any]) -> None:
 
 async def _fanout(settings: dict[str, Any]) -> None:
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
     await sock.bind((HOST, 0))
     targets: list[tuple[str, int]] = []
     target_set: set[tuple[str, int]] = set()
@@ -192,7 +198,7 @@ class _Receivers:
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
             for key, _ in self.selector.select(0.5):
-                if key.fileobj is sys.stdin:
+                if key.data is None:  # standard input: a command
                     line = sys.stdin.readline()
                     if not line:
                         return

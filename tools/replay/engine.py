@@ -3,11 +3,13 @@
 The recording is turned into a plan of *actions*: things that came from
 outside the protocol (a node starts, a line is typed, a node is stopped) and,
 with ``--node``, the datagrams the other nodes sent. An action is carried out
-once every event that preceded it in the recording has been reproduced (by
-counting events per node), so the order of cause and effect is kept while a
-person's think time is not. When the run diverges and an awaited event never
-comes, the action goes ahead after ``quiet`` seconds without progress, and the
-comparison reports the divergence.
+once every event that preceded it in the recording has been reproduced
+(counting events per stream, see ``Counting``), then as long after the last
+of them as in the recording, up to one ACK timeout: cause and effect keep
+their order, a line typed while a timer ran keeps its place in that timer,
+and a person's think time is cut. When the run diverges and an awaited event
+never comes, the action goes ahead after ``quiet`` seconds without progress,
+and the comparison reports the divergence.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ from chatapp.trace import (
 )
 from chatapp.trace import Input as Typed
 from chatapp.wire import Address, Message, StoredItem, WireError, decode, encode
+from tools.replay.compare import ANSWERS
 
-#: Seconds a datagram spends on the in-memory network (about loopback's).
-TRANSIT = 0.0002
+#: Seconds a datagram spends on the in-memory network: the recording's typical
+#: time on the wire, within these bounds.
+TRANSIT = (0.0001, 0.05)
 
 #: Lines after which a client exits by itself: its recorded exit needs no stop.
 _EXIT_LINES = {screen.KEYBOARD_INTERRUPT, screen.EXITING}
@@ -90,6 +94,26 @@ class Action:
     cause: tuple[str, int] | None = None
 
 
+def recorded_transit(trace: Trace, names: Normaliser) -> float:
+    """The median time between a datagram's send and its receipt in the recording."""
+    sent: dict[tuple[str, str, bytes], list[float]] = {}
+    for event in trace.events:
+        if isinstance(event, Send):
+            sent.setdefault((event.node, names.address(event.peer), event.data), []).append(
+                event.t
+            )
+    times: list[float] = []
+    for event in trace.events:
+        if isinstance(event, Recv):
+            waiting = sent.get((names.address(event.peer), event.node, event.data))
+            if waiting:
+                times.append(event.t - waiting.pop(0))
+    if not times:
+        return TRANSIT[0]
+    times.sort()
+    return min(max(times[len(times) // 2], TRANSIT[0]), TRANSIT[1])
+
+
 def server_name(trace: Trace) -> str:
     servers = [name for name, info in trace.nodes().items() if info.role == "server"]
     if len(servers) != 1:
@@ -119,22 +143,40 @@ def external_exits(events: list[Event]) -> set[int]:
 
 
 class Counting:
-    """Which events count as progress, and for which node, in one replay mode."""
+    """Which events count as progress in one replay mode, and in which stream: an action
+    waits until each stream (a node's datagrams to one peer, from one peer, its shown
+    lines, ...) has as many events as it had before the action in the recording.
+
+    One instance per trace: it remembers the answers already seen, since an answer
+    repeated for a retried request is left out (how many retries cross an answer is a
+    race of the moment), as the comparison leaves it out."""
 
     def __init__(self, under_test: str | None, target: bool) -> None:
         self.under_test = under_test
         self.target = target
+        self._answers: set[tuple[str, bytes]] = set()
 
     def key(self, event: Event, normaliser: Normaliser) -> str | None:
         if isinstance(event, Restored):
             return None  # part of its server's start, not something to wait for
-        if self.under_test is None:
-            return event.node
         if self.target:
             if isinstance(event, Recv) and normaliser.address(event.peer) == self.under_test:
-                return self.under_test
+                return self._stream(f"{self.under_test}|send|{event.node}", event)
             return None
-        return event.node if event.node == self.under_test else None
+        if self.under_test is not None and event.node != self.under_test:
+            return None
+        if isinstance(event, Send | Recv):
+            kind = "send" if isinstance(event, Send) else "recv"
+            return self._stream(f"{event.node}|{kind}|{normaliser.address(event.peer)}", event)
+        return f"{event.node}|{type(event).__name__}"
+
+    def _stream(self, stream: str, event: Send | Recv) -> str | None:
+        if event.msg is not None and event.msg.get("t") in ANSWERS:
+            answer = (stream, event.data)
+            if answer in self._answers:
+                return None
+            self._answers.add(answer)
+        return stream
 
 
 def make_plan(recorded: Trace, options: ReplayOptions, normaliser: Normaliser) -> list[Action]:
@@ -321,10 +363,12 @@ class Replay:
         self.done_at: dict[int, float] = {}  # when each action was carried out, by recorded seq
         self.heard: dict[str, list[float]] = {}  # when each played node heard the tested one
         self._progress = trio.Event()
-        # Each datagram takes as long as on loopback: a timer a node starts on receipt
-        # then ends after the sender's, as it did on the wire, never in a tie with it.
+        # Each datagram takes as long as it typically took in the recording: a timer a
+        # node starts on receipt ends after the sender's, as on the wire (never in a tie
+        # with it), and a line typed while an answer was on its way is typed before it.
+        transit = recorded_transit(recorded, self.recorded_names)
         self.network = MemoryNetwork(
-            Faults(options.loss, options.dup, min_delay=TRANSIT, max_delay=TRANSIT),
+            Faults(options.loss, options.dup, min_delay=transit, max_delay=transit),
             seed=options.seed,
         )
         self.running: dict[str, _Running] = {}

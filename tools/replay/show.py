@@ -111,7 +111,7 @@ def timeline(trace: Trace, *, width: int = 24, acks: bool = True) -> str:
                 canvas[b] = "x"
             else:
                 canvas[b - 1 if b > a else b + 1] = ">" if b > a else "<"
-            label = f" {row.label}{' (lost)' if row.lost else ''} "
+            label = f" {row.label} "  # a lost datagram's arrow ends in an x instead
             room = high - low - 4
             if len(label) > room:
                 label = label[: max(room - 1, 0)] + "~" if room > 1 else ""

@@ -112,8 +112,12 @@ async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIte
     from chatapp.protocol.common import Log
 
     waiting = sum(len(items) for items in mailbox.values())
-    log(Log(f"chatapp server listening on UDP {options.host}:{options.port}"
-            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"))
+    log(
+        Log(
+            f"chatapp server listening on UDP {options.host}:{options.port}"
+            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
+        )
+    )
     stopped_by: list[int] = []
     try:
         async with trio.open_nursery() as nursery:
@@ -169,7 +173,9 @@ async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIte
 
 
 _SIGNAL_NAMES: dict[int, str] = {
-    signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"
+    signal.SIGINT: "Ctrl-C",
+    signal.SIGTERM: "SIGTERM",
+    signal.SIGHUP: "SIGHUP",
 }
 
 

@@ -103,9 +103,7 @@ def _port(value: str, what: str) -> int:
 
 def _name(value: str) -> str:
     if not NAME_RE.fullmatch(value):
-        raise BadArgument(
-            f"NAME must be 1 to 32 letters, digits, '_', '-' or '.', not {value!r}"
-        )
+        raise BadArgument(f"NAME must be 1 to 32 letters, digits, '_', '-' or '.', not {value!r}")
     return value
 
 

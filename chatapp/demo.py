@@ -28,7 +28,7 @@ def _print(node: str, text: str) -> None:
 
 def _show(node: str, line: str) -> None:
     if line.startswith("<typed> "):
-        _print(node, ">>> " + line[len("<typed> "):])
+        _print(node, ">>> " + line[len("<typed> ") :])
     else:
         _print(node, ">>> " + line)
 
@@ -66,7 +66,10 @@ async def run_demo(tests: list[int], trace_dir: str | None) -> int:
             os.makedirs(trace_dir, exist_ok=True)
             path = os.path.join(trace_dir, f"test{test}.jsonl")
             recorder = JsonlRecorder.open(
-                path, timers=Timers(), append=False, source="chatapp demo",
+                path,
+                timers=Timers(),
+                append=False,
+                source="chatapp demo",
                 scenario=f"chatapp/scenarios/test{test}.txt",
             )
         try:
@@ -81,8 +84,10 @@ async def run_demo(tests: list[int], trace_dir: str | None) -> int:
                 complete_header(recorder.path)
         failures += _report(test, cluster)
     print(flush=True)
-    print("demo: every seed line matched" if not failures else f"demo: {failures} test(s) failed",
-          flush=True)
+    print(
+        "demo: every seed line matched" if not failures else f"demo: {failures} test(s) failed",
+        flush=True,
+    )
     return 0 if not failures else 1
 
 

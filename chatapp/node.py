@@ -403,7 +403,12 @@ class Node:
         try:
             await self.store.commit(changes)
         except Exception as exc:  # sqlite3.Error, OSError (disk full): any failure to persist
-            self.log(Log(f"database write failed ({exc}): the answers that needed it were held back", "warning"))
+            self.log(
+                Log(
+                    f"database write failed ({exc}): the answers that needed it were held back",
+                    "warning",
+                )
+            )
             return False
         return True
 

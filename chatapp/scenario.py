@@ -278,7 +278,7 @@ class Cluster:
                 await handle.screen.changed.wait()
         raise ScenarioError(
             f"line {step.line_no}: {step.node} did not show {step.text!r} within"
-            f" {self.expect_timeout:g} s; it showed {handle.screen.lines[handle.matched:]!r}"
+            f" {self.expect_timeout:g} s; it showed {handle.screen.lines[handle.matched :]!r}"
         )
 
     async def _exits(self, step: Step) -> None:

@@ -496,9 +496,7 @@ class TraceRecorder:
     ) -> None:
         if not clients and not any(mailbox.values()):
             return  # a fresh database: nothing to say
-        rows = [
-            [r.name, r.addr[0], r.addr[1], r.token, r.presence.value] for r in clients
-        ]
+        rows = [[r.name, r.addr[0], r.addr[1], r.token, r.presence.value] for r in clients]
         boxes = {
             name: [msgspec.to_builtins(item) for item in items]
             for name, items in mailbox.items()
@@ -624,10 +622,22 @@ class JsonlRecorder(TraceRecorder):
         t = int((self._clock.current_time() - self._t0) * 1e6 + 0.5) / 1e6
         # Encoded here, not in the writer thread: the thread then needs the GIL only for a
         # moment per write, instead of taking it from the event loop for every record.
-        self._writer(dump_line(_DatagramLine(
-            self._seq, t, node, direction, self._address(local), self._address(peer),
-            message, error, raw, raw_b64,
-        )))
+        self._writer(
+            dump_line(
+                _DatagramLine(
+                    self._seq,
+                    t,
+                    node,
+                    direction,
+                    self._address(local),
+                    self._address(peer),
+                    message,
+                    error,
+                    raw,
+                    raw_b64,
+                )
+            )
+        )
 
     def _address(self, addr: Address) -> str:
         text = self._addresses.get(addr)

@@ -34,25 +34,25 @@ class _Message(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields
 # --- client -> server -------------------------------------------------------
 
 
-class Register(_Message, tag="register"):
+class Register(_Message, tag="register", frozen=True):
     id: MsgId
     name: Name
     port: Port
 
 
-class Deregister(_Message, tag="dereg"):
+class Deregister(_Message, tag="dereg", frozen=True):
     id: MsgId
     name: Name
     token: Token
 
 
-class Reregister(_Message, tag="reg"):
+class Reregister(_Message, tag="reg", frozen=True):
     id: MsgId
     name: Name
     token: Token
 
 
-class SaveMessage(_Message, tag="save"):
+class SaveMessage(_Message, tag="save", frozen=True):
     """A direct message the peer did not ACK: deliver it or store it."""
 
     id: MsgId
@@ -62,14 +62,14 @@ class SaveMessage(_Message, tag="save"):
     token: Token
 
 
-class ChannelPost(_Message, tag="send_all"):
+class ChannelPost(_Message, tag="send_all", frozen=True):
     id: MsgId
     sender: Name
     text: Text
     token: Token
 
 
-class Lookup(_Message, tag="lookup"):
+class Lookup(_Message, tag="lookup", frozen=True):
     id: MsgId
     name: Name
     token: Token
@@ -78,19 +78,19 @@ class Lookup(_Message, tag="lookup"):
 # --- server -> client -------------------------------------------------------
 
 
-class Registered(_Message, tag="registered"):
+class Registered(_Message, tag="registered", frozen=True):
     id: MsgId
     token: Token
 
 
-class Refused(_Message, tag="refused"):
+class Refused(_Message, tag="refused", frozen=True):
     """Answer to any request the server will not carry out; ``reason`` is for people."""
 
     id: MsgId
     reason: Annotated[str, msgspec.Meta(max_length=512)]
 
 
-class Saved(_Message, tag="saved"):
+class Saved(_Message, tag="saved", frozen=True):
     """The server took responsibility for a message: ``delivered`` or ``stored``."""
 
     id: MsgId
@@ -104,7 +104,7 @@ class TableEntry(msgspec.Struct, frozen=True, array_like=True):
     online: bool
 
 
-class Table(_Message, tag="table"):
+class Table(_Message, tag="table", frozen=True):
     """One part of version ``(epoch, version)`` of the client table."""
 
     id: MsgId
@@ -115,7 +115,7 @@ class Table(_Message, tag="table"):
     entries: list[TableEntry]
 
 
-class ChannelDelivery(_Message, tag="channel"):
+class ChannelDelivery(_Message, tag="channel", frozen=True):
     id: MsgId
     sender: Name
     text: Text
@@ -129,7 +129,7 @@ class StoredItem(msgspec.Struct, frozen=True):
     stored_at: float
 
 
-class Mailbox(_Message, tag="mailbox"):
+class Mailbox(_Message, tag="mailbox", frozen=True):
     """A batch of stored messages, oldest first; the batches of one ``reg`` share ``delivery``."""
 
     id: MsgId
@@ -137,7 +137,7 @@ class Mailbox(_Message, tag="mailbox"):
     items: list[StoredItem]
 
 
-class LookupResult(_Message, tag="lookup_result"):
+class LookupResult(_Message, tag="lookup_result", frozen=True):
     id: MsgId
     entry: TableEntry | None
 
@@ -145,7 +145,7 @@ class LookupResult(_Message, tag="lookup_result"):
 # --- peer <-> peer, and every ACK --------------------------------------------
 
 
-class Chat(_Message, tag="chat"):
+class Chat(_Message, tag="chat", frozen=True):
     """A direct message; the server re-sends it with the same id when it delivers it itself."""
 
     id: MsgId
@@ -153,7 +153,7 @@ class Chat(_Message, tag="chat"):
     text: Text
 
 
-class Ack(_Message, tag="ack"):
+class Ack(_Message, tag="ack", frozen=True):
     id: MsgId
 
 
@@ -192,7 +192,8 @@ def decode(data: bytes) -> Message:
     if len(data) > MAX_DATAGRAM:
         raise WireError(f"datagram of {len(data)} bytes is over the {MAX_DATAGRAM}-byte limit")
     try:
-        return _decoder.decode(data)
+        message: Message = _decoder.decode(data)
+        return message
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None
 

@@ -14,7 +14,10 @@ def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--tiny", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "figure" in done.stdout and "baseline" in done.stdout
@@ -22,8 +25,16 @@ def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
     assert {"date", "machine", "figures"} <= document.keys()
     assert document["machine"]["python"] and document["machine"]["trio"]
     keys = {figure["key"] for figure in document["figures"]}
-    for expected in ("rtt_median", "server_saves", "server_registrations", "trace_share",
-                     "sqlite_saves", "reg_delivery", "memory_2000", "replay_virtual"):
+    for expected in (
+        "rtt_median",
+        "server_saves",
+        "server_registrations",
+        "trace_share",
+        "sqlite_saves",
+        "reg_delivery",
+        "memory_2000",
+        "replay_virtual",
+    ):
         assert expected in keys
     assert any(key.startswith("fanout_") for key in keys)
     for figure in document["figures"]:

@@ -176,14 +176,25 @@ def in_a_nursery(error: BaseException) -> Callable[..., Awaitable[int]]:
         (KeyboardInterrupt(), "join", 0, "Caught keyboard interrupt. Exiting\n", ""),
         (KeyboardInterrupt(), "serve", 0, "", ""),
         (KeyboardInterrupt(), "demo", 130, "", ""),
-        (StartupError("cannot open the database x: locked"), "serve", 1, "",
-         "chatapp: error: cannot open the database x: locked\n"),
+        (
+            StartupError("cannot open the database x: locked"),
+            "serve",
+            1,
+            "",
+            "chatapp: error: cannot open the database x: locked\n",
+        ),
         (RuntimeError("a bug"), "join", 70, "", "chatapp: internal error: RuntimeError: a bug."),
     ],
 )
 def test_an_error_inside_the_nodes_tasks_still_ends_in_one_line(
-    error: BaseException, command: str, status: int, out: str, err: str,
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+    command: str,
+    status: int,
+    out: str,
+    err: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     with pytest.raises(SystemExit) as done:
@@ -198,7 +209,9 @@ def test_an_error_inside_the_nodes_tasks_still_ends_in_one_line(
 def test_the_installed_command_with_a_bad_argument() -> None:
     done = subprocess.run(
         [*installed_command(), "-c", "user1", "10.150.0.2", "8001", "99999"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == (

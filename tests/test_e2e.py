@@ -263,7 +263,9 @@ def test_seed_test_1(start: Start) -> None:
         assert client.exit_status() == 0
     stop_server(server)
 
-    assert_screen(x, """
+    assert_screen(
+        x,
+        """
 >>> [Client Table Updated]
 >>> [Client Table Updated]
 >>> [Client Table Updated]
@@ -281,8 +283,11 @@ def test_seed_test_1(start: Start) -> None:
 >>> ({time}) user3 : are you still there?
 >>> [Client Table Updated]
 >>> Caught keyboard interrupt. Exiting
-""")
-    assert_screen(y, """
+""",
+    )
+    assert_screen(
+        y,
+        """
 >>> [Client Table Updated]
 >>> [Client Table Updated]
 >>> user1 : hello nice to meet you.
@@ -297,8 +302,11 @@ def test_seed_test_1(start: Start) -> None:
 >>> [Messages received by the server and saved.]
 >>> [Client Table Updated]
 >>> Caught keyboard interrupt. Exiting
-""")
-    assert_screen(z, """
+""",
+    )
+    assert_screen(
+        z,
+        """
 >>> [Client Table Updated]
 >>> user1 : hi!
 >>> user2 : hello
@@ -312,7 +320,8 @@ def test_seed_test_1(start: Start) -> None:
 >>> [Messages received by the server and saved.]
 >>> [Client Table Updated]
 >>> Caught keyboard interrupt. Exiting
-""")
+""",
+    )
     assert_seed_lines(1, {"user1": x, "user2": y, "user3": z})
     stored = [float(line[1:].split(")")[0]) for line in x.shown_lines() if line.startswith("(")]
     assert len(stored) == 2 and stored[0] <= stored[1] and abs(stored[1] - time.time()) < 60
@@ -354,7 +363,9 @@ def test_seed_test_2_client_gives_up_about_3_seconds_after_send(start: Start) ->
     assert 2.5 <= time.monotonic() - sent <= 6.0
 
     y.drain()
-    assert_screen(x, """
+    assert_screen(
+        x,
+        """
 >>> [Client Table Updated]
 >>> [Client Table Updated]
 >>> [Client Table Updated]
@@ -364,13 +375,17 @@ def test_seed_test_2_client_gives_up_about_3_seconds_after_send(start: Start) ->
 >>> [Server is shut down]
 >>> [Exiting]
 >>>
-""")
-    assert_screen(y, """
+""",
+    )
+    assert_screen(
+        y,
+        """
 >>> [Client Table Updated]
 >>> dereg user2
 >>> [You are now offline. Bye.]
 >>>
-""")
+""",
+    )
     assert_seed_lines(2, {"user1": x, "user2": y})
     y.interrupt()
     y.shows(INTERRUPTED)
@@ -408,7 +423,9 @@ def test_seed_test_3(start: Start) -> None:
 
     x.drain()
     z.drain()
-    assert_screen(x, """
+    assert_screen(
+        x,
+        """
 >>> [Client Table Updated]
 >>> [Client Table Updated]
 >>> [Client Table Updated]
@@ -418,20 +435,27 @@ def test_seed_test_3(start: Start) -> None:
 >>> [Message received by the server.]
 >>> [Client Table Updated]
 >>>
-""")
-    assert_screen(y, """
+""",
+    )
+    assert_screen(
+        y,
+        """
 >>> [Client Table Updated]
 >>> [Client Table Updated]
 >>> Channel_Message user1 : hello guys
 >>> Caught keyboard interrupt. Exiting
-""")
-    assert_screen(z, """
+""",
+    )
+    assert_screen(
+        z,
+        """
 >>> [Client Table Updated]
 >>> Channel_Message user1 : hello guys
 >>> Channel_Message user1 : hi
 >>> [Client Table Updated]
 >>>
-""")
+""",
+    )
     assert_seed_lines(3, {"user1": x, "user2": y, "user3": z})
     for client in (x, z):
         client.interrupt()
@@ -456,8 +480,16 @@ def test_ctrl_d_exit_sighup_and_a_closed_terminal_leave_cleanly(
     clients = []
     for index, port in enumerate(ports):
         stderr_file = tmp_path / f"stderr{index}.txt" if index == 3 else None
-        client = start("join", f"u{index}", "127.0.0.1", str(server_port), str(port),
-                       "--host", "127.0.0.1", stderr_file=stderr_file)
+        client = start(
+            "join",
+            f"u{index}",
+            "127.0.0.1",
+            str(server_port),
+            str(port),
+            "--host",
+            "127.0.0.1",
+            stderr_file=stderr_file,
+        )
         client.shows(TABLE)
         clients.append(client)
     ctrl_d, typed_exit, hung_up, closed = clients
@@ -499,13 +531,16 @@ def test_a_taken_name_is_refused_and_its_holder_undisturbed(start: Start) -> Non
 
     chat(holder, holder, "user1", "still here", "user1")
     holder.drain()
-    assert_screen(holder, """
+    assert_screen(
+        holder,
+        """
 >>> [Client Table Updated]
 >>> send user1 still here
 >>> user1 : still here
 >>> [Message has been received by user1.]
 >>>
-""")
+""",
+    )
     holder.interrupt()
     holder.shows(INTERRUPTED)
     assert holder.exit_status() == 0
@@ -572,8 +607,12 @@ def test_long_lines_from_a_pipe_get_a_clear_line(env: dict[str, str]) -> None:
 
     def run(*args: str) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
-            [*chatapp_command(), *args], env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            [*chatapp_command(), *args],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         processes.append(process)
         return process

@@ -107,8 +107,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -117,8 +118,25 @@ json_values = st.recursive(
 def json_datagrams(draw: st.DrawFn) -> bytes:
     """JSON objects that look like ours: a real tag, real and made-up fields, any types."""
     fields: dict[str, Any] = {"t": draw(st.sampled_from([*TAGS, "nope", 3]))}
-    for key in draw(st.lists(st.sampled_from(["id", "name", "token", "port", "text", "to",
-                                              "sender", "entries", "items", "epoch", "x"]))):
+    for key in draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "id",
+                    "name",
+                    "token",
+                    "port",
+                    "text",
+                    "to",
+                    "sender",
+                    "entries",
+                    "items",
+                    "epoch",
+                    "x",
+                ]
+            )
+        )
+    ):
         fields[key] = draw(json_values)
     data = json.dumps(fields).encode()
     if draw(st.booleans()):
@@ -130,8 +148,20 @@ datagrams = st.one_of(
     st.binary(max_size=200),
     json_datagrams(),
     messages.map(encode),
-    st.sampled_from([b"", b"\x00" * 70000, b" " * (MAX_DATAGRAM + 1), b"{}", b"[]", b"null",
-                     b'{"t":"ack"}', b'{"t":"ack","id":"a","id":"b"}', b"\xff\xfe{", b"[" * 8000]),
+    st.sampled_from(
+        [
+            b"",
+            b"\x00" * 70000,
+            b" " * (MAX_DATAGRAM + 1),
+            b"{}",
+            b"[]",
+            b"null",
+            b'{"t":"ack"}',
+            b'{"t":"ack","id":"a","id":"b"}',
+            b"\xff\xfe{",
+            b"[" * 8000,
+        ]
+    ),
 )
 
 
@@ -246,8 +276,11 @@ commands = st.one_of(
     st.builds(
         lambda verb, rest: f"{verb} {rest}",
         st.sampled_from(["send", "send_all", "dereg", "reg", "table", "help", "list", "exit"]),
-        st.one_of(st.sampled_from(["user1", "user2 hi", "nobody hi", "user2", ""]),
-                  st.text(max_size=30), st.just("user2 " + "x" * 70000)),
+        st.one_of(
+            st.sampled_from(["user1", "user2 hi", "nobody hi", "user2", ""]),
+            st.text(max_size=30),
+            st.just("user2 " + "x" * 70000),
+        ),
     ),
 )
 
@@ -305,9 +338,15 @@ async def test_replayed_datagrams_change_nothing(autojump_clock: trio.testing.Mo
         for client in (x, y, z):
             await client.idle()
         for client, command in [
-            (x, "send user2 hello"), (y, "send_all hello guys"), (x, "dereg user1"),
-            (y, "send user1 hello?"), (z, "send_all anyone?"), (x, "reg user1"),
-            (z, "send user1 welcome back"), (x, "dereg user1"), (x, "reg user1"),
+            (x, "send user2 hello"),
+            (y, "send_all hello guys"),
+            (x, "dereg user1"),
+            (y, "send user1 hello?"),
+            (z, "send_all anyone?"),
+            (x, "reg user1"),
+            (z, "send user1 welcome back"),
+            (x, "dereg user1"),
+            (x, "reg user1"),
         ]:
             await client.type(command)
             await client.idle()
@@ -385,10 +424,17 @@ def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path
 
         rng = random.Random(20240325)
         fixed = [
-            b"", b"\x00" * 65000, b"{", b"null", b'{"t":"register"}', b'{"t":"ack","id":5}',
+            b"",
+            b"\x00" * 65000,
+            b"{",
+            b"null",
+            b'{"t":"register"}',
+            b'{"t":"ack","id":5}',
             b'{"t":"table","id":"a","epoch":1,"version":1,"part":5,"parts":1,"entries":[]}',
-            encode(Deregister("x.1", "user1", "not-the-token")), encode(Ack("s1.1")),
-            "ünïcödé".encode(), b"\xff\xfe\xfd",
+            encode(Deregister("x.1", "user1", "not-the-token")),
+            encode(Ack("s1.1")),
+            "ünïcödé".encode(),
+            b"\xff\xfe\xfd",
         ]
         flood = fixed + [rng.randbytes(rng.randint(1, 1400)) for _ in range(1500)]
         flood += [
@@ -410,8 +456,11 @@ def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path
         client.type("send_all still here")
         client.expect(screen.CHANNEL_ACKED)
         assert client.lines()[: len(shown_before)] == shown_before
-        assert not [line for line in client.lines()[len(shown_before):]
-                    if line not in (screen.CHANNEL_ACKED, screen.TABLE_UPDATED)]
+        assert not [
+            line
+            for line in client.lines()[len(shown_before) :]
+            if line not in (screen.CHANNEL_ACKED, screen.TABLE_UPDATED)
+        ]
     finally:
         statuses = [proc.stop() for proc in procs]
     assert statuses == [0, 0]

@@ -210,4 +210,3 @@ _MESSAGE = re.compile(r"^(?:\(\d+(?:\.\d+)?\) )?(?:Channel_Message )?\S+ : (.+)$
 def _shown(lines: list[str]) -> list[str]:
     """The text of every message line, live or stored."""
     return [m.group(1) for m in map(_MESSAGE.match, lines) if m]
-

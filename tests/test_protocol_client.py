@@ -246,12 +246,18 @@ class Sim:
         return [(at, line) for at, who, line in self.shown if who == label]
 
     def datagrams(
-        self, kind: Kind, *, src: str | None = None, dst: str | None = None,
-        since: float = -1.0, delivered: bool = False,
+        self,
+        kind: Kind,
+        *,
+        src: str | None = None,
+        dst: str | None = None,
+        since: float = -1.0,
+        delivered: bool = False,
     ) -> list[Datagram]:
         pool = self.delivered if delivered else self.sent
         return [
-            d for d in pool
+            d
+            for d in pool
             if isinstance(d.message, kind)
             and (src is None or d.src == self.addr[src])
             and (dst is None or d.dst == self.addr[dst])
@@ -466,7 +472,9 @@ def test_seed_test_1_screen_by_screen() -> None:
     for name in ("user1", "user2", "user3"):
         sim.apply(sim.addr[name], sim.clients[name].interrupt())
     assert sim.lines("user1") == [
-        TU, TU, TU,
+        TU,
+        TU,
+        TU,
         "[Message has been received by user2.]",
         "[Message has been received by user3.]",
         "user2 : hello, nice to meet you, too!",
@@ -479,7 +487,8 @@ def test_seed_test_1_screen_by_screen() -> None:
         "Caught keyboard interrupt. Exiting",
     ]
     assert sim.lines("user2") == [
-        TU, TU,
+        TU,
+        TU,
         "user1 : hello nice to meet you.",
         "[Message has been received by user1.]",
         "[Message has been received by user3.]",
@@ -803,10 +812,13 @@ def test_a_lost_mailbox_ack_loses_nothing_and_shows_nothing_twice() -> None:
     mark = len(sim.lines("user1"))
     sim.drop.append(
         first_only(
-            lambda src, send: src == sim.addr["user1"]
-            and isinstance(send.message, Ack)
-            and any(
-                isinstance(d.message, Mailbox) and d.message.id == send.message.id for d in sim.sent
+            lambda src, send: (
+                src == sim.addr["user1"]
+                and isinstance(send.message, Ack)
+                and any(
+                    isinstance(d.message, Mailbox) and d.message.id == send.message.id
+                    for d in sim.sent
+                )
             )
         )
     )
@@ -964,7 +976,7 @@ def _limit(sim: Sim) -> int:
     line = sim.lines("user1")[-1]
     prefix = f"[Message too long: {MAX_DATAGRAM + 10} bytes, the limit is "
     assert line.startswith(prefix) and line.endswith(". Nothing was sent.]")
-    return int(line[len(prefix):].split(".")[0])
+    return int(line[len(prefix) :].split(".")[0])
 
 
 def test_a_message_too_long_for_a_datagram_is_refused_with_a_clear_line() -> None:

@@ -102,7 +102,8 @@ def table_versions(sim: Sim, dst: str | None = None, since: float = -1.0) -> lis
 
 def index_of(effects: list[Effect], kind: type) -> int:
     return next(
-        i for i, e in enumerate(effects)
+        i
+        for i, e in enumerate(effects)
         if (isinstance(e, Send) and isinstance(e.message, kind)) or isinstance(e, kind)
     )
 
@@ -135,7 +136,9 @@ def test_the_table_goes_to_every_online_client_and_lists_the_offline_ones() -> N
     tables = sim.datagrams(Table, since=since)
     assert sorted(sim.label_of(d.dst) for d in tables) == ["user1", "user3"]
     assert tables[0].message.entries == [  # type: ignore[union-attr]
-        entry("user1", 9001), entry("user2", 9101, online=False), entry("user3", 9201)
+        entry("user1", 9001),
+        entry("user2", 9101, online=False),
+        entry("user3", 9201),
     ]
 
 
@@ -196,7 +199,8 @@ def test_dereg_persists_acks_and_sends_the_table_to_the_others_only() -> None:
     assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Table)
     assert sim.server.clients["user1"].presence is Presence.DEREGISTERED
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=1.0)) == [
-        "user2", "user3"
+        "user2",
+        "user3",
     ]
 
 
@@ -221,7 +225,9 @@ def test_reg_acks_delivers_the_mailbox_and_sends_the_table_to_everyone() -> None
     effects = sim.server_effects[start:]
     assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Mailbox)
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=since)) == [
-        "user1", "user2", "user3"
+        "user1",
+        "user2",
+        "user3",
     ]
     (batch,) = sim.datagrams(Mailbox)
     assert isinstance(batch.message, Mailbox)
@@ -402,9 +408,7 @@ def test_a_hundred_dead_receivers_cost_one_500_ms_wait_and_one_table() -> None:
     assert len(table_versions(sim)) == len(versions) + 1
     assert sim.timed("user1")[mark1:] == [(1.0, "[Message received by the server.]"), (1.5, TU)]
     assert sim.timed("user2")[mark2:] == [(1.0, "Channel_Message user1 : hello crowd"), (1.5, TU)]
-    assert all(
-        [i.text for i in sim.server.mailbox[name]] == ["hello crowd"] for name in peers
-    )
+    assert all([i.text for i in sim.server.mailbox[name]] == ["hello crowd"] for name in peers)
     stores = [p for p in sim.persisted if p.op == "store"]
     assert len(stores) == 100
     sim.settle()
@@ -456,9 +460,11 @@ def test_a_lost_table_part_is_resent_alone_and_the_table_shown_once() -> None:
     restore_peers(sim, 300, prefix="a_rather_long_name_for_peer_")
     sim.drop.append(
         first_only(
-            lambda src, send: isinstance(send.message, Table)
-            and send.message.part == 1
-            and send.addr[0] == CLIENT_IP
+            lambda src, send: (
+                isinstance(send.message, Table)
+                and send.message.part == 1
+                and send.addr[0] == CLIENT_IP
+            )
         )
     )
     user1 = sim.join("user1")
@@ -689,7 +695,8 @@ SCREEN_COVERAGE = {
 
 def test_every_screen_line_has_a_test_that_shows_it() -> None:
     public = {
-        name for name, value in vars(screen).items()
+        name
+        for name, value in vars(screen).items()
         if not name.startswith("_")
         and (isinstance(value, str) or (callable(value) and value.__module__ == screen.__name__))
     }

@@ -315,8 +315,17 @@ def free_udp_port() -> int:
 def test_installed_command_checks_a_running_server_black_box(tmp_path: Path) -> None:
     port = free_udp_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "chatapp", "serve", str(port), "--host", "127.0.0.1",
-         "--db", ":memory:"],
+        [
+            sys.executable,
+            "-m",
+            "chatapp",
+            "serve",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--db",
+            ":memory:",
+        ],
         stdout=subprocess.PIPE,
         env={**os.environ, "CHATAPP_TRACE": ""},
     )
@@ -329,7 +338,10 @@ def test_installed_command_checks_a_running_server_black_box(tmp_path: Path) -> 
             command = [sys.executable, "-m", "tools.replay.cli"]
         result = subprocess.run(
             [*command, trace_path("test1"), "--target", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=30, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
         )
     finally:
         server.send_signal(signal.SIGINT)

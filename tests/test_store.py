@@ -320,3 +320,75 @@ async def test_a_message_too_long_for_a_datagram_gets_a_line_and_is_not_sent(
         assert network.sent == sent_before
         assert not any(" : " in line for line in y.lines)
         nursery.cancel_scope.cancel()
+
+
+# --- group commit over real UDP -------------------------------------------------------
+
+
+class _WatchedStore(SqliteStore):
+    """Records what each commit made durable, to check every answer against it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.commits = 0
+        self.durable: set[str] = set()
+
+    async def commit(self, changes: list[Persist]) -> None:
+        await super().commit(changes)
+        self.commits += 1
+        self.durable |= {c.args[1].id for c in changes if c.op == "store"}  # type: ignore[union-attr]
+
+
+async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_commit(
+    tmp_path: Path,
+) -> None:
+    from chatapp.net import UdpEndpoint
+    from chatapp.node import Node
+    from chatapp.protocol.server import ServerProtocol
+    from chatapp.wire import Saved, SaveMessage, Table, decode, encode
+
+    path = str(tmp_path / "db.sqlite3")
+    sender = await UdpEndpoint.bind("127.0.0.1", 0)
+    setup = SqliteStore(path)
+    await setup.commit(
+        [_client("user1", sender.local_address), _client("user2", Y, "deregistered")]
+    )
+    setup.close()
+    store = _WatchedStore(path)
+    protocol = ServerProtocol(token_factory=lambda: "unused")
+    protocol.restore(*store.load())
+    endpoint = await UdpEndpoint.bind("127.0.0.1", 0)
+    answered_before_commit: list[str] = []
+    real_send = endpoint.send
+
+    async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
+        message = decode(data)
+        if isinstance(message, Saved) and message.id not in store.durable:
+            answered_before_commit.append(message.id)
+        await real_send(data, addr)
+
+    endpoint.send = checked_send  # type: ignore[method-assign]
+    node = Node("server", protocol, endpoint, store=store)
+    count = 200
+    async with trio.open_nursery() as nursery:
+        # Queue the whole burst in the server's socket before it reads any of it.
+        for i in range(count):
+            save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
+            await sender.send(encode(save), endpoint.local_address)
+        await nursery.start(node.run)
+        answers: set[str] = set()
+        with trio.fail_after(10):
+            while len(answers) < count:
+                data, _ = await sender.receive()
+                message = decode(data)
+                if isinstance(message, Table):
+                    continue  # a restarted server tells its online clients the table
+                assert isinstance(message, Saved) and message.outcome == "stored"
+                answers.add(message.id)
+        node.stop()
+    assert answered_before_commit == []
+    assert store.commits < count  # grouped: one fsync served many saves
+    store.close()
+    assert len(SqliteStore(path).load()[1]["user2"]) == count
+    sender.close()
+    endpoint.close()

@@ -87,7 +87,8 @@ class Tap:
 
     def sent(self, kind: type, src: str | None = None, dst: str | None = None) -> list[Message]:
         return [
-            m for _, s, d, m, fate in self.log
+            m
+            for _, s, d, m, fate in self.log
             if isinstance(m, kind) and src in (None, s) and dst in (None, d)
         ]
 
@@ -145,9 +146,7 @@ def ack_of(
     def rule(message: Message, s: str, d: str) -> bool:
         if not isinstance(message, Ack) or src not in (None, s):
             return False
-        return any(
-            isinstance(m, kind) and m.id == message.id and where(m) for *_, m, _ in tap.log
-        )
+        return any(isinstance(m, kind) and m.id == message.id and where(m) for *_, m, _ in tap.log)
 
     return rule
 
@@ -246,7 +245,9 @@ def assert_nothing_shown_twice(run: Run) -> None:
 SEED_SCREENS: dict[int, dict[str, list[str]]] = {
     1: {
         "user1": [
-            TU, TU, TU,
+            TU,
+            TU,
+            TU,
             "[Message has been received by user2.]",
             "[Message has been received by user3.]",
             "user2 : hello, nice to meet you, too!",
@@ -259,7 +260,8 @@ SEED_SCREENS: dict[int, dict[str, list[str]]] = {
             "Caught keyboard interrupt. Exiting",
         ],
         "user2": [
-            TU, TU,
+            TU,
+            TU,
             "user1 : hello nice to meet you.",
             "[Message has been received by user1.]",
             "[Message has been received by user3.]",
@@ -285,7 +287,9 @@ SEED_SCREENS: dict[int, dict[str, list[str]]] = {
     },
     2: {
         "user1": [
-            TU, TU, TU,
+            TU,
+            TU,
+            TU,
             "[No ACK from user2, message sent to server.]",
             "[Message sent failed]",
             "[Server is shut down]",
@@ -295,14 +299,19 @@ SEED_SCREENS: dict[int, dict[str, list[str]]] = {
     },
     3: {
         "user1": [
-            TU, TU, TU,
+            TU,
+            TU,
+            TU,
             "[Message received by the server.]",
             "[Message received by the server.]",
             TU,
             "Caught keyboard interrupt. Exiting",
         ],
         "user2": [
-            TU, TU, "Channel_Message user1 : hello guys", "Caught keyboard interrupt. Exiting"
+            TU,
+            TU,
+            "Channel_Message user1 : hello guys",
+            "Caught keyboard interrupt. Exiting",
         ],
         "user3": [
             TU,
@@ -574,8 +583,15 @@ CHATTY = (
     + "".join(
         f"type {a} send {b} message {n} from {a} to {b}\nwait 2\n"
         for n, (a, b) in enumerate(
-            [("user1", "user2"), ("user2", "user3"), ("user3", "user1"), ("user2", "user1"),
-             ("user1", "user3"), ("user3", "user2")] * 2
+            [
+                ("user1", "user2"),
+                ("user2", "user3"),
+                ("user3", "user1"),
+                ("user2", "user1"),
+                ("user1", "user3"),
+                ("user3", "user2"),
+            ]
+            * 2
         )
     )
     + "type user1 send_all all of you\nwait 4\n"
@@ -611,9 +627,7 @@ def check_nothing_lost_or_shown_twice(run: Run) -> None:
             line = f"{who} : {text}"
         for receiver in receivers:
             # shown live, or later from the mailbox as "(TIME) ..."
-            shown = [
-                got for got in run.lines(receiver) if got == line or got.endswith(") " + line)
-            ]
+            shown = [got for got in run.lines(receiver) if got == line or got.endswith(") " + line)]
             assert len(shown) <= 1, (receiver, line)
             if confirmed:
                 assert shown or text in stored, (receiver, line)

@@ -12,6 +12,7 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from chatapp import screen
 from chatapp.protocol.common import (
@@ -42,8 +43,8 @@ from chatapp.wire import (
     Register,
     Registered,
     Reregister,
-    SaveMessage,
     Saved,
+    SaveMessage,
     Table,
     TableEntry,
     WireError,
@@ -119,7 +120,7 @@ class ClientProtocol:
         self._table_version: tuple[int, int] = (-1, -1)
         self._table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]] = {}
 
-    # --- entry points --------------------------------------------------------
+    # --- entry points -----------------------------------------------------------------
 
     def start(self, now: float) -> list[Effect]:
         register = Register(self._new_id(), self.name, self.port)
@@ -172,7 +173,7 @@ class ClientProtocol:
         """End of input or a closed terminal: leave quietly."""
         return self._exit(0)
 
-    # --- commands ----------------------------------------------------------------
+    # --- commands ---------------------------------------------------------------------
 
     def _cmd_send(self, rest: str, now: float) -> list[Effect]:
         to, _, text = rest.partition(" ")
@@ -236,7 +237,7 @@ class ClientProtocol:
     def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
         return self._exit(0, screen.EXITING)
 
-    _command_handlers: dict[str, Callable[[ClientProtocol, str, float], list[Effect]]] = {
+    _command_handlers: ClassVar[dict[str, Callable[[ClientProtocol, str, float], list[Effect]]]] = {
         "send": _cmd_send,
         "send_all": _cmd_send_all,
         "dereg": _cmd_dereg,
@@ -269,7 +270,7 @@ class ClientProtocol:
         limit = MAX_DATAGRAM - (size - len(text.encode()))
         return [Show(screen.too_long(len(text.encode()), max(limit, 0)))]
 
-    # --- sending ---------------------------------------------------------------------
+    # --- sending ----------------------------------------------------------------------
 
     def _request(self, message: Message, now: float, wait: Wait) -> Effect:
         tries = 1 if wait.kind is WaitKind.DIRECT else self.timers.tries
@@ -284,13 +285,16 @@ class ClientProtocol:
         self.state = ClientState.EXITED
         return [*(Show(line) for line in lines), Exit(status)]
 
-    # --- giving up ----------------------------------------------------------------------
+    # --- giving up --------------------------------------------------------------------
 
     def _give_up(self, pending: Pending[Wait], now: float) -> list[Effect]:
         wait = pending.context
         if wait.kind is WaitKind.DIRECT:
             save = SaveMessage(str(pending.key), self.name, wait.to, wait.text, self.token)
-            return [Show(screen.no_ack(wait.to)), self._request(save, now, Wait(WaitKind.SAVE, wait.to))]
+            return [
+                Show(screen.no_ack(wait.to)),
+                self._request(save, now, Wait(WaitKind.SAVE, wait.to)),
+            ]
         if wait.kind is WaitKind.SAVE:
             return self._exit(1, screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING)
         if wait.kind is WaitKind.DEREG:
@@ -304,7 +308,7 @@ class ClientProtocol:
             return [Show(screen.REG_NOT_ANSWERED)]
         return [Show(screen.lookup_not_answered(wait.to))]
 
-    # --- datagrams ------------------------------------------------------------------------
+    # --- datagrams --------------------------------------------------------------------
 
     def _reply_to(self, message: Message, addr: Address) -> Pending[Wait] | None:
         """The request that ``message`` answers, if it came from where the request went."""
@@ -422,7 +426,7 @@ class ClientProtocol:
             return [Log(f"offline: ignored a {_kind(message)} from the server", "debug")]
         return []
 
-    _message_handlers: dict[type, Callable[[ClientProtocol, Message, Address, float], list[Effect]]] = {
+    _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
         Ack: _on_ack,
         Registered: _on_registered,
         Refused: _on_refused,
@@ -432,7 +436,7 @@ class ClientProtocol:
         ChannelDelivery: _on_channel,
         Mailbox: _on_mailbox,
         Table: _on_table,
-    }  # type: ignore[dict-item]
+    }
 
 
 def _fmt(addr: Address) -> str:

@@ -13,6 +13,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import msgspec
 
@@ -43,8 +44,8 @@ from chatapp.wire import (
     Register,
     Registered,
     Reregister,
-    SaveMessage,
     Saved,
+    SaveMessage,
     StoredItem,
     Table,
     TableEntry,
@@ -102,7 +103,9 @@ class _RecentRequests:
     """Answers to recent requests, by (address, id): a retry is answered again, not redone."""
 
     capacity: int = 65536
-    answers: OrderedDict[tuple[Address, str], list[Send] | None] = field(default_factory=OrderedDict)
+    answers: OrderedDict[tuple[Address, str], list[Send] | None] = field(
+        default_factory=OrderedDict
+    )
 
     def lookup(self, key: tuple[Address, str]) -> tuple[bool, list[Send] | None]:
         if key in self.answers:
@@ -147,9 +150,11 @@ class ServerProtocol:
         self._last_table: list[Table] = []  # the parts of the newest table, for claim checks
         self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
 
-    # --- restoring from the database ------------------------------------------------
+    # --- restoring from the database --------------------------------------------------
 
-    def restore(self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]) -> None:
+    def restore(
+        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
+    ) -> None:
         for record in clients:
             self.clients[record.name] = record
             self._by_addr[record.addr] = record.name
@@ -161,7 +166,7 @@ class ServerProtocol:
             self._table_dirty = True
         return self._flush_table(now)
 
-    # --- entry points ----------------------------------------------------------------------
+    # --- entry points -----------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
         return self._retry.next_deadline()
@@ -188,7 +193,7 @@ class ServerProtocol:
         effects += handler(self, message, addr, now)
         return effects + self._flush_table(now)
 
-    # --- registration ------------------------------------------------------------------------
+    # --- registration -----------------------------------------------------------------
 
     def _on_register(self, message: Register, addr: Address, now: float) -> list[Effect]:
         done, answer = self._recent.lookup((addr, message.id))
@@ -286,7 +291,7 @@ class ServerProtocol:
         found = self.clients.get(message.name)
         return [send(LookupResult(message.id, found.entry() if found else None), addr)]
 
-    # --- messages ---------------------------------------------------------------------------------
+    # --- messages ---------------------------------------------------------------------
 
     def _on_save(self, message: SaveMessage, addr: Address, now: float) -> list[Effect]:
         key = (addr, message.id)
@@ -314,7 +319,8 @@ class ServerProtocol:
         box = self.mailbox.get(recipient, [])
         if len(box) >= self.mailbox_limit:
             return self._refuse(
-                key, f"the mailbox of {recipient} is full ({self.mailbox_limit} messages). Try later."
+                key,
+                f"the mailbox of {recipient} is full ({self.mailbox_limit} messages). Try later.",
             )
         answer = send(Saved(request_id, "stored"), sender_addr)
         self._recent.remember(key, [answer])
@@ -341,7 +347,9 @@ class ServerProtocol:
             if record.online:
                 wait = Wait(WaitKind.CHANNEL, record.name, item)
                 effect = Send(delivery, delivery_data, record.addr)
-                sent.append(self._retry.start((record.addr, message.id), effect, now, wait, tries=1))
+                sent.append(
+                    self._retry.start((record.addr, message.id), effect, now, wait, tries=1)
+                )
             else:
                 stored += self._store(record.name, item, enforce_limit=True)
         log = Log(
@@ -350,7 +358,7 @@ class ServerProtocol:
         )
         return [*stored, log, ack, *sent]
 
-    # --- ACKs ---------------------------------------------------------------------------------------
+    # --- ACKs -------------------------------------------------------------------------
 
     def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
         pending = self._retry.ack((addr, message.id))
@@ -402,7 +410,7 @@ class ServerProtocol:
             effects.append(answer)
         return effects
 
-    # --- the mailbox ----------------------------------------------------------------------------------
+    # --- the mailbox ------------------------------------------------------------------
 
     def _store(self, recipient: str, item: StoredItem, enforce_limit: bool = False) -> list[Effect]:
         box = self.mailbox.setdefault(recipient, [])
@@ -419,8 +427,10 @@ class ServerProtocol:
             return []
         delivery = self._new_id()
         self._mailbox_in_flight[record.name] = delivery
-        return [Log(f"delivering {len(self.mailbox[record.name])} stored messages to {record.name}"),
-                self._send_batch(record, delivery, now)]
+        return [
+            Log(f"delivering {len(self.mailbox[record.name])} stored messages to {record.name}"),
+            self._send_batch(record, delivery, now),
+        ]
 
     def _send_batch(self, record: ClientRecord, delivery: str, now: float) -> Effect:
         items = _pack(self.mailbox[record.name], _item_size)
@@ -451,7 +461,7 @@ class ServerProtocol:
                 del self.mailbox[wait.recipient]
         return effects
 
-    # --- the table --------------------------------------------------------------------------------------
+    # --- the table --------------------------------------------------------------------
 
     def _flush_table(self, now: float) -> list[Effect]:
         """Send the table to every online client, once for all the changes of one event."""
@@ -473,7 +483,9 @@ class ServerProtocol:
         for record in self.clients.values():
             # A client just marked offline for not ACKing gets the table too: if it is
             # alive after all (a lost datagram), its ACK brings it back by contact.
-            if not record.online and not (record.name in probes and record.presence is Presence.SILENT):
+            if not record.online and not (
+                record.name in probes and record.presence is Presence.SILENT
+            ):
                 continue
             recipients += 1
             self._cancel_table_waits(record.name)
@@ -484,14 +496,16 @@ class ServerProtocol:
                 wait = Wait(WaitKind.TABLE, record.name)
                 effect = Send(message, data, record.addr)
                 effects.append(self._retry.start(key, effect, now, wait, self.timers.tries))
-        effects.insert(0, Log(f"table version {self._table_version} sent to {recipients} clients", "debug"))
+        effects.insert(
+            0, Log(f"table version {self._table_version} sent to {recipients} clients", "debug")
+        )
         return effects
 
     def _cancel_table_waits(self, name: str) -> None:
         for key in self._table_waits.pop(name, []):
             self._retry.cancel(key)
 
-    # --- presence ------------------------------------------------------------------------------------
+    # --- presence ---------------------------------------------------------------------
 
     def _set_presence(self, record: ClientRecord, presence: Presence) -> None:
         record.presence = presence
@@ -535,19 +549,23 @@ class ServerProtocol:
             *self._start_mailbox(record, now),
         ]
 
-    # --- helpers --------------------------------------------------------------------------------------
+    # --- helpers ----------------------------------------------------------------------
 
     def _authenticate(
         self, name: str | None, token: str, request_id: str, addr: Address
     ) -> tuple[ClientRecord | None, list[Effect]]:
-        """The record of the client at ``addr`` if ``token`` is its token (and ``name`` its name)."""
+        """The record of the client at ``addr`` if ``token`` is its token (and ``name``
+        its name)."""
         registered_name = self._by_addr.get(addr)
         record = self.clients.get(registered_name) if registered_name else None
         if record is None or record.token != token or (name is not None and record.name != name):
             who = name or "a client"
             reason = f"{who} is not registered from {_fmt(addr)}. Restart the client to join again."
             return None, [
-                Log(f"refused a request for {who} from {_fmt(addr)}: wrong address or token", "warning"),
+                Log(
+                    f"refused a request for {who} from {_fmt(addr)}: wrong address or token",
+                    "warning",
+                ),
                 send(Refused(request_id, reason), addr),
             ]
         return record, []
@@ -566,7 +584,7 @@ class ServerProtocol:
     def _wall(self, now: float) -> float:
         return now + self.wall_offset
 
-    _handlers: dict[type, Callable[[ServerProtocol, Message, Address, float], list[Effect]]] = {
+    _handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
         Register: _on_register,
         Deregister: _on_deregister,
         Reregister: _on_reregister,
@@ -574,7 +592,7 @@ class ServerProtocol:
         SaveMessage: _on_save,
         ChannelPost: _on_channel_post,
         Ack: _on_ack,
-    }  # type: ignore[dict-item]
+    }
 
 
 def _by_name(record: ClientRecord) -> str:

@@ -19,11 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
-    size.add_argument("--tiny", action="store_true",
-                      help="a few seconds: only checks that every benchmark runs")
+    size.add_argument(
+        "--tiny", action="store_true", help="a few seconds: only checks that every benchmark runs"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    parser.add_argument("--only", metavar="NAMES",
-                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}"
+    )
     args = parser.parse_args(argv)
 
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -33,12 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = [name for name in names if name not in BENCHMARKS]
         if unknown:
-            parser.error(f"unknown benchmark {', '.join(unknown)}"
-                         f" (choose from {', '.join(BENCHMARKS)})")
+            parser.error(
+                f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)})"
+            )
 
     info = machine_info()
-    print(f"chatapp-bench ({mode}) on {info['cpu']}, {info['cores']} cores, {info['os']},"
-          f" {info['python']}, Trio {info['trio']}", flush=True)
+    print(
+        f"chatapp-bench ({mode}) on {info['cpu']}, {info['cores']} cores, {info['os']},"
+        f" {info['python']}, Trio {info['trio']}",
+        flush=True,
+    )
     started = time.monotonic()
     figures: list[Figure] = []
     failed = False

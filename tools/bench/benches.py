@@ -90,10 +90,30 @@ class Sizes:
 
 
 TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1)
-QUICK = Sizes(300, 0.5, 32, 4, ((10, 0), (100, 0), (1000, 0), (1000, 10), (1000, 100)), 1,
-              (10_000,), 10_000, 2, 4)
-FULL = Sizes(2000, 3.0, 32, 4, tuple((n, d) for n in (10, 100, 1000) for d in (0, 10, 100)), 3,
-             (10_000, 100_000), 10_000, 3, 15)
+QUICK = Sizes(
+    300,
+    0.5,
+    32,
+    4,
+    ((10, 0), (100, 0), (1000, 0), (1000, 10), (1000, 100)),
+    1,
+    (10_000,),
+    10_000,
+    2,
+    4,
+)
+FULL = Sizes(
+    2000,
+    3.0,
+    32,
+    4,
+    tuple((n, d) for n in (10, 100, 1000) for d in (0, 10, 100)),
+    3,
+    (10_000, 100_000),
+    10_000,
+    3,
+    15,
+)
 
 
 @contextlib.contextmanager
@@ -113,12 +133,14 @@ def _scratch() -> Iterator[Path]:
 RTT_BLOCK = 50
 
 
-async def _round_trips(server_port: int, echo_port: int, size: int, rounds: int,
-                       warmup: int) -> tuple[list[float], list[float]]:
+async def _round_trips(
+    server_port: int, echo_port: int, size: int, rounds: int, warmup: int
+) -> tuple[list[float], list[float]]:
     """(chatapp's send -> ACK times, the bare ping-pong's times), in alternating blocks."""
     endpoint = await UdpEndpoint.bind(HOST, 0)
-    protocol = ClientProtocol("user1", (HOST, server_port), endpoint.local_address[1],
-                              id_prefix="user1.bench")
+    protocol = ClientProtocol(
+        "user1", (HOST, server_port), endpoint.local_address[1], id_prefix="user1.bench"
+    )
     acked = [trio.Event()]
     expected = screen.received_by("user2")
 
@@ -175,20 +197,32 @@ async def _round_trips(server_port: int, echo_port: int, size: int, rounds: int,
 def bench_round_trip(sizes: Sizes) -> list[Figure]:
     warmup = max(10, sizes.rtt_rounds // 10)
     size = len(encode(Chat("user1.bench.1234567.1", "user1", TEXT)))
-    with Worker("echo") as echo, chatapp_server() as server_port, \
-            chatapp_client("user2", server_port, free_port()) as (_, screen_file):
+    with (
+        Worker("echo") as echo,
+        chatapp_server() as server_port,
+        chatapp_client("user2", server_port, free_port()) as (_, screen_file),
+    ):
         wait_for_file_text(screen_file, screen.TABLE_UPDATED)
-        chat, floor = trio.run(_round_trips, server_port, echo.ready["port"], size,
-                               sizes.rtt_rounds, warmup)
+        chat, floor = trio.run(
+            _round_trips, server_port, echo.ready["port"], size, sizes.rtt_rounds, warmup
+        )
     figures = []
     for name, stat in (("median", median), ("p99", lambda v: percentile(v, 99))):
-        figures.append(Figure(
-            f"rtt_{name}", f"direct send -> ACK, {name}", stat(chat), "s", stat(floor),
-            f"Trio UDP ping-pong, {size} B", "lower",
-            goal="<= 2x" if name == "median" else "", goal_on="ratio" if name == "median" else "",
-            goal_limit=2.0 if name == "median" else None,
-            extra={"rounds": len(chat), "payload_bytes": size},
-        ))
+        figures.append(
+            Figure(
+                f"rtt_{name}",
+                f"direct send -> ACK, {name}",
+                stat(chat),
+                "s",
+                stat(floor),
+                f"Trio UDP ping-pong, {size} B",
+                "lower",
+                goal="<= 2x" if name == "median" else "",
+                goal_on="ratio" if name == "median" else "",
+                goal_limit=2.0 if name == "median" else None,
+                extra={"rounds": len(chat), "payload_bytes": size},
+            )
+        )
     return figures
 
 
@@ -205,8 +239,14 @@ def _register_sink(server: Address) -> None:
     sink.name = "sink"
     try:
         register_all([sink], server)
-        run_closed_loop([sink], server, lambda c: encode(Deregister(c.next_id(), c.name, c.token)),
-                        window=1, duration=5.0, repeat=False)
+        run_closed_loop(
+            [sink],
+            server,
+            lambda c: encode(Deregister(c.next_id(), c.name, c.token)),
+            window=1,
+            duration=5.0,
+            repeat=False,
+        )
     finally:
         close_clients([sink])
 
@@ -226,8 +266,14 @@ class _Target:
 
     def load(self, phase: str, request: object, sizes: Sizes, window: int) -> None:
         before = cpu_seconds(self.pid) if self.pid else None
-        result = run_closed_loop(self.clients, self.server, request,  # type: ignore[arg-type]
-                                 window=window, duration=sizes.load_seconds, warmup=0.1)
+        result = run_closed_loop(
+            self.clients,
+            self.server,
+            request,  # type: ignore[arg-type]
+            window=window,
+            duration=sizes.load_seconds,
+            warmup=0.1,
+        )
         after = cpu_seconds(self.pid) if self.pid else None
         _check(result, phase)
         if before is not None and after is not None and result.completed:
@@ -250,8 +296,9 @@ class _Target:
         """The server's CPU per save when it always has a queue (see run_bursts)."""
         run_bursts(self.clients, self.server, _save_request, bursts=1, size=BURST)  # warm-up
         before = cpu_seconds(self.pid) if self.pid else None
-        result = run_bursts(self.clients, self.server, _save_request, bursts=sizes.bursts,
-                            size=BURST)
+        result = run_bursts(
+            self.clients, self.server, _save_request, bursts=sizes.bursts, size=BURST
+        )
         after = cpu_seconds(self.pid) if self.pid else None
         _check(result, "saturated saves")
         if before is not None and after is not None and result.completed:
@@ -288,8 +335,9 @@ def _sqlite_floor(path: Path, seconds: float) -> float:
     deadline = start + seconds
     while time.monotonic() < deadline:
         db.execute("BEGIN")
-        db.execute("INSERT INTO m (id, text, at) VALUES (?, ?, ?)",
-                   (f"i{count}", TEXT, time.time()))
+        db.execute(
+            "INSERT INTO m (id, text, at) VALUES (?, ?, ?)", (f"i{count}", TEXT, time.time())
+        )
         db.execute("COMMIT")
         count += 1
     elapsed = time.monotonic() - start
@@ -307,16 +355,19 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(_scratch())
         echo_worker = stack.enter_context(Worker("echo"))
-        started = stack.enter_context(chatapp_servers(
-            {"mailbox_limit": limit},
-            {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
-            {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
-        ))
+        started = stack.enter_context(
+            chatapp_servers(
+                {"mailbox_limit": limit},
+                {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
+                {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
+            )
+        )
         servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
         echo = _Target(echo_worker.ready["port"], n, register=False, pid=echo_worker.proc.pid)
         stack.callback(echo.close)
-        targets = {name: _Target(port, n, register=True, pid=pid)
-                   for name, (port, pid) in servers.items()}
+        targets = {
+            name: _Target(port, n, register=True, pid=pid) for name, (port, pid) in servers.items()
+        }
         for target in targets.values():
             stack.callback(target.close)
         floor = 0.0
@@ -333,54 +384,123 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
             targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
     plain, traced, durable = targets["plain"], targets["traced"], targets["sqlite"]
     return [
-        Figure("server_saves", "server: saves + ACKs per second (memory store)",
-               plain.best["saves"], "req/s", echo.best["saves"], "Trio UDP echo server", "higher",
-               goal=">= 0.5x", goal_on="ratio", goal_limit=0.5,
-               extra={"clients": n, "window": sizes.window, "rounds": rounds,
-                      **plain.extra, **{f"echo_{k}": v for k, v in echo.extra.items()}}),
-        Figure("server_saves_saturated",
-               f"server: saves per second, bursts of {BURST} (saturated)",
-               plain.best["saturated"], "req/s", echo.best["saturated"], "Trio UDP echo server",
-               "higher", goal=">= 0.5x", goal_on="ratio", goal_limit=0.5,
-               extra={"bursts": sizes.bursts * rounds,
-                      "server_cpu_us": plain.extra.get("saturated_server_cpu_us"),
-                      "echo_cpu_us": echo.extra.get("saturated_server_cpu_us")}),
-        Figure("server_registrations", f"server: registrations per second ({n} online)",
-               plain.best["registrations"], "req/s", echo.best["saves"], "Trio UDP echo server",
-               "higher", goal=">= 0.5x", goal_on="ratio", goal_limit=0.5,
-               note=f"each registration also sends the table to all {n} online clients and"
-                    f" takes their {n} ACKs (spec rule 1): {2 + 2 * n} datagrams, so"
-                    f" {plain.best['registrations'] * (2 + 2 * n):,.0f} datagrams/s against the"
-                    f" echo server's {echo.best['saves'] * 2:,.0f}",
-               extra={"clients": n, "datagrams_per_registration": 2 + 2 * n,
-                      "datagrams_per_second": plain.best["registrations"] * (2 + 2 * n),
-                      "echo_datagrams_per_second": echo.best["saves"] * 2}),
-        Figure("trace_share_saturated", f"tracing on: saves per second, bursts of {BURST}",
-               traced.best["saturated"], "req/s", plain.best["saturated"], "tracing off", "higher",
-               goal=">= 0.8x", goal_on="ratio", goal_limit=0.8),
-        Figure("trace_share", "tracing on: saves per second", traced.best["saves"], "req/s",
-               plain.best["saves"], "tracing off", "higher", goal=">= 0.8x", goal_on="ratio",
-               goal_limit=0.8,
-               extra={"server_cpu_us_per_save_off": plain.extra.get("saves_server_cpu_us"),
-                      "server_cpu_us_per_save_on": traced.extra.get("saves_server_cpu_us"),
-                      "saturated_cpu_us_per_save_off": plain.extra.get("saturated_server_cpu_us"),
-                      "saturated_cpu_us_per_save_on": traced.extra.get("saturated_server_cpu_us")}),
-        Figure("sqlite_saves", "SQLite: saves per second, commit before ACK",
-               durable.best["saves"], "req/s", floor, "bare SQLite commits", "higher",
-               extra={"synchronous": "FULL", "journal": "WAL", **durable.extra}),
+        Figure(
+            "server_saves",
+            "server: saves + ACKs per second (memory store)",
+            plain.best["saves"],
+            "req/s",
+            echo.best["saves"],
+            "Trio UDP echo server",
+            "higher",
+            goal=">= 0.5x",
+            goal_on="ratio",
+            goal_limit=0.5,
+            extra={
+                "clients": n,
+                "window": sizes.window,
+                "rounds": rounds,
+                **plain.extra,
+                **{f"echo_{k}": v for k, v in echo.extra.items()},
+            },
+        ),
+        Figure(
+            "server_saves_saturated",
+            f"server: saves per second, bursts of {BURST} (saturated)",
+            plain.best["saturated"],
+            "req/s",
+            echo.best["saturated"],
+            "Trio UDP echo server",
+            "higher",
+            goal=">= 0.5x",
+            goal_on="ratio",
+            goal_limit=0.5,
+            extra={
+                "bursts": sizes.bursts * rounds,
+                "server_cpu_us": plain.extra.get("saturated_server_cpu_us"),
+                "echo_cpu_us": echo.extra.get("saturated_server_cpu_us"),
+            },
+        ),
+        Figure(
+            "server_registrations",
+            f"server: registrations per second ({n} online)",
+            plain.best["registrations"],
+            "req/s",
+            echo.best["saves"],
+            "Trio UDP echo server",
+            "higher",
+            goal=">= 0.5x",
+            goal_on="ratio",
+            goal_limit=0.5,
+            note=f"each registration also sends the table to all {n} online clients and"
+            f" takes their {n} ACKs (spec rule 1): {2 + 2 * n} datagrams, so"
+            f" {plain.best['registrations'] * (2 + 2 * n):,.0f} datagrams/s against the"
+            f" echo server's {echo.best['saves'] * 2:,.0f}",
+            extra={
+                "clients": n,
+                "datagrams_per_registration": 2 + 2 * n,
+                "datagrams_per_second": plain.best["registrations"] * (2 + 2 * n),
+                "echo_datagrams_per_second": echo.best["saves"] * 2,
+            },
+        ),
+        Figure(
+            "trace_share_saturated",
+            f"tracing on: saves per second, bursts of {BURST}",
+            traced.best["saturated"],
+            "req/s",
+            plain.best["saturated"],
+            "tracing off",
+            "higher",
+            goal=">= 0.8x",
+            goal_on="ratio",
+            goal_limit=0.8,
+        ),
+        Figure(
+            "trace_share",
+            "tracing on: saves per second",
+            traced.best["saves"],
+            "req/s",
+            plain.best["saves"],
+            "tracing off",
+            "higher",
+            goal=">= 0.8x",
+            goal_on="ratio",
+            goal_limit=0.8,
+            extra={
+                "server_cpu_us_per_save_off": plain.extra.get("saves_server_cpu_us"),
+                "server_cpu_us_per_save_on": traced.extra.get("saves_server_cpu_us"),
+                "saturated_cpu_us_per_save_off": plain.extra.get("saturated_server_cpu_us"),
+                "saturated_cpu_us_per_save_on": traced.extra.get("saturated_server_cpu_us"),
+            },
+        ),
+        Figure(
+            "sqlite_saves",
+            "SQLite: saves per second, commit before ACK",
+            durable.best["saves"],
+            "req/s",
+            floor,
+            "bare SQLite commits",
+            "higher",
+            extra={"synchronous": "FULL", "journal": "WAL", **durable.extra},
+        ),
     ]
 
 
 # --- delivering stored messages on reg -------------------------------------------------------
 
 
-def _prepare_db(path: Path, clients: list[tuple[str, int, str, str]],
-                mailbox: dict[str, list[StoredItem]]) -> None:
+def _prepare_db(
+    path: Path, clients: list[tuple[str, int, str, str]], mailbox: dict[str, list[StoredItem]]
+) -> None:
     """A server database with these clients and stored messages, as if a server had run."""
-    changes = [Persist("client", (name, HOST, port, token, presence))
-               for name, port, token, presence in clients]
-    changes += [Persist("store", (recipient, item))
-                for recipient, items in mailbox.items() for item in items]
+    changes = [
+        Persist("client", (name, HOST, port, token, presence))
+        for name, port, token, presence in clients
+    ]
+    changes += [
+        Persist("store", (recipient, item))
+        for recipient, items in mailbox.items()
+        for item in items
+    ]
     store = SqliteStore(str(path))
     try:
         trio.run(store.commit, changes)
@@ -395,8 +515,16 @@ class _Counting(NullRecorder):
         self.batches = 0
         self.bytes = 0
 
-    def datagram(self, node: str, direction: str, local: Address, peer: Address, data: bytes,
-                 message: Message | None, error: str | None = None) -> None:
+    def datagram(
+        self,
+        node: str,
+        direction: str,
+        local: Address,
+        peer: Address,
+        data: bytes,
+        message: Message | None,
+        error: str | None = None,
+    ) -> None:
         if direction == "recv" and isinstance(message, Mailbox):
             self.batches += 1
             self.bytes += len(data)
@@ -409,8 +537,9 @@ class _ReturningClient(ClientProtocol):
         return []
 
 
-async def _reg_delivery(server_port: int, port: int, token: str, count: int,
-                        recorder: _Counting) -> float:
+async def _reg_delivery(
+    server_port: int, port: int, token: str, count: int, recorder: _Counting
+) -> float:
     endpoint = await UdpEndpoint.bind(HOST, port)
     protocol = _ReturningClient("alice", (HOST, server_port), port, id_prefix="alice.bench")
     protocol.token = token
@@ -457,8 +586,10 @@ def bench_mailbox(sizes: Sizes) -> list[Figure]:
     count = sizes.mailbox_messages
     token = secrets.token_hex(8)
     port = free_port()
-    items = [StoredItem(f"bob.{i}", "direct", "bob", f"message {i}: {TEXT}", 1_700_000_000.0 + i)
-             for i in range(count)]
+    items = [
+        StoredItem(f"bob.{i}", "direct", "bob", f"message {i}: {TEXT}", 1_700_000_000.0 + i)
+        for i in range(count)
+    ]
     recorder = _Counting()
     with _scratch() as scratch:
         db = scratch / "server.sqlite3"
@@ -469,11 +600,18 @@ def bench_mailbox(sizes: Sizes) -> list[Figure]:
     size = recorder.bytes // batches
     with Worker("echo", reply_size=size) as echo:
         floor = trio.run(_stop_and_wait, echo.ready["port"], batches, 40)
-    return [Figure(
-        "reg_delivery", f"reg: {count:,} stored messages shown (SQLite)", elapsed, "s", floor,
-        f"Trio stop-and-wait, {batches} x {size} B", "lower",
-        extra={"messages": count, "batches": recorder.batches, "batch_bytes": size},
-    )]
+    return [
+        Figure(
+            "reg_delivery",
+            f"reg: {count:,} stored messages shown (SQLite)",
+            elapsed,
+            "s",
+            floor,
+            f"Trio stop-and-wait, {batches} x {size} B",
+            "lower",
+            extra={"messages": count, "batches": recorder.batches, "batch_bytes": size},
+        )
+    ]
 
 
 # --- channel fan-out ----------------------------------------------------------------------------
@@ -502,8 +640,9 @@ def _wait_quiet(receivers: Worker, sender: SimClient, quiet: float = 0.6) -> int
     raise BenchError("the server kept sending tables: some clients do not ACK them")
 
 
-def _fanout_trial(receivers: Worker, sender: SimClient, target: Address, n: int, d: int,
-                  floor: bool) -> tuple[float, float]:
+def _fanout_trial(
+    receivers: Worker, sender: SimClient, target: Address, n: int, d: int, floor: bool
+) -> tuple[float, float]:
     """Seconds from the post to the last live ACK or (with dead clients) the server's give-up,
     and to the last table part that reports the dead offline."""
     receivers.command('{"do": "reset"}')
@@ -524,8 +663,10 @@ def _fanout_trial(receivers: Worker, sender: SimClient, target: Address, n: int,
     acks = report["acks"].get(msg_id)  # type: ignore[attr-defined]
     if acks is None or acks[0] < n or not done(report):
         got = 0 if acks is None else acks[0]
-        raise BenchError(f"fan-out to {n} (+{d} dead{', floor' if floor else ''}) did not complete:"
-                         f" {got} ACKs, tables {report['tables']}")
+        raise BenchError(
+            f"fan-out to {n} (+{d} dead{', floor' if floor else ''}) did not complete:"
+            f" {got} ACKs, tables {report['tables']}"
+        )
     end = acks[2]
     tables = end
     if d and not floor:
@@ -534,21 +675,35 @@ def _fanout_trial(receivers: Worker, sender: SimClient, target: Address, n: int,
     return end - start, tables - start
 
 
-def _fanout_figure(n: int, d: int, results: list[tuple[float, float]], floor: float,
-                   false_offline: int) -> Figure:
+def _fanout_figure(
+    n: int, d: int, results: list[tuple[float, float]], floor: float, false_offline: int
+) -> Figure:
     if d:
         strict = (n, d) == (1000, 100)  # the issue's bound; elsewhere "about one timeout"
         goal = "~1 timeout" + ("; < 0.7 s" if strict else "")
         limit = 0.7 if strict else ACK_TIMEOUT * 1.5
         return Figure(
-            f"fanout_n{n}_d{d}", f"send_all -> done, N={n} D={d}", median([r[0] for r in results]),
-            "s", floor + ACK_TIMEOUT, "Trio fan-out + 1 timeout", "lower", goal=goal,
-            goal_on="value", goal_limit=limit,
+            f"fanout_n{n}_d{d}",
+            f"send_all -> done, N={n} D={d}",
+            median([r[0] for r in results]),
+            "s",
+            floor + ACK_TIMEOUT,
+            "Trio fan-out + 1 timeout",
+            "lower",
+            goal=goal,
+            goal_on="value",
+            goal_limit=limit,
             extra={"trials": len(results), "table_settled_s": median([r[1] for r in results])},
         )
     return Figure(
-        f"fanout_n{n}_d0", f"send_all -> done, N={n} D=0", median([r[0] for r in results]), "s",
-        floor, "Trio fan-out", "lower", goal="~N x 1 datagram",
+        f"fanout_n{n}_d0",
+        f"send_all -> done, N={n} D=0",
+        median([r[0] for r in results]),
+        "s",
+        floor,
+        "Trio fan-out",
+        "lower",
+        goal="~N x 1 datagram",
         note="the server lost ACKs and marked live clients offline" if false_offline else "",
         extra={"trials": len(results), "tables_after": false_offline},
     )
@@ -558,8 +713,11 @@ def bench_fanout(sizes: Sizes) -> list[Figure]:
     max_n = max(n for n, _ in sizes.fanout)
     max_d = max(d for _, d in sizes.fanout)
     figures: list[Figure] = []
-    with Worker("receivers", live=max_n, dead=max_d) as receivers, _scratch() as scratch, \
-            Worker("fanout") as floor_worker:
+    with (
+        Worker("receivers", live=max_n, dead=max_d) as receivers,
+        _scratch() as scratch,
+        Worker("fanout") as floor_worker,
+    ):
         live, dead = receivers.ready["live"], receivers.ready["dead"]
         floors: dict[int, float] = {}
         [sender] = open_clients(1, "sender")
@@ -568,8 +726,10 @@ def bench_fanout(sizes: Sizes) -> list[Figure]:
             for n in sorted({n for n, _ in sizes.fanout}):
                 floor_worker.command(f'{{"targets": {live[:n]}}}')
                 target = (HOST, floor_worker.ready["port"])
-                floor_times = [_fanout_trial(receivers, sender, target, n, 0, True)[0]
-                               for _ in range(3 * sizes.fanout_trials)]
+                floor_times = [
+                    _fanout_trial(receivers, sender, target, n, 0, True)[0]
+                    for _ in range(3 * sizes.fanout_trials)
+                ]
                 floors[n] = median(floor_times)
             for index, (n, d) in enumerate(sizes.fanout):
                 sender.token = secrets.token_hex(8)
@@ -591,7 +751,8 @@ def bench_fanout(sizes: Sizes) -> list[Figure]:
                             receivers.command('{"do": "die"}')
                         for _ in range(trial_count):
                             results.append(
-                                _fanout_trial(receivers, sender, (HOST, port), n, d, False))
+                                _fanout_trial(receivers, sender, (HOST, port), n, d, False)
+                            )
                         receivers.command(f'{{"do": "revive", "port": {port}, "count": 0}}')
                         # With no dead clients, no table may follow: one would mean that the
                         # server missed live ACKs and marked live clients offline.
@@ -608,8 +769,11 @@ def bench_fanout(sizes: Sizes) -> list[Figure]:
 
 def _records(count: int) -> list[ClientRecord]:
     return [
-        ClientRecord(f"user{i}", (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 60000),
-                     secrets.token_hex(8))
+        ClientRecord(
+            f"user{i}",
+            (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 60000),
+            secrets.token_hex(8),
+        )
         for i in range(count)
     ]
 
@@ -629,6 +793,7 @@ def _traced_bytes(build: object) -> int:
 def bench_memory(sizes: Sizes) -> list[Figure]:
     figures = []
     for count in sizes.memory_clients:
+
         def chatapp_table(count: int = count) -> object:
             server = ServerProtocol(id_prefix="s", epoch=1)
             server.restore(_records(count), {})
@@ -639,11 +804,20 @@ def bench_memory(sizes: Sizes) -> list[Figure]:
 
         used = _traced_bytes(chatapp_table) / count
         floor = _traced_bytes(plain_table) / count
-        figures.append(Figure(
-            f"memory_{count}", f"server memory per client, {count:,} registered", used, "B",
-            floor, "dict name -> (addr, token)", "lower", goal="< 1 KiB", goal_on="value",
-            goal_limit=1024,
-        ))
+        figures.append(
+            Figure(
+                f"memory_{count}",
+                f"server memory per client, {count:,} registered",
+                used,
+                "B",
+                floor,
+                "dict name -> (addr, token)",
+                "lower",
+                goal="< 1 KiB",
+                goal_on="value",
+                goal_limit=1024,
+            )
+        )
     return figures
 
 
@@ -654,8 +828,10 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     root = Path(__file__).resolve().parents[2]
     trace = root / "traces" / "test1.jsonl"
     replay_cli = root / "tools" / "replay" / "cli.py"
-    labels = [("replay_virtual", "replay test1.jsonl, virtual", ["--virtual"]),
-              ("replay_real", "replay test1.jsonl, real", ["--real"])]
+    labels = [
+        ("replay_virtual", "replay test1.jsonl, virtual", ["--virtual"]),
+        ("replay_real", "replay test1.jsonl, real", ["--real"]),
+    ]
     if not trace.exists() or not replay_cli.exists():
         why = "tools/replay or traces/test1.jsonl is not there yet"
         return [unavailable(key, label, "s", "the recorded run", why) for key, label, _ in labels]
@@ -666,18 +842,29 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     for key, label, flags in labels:
         start = time.perf_counter()
         argv = [sys.executable, "-m", "tools.replay.cli", "replay", str(trace), *flags]
-        done = subprocess.run(argv, capture_output=True, timeout=120, cwd=root,
-                              env=dict(os.environ))
+        done = subprocess.run(
+            argv, capture_output=True, timeout=120, cwd=root, env=dict(os.environ)
+        )
         elapsed = time.perf_counter() - start
         ok = done.returncode == 0
-        figures.append(Figure(
-            key, label, elapsed if ok else None, "s", recorded, "the recorded run's length",
-            "lower", goal="< 1 s" if key == "replay_virtual" else "",
-            goal_on="value" if key == "replay_virtual" else "",
-            goal_limit=1.0 if key == "replay_virtual" else None,
-            note="" if ok else f"replay failed (status {done.returncode}):"
-                               f" {done.stderr.decode(errors='replace').strip()[-200:]}",
-        ))
+        figures.append(
+            Figure(
+                key,
+                label,
+                elapsed if ok else None,
+                "s",
+                recorded,
+                "the recorded run's length",
+                "lower",
+                goal="< 1 s" if key == "replay_virtual" else "",
+                goal_on="value" if key == "replay_virtual" else "",
+                goal_limit=1.0 if key == "replay_virtual" else None,
+                note=""
+                if ok
+                else f"replay failed (status {done.returncode}):"
+                f" {done.stderr.decode(errors='replace').strip()[-200:]}",
+            )
+        )
     return figures
 
 

@@ -87,8 +87,12 @@ def register_all(clients: list[SimClient], server: tuple[str, int], timeout: flo
     """Register every client at once, keep their tokens, and ACK the tables that follow;
     returns the seconds until the last one was registered."""
     result = run_closed_loop(
-        clients, server, lambda c: encode(Register(c.next_id(), c.name, c.port)),
-        window=1, duration=timeout, repeat=False,
+        clients,
+        server,
+        lambda c: encode(Register(c.next_id(), c.name, c.port)),
+        window=1,
+        duration=timeout,
+        repeat=False,
     )
     missing = [c.name for c in clients if not c.token]
     if missing:
@@ -99,8 +103,15 @@ def register_all(clients: list[SimClient], server: tuple[str, int], timeout: flo
 
 def settle(clients: list[SimClient], seconds: float) -> None:
     """ACK whatever the server sends (tables, mailbox batches) for ``seconds``."""
-    run_closed_loop(clients, ("0.0.0.0", 9), lambda c: b"", window=0, duration=seconds,
-                    repeat=False, until_done=False)
+    run_closed_loop(
+        clients,
+        ("0.0.0.0", 9),
+        lambda c: b"",
+        window=0,
+        duration=seconds,
+        repeat=False,
+        until_done=False,
+    )
 
 
 def run_closed_loop(
@@ -170,8 +181,13 @@ def run_closed_loop(
                     if repeat:
                         issue(client, now)
                     elif until_done and not any(c.outstanding for c in clients):
-                        return LoadResult(completed, now - measure_from, lost,
-                                          time.process_time() - cpu_start, refused)
+                        return LoadResult(
+                            completed,
+                            now - measure_from,
+                            lost,
+                            time.process_time() - cpu_start,
+                            refused,
+                        )
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + LOST_AFTER
@@ -185,8 +201,7 @@ def run_closed_loop(
         selector.close()
         for client in clients:
             client.outstanding.clear()
-    return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start,
-                      refused)
+    return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start, refused)
 
 
 def _last_id(client: SimClient) -> str:

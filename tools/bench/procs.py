@@ -81,14 +81,33 @@ def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]
     try:
         for options in settings:
             port = free_port()
-            argv = [sys.executable, "-m", "chatapp", "serve", str(port), "--host", HOST,
-                    "--db", options.get("db", ":memory:"),
-                    "--mailbox-limit", str(options.get("mailbox_limit", 1000))]
+            argv = [
+                sys.executable,
+                "-m",
+                "chatapp",
+                "serve",
+                str(port),
+                "--host",
+                HOST,
+                "--db",
+                options.get("db", ":memory:"),
+                "--mailbox-limit",
+                str(options.get("mailbox_limit", 1000)),
+            ]
             if options.get("trace"):
                 argv += ["--trace", options["trace"]]
-            procs.append((subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           env=_env()), port))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        env=_env(),
+                    ),
+                    port,
+                )
+            )
         for proc, port in procs:
             try:
                 wait_for_server(port)
@@ -141,7 +160,10 @@ def chatapp_client(
         path = out.name
         proc = subprocess.Popen(
             [sys.executable, "-m", "chatapp", "join", name, HOST, str(server_port), str(port)],
-            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
         )
         try:
             yield proc, path
@@ -174,7 +196,9 @@ class Worker:
         settings.setdefault("max_seconds", MAX_PROCESS_SECONDS)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tools.bench.worker", mode],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_env(),
         )
         self.ready = self.command(json.dumps(settings))
 

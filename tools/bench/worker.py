@@ -143,8 +143,12 @@ class _Receivers:
         self.tables = 0
 
     def report(self) -> dict[str, Any]:
-        return {"acks": self.acks, "table_first": self.table_first,
-                "table_last": self.table_last, "tables": self.tables}
+        return {
+            "acks": self.acks,
+            "table_first": self.table_first,
+            "table_last": self.table_last,
+            "tables": self.tables,
+        }
 
     def on_datagram(self, s: socket.socket, dead: bool, data: bytes, addr: Any) -> None:
         if dead and self.dying:
@@ -193,8 +197,12 @@ class _Receivers:
 
     def run(self, max_seconds: float) -> None:
         self.selector.register(sys.stdin, selectors.EVENT_READ, None)
-        _answer({"live": [s.getsockname()[1] for s in self.live],
-                 "dead": [s.getsockname()[1] for s in self.dead]})
+        _answer(
+            {
+                "live": [s.getsockname()[1] for s in self.live],
+                "dead": [s.getsockname()[1] for s in self.dead],
+            }
+        )
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
             for key, _ in self.selector.select(0.5):

@@ -99,9 +99,7 @@ def recorded_transit(trace: Trace, names: Normaliser) -> float:
     sent: dict[tuple[str, str, bytes], list[float]] = {}
     for event in trace.events:
         if isinstance(event, Send):
-            sent.setdefault((event.node, names.address(event.peer), event.data), []).append(
-                event.t
-            )
+            sent.setdefault((event.node, names.address(event.peer), event.data), []).append(event.t)
     times: list[float] = []
     for event in trace.events:
         if isinstance(event, Recv):

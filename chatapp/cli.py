@@ -58,6 +58,7 @@ import typer  # noqa: E402
 from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
+from chatapp.typer_support import UsageError, new_app, usage_error_line  # noqa: E402
 
 PROG = "chatapp"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
@@ -65,9 +66,9 @@ USAGE_EXIT = 2
 #: A bug, not the user's doing (BSD's EX_SOFTWARE).
 INTERNAL_ERROR_EXIT = 70
 
-app = typer.Typer(
-    name=PROG,
-    help=(
+app = new_app(
+    PROG,
+    (
         "A UDP chat: one server, peer-to-peer clients.\n\n"
         "\b\nStart the server, then each client in a terminal of its own:\n"
         "  chatapp serve 8001\n"
@@ -77,21 +78,10 @@ app = typer.Typer(
         "  chatapp -c NAME SERVER_IP SERVER_PORT CLIENT_PORT\n\n"
         "At the client's prompt, type help for the commands."
     ),
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-# Typer may bundle its own copy of Click: find its exception classes through Typer's.
-_UsageError: type[Exception] = next(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
-)
-
-
-class BadArgument(_UsageError):  # type: ignore[misc,valid-type]
+class BadArgument(UsageError):  # type: ignore[misc,valid-type]
     """A bad value on the command line, said in one line."""
 
 
@@ -355,7 +345,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         raise SystemExit(done.exit_code) from None
     except typer.Abort:
         raise SystemExit(1) from None
-    except _UsageError as exc:
+    except UsageError as exc:
         _usage_error(exc)
     except KeyboardInterrupt:
         _leave_interrupted(args[0] if args else None)
@@ -363,12 +353,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def _usage_error(exc: Exception) -> NoReturn:
-    ctx = getattr(exc, "ctx", None)
     if type(exc).__name__ == "NoArgsIsHelpError":
         # `chatapp` alone: a person asking what it does gets the help, as Click does it
         print(exc.format_message(), file=sys.stderr)  # type: ignore[attr-defined]
         raise SystemExit(USAGE_EXIT)
-    where = ctx.command_path if ctx is not None else PROG
-    message = " ".join(exc.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
-    print(f"{where}: error: {message} (see '{where} --help')", file=sys.stderr)
+    print(usage_error_line(exc, PROG), file=sys.stderr)
     raise SystemExit(USAGE_EXIT)

@@ -21,25 +21,17 @@ import typer
 
 from chatapp.scenario import Step
 from chatapp.trace import Trace, TraceError, merge_traces, read_trace, write_trace
+from chatapp.typer_support import UsageError, new_app, usage_error_line
 
 PROG = "chat-replay"
 COMMANDS = ("replay", "check", "show", "merge", "record")
 
-app = typer.Typer(
-    name=PROG,
-    help=(
+app = new_app(
+    PROG,
+    (
         "Replay a recorded chatapp run (a JSONL trace) and say whether the protocol behaved"
         " the same.\n\n`chat-replay TRACE` is short for `chat-replay replay TRACE`."
     ),
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-_UsageError: type[Exception] = next(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
 )
 
 
@@ -379,11 +371,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except _UsageError as exc:
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else PROG
-        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
-        print(f"{where}: error: {message} (see '{where} --help')", file=sys.stderr)
+    except UsageError as exc:
+        print(usage_error_line(exc, PROG), file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(result if isinstance(result, int) else 0)
 

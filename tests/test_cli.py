@@ -225,3 +225,18 @@ def test_python_dash_m_chatapp_version() -> None:
         [sys.executable, "-m", "chatapp", "--version"], capture_output=True, text=True, timeout=30
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"chatapp {__version__}\n", "")
+
+
+def test_the_installed_demo_plays_a_seed_test_from_anywhere(tmp_path: Path) -> None:
+    # Run away from the source tree, so the installed package (with its scenario files)
+    # is what runs, as on a fresh machine.
+    done = subprocess.run(
+        [*installed_command(), "demo", "--test", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "--- Test 3: every seed line matched" in done.stdout
+    assert "user3  | >>> Channel_Message user1 : hi" in done.stdout

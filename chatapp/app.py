@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import trio
 
-from chatapp import screen
 from chatapp.net import UdpEndpoint
 from chatapp.node import BadInput, Input, LogSink, Node, Signal, TerminalScreen
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import Timers
+from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.server import DEFAULT_MAILBOX_LIMIT, ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
@@ -109,8 +108,6 @@ async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIte
     protocol.restore(clients, mailbox)
     recorder.restored("server", clients, mailbox)  # a replay starts from the same database
     node = Node("server", protocol, endpoint, log=log, recorder=recorder, store=store)
-    from chatapp.protocol.common import Log
-
     waiting = sum(len(items) for items in mailbox.values())
     log(
         Log(
@@ -215,15 +212,17 @@ async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
                 await inputs.send(_decode_line(line))
             if len(pending) > MAX_LINE_BYTES:
                 await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))
-                pending = b""
-                await _skip_rest_of_line(inputs)
+                pending = await _after_this_line()
 
 
-async def _skip_rest_of_line(inputs: trio.MemorySendChannel[Input]) -> None:
+async def _after_this_line() -> bytes:
+    """Skip the rest of an over-long line; what follows it is kept, not lost."""
     while True:
         chunk = await trio.to_thread.run_sync(_read_fd0, abandon_on_cancel=True)
-        if not chunk or b"\n" in chunk:
-            return
+        if not chunk:
+            return b""
+        if b"\n" in chunk:
+            return chunk.split(b"\n", 1)[1]
 
 
 def _read_fd0() -> bytes:
@@ -248,5 +247,4 @@ __all__ = [
     "StartupError",
     "run_client",
     "run_server",
-    "screen",
 ]

@@ -58,10 +58,12 @@ import typer  # noqa: E402
 from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
+from chatapp.protocol.server import MAX_MAILBOX_LIMIT  # noqa: E402
 from chatapp.typer_support import UsageError, new_app, usage_error_line  # noqa: E402
+from chatapp.wire import NAME_PATTERN  # noqa: E402
 
 PROG = "chatapp"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+NAME_RE = re.compile(NAME_PATTERN)
 USAGE_EXIT = 2
 #: A bug, not the user's doing (BSD's EX_SOFTWARE).
 INTERNAL_ERROR_EXIT = 70
@@ -127,6 +129,14 @@ def _listen_address(value: str) -> str:
         raise BadArgument(
             f"--host must be an IPv4 address such as 127.0.0.1, or 0.0.0.0, not {value!r}"
         ) from None
+
+
+def _mailbox_limit(value: int) -> int:
+    if not 1 <= value <= MAX_MAILBOX_LIMIT:
+        raise BadArgument(
+            f"--mailbox-limit must be from 1 to {MAX_MAILBOX_LIMIT} messages, not {value}"
+        )
+    return value
 
 
 def _timers(ack_timeout: float, tries: int) -> Timers:
@@ -203,7 +213,7 @@ def serve(
         db=db,
         trace=trace,
         log_level="warning" if quiet else "debug" if verbose else "info",
-        mailbox_limit=max(1, mailbox_limit),
+        mailbox_limit=_mailbox_limit(mailbox_limit),
         timers=_timers(ack_timeout, tries),
     )
     _run(run_server, options, sys.argv, command="serve")

@@ -14,6 +14,7 @@ from chatapp.scenario import (
     LoopbackNetwork,
     ScenarioError,
     load_scenario,
+    play_scenario,
     scenario_path,
 )
 from chatapp.seed import SEED_LINES, unmatched_seed_lines
@@ -35,21 +36,13 @@ def _show(node: str, line: str) -> None:
 
 async def play_seed_test(test: int, recorder: Recorder | None = None, echo: bool = True) -> Cluster:
     """Play seed test ``test`` on real UDP sockets on 127.0.0.1; the cluster keeps every screen."""
-    steps = load_scenario(scenario_path(f"test{test}"))
-    async with trio.open_nursery() as nursery:
-        cluster = Cluster(
-            nursery,
-            LoopbackNetwork(),
-            timers=Timers(),
-            recorder=recorder,
-            on_line=_show if echo else None,
-            wall_offset=_wall_offset(),
-        )
-        try:
-            await cluster.play(steps)
-        finally:
-            await cluster.shutdown()
-    return cluster
+    return await play_scenario(
+        load_scenario(scenario_path(f"test{test}")),
+        LoopbackNetwork(),
+        recorder=recorder,
+        on_line=_show if echo else None,
+        wall_offset=_wall_offset(),
+    )
 
 
 def _wall_offset() -> float:

@@ -119,10 +119,14 @@ class UdpEndpoint:
 
 
 def resolve_ipv4(host: str) -> str:
-    """``localhost`` or a dotted IPv4 address, as a dotted IPv4 address."""
+    """``localhost`` or a dotted IPv4 address, as a dotted IPv4 address; OSError for
+    anything else (text that is not ASCII included)."""
     if host == "localhost":
         return "127.0.0.1"
-    _stdlib_socket.inet_pton(_stdlib_socket.AF_INET, host)
+    try:
+        _stdlib_socket.inet_pton(_stdlib_socket.AF_INET, host)
+    except (UnicodeError, ValueError) as exc:
+        raise OSError(f"not an IPv4 address: {exc}") from None
     return host
 
 

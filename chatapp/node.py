@@ -25,7 +25,7 @@ import trio
 from chatapp import screen
 from chatapp.net import Endpoint
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show
+from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show, bad_datagram
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import NullRecorder, Recorder
@@ -264,30 +264,23 @@ class Node:
                 continue
             message = self._decode(data, addr, local)
             if message is not None:
-                await self._handle_datagram(message, addr)
+                await self._handle(self._handle_queued, message, addr)
 
     def _decode(self, data: bytes, addr: Address, local: Address) -> Message | None:
         try:
             message = decode(data)
         except WireError as exc:
             self.recorder.datagram(self.name, "recv", local, addr, data, None, str(exc))
-            self.log(Log(f"dropped a bad datagram from {addr[0]}:{addr[1]}: {exc}", "warning"))
+            self.log(bad_datagram(addr, exc))
             return None
         self.recorder.datagram(self.name, "recv", local, addr, data, message)
         return message
 
-    async def _handle_datagram(self, message: Message, addr: Address) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            effects = self.protocol.handle_message(message, addr, trio.current_time())
-            if self._receive_nowait is not None and any(isinstance(e, Persist) for e in effects):
-                effects = self._gather(effects)
-            await self._apply_locked(effects)
-        finally:
-            self._lock.release()
+    def _handle_queued(self, message: Message, addr: Address, now: float) -> list[Effect]:
+        effects = self.protocol.handle_message(message, addr, now)
+        if self._receive_nowait is not None and any(isinstance(e, Persist) for e in effects):
+            effects = self._gather(effects)
+        return effects
 
     def _gather(self, effects: list[Effect]) -> list[Effect]:
         """Group commit: the datagrams already queued behind one that changes the database
@@ -331,18 +324,18 @@ class Node:
             async for item in inputs:
                 if isinstance(item, Signal):
                     self.recorder.typed(self.name, f"<{item.value}>")
-                    react = client.interrupt if item is Signal.INTERRUPT else client.hang_up
-                    await self._handle_now(react)
+                    leave = client.interrupt if item is Signal.INTERRUPT else client.hang_up
+                    await self._handle(leave)
                     continue
                 if self.screen is not None:
                     self.screen.typed()
                 if isinstance(item, BadInput):
                     self.recorder.typed(self.name, f"<bad input: {item.detail}>")
-                    await self._apply([Show(screen.bad_input(item.detail))])
+                    await self._handle(client.refuse_input, item.detail)
                     continue
                 self.recorder.typed(self.name, item)
                 await self._handle(client.handle_command, item)
-        await self._handle_now(client.hang_up)
+        await self._handle(client.hang_up)
 
     # --- carrying out effects ---------------------------------------------------------
 
@@ -358,14 +351,6 @@ class Node:
             await self._apply_locked(effects)
         finally:
             self._lock.release()
-
-    async def _handle_now(self, handler: Callable[[], list[Effect]]) -> None:
-        async with self._lock:
-            await self._apply_locked(handler())
-
-    async def _apply(self, effects: list[Effect]) -> None:
-        async with self._lock:
-            await self._apply_locked(effects)
 
     async def _apply_locked(self, effects: list[Effect]) -> None:
         changes: list[Persist] = []

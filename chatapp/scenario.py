@@ -85,6 +85,8 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
                 raise ScenarioError(f"{source}:{number}: {kind} needs a node name")
             if kind in ("type", "expect") and not arg:
                 raise ScenarioError(f"{source}:{number}: {kind} needs a line")
+            if kind == "exits" and arg and not arg.isdigit():
+                raise ScenarioError(f"{source}:{number}: exits takes a status, not {arg!r}")
             steps.append(Step(kind, node, arg, number))
     return steps
 

@@ -30,7 +30,7 @@ def printable(text: str) -> str:
     break, an escape sequence) could otherwise fake lines or move the cursor."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in text)
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def chat(sender: str, text: str) -> str:

@@ -165,6 +165,11 @@ class SqliteStore:
                 db.execute("ROLLBACK")
                 raise
 
+    def pragma(self, name: str) -> object:
+        """A setting as SQLite reports it (``journal_mode``, ``synchronous``, ...)."""
+        with self._guard:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
     def close(self) -> None:
         with self._guard:
             self._db.close()

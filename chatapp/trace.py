@@ -15,42 +15,50 @@ from __future__ import annotations
 import atexit
 import base64
 import collections
+import contextlib
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 import trio
 
 from chatapp.protocol.common import Timers
-from chatapp.protocol.server import ClientRecord
-from chatapp.wire import Address, Message, StoredItem, to_builtins
+from chatapp.protocol.server import ClientRecord, Presence
+from chatapp.wire import Address, Message, StoredItem, fmt_addr, to_builtins
 
 FORMAT = "chatapp-trace"
 VERSION = 1
 
-EVENT_KINDS = ("start", "send", "recv", "input", "show", "exit")
-
-
-def fmt_addr(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
+#: ``HOST:PORT``, as ``fmt_addr`` writes it; every address in a trace is checked against it.
+HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]*:[0-9]{1,5}$")]
+#: A ``HostPort``, or empty (not known).
+OptionalHostPort = Annotated[str, msgspec.Meta(pattern=r"^([^\s:]*:[0-9]{1,5})?$")]
 
 
 def parse_addr(text: str) -> Address:
+    """``("127.0.0.1", 9001)`` from ``127.0.0.1:9001`` (a ``HostPort``: ValueError otherwise)."""
     host, _, port = text.rpartition(":")
     return (host, int(port))
 
 
-def raw_fields(data: bytes) -> dict[str, str]:
-    """The datagram as text when it is UTF-8 (it always is for chatapp's own), else base64."""
+def _raw(data: bytes) -> tuple[str | None, str | None]:
+    """(raw, raw_b64): the datagram as text when it is UTF-8 (it always is for chatapp's
+    own), else base64."""
     try:
-        return {"raw": data.decode("utf-8")}
+        return data.decode("utf-8"), None
     except UnicodeDecodeError:
-        return {"raw_b64": base64.b64encode(data).decode("ascii")}
+        return None, base64.b64encode(data).decode("ascii")
+
+
+def raw_fields(data: bytes) -> dict[str, str]:
+    """The ``raw`` or ``raw_b64`` field of a datagram's event."""
+    raw, raw_b64 = _raw(data)
+    return {"raw": raw} if raw is not None else {"raw_b64": raw_b64 or ""}
 
 
 # --- the format, as types that every line is checked against ---------------------------
@@ -59,12 +67,12 @@ def raw_fields(data: bytes) -> dict[str, str]:
 class NodeInfo(msgspec.Struct, omit_defaults=True):
     role: Literal["server", "client"]
     argv: list[str] = []
-    address: str = ""
+    address: OptionalHostPort = ""
 
 
 class TimerInfo(msgspec.Struct):
-    ack_timeout: float
-    tries: int
+    ack_timeout: Annotated[float, msgspec.Meta(gt=0)]
+    tries: Annotated[int, msgspec.Meta(ge=1)]
 
     def timers(self) -> Timers:
         return Timers(ack_timeout=self.ack_timeout, tries=self.tries)
@@ -90,13 +98,13 @@ class _Event(msgspec.Struct, tag_field="ev", omit_defaults=True, forbid_unknown_
 
 class Start(_Event, tag="start"):
     role: Literal["server", "client"]
-    local: str
+    local: HostPort
     argv: list[str] = []
 
 
 class Datagram(_Event):
-    local: str
-    peer: str
+    local: HostPort
+    peer: HostPort
     msg: dict[str, Any] | None = None
     raw: str | None = None
     raw_b64: str | None = None
@@ -137,8 +145,8 @@ class Restored(_Event, tag="restore"):
     """What a server read from its database before it started: without it, a replay
     could not know the clients and messages a run began with."""
 
-    clients: list[tuple[str, str, int, str, str]]  # name, ip, port, token, presence
-    mailbox: dict[str, list[dict[str, Any]]] = {}  # recipient -> stored items, oldest first
+    clients: list[tuple[str, str, int, str, Presence]]  # name, ip, port, token, presence
+    mailbox: dict[str, list[StoredItem]] = {}  # recipient -> stored items, oldest first
 
 
 Event = Start | Send | Recv | Input | Shown | Exited | Restored
@@ -166,12 +174,6 @@ class Trace:
 
     def at(self, node: str) -> list[Event]:
         return [event for event in self.events if event.node == node]
-
-
-def event_to_dict(event: Event) -> dict[str, Any]:
-    result = msgspec.to_builtins(event)
-    assert isinstance(result, dict)
-    return result
 
 
 def dump_line(record: Mapping[str, Any] | msgspec.Struct) -> bytes:
@@ -209,6 +211,8 @@ def parse_trace(text: str, path: str = "<trace>") -> Trace:
             raise TraceError(f"{path}:{number}: the first line must be a {FORMAT} header")
         try:
             event = msgspec.convert(record, Event)
+            if isinstance(event, Datagram) and event.msg is not None:
+                msgspec.convert(event.msg, Message)  # a chatapp message, as chatapp.wire types it
         except msgspec.ValidationError as exc:
             raise TraceError(f"{path}:{number}: not a trace event: {exc}") from None
         segment = owner.get(event.node, len(segments) - 1)
@@ -254,13 +258,19 @@ def read_trace(path: str) -> Trace:
 
 
 def write_trace(trace: Trace, path: str) -> None:
-    """Write a whole trace (renumbering nothing): to a temporary file, then renamed."""
+    """Write a whole trace (renumbering nothing): to a temporary file, then renamed.
+    An OSError (a missing directory, ``path`` a directory) leaves no temporary file."""
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(dump_line(trace.header))
-        for event in trace.events:
-            f.write(dump_line(event))
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(dump_line(trace.header))
+            for event in trace.events:
+                f.write(dump_line(event))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 # --- merging per-node traces --------------------------------------------------------
@@ -324,16 +334,15 @@ def merge_traces(traces: list[Trace]) -> Trace:
 def _clock_correction(
     earlier: list[Trace], earlier_offsets: list[float], later: Trace, later_offset: float
 ) -> float:
-    sent: dict[tuple[str, bytes], float] = {}
+    sent: dict[tuple[int, bytes], float] = {}
     for trace, offset in zip(earlier, earlier_offsets, strict=False):
         for event in trace.events:
             if isinstance(event, Send):
-                sent.setdefault((event.peer.rpartition(":")[2], event.data), offset + event.t)
+                sent.setdefault((parse_addr(event.peer)[1], event.data), offset + event.t)
     needed = 0.0
     for event in later.events:
         if isinstance(event, Recv):
-            port = event.local.rpartition(":")[2]
-            at = sent.get((port, event.data))
+            at = sent.get((parse_addr(event.local)[1], event.data))
             if at is not None:
                 needed = max(needed, at - (later_offset + event.t))
     return round(needed + 1e-6, 6) if needed > 0 else 0.0
@@ -410,7 +419,9 @@ def public_argv(argv: list[str]) -> list[str]:
     directory is not its business."""
     if not argv:
         return []
-    return [os.path.basename(argv[0]), *argv[1:]]
+    # An argument that is not UTF-8 arrives with surrogates that JSON cannot carry.
+    text = [arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for arg in argv]
+    return [os.path.basename(text[0]), *text[1:]]
 
 
 class TraceRecorder:
@@ -613,10 +624,7 @@ class JsonlRecorder(TraceRecorder):
         if not self._header_written:
             self._write_header()
         self._seq += 1
-        try:
-            raw, raw_b64 = data.decode("utf-8"), None
-        except UnicodeDecodeError:
-            raw, raw_b64 = None, base64.b64encode(data).decode("ascii")
+        raw, raw_b64 = _raw(data)
         # To the microsecond, as round(t, 6) (which costs as much as the rest of the time
         # stamp); the two differ at most in a tie's last digit.
         t = int((self._clock.current_time() - self._t0) * 1e6 + 0.5) / 1e6
@@ -644,7 +652,7 @@ class JsonlRecorder(TraceRecorder):
         if text is None:
             if len(self._addresses) >= 4096:  # bounded: a server may hear from many peers
                 self._addresses.clear()
-            text = self._addresses[addr] = f"{addr[0]}:{addr[1]}"
+            text = self._addresses[addr] = fmt_addr(addr)
         return text
 
     def close(self) -> None:
@@ -692,12 +700,14 @@ class MemoryRecorder(TraceRecorder):
         return Trace(header, list(self.events))
 
 
-def complete_header(path: str) -> None:
+def complete_header(path: str) -> Trace:
     """Rewrite a finished trace's header with every node seen in it (a trace recorded
-    from one Trio run names only the nodes started before its first event)."""
+    from one Trio run names only the nodes started before its first event); returns
+    the trace."""
     trace = read_trace(path)
     trace.header.nodes = trace.nodes()
     write_trace(trace, path)
+    return trace
 
 
 # --- normalising volatile values --------------------------------------------------------
@@ -765,13 +775,13 @@ class Normaliser:
         host, port = parse_addr(address)
         self.ports.setdefault(port, node)
         if host in ("0.0.0.0", "127.0.0.1"):
-            self.addresses.setdefault(f"127.0.0.1:{port}", node)
+            self.addresses.setdefault(fmt_addr(("127.0.0.1", port)), node)
 
     def learn(self, event: Event) -> None:
         if isinstance(event, Restored):
             # clients the server knew from before the run are named by their names
             for name, ip, port, _, _ in event.clients:
-                self.addresses.setdefault(f"{ip}:{port}", name)
+                self.addresses.setdefault(fmt_addr((ip, port)), name)
                 self.ports.setdefault(port, name)
         elif isinstance(event, Start):
             self.add_address(event.local, event.node)
@@ -858,7 +868,7 @@ class Normaliser:
     def _entry(self, entry: Any) -> Any:
         if isinstance(entry, list) and len(entry) == 4:
             name, ip, port, online = entry
-            return [name, self.address(f"{ip}:{port}"), online]
+            return [name, self.address(fmt_addr((ip, port))), online]
         return entry
 
     def _item(self, item: Any, other_end: str) -> Any:

@@ -19,12 +19,20 @@ import msgspec
 #: limit so that a LAN's fragment reassembly is not stressed.
 MAX_DATAGRAM = 8192
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.\-]+$")]
+#: A nickname: what the command line, the prompt and the wire all accept.
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,32}$"
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=NAME_PATTERN)]
 MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_DATAGRAM)]
 Address = tuple[str, int]
+
+
+def fmt_addr(addr: Address) -> str:
+    """``127.0.0.1:9001``."""
+    return f"{addr[0]}:{addr[1]}"
 
 
 class _Message(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):

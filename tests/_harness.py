@@ -1,11 +1,17 @@
-"""Helpers for the durability, property and hostile-input tests.
+"""Helpers the tests share.
+
+Rules and lines: ``first_only`` (a loss or duplication rule that fires once) and
+``shown_messages`` (the message lines among what a client showed).
 
 Virtual nodes: a server and clients as ``Node``s on a ``MemoryNetwork``, built
 directly (not through ``Cluster``) so that a server can be stopped and started
 again at the same address with the same store.
 
-Real processes: ``chatapp`` started with ``python -m chatapp``, its output read
-by a thread, so a test can wait for a line without a terminal.
+Real processes: ``chatapp`` started with ``python -m chatapp`` (``serve`` and
+``join``), its output read by a thread, so a test can wait for a line without a
+terminal; ``free_udp_ports`` for their ports, all chosen at once so that none is
+handed out twice; ``chatapp_command``, ``chatapp_env``, ``serve_args`` and
+``join_args`` for tests that start the installed command their own way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec
 
 import trio
 
@@ -34,6 +41,33 @@ from chatapp.store import MemoryStore, Store
 from chatapp.wire import Address, Lookup, encode
 
 WALL_OFFSET = 1_648_153_596.0
+
+P = ParamSpec("P")
+
+
+def first_only(rule: Callable[P, bool]) -> Callable[P, bool]:
+    """A rule that matches only the first datagram ``rule`` matches (whatever the
+    rule's arguments: a ``Sim`` rule or a ``Tap`` rule)."""
+    fired = False
+
+    def once(*args: P.args, **kwargs: P.kwargs) -> bool:
+        nonlocal fired
+        if fired or not rule(*args, **kwargs):
+            return False
+        fired = True
+        return True
+
+    return once
+
+
+#: A message line, live or stored: ``[(TIME) ][Channel_Message ]SENDER : TEXT``.
+MESSAGE_LINE = re.compile(r"^(?:\([0-9.e+-]+\) )?(?:Channel_Message )?(\S+) : (.+)$")
+
+
+def shown_messages(lines: Sequence[str]) -> list[tuple[str, str]]:
+    """(sender, text) of every chat, channel or stored message line among ``lines``."""
+    return [(m.group(1), m.group(2)) for m in map(MESSAGE_LINE.match, lines) if m]
+
 
 # --- virtual nodes -------------------------------------------------------------------
 
@@ -160,20 +194,61 @@ async def start_client(
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that nothing is bound to right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_udp_ports(count: int) -> list[int]:
+    """``count`` different UDP ports on 127.0.0.1 that nothing is bound to right now.
+    Every socket is held until all are chosen, so no port is handed out twice."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-def chatapp_env(data_home: Path) -> dict[str, str]:
-    """The environment for a chatapp process: its data directory inside the test's."""
-    env = dict(os.environ)
+def chatapp_command() -> list[str]:
+    """The installed console script beside this interpreter, else the module."""
+    script = Path(sys.executable).with_name("chatapp")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "chatapp"]
+
+
+def chatapp_env(data_home: Path, *, show_warnings: bool = False) -> dict[str, str]:
+    """The environment for a chatapp process: its data directory inside the test's, and
+    no ``CHATAPP_*`` setting (a trace, say) from outside. ``show_warnings``: every warning
+    Python would otherwise keep quiet is shown, so that a check for noise sees it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATAPP_")}
     env["XDG_DATA_HOME"] = str(data_home)
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("CHATAPP_TRACE", None)
+    if show_warnings:
+        env["PYTHONWARNINGS"] = "default"
     return env
+
+
+def serve_args(port: int, *options: str, db: str | Path | None = ":memory:") -> list[str]:
+    """``chatapp serve`` on 127.0.0.1 (``db=None``: the default database)."""
+    args = ["serve", str(port), "--host", "127.0.0.1"]
+    if db is not None:
+        args += ["--db", str(db)]
+    return [*args, *options]
+
+
+def join_args(
+    name: str, server_port: int, port: int, *options: str, command: str = "join"
+) -> list[str]:
+    """``chatapp join`` (or the seed's ``-c``) on 127.0.0.1, to a server there."""
+    return [
+        command,
+        name,
+        "127.0.0.1",
+        str(server_port),
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *options,
+    ]
 
 
 class Proc:
@@ -272,9 +347,28 @@ class Proc:
             self.popen.stdout.close()
 
 
-def wait_until_serving(server_port: int, timeout: float = 10.0) -> None:
+def serve(
+    port: int, env: dict[str, str], *options: str, db: str | Path | None = ":memory:"
+) -> Proc:
+    """A ``chatapp serve`` process, returned once it answers on ``port``."""
+    server = Proc(serve_args(port, *options, db=db), env)
+    try:
+        wait_until_serving(port)
+    except AssertionError as exc:
+        server.kill()
+        raise AssertionError(f"{exc}; its output:\n{server.output}") from None
+    return server
+
+
+def join(name: str, server_port: int, port: int, env: dict[str, str], *options: str) -> Proc:
+    """A ``chatapp join`` process (returned at once: wait for its lines)."""
+    return Proc(join_args(name, server_port, port, *options), env)
+
+
+def wait_until_serving(server_port: int, timeout: float = 20.0) -> int:
     """Wait until a chatapp server answers on ``server_port``: a lookup with a
-    made-up token always draws a refusal, and changes nothing."""
+    made-up token always draws a refusal, and changes nothing (the server logs a
+    warning for it). The port the probes came from."""
     probe = encode(Lookup("probe.1", "nobody", "not-a-token"))
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -284,7 +378,7 @@ def wait_until_serving(server_port: int, timeout: float = 10.0) -> None:
             sock.sendto(probe, ("127.0.0.1", server_port))
             try:
                 sock.recvfrom(65536)
-                return
+                return int(sock.getsockname()[1])
             except (TimeoutError, ConnectionRefusedError):
                 continue
     raise AssertionError(f"no chatapp server answered on UDP port {server_port} in {timeout} s")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from _harness import chatapp_command
 from typer.testing import CliRunner
 
 from chatapp import __version__, cli
@@ -27,11 +28,6 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     out, err = capsys.readouterr()
     code = done.value.code
     return (code if isinstance(code, int) else 0 if code is None else 1), out, err
-
-
-def installed_command() -> list[str]:
-    script = Path(sys.executable).with_name("chatapp")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "chatapp"]
 
 
 @pytest.mark.parametrize(
@@ -78,6 +74,10 @@ GOOD = ["user1", "127.0.0.1", "8001", "9001"]
         (["serve", "8001", "8002"], "unexpected extra argument"),
         (["serve", "--host", "1.2.3"], "--host must be an IPv4 address"),
         (["serve", "--bogus"], "No such option: --bogus"),
+        (["serve", "--mailbox-limit", "0"], "--mailbox-limit must be from 1 to"),
+        (["serve", "--mailbox-limit", "-5"], "--mailbox-limit must be from 1 to"),
+        (["serve", "--host", "127.0.0.\udcff"], "--host must be an IPv4 address"),
+        (["join", "user1", "\udcff", "8001", "9001"], "SERVER_IP must be an IPv4 address"),
         (["join"], "Missing argument 'NAME'"),
         (["join", "user1"], "Missing argument 'SERVER_IP'"),
         (["join", "user1", "127.0.0.1"], "Missing argument 'SERVER_PORT'"),
@@ -208,7 +208,7 @@ def test_an_error_inside_the_nodes_tasks_still_ends_in_one_line(
 
 def test_the_installed_command_with_a_bad_argument() -> None:
     done = subprocess.run(
-        [*installed_command(), "-c", "user1", "10.150.0.2", "8001", "99999"],
+        [*chatapp_command(), "-c", "user1", "10.150.0.2", "8001", "99999"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -231,7 +231,7 @@ def test_the_installed_demo_plays_a_seed_test_from_anywhere(tmp_path: Path) -> N
     # Run away from the source tree, so the installed package (with its scenario files)
     # is what runs, as on a fresh machine.
     done = subprocess.run(
-        [*installed_command(), "demo", "--test", "3"],
+        [*chatapp_command(), "demo", "--test", "3"],
         capture_output=True,
         text=True,
         timeout=60,

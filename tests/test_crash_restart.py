@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from _harness import Proc, chatapp_env, free_udp_port, wait_until_serving
+from _harness import Proc, chatapp_env, free_udp_ports, join, serve, serve_args
 
 from chatapp import screen
 
@@ -13,21 +13,14 @@ from chatapp import screen
 def test_a_saved_message_survives_sigkill_and_is_delivered_after_restart(tmp_path: Path) -> None:
     env = chatapp_env(tmp_path)
     db = tmp_path / "server.sqlite3"
-    server_port = free_udp_port()
-    serve = ["serve", str(server_port), "--host", "127.0.0.1", "--db", str(db)]
-
-    def join(name: str) -> Proc:
-        args = ["join", name, "127.0.0.1", str(server_port), str(free_udp_port())]
-        return Proc([*args, "--host", "127.0.0.1"], env)
-
-    server = Proc(serve, env)
+    server_port, x_port, y_port = free_udp_ports(3)
+    server = serve(server_port, env, db=db)
     procs = [server]
     try:
-        wait_until_serving(server_port)
-        x = join("user1")
+        x = join("user1", server_port, x_port, env)
         procs.append(x)
         x.expect(screen.TABLE_UPDATED)
-        y = join("user2")
+        y = join("user2", server_port, y_port, env)
         procs.append(y)
         x.expect(screen.TABLE_UPDATED, count=2)
         x.type("dereg user1")
@@ -38,9 +31,8 @@ def test_a_saved_message_survives_sigkill_and_is_delivered_after_restart(tmp_pat
         server.kill()  # SIGKILL the moment the sender was told: no chance to tidy up
         assert server.popen.returncode == -9
 
-        server = Proc(serve, env)
+        server = serve(server_port, env, db=db)
         procs.append(server)
-        wait_until_serving(server_port)
         assert "1 stored message" in server.output  # restored from the file
         x.type("reg user1")
         x.expect(screen.YOU_HAVE_MESSAGE)
@@ -57,12 +49,9 @@ def test_a_saved_message_survives_sigkill_and_is_delivered_after_restart(tmp_pat
 
 
 def test_the_default_database_is_per_port_under_the_data_directory(tmp_path: Path) -> None:
-    port = free_udp_port()
-    server = Proc(["serve", str(port), "--host", "127.0.0.1"], chatapp_env(tmp_path))
-    try:
-        wait_until_serving(port)
-    finally:
-        assert server.stop() == 0
+    (port,) = free_udp_ports(1)
+    server = serve(port, chatapp_env(tmp_path), db=None)
+    assert server.stop() == 0
     assert (tmp_path / "chatapp" / f"server-{port}.sqlite3").is_file()
     assert "Traceback" not in server.output
 
@@ -70,11 +59,10 @@ def test_the_default_database_is_per_port_under_the_data_directory(tmp_path: Pat
 def test_a_second_server_on_the_same_database_says_so_in_one_line(tmp_path: Path) -> None:
     env = chatapp_env(tmp_path)
     db = str(tmp_path / "shared.sqlite3")
-    first_port, second_port = free_udp_port(), free_udp_port()
-    first = Proc(["serve", str(first_port), "--host", "127.0.0.1", "--db", db], env)
+    first_port, second_port = free_udp_ports(2)
+    first = serve(first_port, env, db=db)
     try:
-        wait_until_serving(first_port)
-        second = Proc(["serve", str(second_port), "--host", "127.0.0.1", "--db", db], env)
+        second = Proc(serve_args(second_port, db=db), env)
         second.popen.wait(10)
         second.stop()
         assert second.popen.returncode == 1

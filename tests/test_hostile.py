@@ -21,12 +21,12 @@ from typing import Any
 import trio
 import trio.testing
 from _harness import (
-    Proc,
     chatapp_env,
-    free_udp_port,
+    free_udp_ports,
+    join,
+    serve,
     start_client,
     start_server,
-    wait_until_serving,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -390,34 +390,30 @@ def test_a_flood_of_warnings_is_rate_limited() -> None:
 # --- real processes over real UDP ----------------------------------------------------------
 
 
-def _serve(tmp_path: Path, port: int) -> Proc:
-    args = ["serve", str(port), "--host", "127.0.0.1", "--db", str(tmp_path / "server.sqlite3")]
-    server = Proc(args, chatapp_env(tmp_path))
-    wait_until_serving(port)
-    return server
-
-
-def _join(tmp_path: Path, name: str, server_port: int, *extra: str) -> tuple[Proc, int]:
-    port = free_udp_port()
-    args = ["join", name, "127.0.0.1", str(server_port), str(port), "--host", "127.0.0.1", *extra]
-    return Proc(args, chatapp_env(tmp_path)), port
-
-
-def _ask(data: bytes, to: int, timeout: float = 2.0) -> Message:
-    """Send ``data`` from a fresh port (not any client's) and return the answer."""
+def _ask(data: bytes, to: int, tries: int = 5, timeout: float = 2.0) -> Message:
+    """Send ``data`` from a fresh port (not any client's) and return the answer; sent
+    again if unanswered, as a client would (the first may be lost, say, in a socket
+    buffer still full of a flood)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(timeout)
-        sock.sendto(data, ("127.0.0.1", to))
-        return decode(sock.recvfrom(65536)[0])
+        for _ in range(tries):
+            sock.sendto(data, ("127.0.0.1", to))
+            try:
+                return decode(sock.recvfrom(65536)[0])
+            except TimeoutError:
+                continue
+    raise AssertionError(f"no answer from UDP port {to} in {tries} tries of {timeout} s")
 
 
 def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path) -> None:
-    server_port = free_udp_port()
-    server = _serve(tmp_path, server_port)
+    env = chatapp_env(tmp_path)
+    server_port, client_port = free_udp_ports(2)
+    started = time.monotonic()
+    server = serve(server_port, env, db=tmp_path / "server.sqlite3")
     procs = [server]
     try:
-        client, client_port = _join(tmp_path, "user1", server_port)
+        client = join("user1", server_port, client_port, env)
         procs.append(client)
         client.expect(screen.TABLE_UPDATED)
         shown_before = client.lines()
@@ -463,11 +459,15 @@ def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path
         ]
     finally:
         statuses = [proc.stop() for proc in procs]
+    running = time.monotonic() - started
     assert statuses == [0, 0]
     for proc in procs:
         assert "Traceback" not in proc.output, proc.output
     dropped = [line for line in server.lines() if "dropped" in line or "refused" in line]
-    assert 1 <= len(dropped) <= 40, f"{len(dropped)} log lines for {len(flood)} bad datagrams"
+    # Warnings are let through at 5 a second after a burst of 5 (chatapp.node.LogSink),
+    # so the bound grows with how long the server ran; a few refusals are not warnings.
+    limit = 40 + 5 * running
+    assert 1 <= len(dropped) <= limit, f"{len(dropped)} log lines for {len(flood)} bad datagrams"
 
 
 def _sent_in_trace(trace: Path, until: str, timeout: float = 5.0) -> dict[str, bytes]:
@@ -487,15 +487,16 @@ def _sent_in_trace(trace: Path, until: str, timeout: float = 5.0) -> dict[str, b
 
 
 def test_a_control_datagram_copied_from_a_trace_cannot_deregister_anyone(tmp_path: Path) -> None:
-    server_port = free_udp_port()
-    server = _serve(tmp_path, server_port)
+    env = chatapp_env(tmp_path)
+    server_port, x_port, y_port = free_udp_ports(3)
+    server = serve(server_port, env, db=tmp_path / "server.sqlite3")
     procs = [server]
     trace = tmp_path / "user1.jsonl"
     try:
-        x, _ = _join(tmp_path, "user1", server_port, "--trace", str(trace))
+        x = join("user1", server_port, x_port, env, "--trace", str(trace))
         procs.append(x)
         x.expect(screen.TABLE_UPDATED)
-        y, _ = _join(tmp_path, "user2", server_port)
+        y = join("user2", server_port, y_port, env)
         procs.append(y)
         x.expect(screen.TABLE_UPDATED, count=2)
         x.type("dereg user1")

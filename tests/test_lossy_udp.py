@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import selectors
 import socket
 import threading
@@ -28,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _harness import Proc, chatapp_env, free_udp_port, wait_until_serving
+from _harness import Proc, chatapp_env, free_udp_ports, join, serve, shown_messages
 
 from chatapp import screen
 
@@ -111,22 +110,20 @@ class LossyRelay:
 def test_every_message_is_shown_exactly_once_across_a_lossy_relay(tmp_path: Path) -> None:
     env = chatapp_env(tmp_path)
     relay = LossyRelay(seed=10)
-    server_port = free_udp_port()
-    server_alias = relay.alias(("127.0.0.1", server_port))
     names = ("user1", "user2", "user3")
-    ports = {name: free_udp_port() for name in names}
+    server_port, *client_ports = free_udp_ports(1 + len(names))
+    server_alias = relay.alias(("127.0.0.1", server_port))
+    ports = dict(zip(names, client_ports, strict=True))
     for port in ports.values():
         relay.alias(("127.0.0.1", port))
     relay.start()
 
-    server = Proc(["serve", str(server_port), "--host", "127.0.0.1", "--db", ":memory:"], env)
+    server = serve(server_port, env)
     procs = [server]
     clients: dict[str, Proc] = {}
     try:
-        wait_until_serving(server_port)
         for count, name in enumerate(names, 1):
-            args = ["join", name, "127.0.0.1", str(server_alias[1]), str(ports[name])]
-            clients[name] = Proc([*args, "--host", "127.0.0.1"], env)
+            clients[name] = join(name, server_alias[1], ports[name], env)
             procs.append(clients[name])
             for position, joined in enumerate(names[:count], 1):
                 # every one so far has a table from each join since its own
@@ -204,9 +201,6 @@ def test_every_message_is_shown_exactly_once_across_a_lossy_relay(tmp_path: Path
     assert relay.dropped >= total // 21 > 0, (relay.dropped, total)
 
 
-_MESSAGE = re.compile(r"^(?:\(\d+(?:\.\d+)?\) )?(?:Channel_Message )?\S+ : (.+)$")
-
-
 def _shown(lines: list[str]) -> list[str]:
     """The text of every message line, live or stored."""
-    return [m.group(1) for m in map(_MESSAGE.match, lines) if m]
+    return [text for _, text in shown_messages(lines)]

@@ -23,13 +23,12 @@ A failing example is printed by hypothesis as a ``Run(...)``; paste it into
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
 import trio.testing
-from _harness import VirtualClient, VirtualServer, start_client, start_server
+from _harness import VirtualClient, VirtualServer, shown_messages, start_client, start_server
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
@@ -133,19 +132,6 @@ class Outcome:
     sent: dict[str, Sent] = field(default_factory=dict)
     converged: bool = False
     running: set[str] = field(default_factory=set)  # clients still running at the end
-
-
-_MESSAGE = re.compile(r"^(?:\([0-9.e+-]+\) )?(?:Channel_Message )?(\S+) : (m\d+)$")
-
-
-def shown_messages(lines: list[str]) -> list[tuple[str, str]]:
-    """(sender, text) of every chat, channel or stored message line among ``lines``."""
-    found = []
-    for line in lines:
-        match = _MESSAGE.match(line)
-        if match:
-            found.append((match.group(1), match.group(2)))
-    return found
 
 
 async def _act(client: VirtualClient, action: Action, number: int, outcome: Outcome) -> None:
@@ -330,14 +316,9 @@ async def test_a_client_marked_offline_for_silence_is_back_when_it_speaks(
         await trio.sleep(3)
         shown = x.lines[start:]
         assert screen.YOU_HAVE_MESSAGE in shown
-        assert [m[1] for m in shown_messages_any(shown)] == ["hello guys", "are you there?"]
+        assert [m[1] for m in shown_messages(shown)] == ["hello guys", "are you there?"]
         assert server.protocol.clients["user1"].presence is Presence.ONLINE
         assert "user1" not in server.protocol.mailbox  # ACKed, so deleted
         assert y.protocol.table["user1"].online and z.protocol.table["user1"].online
         assert "Channel_Message user1 : I am back" in z.lines
         nursery.cancel_scope.cancel()
-
-
-def shown_messages_any(lines: list[str]) -> list[tuple[str, str]]:
-    pattern = re.compile(r"^(?:\([0-9.e+-]+\) )?(?:Channel_Message )?(\S+) : (.+)$")
-    return [(m.group(1), m.group(2)) for m in map(pattern.match, lines) if m]

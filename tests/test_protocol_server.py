@@ -6,16 +6,24 @@ The harness (``Sim``) is the one in ``test_protocol_client.py``: a real
 
 from __future__ import annotations
 
+import ast
+import inspect
+import sys
+import types
+
 import pytest
-from test_protocol_client import (  # the shared harness; see that module's docstring
+import test_protocol_client
+import test_virtual
+from _harness import first_only
+from _sim import (  # the shared harness; see its docstring
     CLIENT_IP,
     SERVER,
+    SERVER_TEXT,
     TU,
     WALL,
     Sim,
     between,
     entry,
-    first_only,
     trio_of_clients,
 )
 
@@ -651,46 +659,133 @@ def test_an_ack_for_nothing_is_ignored() -> None:
 # === screen coverage ==========================================================================
 
 
-#: Every public line or line-maker in ``chatapp.screen``, and a test that shows it on a client.
-SCREEN_COVERAGE = {
-    "printable": "test_control_characters_from_the_network_cannot_fake_screen_lines",
-    "PROMPT": "tests/test_virtual.py (the terminal screen)",
-    "TABLE_UPDATED": "test_join_shows_table_updated_and_keeps_the_whole_table",
-    "YOU_ARE_OFFLINE": "test_dereg_goes_offline_and_the_others_get_the_table",
-    "YOU_HAVE_MESSAGE": "test_reg_shows_stored_messages_oldest_first_interleaved",
-    "SAVED_BY_SERVER": "test_no_ack_within_500_ms_sends_the_message_to_the_server_once",
-    "CHANNEL_ACKED": "test_send_all_is_acked_and_reaches_every_other_online_client",
-    "SEND_FAILED": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
-    "SERVER_SHUT_DOWN": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
-    "EXITING": "test_seed_test_2_gives_up_exactly_3_seconds_after_send",
-    "SERVER_NOT_RESPONDING": "test_dereg_not_answered_in_five_tries_exits",
-    "SERVER_NOT_RESPONDING_CHANNEL": "test_send_all_not_answered_says_so_and_keeps_working",
-    "KEYBOARD_INTERRUPT": "test_ctrl_c_says_so_and_exits_0_without_deregistering",
-    "chat": "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
-    "received_by": "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
-    "no_ack": "test_no_ack_within_500_ms_sends_the_message_to_the_server_once",
-    "channel_message": "test_send_all_is_acked_and_reaches_every_other_online_client",
-    "stored_direct": "test_reg_shows_stored_messages_oldest_first_interleaved",
-    "stored_channel": "test_reg_shows_stored_messages_oldest_first_interleaved",
-    "HELP": "test_help_and_table",
-    "OFFLINE_ONLY_REG": "test_while_offline_the_only_command_is_reg",
-    "ALREADY_ONLINE": "test_bad_commands_get_a_line_and_the_client_keeps_working",
-    "STILL_JOINING": "test_commands_while_joining_or_deregistering_wait_for_the_server",
-    "BUSY_DEREGISTERING": "test_commands_while_joining_or_deregistering_wait_for_the_server",
-    "REG_NOT_ANSWERED": "test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again",
-    "EMPTY_TABLE": "test_help_and_table",
-    "unknown_command": "test_bad_commands_get_a_line_and_the_client_keeps_working",
-    "usage": "test_bad_commands_get_a_line_and_the_client_keeps_working",
-    "only_yourself": "test_bad_commands_get_a_line_and_the_client_keeps_working",
-    "unknown_user": "test_send_to_a_name_nobody_has_asks_the_server_then_says_unknown",
-    "lookup_not_answered": "test_a_lookup_the_server_never_answers_says_nothing_was_sent",
-    "too_long": "test_a_message_too_long_for_a_datagram_is_refused_with_a_clear_line",
-    "refused": "test_a_name_online_elsewhere_is_refused_and_the_holder_is_not_disturbed",
-    "request_refused": "test_a_forgetful_server_refuses_a_dereg_and_the_client_stays_online",
-    "join_not_answered": "test_an_unanswered_registration_gets_five_tries_of_500_ms",
-    "table_lines": "test_help_and_table",
-    "bad_input": "tests/test_virtual.py (a line that is not UTF-8)",
+#: Every public line or line-maker in ``chatapp.screen``, a test that shows it on a client,
+#: and for a line-maker the arguments that make a line that test expects.
+SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
+    "printable": (
+        "test_control_characters_from_the_network_cannot_fake_screen_lines",
+        ("hi\n[Client Table Updated]\x1b[2J",),
+    ),
+    "PROMPT": ("test_a_client_node_on_a_terminal", ()),
+    "TABLE_UPDATED": ("test_join_shows_table_updated_and_keeps_the_whole_table", ()),
+    "YOU_ARE_OFFLINE": ("test_dereg_goes_offline_and_the_others_get_the_table", ()),
+    "YOU_HAVE_MESSAGE": ("test_reg_shows_stored_messages_oldest_first_interleaved", ()),
+    "SAVED_BY_SERVER": ("test_no_ack_within_500_ms_sends_the_message_to_the_server_once", ()),
+    "CHANNEL_ACKED": ("test_send_all_is_acked_and_reaches_every_other_online_client", ()),
+    "SEND_FAILED": ("test_seed_test_2_gives_up_exactly_3_seconds_after_send", ()),
+    "SERVER_SHUT_DOWN": ("test_seed_test_2_gives_up_exactly_3_seconds_after_send", ()),
+    "EXITING": ("test_seed_test_2_gives_up_exactly_3_seconds_after_send", ()),
+    "SERVER_NOT_RESPONDING": ("test_dereg_not_answered_in_five_tries_exits", ()),
+    "SERVER_NOT_RESPONDING_CHANNEL": (
+        "test_send_all_not_answered_says_so_and_keeps_working",
+        (),
+    ),
+    "KEYBOARD_INTERRUPT": ("test_ctrl_c_says_so_and_exits_0_without_deregistering", ()),
+    "chat": (
+        "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
+        ("user1", "hello nice to meet you."),
+    ),
+    "received_by": (
+        "test_direct_chat_is_shown_by_the_receiver_and_acked_to_the_sender",
+        ("user2",),
+    ),
+    "no_ack": ("test_no_ack_within_500_ms_sends_the_message_to_the_server_once", ("user2",)),
+    "channel_message": (
+        "test_send_all_is_acked_and_reaches_every_other_online_client",
+        ("user1", "hello guys"),
+    ),
+    "stored_direct": (
+        "test_reg_shows_stored_messages_oldest_first_interleaved",
+        (WALL + 1.5, "user2", "hello?"),
+    ),
+    "stored_channel": (
+        "test_reg_shows_stored_messages_oldest_first_interleaved",
+        (WALL + 2.0, "user3", "hello guys"),
+    ),
+    "HELP": ("test_help_and_table", ()),
+    "OFFLINE_ONLY_REG": ("test_while_offline_the_only_command_is_reg", ()),
+    "ALREADY_ONLINE": ("test_bad_commands_get_a_line_and_the_client_keeps_working", ()),
+    "STILL_JOINING": ("test_commands_while_joining_or_deregistering_wait_for_the_server", ()),
+    "BUSY_DEREGISTERING": (
+        "test_commands_while_joining_or_deregistering_wait_for_the_server",
+        (),
+    ),
+    "REG_NOT_ANSWERED": (
+        "test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again",
+        (),
+    ),
+    "EMPTY_TABLE": ("test_help_and_table", ()),
+    "unknown_command": ("test_bad_commands_get_a_line_and_the_client_keeps_working", ("hello",)),
+    "usage": (
+        "test_bad_commands_get_a_line_and_the_client_keeps_working",
+        ("send NAME MESSAGE",),
+    ),
+    "only_yourself": (
+        "test_bad_commands_get_a_line_and_the_client_keeps_working",
+        ("deregister", "user1"),
+    ),
+    "unknown_user": ("test_send_to_a_name_nobody_has_asks_the_server_then_says_unknown", ("bob",)),
+    "lookup_not_answered": (
+        "test_a_lookup_the_server_never_answers_says_nothing_was_sent",
+        ("bob",),
+    ),
+    "too_long": (
+        "test_a_message_too_long_for_a_datagram_is_refused_with_a_clear_line",
+        (),  # the test works the sizes out, and says screen.too_long
+    ),
+    "refused": (
+        "test_a_name_online_elsewhere_is_refused_and_the_holder_is_not_disturbed",
+        ("the name user1 is online at 10.0.0.2:9001. Choose another name.",),
+    ),
+    "request_refused": (
+        "test_a_forgetful_server_refuses_a_dereg_and_the_client_stays_online",
+        ("user1 is not registered from 10.0.0.2:9001. Restart the client to join again.",),
+    ),
+    "join_not_answered": (
+        "test_an_unanswered_registration_gets_five_tries_of_500_ms",
+        (SERVER_TEXT,),
+    ),
+    "table_lines": (
+        "test_help_and_table",
+        (
+            [
+                ("user1", CLIENT_IP, 9001, True),
+                ("user2", CLIENT_IP, 9101, False),
+                ("user3", CLIENT_IP, 9201, True),
+            ],
+        ),
+    ),
+    "bad_input": ("test_a_client_node_on_a_terminal", ("not UTF-8",)),
 }
+
+#: The modules whose tests SCREEN_COVERAGE names.
+_COVERING_MODULES = (test_protocol_client, test_virtual)
+
+
+def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:
+    """The text a test's source holds: its string literals, its f-strings that use only
+    the module's names, and the module's (or ``screen``'s) string constants it names."""
+    tree = ast.parse(inspect.getsource(test))
+    texts = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            try:
+                value = eval(compile(ast.Expression(node), "<f-string>", "eval"), vars(module))
+            except NameError:  # uses the test's own variables
+                continue
+            texts.append(value)
+        elif isinstance(node, ast.Name) and isinstance(vars(module).get(node.id), str):
+            texts.append(vars(module)[node.id])
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "screen"
+            and isinstance(getattr(screen, node.attr, None), str)
+        ):
+            texts.append(getattr(screen, node.attr))
+    return texts
 
 
 def test_every_screen_line_has_a_test_that_shows_it() -> None:
@@ -702,11 +797,24 @@ def test_every_screen_line_has_a_test_that_shows_it() -> None:
     }
     # a new line in chatapp.screen needs a test here that shows it
     assert public == set(SCREEN_COVERAGE)
-    import test_protocol_client
-
-    for name, where in SCREEN_COVERAGE.items():
-        if where.startswith("test_"):
-            assert hasattr(test_protocol_client, where) or where in globals(), (name, where)
+    tests = {
+        name: module
+        for module in (*_COVERING_MODULES, sys.modules[__name__])
+        for name in vars(module)
+        if name.startswith("test_")
+    }
+    for name, (where, args) in SCREEN_COVERAGE.items():
+        assert where in tests, (name, where)
+        module = tests[where]
+        test = getattr(module, where)
+        if f"screen.{name}" in inspect.getsource(test):
+            continue  # the test makes its line with it
+        value = getattr(screen, name)
+        made = value if isinstance(value, str) else value(*args)
+        lines = made if isinstance(made, list) else [made]
+        texts = _texts_in(test, module)
+        missing = [line for line in lines if not any(line in text for text in texts)]
+        assert not missing, (name, where, missing)
 
 
 def test_the_client_state_after_a_clean_session() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,7 +118,8 @@ def test_faults_lose_and_repeat_no_message(capsys: pytest.CaptureFixture[str]) -
             capsys, trace_path("test1"), "--loss", "0.2", "--dup", "0.2", "--seed", str(seed)
         )
         assert code == 0, out
-        assert "received twice" in out
+        twice = re.search(r"(\d+) received twice", out)
+        assert twice is not None and int(twice.group(1)) > 0, out  # the faults did duplicate
 
 
 def test_faults_need_the_virtual_network(capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,7 +144,8 @@ def test_a_changed_shown_line_fails_at_that_line(
     code, out = chat_replay(capsys, edited(tmp_path, "test1", change))
     assert code == 1
     assert "First divergence: lines user1 showed" in out
-    assert "recorded" in out and "'user3 : hi!'" in out and "'user3 : hi~'" in out
+    assert re.search(r"^  recorded \(seq \d+, t=[\d.]+\): 'user3 : hi!'$", out, re.M), out
+    assert re.search(r"^  replay   \(seq \d+, t=[\d.]+\): 'user3 : hi~'$", out, re.M), out
 
 
 def test_a_removed_datagram_fails_at_that_datagram(
@@ -205,6 +210,114 @@ def test_an_unreadable_trace_is_one_line_and_status_2(
     assert out.count("\n") == 1 and "Traceback" not in out
     code, out = chat_replay(capsys, str(tmp_path / "missing.jsonl"))
     assert code == 2 and "no such trace" in out
+
+
+Line = dict[str, Any]
+Edit = Callable[[list[Line]], list[Line]]
+
+
+def _changed(kind: str, **changes: object) -> Edit:
+    """An edit that changes the message of the first datagram of ``kind``."""
+
+    def edit(lines: list[Line]) -> list[Line]:
+        line = next(x for x in lines[1:] if (x.get("msg") or {}).get("t") == kind)
+        line["msg"] = dict(line["msg"], **changes)
+        return lines
+
+    return edit
+
+
+def _timers(ack_timeout: float, tries: int) -> Edit:
+    return lambda lines: [
+        dict(lines[0], timers={"ack_timeout": ack_timeout, "tries": tries}),
+        *lines[1:],
+    ]
+
+
+def _restored(clients: list[list[object]], mailbox: dict[str, list[object]]) -> Edit:
+    """An edit that puts a ``restore`` event before the server's start."""
+
+    def edit(lines: list[Line]) -> list[Line]:
+        restore = {"ev": "restore", "seq": 0, "t": 0.0, "node": "server", "clients": clients}
+        lines.insert(1, dict(restore, mailbox=mailbox))
+        return renumbered(lines)
+
+    return edit
+
+
+def _start_without_port(lines: list[Line]) -> list[Line]:
+    next(x for x in lines if x.get("ev") == "start")["local"] = "noport"
+    return lines
+
+
+def _chat_without_id(lines: list[Line]) -> list[Line]:
+    for line in lines:
+        if (line.get("msg") or {}).get("t") == "chat":
+            del line["msg"]["id"]
+    return lines
+
+
+_ITEM = {"id": "user2.9", "kind": "direct", "sender": "user2", "text": "hi", "stored_at": 1.5}
+_NO_ID = {key: value for key, value in _ITEM.items() if key != "id"}
+
+#: A trace that is not one, and the command that reads it: each must be one line, exit 2.
+BAD_TRACES: dict[str, tuple[str, Edit]] = {
+    "start-without-port": ("replay", _start_without_port),
+    "zero-ack-timeout": ("replay", _timers(0, 5)),
+    "no-tries": ("replay", _timers(0.5, 0)),
+    "bogus-presence": ("replay", _restored([["user1", "127.0.0.1", 40999, "tok", "bogus"]], {})),
+    "stored-item-without-id": ("replay", _restored([], {"user1": [_NO_ID]})),
+    "chat-without-id": ("check", _chat_without_id),
+    "text-stored-at": ("check", _changed("mailbox", items=[dict(_ITEM, stored_at="soon")])),
+    "short-table-entry": ("check", _changed("table", entries=[["user1", "127.0.0.1", 1]])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRACES))
+def test_a_bad_trace_is_one_line_and_status_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, case: str
+) -> None:
+    command, edit = BAD_TRACES[case]
+    assert_one_line_error(capsys, command, edited(tmp_path, "test1", edit))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay", "{test1}", "-o", "/nonexistent/x.jsonl"],
+        ["merge", "{test1}", "-o", "{tmp}/dir"],
+        ["show", "{test1}", "--mermaid", "/nonexistent/x.mmd"],
+        ["record", "{scenario}", "-o", "/nonexistent/x.jsonl", "--virtual"],
+        ["record", "{scenario}", "-o", "{tmp}/dir", "--virtual"],
+        ["record", "{garbage}", "-o", "{tmp}/x.jsonl"],
+    ],
+    ids=["replay-o", "merge-o-dir", "show-mermaid", "record-o", "record-o-dir", "record-binary"],
+)
+def test_a_bad_path_is_one_line_and_status_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str]
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(128, 256)))
+    (tmp_path / "dir").mkdir()
+    paths = {
+        "test1": trace_path("test1"),
+        "tmp": str(tmp_path),
+        "scenario": str(ROOT / "chatapp/scenarios/test3.txt"),
+        "garbage": str(garbage),
+    }
+    assert_one_line_error(capsys, *(arg.format(**paths) for arg in args))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "garbage.bin"]  # nothing more
+
+
+def assert_one_line_error(capsys: pytest.CaptureFixture[str], *args: str) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    captured = capsys.readouterr()
+    assert done.value.code == 2, captured.out + captured.err
+    assert "Traceback" not in captured.err
+    assert captured.err.startswith("chat-replay: error: ") and captured.err.count("\n") == 1, (
+        captured.err
+    )
 
 
 # --- check, show, merge, record --------------------------------------------------------------

@@ -3,6 +3,7 @@ several processes into one file, volatile values normalised."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -89,8 +90,10 @@ def test_written_trace_reads_back_with_header_and_every_event(tmp_path: Path) ->
     }
     bad = trace.events[2]
     assert isinstance(bad, Recv) and bad.data == b"\xff\x00" and bad.error == "bad"
-    for line in path.read_text().splitlines():  # one JSON object a line, readable text
-        json.loads(line)
+    # on disk: chatapp's own datagram as readable text, other bytes in base64
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[2]["raw"] == '{"t":"chat","id":"user1.1","sender":"user1","text":"hi"}'
+    assert "raw" not in lines[3] and base64.b64decode(lines[3]["raw_b64"]) == b"\xff\x00"
 
 
 def test_reading_checks_format_version_and_every_line(tmp_path: Path) -> None:
@@ -287,7 +290,7 @@ def test_a_server_that_starts_from_its_database_replays_from_the_same_state() ->
     recorded = trio.run(record, clock=trio.testing.MockClock(autojump_threshold=0)).trace()
     restore = recorded.events[0]
     assert isinstance(restore, Restored) and restore.clients[0][0] == "user1"
-    assert restore.mailbox["user1"][0]["text"] == "kept for you"
+    assert restore.mailbox["user1"][0].text == "kept for you"
     for virtual in (True, False):
         replayed, _ = run_replay(recorded, ReplayOptions(virtual=virtual))
         comparison = compare(recorded, replayed)
@@ -306,3 +309,13 @@ def test_a_last_line_cut_short_is_dropped_but_a_bad_line_elsewhere_is_an_error(
     assert len(parse_trace(text + '{"ev":"show","seq":7,"t":0.3,"no').events) == 6
     with pytest.raises(TraceError, match=":2: not JSON"):
         parse_trace(text.replace("\n", '\n{"broken\n', 1))
+
+
+def test_a_command_line_that_is_not_utf8_is_still_recorded() -> None:
+    # Python hands such arguments over with surrogates, which JSON cannot encode: the
+    # trace writer would die and the trace stay empty.
+    from chatapp.trace import dump_line, public_argv
+
+    argv = public_argv(["/usr/bin/chatapp", "serve", "--trace", "x\udcff.jsonl"])
+    assert argv == ["chatapp", "serve", "--trace", "x\ufffd.jsonl"]
+    assert dump_line({"argv": argv}).decode("utf-8")

@@ -20,15 +20,19 @@ from chatapp.protocol.common import (
     Exit,
     IdFactory,
     Log,
+    Machine,
     Pending,
     RetryQueue,
     SeenIds,
     Show,
     Timers,
+    dropped,
+    kind,
     send,
 )
 from chatapp.wire import (
     MAX_DATAGRAM,
+    NAME_PATTERN,
     Ack,
     Address,
     ChannelDelivery,
@@ -47,12 +51,9 @@ from chatapp.wire import (
     SaveMessage,
     Table,
     TableEntry,
-    WireError,
-    decode,
     encode,
+    fmt_addr,
 )
-
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,32}$"
 
 
 class ClientState(enum.Enum):
@@ -96,7 +97,7 @@ class Wait:
 _ENVELOPE_ALLOWANCE = 64
 
 
-class ClientProtocol:
+class ClientProtocol(Machine):
     def __init__(
         self,
         name: str,
@@ -138,19 +139,12 @@ class ClientProtocol:
             effects += self._give_up(pending, now)
         return effects
 
-    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        try:
-            message = decode(data)
-        except WireError as exc:
-            return [Log(f"dropped a bad datagram from {_fmt(addr)}: {exc}", "warning")]
-        return self.handle_message(message, addr, now)
-
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         if self.state is ClientState.EXITED:
             return []
         handler = self._message_handlers.get(type(message))
         if handler is None:
-            return [_dropped(message, addr, "a client does not take it")]
+            return [dropped(message, addr, "a client does not take it")]
         return handler(self, message, addr, now)
 
     def handle_command(self, line: str, now: float) -> list[Effect]:
@@ -165,13 +159,19 @@ class ClientProtocol:
             return [Show(screen.unknown_command(word))]
         return handler(self, rest.strip(), now)
 
-    def interrupt(self) -> list[Effect]:
+    def interrupt(self, now: float) -> list[Effect]:
         """Ctrl-C: leave without deregistering (a silent leave)."""
         return self._exit(0, screen.KEYBOARD_INTERRUPT)
 
-    def hang_up(self) -> list[Effect]:
+    def hang_up(self, now: float) -> list[Effect]:
         """End of input or a closed terminal: leave quietly."""
         return self._exit(0)
+
+    def refuse_input(self, detail: str, now: float) -> list[Effect]:
+        """A typed line that could not be read (not UTF-8, far too long)."""
+        if self.state is ClientState.EXITED:
+            return []
+        return [Show(screen.bad_input(detail))]
 
     # --- commands ---------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class ClientProtocol:
         if wait.kind is WaitKind.DEREG:
             return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
         if wait.kind is WaitKind.JOIN:
-            return self._exit(1, screen.join_not_answered(_fmt(self.server)), screen.EXITING)
+            return self._exit(1, screen.join_not_answered(fmt_addr(self.server)), screen.EXITING)
         if wait.kind is WaitKind.CHANNEL:
             return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
         if wait.kind is WaitKind.REG:
@@ -320,7 +320,9 @@ class ClientProtocol:
     def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
         pending = self._reply_to(message, addr)
         if pending is None:
-            return [Log(f"ignored a late or unknown ack {message.id} from {_fmt(addr)}", "debug")]
+            return [
+                Log(f"ignored a late or unknown ack {message.id} from {fmt_addr(addr)}", "debug")
+            ]
         wait = pending.context
         if wait.kind is WaitKind.DIRECT:
             return [Show(screen.received_by(wait.to))]
@@ -332,12 +334,12 @@ class ClientProtocol:
         if wait.kind is WaitKind.REG:
             self.state = ClientState.ONLINE
             return []
-        return [_dropped(message, addr, f"it does not answer a {wait.kind.value} request")]
+        return [dropped(message, addr, f"it does not answer a {wait.kind.value} request")]
 
     def _on_registered(self, message: Registered, addr: Address, now: float) -> list[Effect]:
         pending = self._reply_to(message, addr)
         if pending is None or pending.context.kind is not WaitKind.JOIN:
-            return [Log(f"ignored a late registration answer from {_fmt(addr)}", "debug")]
+            return [Log(f"ignored a late registration answer from {fmt_addr(addr)}", "debug")]
         self.token = message.token
         self.state = ClientState.ONLINE
         return []
@@ -345,7 +347,7 @@ class ClientProtocol:
     def _on_refused(self, message: Refused, addr: Address, now: float) -> list[Effect]:
         pending = self._reply_to(message, addr)
         if pending is None:
-            return [Log(f"ignored a late refusal from {_fmt(addr)}", "debug")]
+            return [Log(f"ignored a late refusal from {fmt_addr(addr)}", "debug")]
         kind = pending.context.kind
         if kind is WaitKind.JOIN:
             return self._exit(1, screen.refused(message.reason))
@@ -358,7 +360,7 @@ class ClientProtocol:
     def _on_saved(self, message: Saved, addr: Address, now: float) -> list[Effect]:
         pending = self._reply_to(message, addr)
         if pending is None or pending.context.kind is not WaitKind.SAVE:
-            return [Log(f"ignored a late save answer from {_fmt(addr)}", "debug")]
+            return [Log(f"ignored a late save answer from {fmt_addr(addr)}", "debug")]
         if message.outcome == "delivered":
             return [Show(screen.received_by(pending.context.to))]
         return [Show(screen.SAVED_BY_SERVER)]
@@ -366,7 +368,7 @@ class ClientProtocol:
     def _on_lookup_result(self, message: LookupResult, addr: Address, now: float) -> list[Effect]:
         pending = self._reply_to(message, addr)
         if pending is None or pending.context.kind is not WaitKind.LOOKUP:
-            return [Log(f"ignored a late lookup answer from {_fmt(addr)}", "debug")]
+            return [Log(f"ignored a late lookup answer from {fmt_addr(addr)}", "debug")]
         wait = pending.context
         if message.entry is None or message.entry.name != wait.to:
             return [Show(screen.unknown_user(wait.to))]
@@ -421,9 +423,9 @@ class ClientProtocol:
 
     def _refuse_unless_from_server(self, message: Message, addr: Address) -> list[Effect]:
         if addr != self.server:
-            return [_dropped(message, addr, "it did not come from the server")]
+            return [dropped(message, addr, "it did not come from the server")]
         if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a {_kind(message)} from the server", "debug")]
+            return [Log(f"offline: ignored a {kind(message)} from the server", "debug")]
         return []
 
     _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
@@ -437,15 +439,3 @@ class ClientProtocol:
         Mailbox: _on_mailbox,
         Table: _on_table,
     }
-
-
-def _fmt(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
-
-
-def _kind(message: Message) -> str:
-    return type(message).__struct_config__.tag  # type: ignore[return-value]
-
-
-def _dropped(message: Message, addr: Address, why: str) -> Log:
-    return Log(f"dropped a {_kind(message)} from {_fmt(addr)}: {why}", "warning")

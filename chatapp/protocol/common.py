@@ -13,7 +13,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from chatapp.wire import Address, Message, encode
+from chatapp.wire import Address, Message, WireError, decode, encode, fmt_addr
 
 # --- effects -------------------------------------------------------------------
 
@@ -60,6 +60,34 @@ Effect = Send | Show | Log | Exit | Persist
 
 def send(message: Message, addr: Address) -> Send:
     return Send(message, encode(message), addr)
+
+
+def kind(message: Message) -> str:
+    """The message's type as it is named on the wire (``chat``, ``ack``, ...)."""
+    return type(message).__struct_config__.tag  # type: ignore[return-value]
+
+
+def dropped(message: Message, addr: Address, why: str) -> Log:
+    return Log(f"dropped a {kind(message)} from {fmt_addr(addr)}: {why}", "warning")
+
+
+def bad_datagram(addr: Address, error: WireError) -> Log:
+    return Log(f"dropped a bad datagram from {fmt_addr(addr)}: {error}", "warning")
+
+
+class Machine:
+    """What the client's and the server's state machines share: bytes in, effects out."""
+
+    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+        raise NotImplementedError
+
+    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        """Check ``data`` before any rule sees it: a bad datagram is dropped and logged."""
+        try:
+            message = decode(data)
+        except WireError as exc:
+            return [bad_datagram(addr, exc)]
+        return self.handle_message(message, addr, now)
 
 
 # --- settings -------------------------------------------------------------------

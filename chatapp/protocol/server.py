@@ -13,7 +13,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import msgspec
 
@@ -21,11 +21,13 @@ from chatapp.protocol.common import (
     Effect,
     IdFactory,
     Log,
+    Machine,
     Pending,
     Persist,
     RetryQueue,
     Send,
     Timers,
+    dropped,
     send,
 )
 from chatapp.wire import (
@@ -49,14 +51,15 @@ from chatapp.wire import (
     StoredItem,
     Table,
     TableEntry,
-    WireError,
-    decode,
     encode,
+    fmt_addr,
 )
 
 #: Bytes of a datagram kept for the envelope when packing entries or stored items.
 _ENVELOPE_ALLOWANCE = 256
 DEFAULT_MAILBOX_LIMIT = 1000
+#: The most ``--mailbox-limit`` allows (the benchmarks use it for "no limit").
+MAX_MAILBOX_LIMIT = 100_000_000
 
 
 class Presence(enum.Enum):
@@ -119,7 +122,7 @@ class _RecentRequests:
             self.answers.popitem(last=False)
 
 
-class ServerProtocol:
+class ServerProtocol(Machine):
     def __init__(
         self,
         *,
@@ -178,27 +181,23 @@ class ServerProtocol:
             effects += self._give_up(pending, now)
         return effects + self._flush_table(now)
 
-    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        try:
-            message = decode(data)
-        except WireError as exc:
-            return [Log(f"dropped a bad datagram from {_fmt(addr)}: {exc}", "warning")]
-        return self.handle_message(message, addr, now)
-
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         handler = self._handlers.get(type(message))
         if handler is None:
-            return [_dropped(message, addr, "the server does not take it")]
+            return [dropped(message, addr, "the server does not take it")]
         effects = self._presence_by_contact(message, addr, now)
-        effects += handler(self, message, addr, now)
+        done, answer = self._recent.lookup((addr, message.id))
+        if done and isinstance(message, _REQUESTS):
+            # A retry or a late duplicate: answered again (or still waited on), never
+            # redone; an old dereg must not take offline a client that has since come back.
+            effects += answer or []
+        else:
+            effects += handler(self, message, addr, now)
         return effects + self._flush_table(now)
 
     # --- registration -----------------------------------------------------------------
 
     def _on_register(self, message: Register, addr: Address, now: float) -> list[Effect]:
-        done, answer = self._recent.lookup((addr, message.id))
-        if done:
-            return list(answer or [])
         holder = self.clients.get(message.name)
         if holder is not None and holder.online and holder.addr != addr:
             return self._challenge_holder(holder, message, addr, now)
@@ -218,15 +217,15 @@ class ServerProtocol:
         wait = Wait(WaitKind.CLAIM, holder.name, reply_to=addr, claim=claim)
         effect = send(probe, holder.addr)
         return [
-            Log(f"{claim.name} asked for from {_fmt(addr)}: checking on its holder", "debug"),
+            Log(f"{claim.name} asked for from {fmt_addr(addr)}: checking on its holder", "debug"),
             self._retry.start((holder.addr, probe.id), effect, now, wait, tries=1),
         ]
 
     def _refuse_claim(self, holder: ClientRecord, claim: Register, addr: Address) -> list[Effect]:
-        reason = f"the name {claim.name} is online at {_fmt(holder.addr)}. Choose another name."
+        reason = f"the name {claim.name} is online at {fmt_addr(holder.addr)}. Choose another name."
         reply = send(Refused(claim.id, reason), addr)
         self._recent.remember((addr, claim.id), [reply])
-        return [Log(f"refused {claim.name} from {_fmt(addr)}: name in use"), reply]
+        return [Log(f"refused {claim.name} from {fmt_addr(addr)}: name in use"), reply]
 
     def _register(self, message: Register, addr: Address, now: float) -> list[Effect]:
         holder = self.clients.get(message.name)
@@ -247,31 +246,23 @@ class ServerProtocol:
         return [
             *persist_displaced,
             self._persist_client(record),
-            Log(f"registered {record.name} at {_fmt(addr)}"),
+            Log(f"registered {record.name} at {fmt_addr(addr)}"),
             registered,
             *self._start_mailbox(record, now),
         ]
 
     def _on_deregister(self, message: Deregister, addr: Address, now: float) -> list[Effect]:
-        # A late copy of an old dereg (a retry, a duplicate) is ACKed again, never redone:
-        # redoing it would take offline a client that has since come back with reg.
-        done, answer = self._recent.lookup((addr, message.id))
-        if done:
-            return list(answer or [])
         record, refusal = self._authenticate(message.name, message.token, message.id, addr)
         if record is None:
             return refusal
-        effects: list[Effect] = [send(Ack(message.id), addr)]
-        self._recent.remember((addr, message.id), [effects[0]])  # type: ignore[list-item]
-        if record.presence is not Presence.DEREGISTERED:
-            self._set_presence(record, Presence.DEREGISTERED)
-            effects[:0] = [self._persist_client(record), Log(f"{record.name} deregistered")]
-        return effects
+        ack = send(Ack(message.id), addr)
+        self._recent.remember((addr, message.id), [ack])
+        if record.presence is Presence.DEREGISTERED:
+            return [ack]
+        self._set_presence(record, Presence.DEREGISTERED)
+        return [self._persist_client(record), Log(f"{record.name} deregistered"), ack]
 
     def _on_reregister(self, message: Reregister, addr: Address, now: float) -> list[Effect]:
-        done, answer = self._recent.lookup((addr, message.id))
-        if done:  # as for dereg: an old reg must not bring back a client that left since
-            return list(answer or [])
         record, refusal = self._authenticate(message.name, message.token, message.id, addr)
         if record is None:
             return refusal
@@ -295,9 +286,6 @@ class ServerProtocol:
 
     def _on_save(self, message: SaveMessage, addr: Address, now: float) -> list[Effect]:
         key = (addr, message.id)
-        done, answer = self._recent.lookup(key)
-        if done:  # a retry: answer again, or keep waiting for the delivery under way
-            return list(answer or [])
         sender, refusal = self._authenticate(message.sender, message.token, message.id, addr)
         if sender is None:
             return refusal
@@ -327,15 +315,11 @@ class ServerProtocol:
         return [*self._store(recipient, item), answer]
 
     def _on_channel_post(self, message: ChannelPost, addr: Address, now: float) -> list[Effect]:
-        key = (addr, message.id)
-        done, answer = self._recent.lookup(key)
-        if done:  # a retried send_all is ACKed again and broadcast once
-            return list(answer or [])
         sender, refusal = self._authenticate(message.sender, message.token, message.id, addr)
         if sender is None:
             return refusal
         ack = send(Ack(message.id), addr)
-        self._recent.remember(key, [ack])
+        self._recent.remember((addr, message.id), [ack])
         item = StoredItem(message.id, "channel", message.sender, message.text, self._wall(now))
         delivery = ChannelDelivery(message.id, message.sender, message.text)
         delivery_data = encode(delivery)  # once for every receiver
@@ -363,7 +347,9 @@ class ServerProtocol:
     def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
         pending = self._retry.ack((addr, message.id))
         if pending is None:
-            return [Log(f"ignored a late or unknown ack {message.id} from {_fmt(addr)}", "debug")]
+            return [
+                Log(f"ignored a late or unknown ack {message.id} from {fmt_addr(addr)}", "debug")
+            ]
         wait = pending.context
         if wait.kind is WaitKind.TABLE:
             waits = self._table_waits.get(wait.recipient, [])
@@ -433,7 +419,8 @@ class ServerProtocol:
         ]
 
     def _send_batch(self, record: ClientRecord, delivery: str, now: float) -> Effect:
-        items = _pack(self.mailbox[record.name], _item_size)
+        box = self.mailbox[record.name]
+        items = box[: _fitting(box)]
         batch = Mailbox(self._new_id(), delivery, items)
         wait = Wait(WaitKind.MAILBOX, record.name, item_ids=tuple(item.id for item in items))
         effect = send(batch, record.addr)
@@ -560,10 +547,12 @@ class ServerProtocol:
         record = self.clients.get(registered_name) if registered_name else None
         if record is None or record.token != token or (name is not None and record.name != name):
             who = name or "a client"
-            reason = f"{who} is not registered from {_fmt(addr)}. Restart the client to join again."
+            reason = (
+                f"{who} is not registered from {fmt_addr(addr)}. Restart the client to join again."
+            )
             return None, [
                 Log(
-                    f"refused a request for {who} from {_fmt(addr)}: wrong address or token",
+                    f"refused a request for {who} from {fmt_addr(addr)}: wrong address or token",
                     "warning",
                 ),
                 send(Refused(request_id, reason), addr),
@@ -573,7 +562,7 @@ class ServerProtocol:
     def _refuse(self, key: tuple[Address, str], reason: str) -> list[Effect]:
         answer = send(Refused(key[1], reason), key[0])
         self._recent.remember(key, [answer])
-        return [Log(f"refused a request from {_fmt(key[0])}: {reason}"), answer]
+        return [Log(f"refused a request from {fmt_addr(key[0])}: {reason}"), answer]
 
     def _persist_client(self, record: ClientRecord) -> Persist:
         return Persist(
@@ -595,52 +584,37 @@ class ServerProtocol:
     }
 
 
+#: Requests whose answers the server remembers, so that a repeat is answered, not redone.
+_REQUESTS = (Register, Deregister, Reregister, SaveMessage, ChannelPost)
+
+
 def _by_name(record: ClientRecord) -> str:
     return record.name
 
 
-_entry_encoder = msgspec.json.Encoder()
+_item_encoder = msgspec.json.Encoder()
+T = TypeVar("T", TableEntry, StoredItem)
 
 
-def _entry_size(entry: TableEntry) -> int:
-    return len(_entry_encoder.encode(entry)) + 1
-
-
-def _item_size(item: StoredItem) -> int:
-    return len(_entry_encoder.encode(item)) + 1
-
-
-def _pack(items: list[StoredItem], size: Callable[[StoredItem], int]) -> list[StoredItem]:
-    """The longest prefix of ``items`` that fits in one datagram (at least one item)."""
+def _fitting(items: list[T], start: int = 0) -> int:
+    """The end of the run of ``items`` from ``start`` that fits in one datagram (at
+    least one item, so that a part is never empty)."""
     budget = MAX_DATAGRAM - _ENVELOPE_ALLOWANCE
-    taken: list[StoredItem] = []
-    for item in items:
-        budget -= size(item)
-        if budget < 0 and taken:
+    end = start
+    while end < len(items):
+        budget -= len(_item_encoder.encode(items[end])) + 1  # the item and its comma
+        if budget < 0 and end > start:
             break
-        taken.append(item)
-    return taken
+        end += 1
+    return end
 
 
 def _split(entries: list[TableEntry]) -> list[list[TableEntry]]:
     """The table in parts that each fit in one datagram (always at least one part)."""
-    budget = MAX_DATAGRAM - _ENVELOPE_ALLOWANCE
-    parts: list[list[TableEntry]] = [[]]
-    used = 0
-    for entry in entries:
-        size = _entry_size(entry)
-        if used + size > budget and parts[-1]:
-            parts.append([])
-            used = 0
-        parts[-1].append(entry)
-        used += size
+    parts: list[list[TableEntry]] = []
+    start = 0
+    while start < len(entries) or not parts:
+        end = _fitting(entries, start)
+        parts.append(entries[start:end])
+        start = end
     return parts
-
-
-def _fmt(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
-
-
-def _dropped(message: Message, addr: Address, why: str) -> Log:
-    tag = type(message).__struct_config__.tag
-    return Log(f"dropped a {tag} from {_fmt(addr)}: {why}", "warning")

@@ -24,11 +24,12 @@ from pathlib import Path
 import trio
 
 from chatapp import screen
+from chatapp.app import open_store
 from chatapp.net import UdpEndpoint
 from chatapp.node import CapturedScreen, Node
 from chatapp.protocol.client import ClientProtocol, ClientState
-from chatapp.protocol.common import Effect, Persist
-from chatapp.protocol.server import ClientRecord, ServerProtocol
+from chatapp.protocol.common import Effect, Persist, Timers
+from chatapp.protocol.server import MAX_MAILBOX_LIMIT, ClientRecord, ServerProtocol
 from chatapp.sqlite_store import SqliteStore
 from chatapp.trace import NullRecorder
 from chatapp.wire import (
@@ -44,17 +45,19 @@ from chatapp.wire import (
     encode,
 )
 from tools.bench.loadgen import (
+    HOST,
     LoadResult,
+    Request,
     SimClient,
     close_clients,
     open_clients,
     register_all,
+    register_request,
     run_bursts,
     run_closed_loop,
     settle,
 )
 from tools.bench.procs import (
-    HOST,
     BenchError,
     Worker,
     chatapp_client,
@@ -66,7 +69,8 @@ from tools.bench.procs import (
 )
 from tools.bench.report import Figure, median, percentile, unavailable
 
-ACK_TIMEOUT = 0.5
+#: The ACK timeout of the servers the suite starts (they run with the default timers).
+ACK_TIMEOUT = Timers().ack_timeout
 #: Saves sent at once when measuring a server at saturation: well within the 4 MiB socket
 #: buffer a chatapp server asks for (and the bare echo server too).
 BURST = 2000
@@ -128,6 +132,15 @@ def _scratch() -> Iterator[Path]:
 # --- direct message round trip ---------------------------------------------------------
 
 
+async def _ping(sock: trio.socket.SocketType, payload: bytes, port: int) -> float:
+    """One datagram to a bare Trio echo worker and its answer back: seconds taken."""
+    start = time.perf_counter()
+    await sock.sendto(payload, (HOST, port))
+    with trio.fail_after(5):
+        await sock.recvfrom(65536)
+    return time.perf_counter() - start
+
+
 #: Round trips are measured in blocks, chatapp's and the floor's taking turns, so that a
 #: neighbour's burst on a shared machine lands on both alike.
 RTT_BLOCK = 50
@@ -167,13 +180,6 @@ async def _round_trips(
         captured.lines.clear()
         return elapsed
 
-    async def ping_once() -> float:
-        start = time.perf_counter()
-        await sock.sendto(payload, (HOST, echo_port))
-        with trio.fail_after(5):
-            await sock.recvfrom(65536)
-        return time.perf_counter() - start
-
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run, receive_input)
@@ -182,11 +188,11 @@ async def _round_trips(
                     await trio.sleep(0.01)
             for _ in range(warmup):
                 await chat_once()
-                await ping_once()
+                await _ping(sock, payload, echo_port)
             while len(chat) < rounds:
                 block = min(RTT_BLOCK, rounds - len(chat))
                 chat += [await chat_once() for _ in range(block)]
-                floor += [await ping_once() for _ in range(block)]
+                floor += [await _ping(sock, payload, echo_port) for _ in range(block)]
             node.stop()
     finally:
         endpoint.close()
@@ -229,8 +235,8 @@ def bench_round_trip(sizes: Sizes) -> list[Figure]:
 # --- server capacity, tracing, the durable mailbox ---------------------------------------
 
 
-def _save_request(client: SimClient) -> bytes:
-    return encode(SaveMessage(client.next_id(), client.name, "sink", TEXT, client.token or "t"))
+def _save_request(client: SimClient, msg_id: str) -> bytes:
+    return encode(SaveMessage(msg_id, client.name, "sink", TEXT, client.token or "t"))
 
 
 def _register_sink(server: Address) -> None:
@@ -242,7 +248,7 @@ def _register_sink(server: Address) -> None:
         run_closed_loop(
             [sink],
             server,
-            lambda c: encode(Deregister(c.next_id(), c.name, c.token)),
+            lambda c, msg_id: encode(Deregister(msg_id, c.name, c.token)),
             window=1,
             duration=5.0,
             repeat=False,
@@ -264,12 +270,12 @@ class _Target:
             _register_sink(self.server)
             register_all(self.clients, self.server)
 
-    def load(self, phase: str, request: object, sizes: Sizes, window: int) -> None:
+    def load(self, phase: str, request: Request, sizes: Sizes, window: int) -> None:
         before = cpu_seconds(self.pid) if self.pid else None
         result = run_closed_loop(
             self.clients,
             self.server,
-            request,  # type: ignore[arg-type]
+            request,
             window=window,
             duration=sizes.load_seconds,
             warmup=0.1,
@@ -317,18 +323,32 @@ def _check(result: LoadResult, phase: str) -> None:
         raise BenchError(f"{phase}: the server refused {result.refused} requests")
 
 
-def _register_request(client: SimClient) -> bytes:
-    from chatapp.wire import Register
-
-    return encode(Register(client.next_id(), client.name, client.port))
+#: ``PRAGMA synchronous`` answers a number.
+_SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 
-def _sqlite_floor(path: Path, seconds: float) -> float:
-    """Transactions per second of one INSERT each, WAL, synchronous=FULL: the disk's floor."""
+def _store_pragmas(path: Path) -> dict[str, str]:
+    """The journal mode and synchronous setting of a database opened as ``chatapp serve --db``
+    opens it (read back from SQLite, so the floor always uses the store's own)."""
+    store = open_store(str(path), 0)
+    assert isinstance(store, SqliteStore)
+    try:
+        journal = store.pragma("journal_mode")
+        synchronous = store.pragma("synchronous")
+    finally:
+        store.close()
+    return {
+        "journal_mode": str(journal).upper(),
+        "synchronous": _SYNCHRONOUS.get(int(str(synchronous)), str(synchronous)),
+    }
+
+
+def _sqlite_floor(path: Path, seconds: float, pragmas: dict[str, str]) -> float:
+    """Transactions per second of one INSERT each, with the store's pragmas: the disk's floor."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA locking_mode=EXCLUSIVE")  # as chatapp's store opens its file
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    db.execute(f"PRAGMA journal_mode={pragmas['journal_mode']}")
+    db.execute(f"PRAGMA synchronous={pragmas['synchronous']}")
     db.execute("CREATE TABLE m (seq INTEGER PRIMARY KEY, id TEXT, text TEXT, at REAL)")
     count = 0
     start = time.monotonic()
@@ -349,7 +369,7 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
     """Every server runs at once (an idle one costs nothing) and the loads take turns,
     round after round: a neighbour's burst on a shared machine then hits all of them
     alike, and each figure is the best round."""
-    limit = 100_000_000  # every save is stored for one offline client: no "mailbox full" here
+    limit = MAX_MAILBOX_LIMIT  # every save is stored for one offline client: never "mailbox full"
     rounds = sizes.rounds
     n = sizes.load_clients
     with contextlib.ExitStack() as stack:
@@ -370,17 +390,20 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
         }
         for target in targets.values():
             stack.callback(target.close)
+        pragmas = _store_pragmas(scratch / "pragmas.sqlite3")
         floor = 0.0
         for _ in range(rounds):
             echo.load("saves", _save_request, sizes, sizes.window)
             targets["plain"].load("saves", _save_request, sizes, sizes.window)
             targets["traced"].load("saves", _save_request, sizes, sizes.window)
-            targets["plain"].load("registrations", _register_request, sizes, 1)
+            targets["plain"].load("registrations", register_request, sizes, 1)
             echo.saturate(sizes)
             targets["plain"].saturate(sizes)
             targets["traced"].saturate(sizes)
         for index in range(2):  # the disk is shared too: take turns, keep the best
-            floor = max(floor, _sqlite_floor(scratch / f"floor{index}.sqlite3", sizes.load_seconds))
+            floor = max(
+                floor, _sqlite_floor(scratch / f"floor{index}.sqlite3", sizes.load_seconds, pragmas)
+            )
             targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
     plain, traced, durable = targets["plain"], targets["traced"], targets["sqlite"]
     return [
@@ -478,9 +501,9 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
             durable.best["saves"],
             "req/s",
             floor,
-            "bare SQLite commits",
+            f"bare SQLite commits, {pragmas['journal_mode']} synchronous={pragmas['synchronous']}",
             "higher",
-            extra={"synchronous": "FULL", "journal": "WAL", **durable.extra},
+            extra={**pragmas, **durable.extra},
         ),
     ]
 
@@ -574,12 +597,7 @@ async def _stop_and_wait(port: int, rounds: int, request_size: int) -> float:
     await sock.bind((HOST, 0))
     request = b"x" * request_size
     with sock:
-        start = time.perf_counter()
-        for _ in range(rounds):
-            await sock.sendto(request, (HOST, port))
-            with trio.fail_after(5):
-                await sock.recvfrom(65536)
-        return time.perf_counter() - start
+        return sum([await _ping(sock, request, port) for _ in range(rounds)])
 
 
 def bench_mailbox(sizes: Sizes) -> list[Figure]:
@@ -626,7 +644,7 @@ def _poll(receivers: Worker, sender: SimClient, done: object, timeout: float) ->
         settle([sender], 0.01)  # the sender is a client too: it ACKs its tables meanwhile
 
 
-def _wait_quiet(receivers: Worker, sender: SimClient, quiet: float = 0.6) -> int:
+def _wait_quiet(receivers: Worker, sender: SimClient, quiet: float = ACK_TIMEOUT + 0.1) -> int:
     """Until no table has reached a receiver for ``quiet`` s (longer than one retry interval),
     so that a trial starts with no table broadcast or retry in flight; returns the tables seen."""
     receivers.command('{"do": "reset"}')
@@ -688,12 +706,16 @@ def _fanout_figure(
             median([r[0] for r in results]),
             "s",
             floor + ACK_TIMEOUT,
-            "Trio fan-out + 1 timeout",
+            f"Trio fan-out + 1 ACK timeout, {ACK_TIMEOUT:g} s",
             "lower",
             goal=goal,
             goal_on="value",
             goal_limit=limit,
-            extra={"trials": len(results), "table_settled_s": median([r[1] for r in results])},
+            extra={
+                "trials": len(results),
+                "table_settled_s": median([r[1] for r in results]),
+                "ack_timeout_s": ACK_TIMEOUT,
+            },
         )
     return Figure(
         f"fanout_n{n}_d0",
@@ -824,6 +846,10 @@ def bench_memory(sizes: Sizes) -> list[Figure]:
 # --- replay -----------------------------------------------------------------------------------
 
 
+#: The replay figures' baseline: not a measurement, the last event's time in the trace.
+RECORDED = "the recorded run's length, from the trace"
+
+
 def bench_replay(sizes: Sizes) -> list[Figure]:
     root = Path(__file__).resolve().parents[2]
     trace = root / "traces" / "test1.jsonl"
@@ -834,7 +860,7 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     ]
     if not trace.exists() or not replay_cli.exists():
         why = "tools/replay or traces/test1.jsonl is not there yet"
-        return [unavailable(key, label, "s", "the recorded run", why) for key, label, _ in labels]
+        return [unavailable(key, label, "s", RECORDED, why) for key, label, _ in labels]
     from chatapp.trace import read_trace
 
     recorded = max((float(event.t) for event in read_trace(str(trace)).events), default=0.0)
@@ -854,7 +880,7 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
                 elapsed if ok else None,
                 "s",
                 recorded,
-                "the recorded run's length",
+                RECORDED,
                 "lower",
                 goal="< 1 s" if key == "replay_virtual" else "",
                 goal_on="value" if key == "replay_virtual" else "",

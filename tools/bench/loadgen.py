@@ -11,25 +11,28 @@ import resource
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
 
 from chatapp.wire import Ack, Register, encode
 
+#: Every socket of the suite (servers, baselines, simulated clients) is on loopback.
 HOST = "127.0.0.1"
 #: A request unanswered for this long is written off and replaced (the datagram was lost).
 LOST_AFTER = 0.25
 
 
-class _Head(msgspec.Struct):
+class Head(msgspec.Struct):
+    """The fields of any chatapp datagram a simulated client needs."""
+
     t: str
     id: str = ""
     token: str = ""
 
 
-_head = msgspec.json.Decoder(_Head)
+decode_head = msgspec.json.Decoder(Head).decode
 
 
 @dataclass
@@ -49,6 +52,14 @@ class SimClient:
     def next_id(self) -> str:
         self.counter += 1
         return f"{self.name}.{self.counter}"
+
+
+#: A request for a simulated client: its message id (made and kept by the load loop) -> datagram.
+Request = Callable[[SimClient, str], bytes]
+
+
+def register_request(client: SimClient, msg_id: str) -> bytes:
+    return encode(Register(msg_id, client.name, client.port))
 
 
 @dataclass
@@ -89,7 +100,7 @@ def register_all(clients: list[SimClient], server: tuple[str, int], timeout: flo
     result = run_closed_loop(
         clients,
         server,
-        lambda c: encode(Register(c.next_id(), c.name, c.port)),
+        register_request,
         window=1,
         duration=timeout,
         repeat=False,
@@ -106,7 +117,7 @@ def settle(clients: list[SimClient], seconds: float) -> None:
     run_closed_loop(
         clients,
         ("0.0.0.0", 9),
-        lambda c: b"",
+        lambda c, i: b"",
         window=0,
         duration=seconds,
         repeat=False,
@@ -114,10 +125,38 @@ def settle(clients: list[SimClient], seconds: float) -> None:
     )
 
 
+def _answers(client: SimClient) -> Iterator[Head]:
+    """Read all that waits on a client's socket: ACK tables and mailbox batches, as a client
+    must, and yield the answers to its outstanding requests (removed from ``outstanding``;
+    a token in an answer is kept)."""
+    sock = client.sock
+    while True:
+        try:
+            data, addr = sock.recvfrom(65536)
+        except BlockingIOError:
+            return
+        try:
+            head = decode_head(data)
+        except msgspec.DecodeError:
+            continue
+        if head.t == "table" or head.t == "mailbox":
+            sock.sendto(encode(Ack(head.id)), addr)
+        elif client.outstanding.pop(head.id, None) is not None:
+            if head.token:
+                client.token = head.token
+            yield head
+
+
+def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
+    msg_id = client.next_id()
+    client.outstanding[msg_id] = now
+    client.sock.sendto(request(client, msg_id), server)
+
+
 def run_closed_loop(
     clients: list[SimClient],
     server: tuple[str, int],
-    request: Callable[[SimClient], bytes],
+    request: Request,
     *,
     window: int,
     duration: float,
@@ -127,8 +166,8 @@ def run_closed_loop(
 ) -> LoadResult:
     """Keep ``window`` requests in flight per client for ``duration`` seconds.
 
-    A request is done when a datagram of any type but ``table`` comes back
-    with its id; tables are ACKed, as a client must. Completions during the
+    A request is done when a datagram of any type but ``table`` or ``mailbox``
+    comes back with its id; those two are ACKed, as a client must. Completions during the
     first ``warmup`` seconds are not counted. Without ``repeat`` each client
     sends only its first ``window`` requests, and (``until_done``) the run
     ends when they are all answered.
@@ -136,12 +175,6 @@ def run_closed_loop(
     selector = selectors.DefaultSelector()
     for client in clients:
         selector.register(client.sock, selectors.EVENT_READ, client)
-
-    def issue(client: SimClient, now: float) -> None:
-        data = request(client)
-        client.outstanding[_last_id(client)] = now
-        client.sock.sendto(data, server)
-
     start = time.monotonic()
     cpu_start = time.process_time()
     measure_from = start + warmup
@@ -150,36 +183,19 @@ def run_closed_loop(
     next_sweep = start + LOST_AFTER
     for client in clients:
         for _ in range(window):
-            issue(client, start)
+            _send(client, server, request, start)
     now = start
     try:
         while now < deadline:
             for key, _ in selector.select(0.05):
-                client = key.data
-                sock = client.sock
-                while True:
-                    try:
-                        data, addr = sock.recvfrom(65536)
-                    except BlockingIOError:
-                        break
-                    try:
-                        head = _head.decode(data)
-                    except msgspec.DecodeError:
-                        continue
-                    if head.t == "table" or head.t == "mailbox":
-                        sock.sendto(encode(Ack(head.id)), addr)
-                        continue
-                    if client.outstanding.pop(head.id, None) is None:
-                        continue
-                    if head.token:
-                        client.token = head.token
+                for head in _answers(key.data):
                     now = time.monotonic()
                     if head.t == "refused":
                         refused += 1
                     elif now >= measure_from:
                         completed += 1
                     if repeat:
-                        issue(client, now)
+                        _send(key.data, server, request, now)
                     elif until_done and not any(c.outstanding for c in clients):
                         return LoadResult(
                             completed,
@@ -196,7 +212,7 @@ def run_closed_loop(
                     for msg_id in stale:
                         del client.outstanding[msg_id]
                         lost += 1
-                        issue(client, now)
+                        _send(client, server, request, now)
     finally:
         selector.close()
         for client in clients:
@@ -204,14 +220,10 @@ def run_closed_loop(
     return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start, refused)
 
 
-def _last_id(client: SimClient) -> str:
-    return f"{client.name}.{client.counter}"
-
-
 def run_bursts(
     clients: list[SimClient],
     server: tuple[str, int],
-    request: Callable[[SimClient], bytes],
+    request: Request,
     *,
     bursts: int,
     size: int,
@@ -233,32 +245,17 @@ def run_bursts(
     try:
         for _ in range(bursts):
             for index in range(size):
-                client = clients[index % len(clients)]
-                data = request(client)
-                client.outstanding[_last_id(client)] = 0.0
-                client.sock.sendto(data, server)
+                _send(clients[index % len(clients)], server, request, 0.0)
             waiting = size
             deadline = time.monotonic() + timeout
             while waiting and time.monotonic() < deadline:
                 for key, _ in selector.select(0.05):
-                    client = key.data
-                    while True:
-                        try:
-                            data, addr = client.sock.recvfrom(65536)
-                        except BlockingIOError:
-                            break
-                        try:
-                            head = _head.decode(data)
-                        except msgspec.DecodeError:
-                            continue
-                        if head.t == "table" or head.t == "mailbox":
-                            client.sock.sendto(encode(Ack(head.id)), addr)
-                        elif client.outstanding.pop(head.id, None) is not None:
-                            waiting -= 1
-                            if head.t == "refused":
-                                refused += 1
-                            else:
-                                completed += 1
+                    for head in _answers(key.data):
+                        waiting -= 1
+                        if head.t == "refused":
+                            refused += 1
+                        else:
+                            completed += 1
             lost += waiting
             for client in clients:
                 client.outstanding.clear()

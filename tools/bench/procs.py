@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from chatapp.wire import Lookup, encode
+from tools.bench.loadgen import HOST
 
-HOST = "127.0.0.1"
 #: No benchmark process may live longer than this, whatever happens to the parent.
 MAX_PROCESS_SECONDS = 240.0
 

@@ -10,7 +10,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 
 @dataclass
@@ -137,7 +137,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_json(path: str, mode: str, figures: list[Figure], elapsed: float) -> None:
+def write_json(out: TextIO, mode: str, figures: list[Figure], elapsed: float) -> None:
+    """Write the figures to ``out``, a file opened for writing before the run."""
     document = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": mode,
@@ -146,6 +147,6 @@ def write_json(path: str, mode: str, figures: list[Figure], elapsed: float) -> N
         "argv": sys.argv[1:],
         "figures": [f.to_json() for f in figures],
     }
-    with open(path, "w", encoding="utf-8") as out:
-        json.dump(document, out, indent=2)
-        out.write("\n")
+    json.dump(document, out, indent=2)
+    out.write("\n")
+    out.flush()

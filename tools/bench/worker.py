@@ -29,19 +29,9 @@ from typing import Any
 import msgspec
 import trio
 
+from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.wire import Ack, encode
-
-HOST = "127.0.0.1"
-
-
-class _Head(msgspec.Struct):
-    """The two fields of any chatapp datagram a simulated client needs."""
-
-    t: str
-    id: str = ""
-
-
-_head = msgspec.json.Decoder(_Head)
+from tools.bench.loadgen import HOST, decode_head
 
 
 def _answer(data: object) -> None:
@@ -62,8 +52,7 @@ async def _until_end_of_input(max_seconds: float, commands: Any = None) -> None:
             _answer(commands(json.loads(line)) if commands else {"ok": True})
 
 
-#: The socket buffer a chatapp node asks for (chatapp.net): the baselines get the same.
-RECEIVE_SOCKET_BUFFER = 4 * 1024 * 1024
+# The baselines ask for the socket buffer a chatapp node asks for (RECEIVE_SOCKET_BUFFER).
 
 
 async def _echo(settings: dict[str, Any]) -> None:
@@ -154,7 +143,7 @@ class _Receivers:
         if dead and self.dying:
             return
         try:
-            head = _head.decode(data)
+            head = decode_head(data)
         except msgspec.DecodeError:
             return
         if head.t == "channel":

@@ -14,9 +14,8 @@ from typing import Any
 
 from chatapp import screen
 from chatapp.trace import Event, Exited, Normaliser, Recv, Send, Shown, Trace
+from tools.replay.compare import ANSWERS, is_content
 
-#: Answers are sent again for every retry of a request: they are not retries themselves.
-_ANSWERS = {"ack", "registered", "refused", "saved", "lookup_result"}
 #: Messages sent once and then handed over (to the server, or stored): 1 try.
 _ONE_TRY = {"chat", "channel"}
 
@@ -67,10 +66,6 @@ def check(trace: Trace) -> CheckResult:
     return CheckResult(invariants, dict(counts), len(trace.nodes()), len(events), duration)
 
 
-def _content(line: str) -> bool:
-    return " : " in line and not line.startswith("[")
-
-
 def _shown_once(events: list[Event], names: Normaliser, counts: Counter[str]) -> Invariant:
     """Each message (by id) is shown at most once by each node, whatever arrived twice."""
     invariant = Invariant("no message shown twice")
@@ -89,7 +84,7 @@ def _shown_once(events: list[Event], names: Normaliser, counts: Counter[str]) ->
                 arriving[event.node] = [event.msg["id"]]
             elif kind == "mailbox":
                 arriving[event.node] = [item["id"] for item in event.msg.get("items", [])]
-        elif isinstance(event, Shown) and _content(event.line):
+        elif isinstance(event, Shown) and is_content(event.line):
             pending = arriving.get(event.node) or []
             if pending:
                 msg_id = pending.pop(0)
@@ -121,6 +116,7 @@ def _messages_answered(trace: Trace, names: Normaliser, counts: Counter[str]) ->
     last_seen: dict[str, float] = {}
     exited: dict[str, float] = {}
     reported: dict[str, list[float]] = defaultdict(list)
+    nodes = trace.nodes()
     for event in events:
         last_seen[event.node] = event.t
         if isinstance(event, Exited):
@@ -131,7 +127,7 @@ def _messages_answered(trace: Trace, names: Normaliser, counts: Counter[str]) ->
         ):
             reported[event.node].append(event.t)
         if isinstance(event, Send) and event.msg and event.msg.get("t") in ("chat", "send_all"):
-            client = trace.nodes().get(event.node)
+            client = nodes.get(event.node)
             if client is not None and client.role == "client":
                 first_sent.setdefault((event.node, event.msg["id"]), event)
         if isinstance(event, Recv) and event.msg:
@@ -175,7 +171,7 @@ def _retries(
     )
     sends: dict[tuple[str, str, str, str], list[Send]] = defaultdict(list)
     for event in events:
-        if isinstance(event, Send) and event.msg and event.msg.get("t") not in _ANSWERS:
+        if isinstance(event, Send) and event.msg and event.msg.get("t") not in ANSWERS:
             key = (
                 event.node,
                 names.address(event.peer),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -46,6 +47,15 @@ def _load(path: str) -> Trace:
         raise Failed(f"no such trace: {path}") from None
     except (TraceError, OSError) as exc:
         raise Failed(str(exc)) from None
+
+
+def _write(path: str, write: Callable[[str], object]) -> None:
+    """``write(path)``; a file that cannot be written (a missing directory, a directory)
+    is one line."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise Failed(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _target(value: str | None) -> tuple[str, int] | None:
@@ -165,7 +175,7 @@ def replay(
         raise Failed(f"the replay could not use the network: {exc}") from None
     elapsed = time.perf_counter() - started
     if out:
-        write_trace(replayed, out)
+        _write(out, lambda path: write_trace(replayed, path))
     for stall in run.stalls[:3]:
         typer.echo(f"  note: {stall}")
 
@@ -249,7 +259,7 @@ def show(
         if mermaid == "-":
             typer.echo(text, nl=False)
             return
-        Path(mermaid).write_text(text, encoding="utf-8")
+        _write(mermaid, lambda path: Path(path).write_text(text, encoding="utf-8"))
         typer.echo(f"wrote a Mermaid sequence diagram to {mermaid}")
         return
     typer.echo(draw.timeline(recorded, width=width, acks=acks))
@@ -267,7 +277,7 @@ def merge(
     """
     loaded = [_load(path) for path in traces]
     merged = merge_traces(loaded)
-    write_trace(merged, output)
+    _write(output, lambda path: write_trace(merged, path))
     typer.echo(
         f"merged {len(loaded)} traces ({len(merged.events)} events,"
         f" {len(merged.nodes())} nodes) into {output}"
@@ -300,6 +310,8 @@ def record(
         steps = load_scenario(scenario)
     except OSError as exc:
         raise Failed(f"cannot read the scenario {scenario}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise Failed(f"cannot read the scenario {scenario}: not UTF-8 text") from None
     except ScenarioError as exc:
         raise Failed(str(exc)) from None
     clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
@@ -328,14 +340,17 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
     from chatapp.scenario import Cluster, LoopbackNetwork, VirtualNetwork
     from chatapp.trace import JsonlRecorder, complete_header
 
-    recorder = JsonlRecorder.open(
-        output,
-        timers=Timers(),
-        append=False,
-        clock="virtual" if virtual else "real",
-        source="chat-replay record",
-        scenario=scenario,
-    )
+    try:
+        recorder = JsonlRecorder.open(
+            output,
+            timers=Timers(),
+            append=False,
+            clock="virtual" if virtual else "real",
+            source="chat-replay record",
+            scenario=scenario,
+        )
+    except OSError as exc:
+        raise Failed(f"cannot write {output}: {exc.strerror or exc}") from None
     try:
         async with trio.open_nursery() as nursery:
             cluster = Cluster(
@@ -350,8 +365,8 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
                 await cluster.shutdown()
     finally:
         recorder.close()
-        complete_header(output)
-    return len(read_trace(output).events)
+        trace = complete_header(output)
+    return len(trace.events)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatapp import screen
 from chatapp.trace import (
     Event,
     Exited,
@@ -32,11 +33,18 @@ from chatapp.trace import (
     describe,
 )
 
-#: Messages that answer a request (sent again for each retry of it).
+#: Messages that answer a request (sent again for each retry of it): not retries themselves.
 ANSWERS = {"ack", "registered", "refused", "saved", "lookup_result"}
 
-#: Content lines: what a person typed to another, as the receiver shows it.
+#: The prefix of a stored message's line, once normalised (``Normaliser.text``).
 _STORED_PREFIX = re.compile(r"^\(\{time\}\) ")
+
+
+def is_content(line: str) -> bool:
+    """Whether a shown line is a content line: what a person typed to another, as the
+    receiver shows it (``screen.chat``, ``screen.channel_message``), not a bracketed
+    status line."""
+    return " : " in line and not line.startswith("[")
 
 
 @dataclass(frozen=True)
@@ -186,15 +194,18 @@ def compare(
     compared = 0
     result = Comparison([], 0, recorded, replayed, recorded_names, replayed_names)
     result.black_box = black_box
+    old_times, new_times = _Timings(recorded), _Timings(replayed)
     for key in sorted(set(old) | set(new), key=lambda k: (k.node, k.kind, k.peer)):
         before, after = old.get(key, []), new.get(key, [])
         result.streams[key] = (before, after)
         divergence = _first_difference(key, before, after)
         compared += min(len(before), len(after))
         if divergence is None and key.kind == "send":
-            divergence = _timing_difference(key, before, after, recorded, replayed, tolerance)
+            divergence = _timing_difference(key, before, after, old_times, new_times, tolerance)
         if divergence is None and key.kind in ("show", "exit") and not black_box:
-            divergence = _reaction_difference(key, before, after, result, tolerance)
+            divergence = _reaction_difference(
+                key, before, after, result, old_times, new_times, tolerance
+            )
         if divergence is not None:
             divergences.append(divergence)
     divergences.sort(key=lambda d: d.order)
@@ -263,19 +274,48 @@ def _order_of_new(item: Item | None) -> float:
     return float(item.seq) if item is not None else 0.0
 
 
+class _Timings:
+    """The timings of one trace's nodes, each worked out once per node (a node has
+    several streams) and only for the nodes asked about."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self._since_first_send: dict[str, dict[int, float]] = {}
+        self._reactions: dict[str, dict[int, tuple[float, Event]]] = {}
+        self._inputs_elsewhere: dict[str, list[float]] = {}
+
+    def since_first_send(self, node: str) -> dict[int, float]:
+        if node not in self._since_first_send:
+            self._since_first_send[node] = _since_first_send(self.trace, node)
+        return self._since_first_send[node]
+
+    def reactions(self, node: str) -> dict[int, tuple[float, Event]]:
+        if node not in self._reactions:
+            self._reactions[node] = _reaction_times(self.trace, node)
+        return self._reactions[node]
+
+    def inputs_elsewhere(self, node: str) -> list[float]:
+        """When lines were typed at (or starts happened at) the other nodes."""
+        if node not in self._inputs_elsewhere:
+            self._inputs_elsewhere[node] = [
+                e.t for e in self.trace.events if isinstance(e, Input | Start) and e.node != node
+            ]
+        return self._inputs_elsewhere[node]
+
+
 def _timing_difference(
     key: StreamKey,
     before: list[Item],
     after: list[Item],
-    recorded: Trace,
-    replayed: Trace,
+    recorded: _Timings,
+    replayed: _Timings,
     tolerance: float,
 ) -> Divergence | None:
     """Each send's time since the node first sent that message id: a retry's place
     in its schedule, a hand-over to the server after the peer's silence, the spread
     of one broadcast. It does not depend on when lines were typed."""
-    old_gaps = _since_first_send(recorded, key.node)
-    new_gaps = _since_first_send(replayed, key.node)
+    old_gaps = recorded.since_first_send(key.node)
+    new_gaps = replayed.since_first_send(key.node)
     for index, (old, new) in enumerate(zip(before, after, strict=False)):
         old_gap, new_gap = old_gaps.get(old.seq), new_gaps.get(new.seq)
         if old_gap is None or new_gap is None or old.value != new.value:
@@ -294,6 +334,8 @@ def _reaction_difference(
     before: list[Item],
     after: list[Item],
     comparison: Comparison,
+    recorded: _Timings,
+    replayed: _Timings,
     tolerance: float,
 ) -> Divergence | None:
     """How long after its cause (the latest line typed at the node, or datagram it
@@ -302,12 +344,9 @@ def _reaction_difference(
     Timed only where the cause is the same event in both runs, and, for an event a
     timer caused, where no line was typed at another node meanwhile (the replay
     keeps no think time, so such a line may fall elsewhere in a running timer)."""
-    recorded, replayed = comparison.recorded, comparison.replayed
-    old_times = _reaction_times(recorded, key.node)
-    new_times = _reaction_times(replayed, key.node)
-    elsewhere = [
-        e.t for e in recorded.events if isinstance(e, Input | Start) and e.node != key.node
-    ]
+    old_times = recorded.reactions(key.node)
+    new_times = replayed.reactions(key.node)
+    elsewhere = recorded.inputs_elsewhere(key.node)
     for index, (old, new) in enumerate(zip(before, after, strict=False)):
         old_time, new_time = old_times.get(old.seq), new_times.get(new.seq)
         if old_time is None or new_time is None or old.value != new.value:
@@ -371,7 +410,7 @@ def content_lines(lines: Iterable[str]) -> list[str]:
     found = []
     for line in lines:
         plain = _STORED_PREFIX.sub("", line)
-        if " : " in plain and not plain.startswith("["):
+        if is_content(plain):
             found.append(plain)
     return found
 
@@ -385,7 +424,7 @@ def compare_messages(recorded: Trace, replayed: Trace) -> tuple[list[str], list[
     Returns (problems, notes)."""
     recorded_names = Normaliser.of(recorded.events)
     replayed_names = Normaliser.of(replayed.events)
-    confirmed = _confirmed_messages(replayed)
+    confirmed = _confirmed_messages(replayed, replayed_names)
     problems: list[str] = []
     notes: list[str] = []
     for node in sorted(recorded.nodes()):
@@ -416,11 +455,10 @@ def compare_messages(recorded: Trace, replayed: Trace) -> tuple[list[str], list[
     return problems, notes
 
 
-def _confirmed_messages(trace: Trace) -> set[tuple[str, str]]:
-    """(receiver, line as it shows it) of every message whose sender had an ACK from the
-    receiver itself (direct), the server's word that it delivered it, or (channel) whose
-    receiver ACKed it to the server."""
-    names = Normaliser.of(trace.events)
+def _confirmed_messages(trace: Trace, names: Normaliser) -> set[tuple[str, str]]:
+    """(receiver, line as it shows it, normalised by ``names``) of every message whose
+    sender had an ACK from the receiver itself (direct), the server's word that it
+    delivered it, or (channel) whose receiver ACKed it to the server."""
     sent: dict[str, tuple[str, str, str]] = {}  # id -> (kind, sender, text)
     to: dict[str, str] = {}
     confirmed: set[tuple[str, str]] = set()
@@ -450,10 +488,12 @@ def _confirmed_messages(trace: Trace) -> set[tuple[str, str]]:
             else:
                 receiver = names.address(event.peer)
             line = (
-                f"Channel_Message {sender} : {text}" if what == "channel" else f"{sender} : {text}"
+                screen.channel_message(sender, text)
+                if what == "channel"
+                else screen.chat(sender, text)
             )
             if receiver:
-                confirmed.add((receiver, line))
+                confirmed.add((receiver, names.text(line)))
     return confirmed
 
 

@@ -31,6 +31,7 @@ from chatapp.node import BadInput, CapturedScreen, Input, Node, Signal
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Persist, Timers
 from chatapp.protocol.server import ClientRecord, Presence, ServerProtocol
+from chatapp.scenario import _counter_tokens  # the scenario player's tokens, the same form
 from chatapp.trace import (
     Event,
     Exited,
@@ -42,11 +43,10 @@ from chatapp.trace import (
     Shown,
     Start,
     Trace,
-    fmt_addr,
     parse_addr,
 )
 from chatapp.trace import Input as Typed
-from chatapp.wire import Address, Message, StoredItem, WireError, decode, encode
+from chatapp.wire import Address, Message, StoredItem, WireError, decode, encode, fmt_addr
 from tools.replay.compare import ANSWERS
 
 #: Seconds a datagram spends on the in-memory network: the recording's typical
@@ -245,9 +245,9 @@ class KeepingStore:
         if restored is None:
             return
         for name, ip, port, token, presence in restored.clients:
-            self.clients[name] = ClientRecord(name, address((ip, port)), token, Presence(presence))
+            self.clients[name] = ClientRecord(name, address((ip, port)), token, presence)
         for recipient, items in restored.mailbox.items():
-            self.mailbox[recipient] = [msgspec.convert(item, StoredItem) for item in items]
+            self.mailbox[recipient] = list(items)
 
     def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
         clients = [ClientRecord(r.name, r.addr, r.token, r.presence) for r in self.clients.values()]
@@ -330,6 +330,9 @@ class Replay:
             raise ReplayError("the trace has no events")
         self.nodes = recorded.nodes()
         self.server = server_name(recorded)
+        unplaced = [name for name, info in self.nodes.items() if not info.address]
+        if unplaced:
+            raise ReplayError(f"the trace does not say where {', '.join(unplaced)} listened")
         if options.node is not None and options.node not in self.nodes:
             raise ReplayError(
                 f"no node named {options.node} in the trace (nodes: {', '.join(self.nodes)})"
@@ -529,9 +532,6 @@ class Replay:
             nursery.cancel_scope.cancel()
         return self.trace()
 
-    def _live(self) -> MemoryRecorder:
-        return self._recorder
-
     def trace(self) -> Trace:
         return self._recorder.trace()
 
@@ -567,13 +567,13 @@ class Replay:
             id_prefix=f"s{epoch}",
             epoch=epoch,
             wall_offset=self.recorded.header.started,
-            token_factory=_counter(f"t{epoch}"),
+            token_factory=_counter_tokens(f"t{epoch}"),
         )
         self.store.reset(restored, self._new_address)
         clients, mailbox = self.store.load()
         protocol.restore(clients, mailbox)
-        self._live().restored(name, clients, mailbox)
-        node = Node(name, protocol, endpoint, recorder=self._live(), store=self.store)
+        self._recorder.restored(name, clients, mailbox)
+        node = Node(name, protocol, endpoint, recorder=self._recorder, store=self.store)
         await self._launch(nursery, name, node, None)
 
     async def _start_client(self, nursery: trio.Nursery, name: str) -> None:
@@ -585,7 +585,7 @@ class Replay:
             timers=self.timers,
             id_prefix=name,
         )
-        node = Node(name, protocol, endpoint, screen=CapturedScreen(), recorder=self._live())
+        node = Node(name, protocol, endpoint, screen=CapturedScreen(), recorder=self._recorder)
         send_input, receive_input = trio.open_memory_channel[Input](64)
         await self._launch(nursery, name, node, (send_input, receive_input))
 
@@ -617,9 +617,9 @@ class Replay:
 
     async def _start_puppet(self, nursery: trio.Nursery, name: str) -> None:
         endpoint = await self._bind(name)
-        puppet = _Puppet(name, endpoint, self._live())
+        puppet = _Puppet(name, endpoint, self._recorder)
         self.puppets[name] = puppet
-        self._live().node_started(
+        self._recorder.node_started(
             name,
             self.nodes[name].role,
             self._argv(name, endpoint.local_address),
@@ -702,11 +702,6 @@ def _as_input(line: str) -> Input:
     if line.startswith("<bad input: ") and line.endswith(">"):
         return BadInput(line[len("<bad input: ") : -1])
     return line
-
-
-def _counter(prefix: str) -> Callable[[], str]:
-    numbers = itertools.count(1)
-    return lambda: f"{prefix}.{next(numbers)}"
 
 
 def run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Replay]:

@@ -91,14 +91,15 @@ def _row(
 def timeline(trace: Trace, *, width: int = 24, acks: bool = True) -> str:
     """The run as text: one column per node, time going down."""
     columns = participants(trace)
-    for row in rows(trace, acks=acks):
+    drawn = rows(trace, acks=acks)
+    for row in drawn:
         for name in (row.source, row.target):
             if name and name not in columns:
                 columns.append(name)
     centre = {name: index * width + width // 2 for index, name in enumerate(columns)}
     total = len(columns) * width
     lines = ["time (s)  " + "".join(name.center(width) for name in columns)]
-    for row in rows(trace, acks=acks):
+    for row in drawn:
         canvas = [" "] * total
         for x in centre.values():
             canvas[x] = "|"

@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 from _harness import first_only
+from _sim import SEED_SCREENS
 
 from chatapp import screen
 from chatapp.net import Endpoint, Faults, MemoryNetwork
@@ -233,90 +234,6 @@ def assert_nothing_shown_twice(run: Run) -> None:
 
 
 # --- the seed's three tests --------------------------------------------------------------
-
-#: Everything each client shows in the scenarios of the seed's tests: the seed's lines, a
-#: table wherever one is sent (the seed leaves some out), the scenario's closing Ctrl-C, and,
-#: in Test 3, the server's ACK of ``send_all hi`` (rule 7), which the seed's transcript omits.
-SEED_SCREENS: dict[int, dict[str, list[str]]] = {
-    1: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[Message has been received by user2.]",
-            "[Message has been received by user3.]",
-            "user2 : hello, nice to meet you, too!",
-            "user3 : hi~",
-            "[You are now offline. Bye.]",
-            "[You have message]",
-            "({time}) user2 : hello?",
-            "({time}) user3 : are you still there?",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user2": [
-            TU,
-            TU,
-            "user1 : hello nice to meet you.",
-            "[Message has been received by user1.]",
-            "[Message has been received by user3.]",
-            "user3 : hello!",
-            TU,
-            "[No ACK from user1, message sent to server.]",
-            "[Messages received by the server and saved.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user3": [
-            TU,
-            "user1 : hi!",
-            "user2 : hello",
-            "[Message has been received by user1.]",
-            "[Message has been received by user2.]",
-            TU,
-            "[No ACK from user1, message sent to server.]",
-            "[Messages received by the server and saved.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-    },
-    2: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[No ACK from user2, message sent to server.]",
-            "[Message sent failed]",
-            "[Server is shut down]",
-            "[Exiting]",
-        ],
-        "user2": [TU, "[You are now offline. Bye.]"],
-    },
-    3: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[Message received by the server.]",
-            "[Message received by the server.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user2": [
-            TU,
-            TU,
-            "Channel_Message user1 : hello guys",
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user3": [
-            TU,
-            "Channel_Message user1 : hello guys",
-            "Channel_Message user1 : hi",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-    },
-}
 
 
 @pytest.mark.parametrize("test", [1, 2, 3])

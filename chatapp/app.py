@@ -6,16 +6,18 @@ import contextlib
 import os
 import secrets
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
+from chatapp import screen as screen_lines
+from chatapp import terminal
+from chatapp.logs import LogSink, end_log_line
 from chatapp.net import UdpEndpoint
-from chatapp.node import BadInput, Input, LogSink, Node, Signal, TerminalScreen
-from chatapp.protocol.client import ClientProtocol
+from chatapp.node import BadInput, Input, Node, Screen, Signal
+from chatapp.protocol.client import COMMANDS, ClientProtocol
 from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.server import DEFAULT_MAILBOX_LIMIT, ServerProtocol
 from chatapp.store import MemoryStore, Store
@@ -93,7 +95,7 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
 
 
 async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
-    log = LogSink(sys.stdout, level=options.log_level)
+    log = LogSink("chatapp.server", level=options.log_level)
     endpoint = await _bind(options.host, options.port, "server")
     store = open_store(options.db, options.port)
     recorder = _open_recorder(options.trace, options.timers, "server", "server")
@@ -128,7 +130,7 @@ async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIte
             nursery.cancel_scope.cancel()
     finally:
         if stopped_by and stopped_by[0] == signal.SIGINT:
-            log.end_line()  # the terminal echoed ^C where the next log line would start
+            end_log_line()  # the terminal echoed ^C where the next log line would start
         reason = f" ({_SIGNAL_NAMES.get(stopped_by[0], 'signal')})" if stopped_by else ""
         log(Log(f"server stopped{reason}"))
         recorder.close()
@@ -143,7 +145,7 @@ async def run_client(options: ClientOptions, argv: list[str]) -> int:
 
 
 async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
-    log = LogSink(sys.stderr if options.verbose else None, level="debug")
+    log = LogSink(f"chatapp.client.{options.name}", level="debug" if options.verbose else "off")
     endpoint = await _bind(options.host, options.port, "client")
     recorder = _open_recorder(options.trace, options.timers, options.name, "client")
     protocol = ClientProtocol(
@@ -154,12 +156,11 @@ async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIte
         id_prefix=options.name + "." + secrets.token_hex(3),
     )
     send_input, receive_input = trio.open_memory_channel[Input](16)
-    node = Node(
-        options.name, protocol, endpoint, screen=TerminalScreen(), log=log, recorder=recorder
-    )
+    screen, read_input = _open_terminal(protocol)
+    node = Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_stdin, send_input.clone())
+            nursery.start_soon(read_input, send_input.clone())
             nursery.start_soon(_stop_on_signals, signals, None, send_input)
             status = await node.run(receive_input, argv=argv)
             nursery.cancel_scope.cancel()
@@ -167,6 +168,23 @@ async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIte
         recorder.close()
         endpoint.close()
     return status
+
+
+def _open_terminal(
+    protocol: ClientProtocol,
+) -> tuple[Screen, Callable[[trio.MemorySendChannel[Input]], Awaitable[None]]]:
+    """The screen and the input: the input line on a terminal, plain lines otherwise
+    (see chatapp.terminal)."""
+    mode = terminal.terminal_mode()
+    if mode is terminal.Mode.PLAIN:
+        return terminal.PlainScreen(), _read_stdin
+    console = terminal.PromptConsole(
+        COMMANDS,
+        lambda: terminal.table_names(protocol.table),
+        dumb=mode is terminal.Mode.DUMB,
+        history=terminal.open_history(),
+    )
+    return console, console.read_input
 
 
 _SIGNAL_NAMES: dict[int, str] = {
@@ -197,6 +215,25 @@ async def _stop_on_signals(
 async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
     """Lines from standard input. Read with os.read in a thread: the terminal stays
     blocking (so stdout does too), and no Python-level lock is held at exit."""
+    # The client may exit before its input ends (`exit`, a refused name): what is still
+    # coming then has nowhere to go, and that is not an error.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await _read_lines(inputs, cut_at=_CANONICAL_LINE_MAX if _stdin_is_a_terminal() else None)
+
+
+#: A terminal in canonical mode (the kernel's line editing) passes at most this many
+#: bytes of a line, newline included, and silently drops the rest (Linux's N_TTY).
+_CANONICAL_LINE_MAX = 4096
+
+
+def _stdin_is_a_terminal() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
+async def _read_lines(inputs: trio.MemorySendChannel[Input], cut_at: int | None) -> None:
     async with inputs:
         pending = b""
         while True:
@@ -209,6 +246,11 @@ async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
             pending += chunk
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
+                if cut_at is not None and len(line) >= cut_at - 1:
+                    # as long as the terminal allows: it may have been cut, and a cut
+                    # message is never sent
+                    await inputs.send(BadInput(screen_lines.CUT_BY_TERMINAL))
+                    continue
                 await inputs.send(_decode_line(line))
             if len(pending) > MAX_LINE_BYTES:
                 await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))

@@ -371,13 +371,14 @@ async def test_replayed_datagrams_change_nothing(autojump_clock: trio.testing.Mo
 
 
 def test_a_flood_of_warnings_is_rate_limited() -> None:
+    import logging
     from io import StringIO
 
-    from chatapp.node import LogSink
+    from chatapp.logs import LogSink
 
     clock = [0.0]
     out = StringIO()
-    log = LogSink(out, now=lambda: clock[0])
+    log = LogSink("chatapp.test.flood", now=lambda: clock[0], handler=logging.StreamHandler(out))
     for _ in range(10_000):  # one second's flood
         clock[0] += 0.0001
         log(Log("dropped a bad datagram", "warning"))
@@ -464,7 +465,7 @@ def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path
     for proc in procs:
         assert "Traceback" not in proc.output, proc.output
     dropped = [line for line in server.lines() if "dropped" in line or "refused" in line]
-    # Warnings are let through at 5 a second after a burst of 5 (chatapp.node.LogSink),
+    # Warnings are let through at 5 a second after a burst of 5 (chatapp.logs),
     # so the bound grows with how long the server ran; a few refusals are not warnings.
     limit = 40 + 5 * running
     assert 1 <= len(dropped) <= limit, f"{len(dropped)} log lines for {len(flood)} bad datagrams"

@@ -26,7 +26,7 @@ from _sim import SEED_SCREENS
 
 from chatapp import screen
 from chatapp.net import Endpoint, Faults, MemoryNetwork
-from chatapp.node import BadInput, CapturedScreen, Input, Node, Signal, TerminalScreen
+from chatapp.node import BadInput, CapturedScreen, Input, Node, Signal
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.server import ServerProtocol
 from chatapp.scenario import (
@@ -38,6 +38,7 @@ from chatapp.scenario import (
     scenario_path,
 )
 from chatapp.seed import SEED_LINES, unmatched_seed_lines
+from chatapp.terminal import PlainScreen
 from chatapp.wire import (
     Ack,
     Address,
@@ -564,7 +565,7 @@ async def test_a_lossy_network_loses_nothing_and_shows_nothing_twice(
 # --- the node itself: the terminal, bad input, exits --------------------------------------
 
 
-async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_client_node_writing_plain_lines(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
     server_end = network.bind(("127.0.0.1", 8001))
     client_end = network.bind(("127.0.0.1", 9001))
@@ -574,7 +575,7 @@ async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockCloc
         "user1",
         ClientProtocol("user1", ("127.0.0.1", 8001), 9001),
         client_end,
-        screen=TerminalScreen(out),
+        screen=PlainScreen(out),
     )
     send_input, inputs = trio.open_memory_channel[Input](8)
     async with trio.open_nursery() as nursery:
@@ -589,13 +590,14 @@ async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockCloc
         await trio.sleep(1)
         assert client.exit_status == 0
         server.stop()
+    # what a pipe or a file gets: the lines, without prompts
     assert out.getvalue() == (
-        ">>> [Client Table Updated]\n"
-        ">>> >>> [Could not read that line: not UTF-8. Nothing was sent.]\n"
-        ">>> >>> [Unknown command 'bogus'. Type help for the commands.]\n"
-        ">>> >>> user1 : hi\n"
-        ">>> [Message has been received by user1.]\n"
-        ">>> Caught keyboard interrupt. Exiting\n"
+        "[Client Table Updated]\n"
+        "[Could not read that line: not UTF-8. Nothing was sent.]\n"
+        "[Unknown command 'bogus'. Type help for the commands.]\n"
+        "user1 : hi\n"
+        "[Message has been received by user1.]\n"
+        "Caught keyboard interrupt. Exiting\n"
     )
 
 

@@ -1,0 +1,105 @@
+"""A node's log: the protocol's ``Log`` effects, through the standard ``logging``
+module, to stderr, one timestamped line each with its level.
+
+Warnings are rate-limited (a token bucket, 5 a second after a burst of 5): a
+flood of bad datagrams must fill neither the screen nor the disk. The next
+warning let through says how many were left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from chatapp.protocol.common import Log
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+#: No level at all: the logger says nothing (a client that is not ``--verbose``).
+OFF = logging.CRITICAL + 10
+
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class WarningRateLimit(logging.Filter):
+    """Lets warnings through at ``per_second`` (after a burst as large); other levels
+    always pass. The first warning let through after some were held back says so."""
+
+    def __init__(self, per_second: float = 5.0, now: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._rate = per_second
+        self._allowance = per_second
+        self._now = now
+        self._last = now()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        now = self._now()
+        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
+        self._last = now
+        if self._allowance < 1:
+            self.suppressed += 1
+            return False
+        self._allowance -= 1
+        if self.suppressed:
+            record.msg = f"{record.getMessage()} ({self.suppressed} similar lines suppressed)"
+            record.args = ()
+            self.suppressed = 0
+        return True
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr as it is when a line is written (so a redirection made later counts);
+    a stderr that is gone loses the line, without a 'Logging error' report."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class LogSink:
+    """The ``Log`` effects of one node, to the logger ``name`` (under ``chatapp``).
+    ``level``: ``debug``, ``info``, ``warning``, or ``off``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        level: str = "info",
+        warnings_per_second: float = 5.0,
+        now: Callable[[], float] = time.monotonic,
+        handler: logging.Handler | None = None,
+    ) -> None:
+        self.logger = logging.getLogger(name)
+        self.logger.setLevel(LEVELS.get(level, OFF))
+        self.logger.propagate = False
+        for old in list(self.logger.handlers):
+            self.logger.removeHandler(old)
+        if self.logger.level != OFF:
+            handler = handler or _StderrHandler()
+            handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+            handler.addFilter(WarningRateLimit(warnings_per_second, now))
+            self.logger.addHandler(handler)
+
+    def __call__(self, entry: Log) -> None:
+        self.logger.log(LEVELS.get(entry.level, logging.INFO), "%s", entry.text)
+
+
+def end_log_line() -> None:
+    """End the line the terminal left open (its echo of ``^C``) before the next entry."""
+    try:
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -894,8 +894,15 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_pty(sizes: Sizes) -> list[Figure]:
+    from tools.bench.pty_latency import bench_pty_latency
+
+    return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
+
+
 BENCHMARKS = {
     "rtt": bench_round_trip,
+    "pty": bench_pty,
     "capacity": bench_capacity,
     "fanout": bench_fanout,
     "memory": bench_memory,

@@ -17,6 +17,7 @@ from chatapp import terminal
 from chatapp.logs import LogSink, end_log_line
 from chatapp.net import UdpEndpoint
 from chatapp.node import BadInput, Input, Node, Screen, Signal
+from chatapp.prompt_console import PromptConsole
 from chatapp.protocol.client import COMMANDS, ClientProtocol
 from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.server import DEFAULT_MAILBOX_LIMIT, ServerProtocol
@@ -178,7 +179,7 @@ def _open_terminal(
     mode = terminal.terminal_mode()
     if mode is terminal.Mode.PLAIN:
         return terminal.PlainScreen(), _read_stdin
-    console = terminal.PromptConsole(
+    console = PromptConsole(
         COMMANDS,
         lambda: terminal.table_names(protocol.table),
         dumb=mode is terminal.Mode.DUMB,

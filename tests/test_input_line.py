@@ -179,6 +179,21 @@ def test_up_recalls_the_last_command_from_a_private_history_file(
     user1.input_line("send bob first")
     user1.type("\r")
     bob.expect("user1 : first", count=2)
+    # at once after Enter, before the answer: what comes after the Enter waits for it
+    user1.type("send bob second\r")
+    user1.type("\x1b[A")
+    user1.input_line("send bob second")
+    user1.type("\x15")  # Ctrl-U: the line is emptied
+    user1.input_line("")
+    for text in ("third", "fourth", "fifth"):
+        user1.type(f"send bob {text}\r")
+    bob.expect("user1 : fifth")
+    assert [line for line in bob.lines() if line.startswith("user1 : ")][-4:] == [
+        "user1 : second",
+        "user1 : third",
+        "user1 : fourth",
+        "user1 : fifth",
+    ]
 
     user1.type("\x04")  # Ctrl-D on an empty line: leave quietly
     assert user1.exit_status() == 0
@@ -190,7 +205,7 @@ def test_up_recalls_the_last_command_from_a_private_history_file(
 
     again = user1_at_a_terminal(env, started, server)  # a new client, the same history
     again.type("\x1b[A")
-    again.input_line("send bob first")
+    again.input_line("send bob fifth")
 
 
 def test_tab_completes_commands_and_names(env: dict[str, str], started: list[XTerm | Proc]) -> None:

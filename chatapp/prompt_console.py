@@ -39,36 +39,7 @@ from prompt_toolkit.shortcuts import CompleteStyle
 
 from chatapp import screen
 from chatapp.node import BadInput, Input, Signal
-from chatapp.terminal import CommandCompleter
-
-
-class _QuietStream:
-    """stdout for prompt_toolkit: a terminal that has gone away (closed window, EIO)
-    makes writes fail; the hang-up that follows ends the client, without a traceback."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self.encoding = stream.encoding or "utf-8"
-        self.errors = "replace"
-
-    def write(self, data: str) -> int:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        try:
-            return self._stream.isatty()
-        except (OSError, ValueError):
-            return False
-
+from chatapp.terminal import CommandCompleter, QuietStream
 
 #: After Enter, the prompt is drawn again when the answer arrives or after this long,
 #: whichever comes first: drawing it costs prompt_toolkit about a millisecond of the
@@ -103,7 +74,7 @@ class PromptConsole:
         self._names = names
         self._dumb = dumb
         self._history = history if history is not None else InMemoryHistory()
-        self._out = _QuietStream(out if out is not None else sys.stdout)
+        self._out = QuietStream(out if out is not None else sys.stdout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: PromptSession[str] | None = None
         self._thread: threading.Thread | None = None
@@ -283,6 +254,7 @@ class PromptConsole:
         if self._holding_keys:
             self._held_keys += keys  # in the order they were typed
             return []
+        keys = self._up_to_enter(keys)
         if len(keys) != 1 or keys[0].key != Keys.ControlM or not self._can_send_early():
             return keys
         assert self._session is not None and self._loop is not None
@@ -320,22 +292,31 @@ class PromptConsole:
             processor.feed_multiple(keys)
             processor.process_keys()
 
-    def _reload_history(self, buffer: Any) -> None:
+    def _up_to_enter(self, keys: list[KeyPress]) -> list[KeyPress]:
+        """The keys up to the first Enter; those after it wait (see _hold_keys)."""
+        for index, key in enumerate(keys[:-1]):
+            if key.key == Keys.ControlM:
+                self._hold_keys(keys[index + 1 :])
+                return keys[: index + 1]
+        return keys
+
+    def _hold_keys(self, keys: list[KeyPress]) -> None:
         """After Enter the buffer reloads its history in a task of its own, two turns of
-        the loop later (``load_history_if_not_yet_loaded``); keys typed meanwhile wait
-        for it, or an Up pressed right after Enter would find nothing."""
+        the loop later (``load_history_if_not_yet_loaded``). Keys typed after the Enter
+        wait for it, or an Up pressed right after Enter would find nothing."""
+        self._held_keys += keys
         session = self._session
-        if session is None or not session.app.is_running:
+        if self._holding_keys or session is None or not session.app.is_running:
             return
         self._holding_keys = True
-        session.app.create_background_task(self._history_reloaded(buffer))
+        session.app.create_background_task(self._feed_held_keys())
 
-    async def _history_reloaded(self, buffer: Any) -> None:
-        buffer.load_history_if_not_yet_loaded()
-        for _ in range(3):
+    async def _feed_held_keys(self) -> None:
+        for _ in range(4):
             await asyncio.sleep(0)
         self._holding_keys = False
         keys, self._held_keys = self._held_keys, []
+        keys = self._up_to_enter(keys)  # one line at a time, again
         if keys and self._session is not None and self._session.app.is_running:
             processor = self._session.app.key_processor
             processor.feed_multiple(keys)
@@ -356,7 +337,9 @@ class PromptConsole:
                 self._show_typed(lines)
             self._shown_early = False
             self._hold_prompt()
-        self._reload_history(buffer)
+        if self._loop is not None:
+            self._loop.call_soon(buffer.load_history_if_not_yet_loaded)
+        self._hold_keys([])
         return False  # clear the line (after it goes into the history)
 
     # --- drawing (input thread only) -------------------------------------------------------

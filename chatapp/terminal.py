@@ -161,3 +161,31 @@ class PlainScreen:
 
     def close(self) -> None:
         pass
+
+
+class QuietStream:
+    """stdout for prompt_toolkit: a terminal that has gone away (closed window, EIO)
+    makes writes fail; the hang-up that follows ends the client, without a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.encoding = stream.encoding or "utf-8"
+        self.errors = "replace"
+
+    def write(self, data: str) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False

@@ -297,3 +297,59 @@ def read_line(stream: IO[bytes], start: str) -> str:
         if line.startswith(start):
             return line.rstrip("\n")
     raise AssertionError(f"no line starting with {start!r}")
+
+
+def test_the_seed_s_test_3_line_for_line_on_xterms(
+    env: dict[str, str], started: list[XTerm | Proc]
+) -> None:
+    """The seed's third test with every client at a full terminal: each screen, as a
+    person reads it, is the seed's transcript line for line (with the table updates the
+    rules add, and the prompt left on the last line)."""
+    server_port, *ports = free_udp_ports(4)
+    started.append(serve(server_port, env, "--verbose"))
+    clients: dict[str, XTerm] = {}
+    for index, name in enumerate(("user1", "user2", "user3")):
+        clients[name] = XTerm(join_args(name, server_port, ports[index], command="-c"), env)
+        started.append(clients[name])
+        clients[name].shows(f">>> {TABLE}")  # joined: the next one may start
+    x, y, z = clients["user1"], clients["user2"], clients["user3"]
+    x.wait("3 tables", lambda lines: lines.count(f">>> {TABLE}") == 3)
+    y.wait("2 tables", lambda lines: lines.count(f">>> {TABLE}") == 2)
+
+    x.type("send_all hello guys\r")
+    x.shows(">>> [Message received by the server.]")
+    y.shows(">>> Channel_Message user1 : hello guys")
+    z.shows(">>> Channel_Message user1 : hello guys")
+    y.type("\x03")
+    assert y.exit_status() == 0
+    x.type("send_all hi\r")
+    z.shows(">>> Channel_Message user1 : hi")
+    x.wait("4 tables", lambda lines: lines.count(f">>> {TABLE}") == 4)
+    z.wait("2 tables", lambda lines: lines.count(f">>> {TABLE}") == 2)
+    for client in (x, z):
+        client.input_line("")
+
+    assert x.lines() == [
+        f">>> {TABLE}",
+        f">>> {TABLE}",
+        f">>> {TABLE}",
+        ">>> send_all hello guys",
+        ">>> [Message received by the server.]",
+        ">>> send_all hi",
+        ">>> [Message received by the server.]",
+        f">>> {TABLE}",
+        ">>>",
+    ]
+    assert y.lines() == [
+        f">>> {TABLE}",
+        f">>> {TABLE}",
+        ">>> Channel_Message user1 : hello guys",
+        f">>> {screen.KEYBOARD_INTERRUPT}",
+    ]
+    assert z.lines() == [
+        f">>> {TABLE}",
+        ">>> Channel_Message user1 : hello guys",
+        ">>> Channel_Message user1 : hi",
+        f">>> {TABLE}",
+        ">>>",
+    ]

@@ -388,6 +388,29 @@ def test_a_flood_of_warnings_is_rate_limited() -> None:
     assert "suppressed" in out.getvalue().splitlines()[-1]
 
 
+def test_log_lines_have_a_time_and_a_level_and_respect_the_threshold() -> None:
+    import logging
+    import re
+    from io import StringIO
+
+    from chatapp.logs import LogSink
+
+    out = StringIO()
+    log = LogSink("chatapp.test.levels", level="info", handler=logging.StreamHandler(out))
+    log(Log("registered user1 at 127.0.0.1:9001"))
+    log(Log("table version 1 sent to 1 clients", "debug"))  # below the threshold
+    log(Log("dropped a bad datagram: 100% garbage", "warning"))  # a % is not a format
+    lines = out.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert len(lines) == 2, lines
+    assert re.fullmatch(stamp + " INFO registered user1 at 127.0.0.1:9001", lines[0])
+    assert re.fullmatch(stamp + " WARNING dropped a bad datagram: 100% garbage", lines[1])
+    quiet = StringIO()
+    off = LogSink("chatapp.test.off", level="off", handler=logging.StreamHandler(quiet))
+    off(Log("anything", "warning"))
+    assert quiet.getvalue() == ""
+
+
 # --- real processes over real UDP ----------------------------------------------------------
 
 

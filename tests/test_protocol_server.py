@@ -28,9 +28,17 @@ from _sim import (  # the shared harness; see its docstring
 )
 
 from chatapp import screen
+from chatapp.protocol.changes import (
+    Change,
+    ClientRecord,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+    Presence,
+)
 from chatapp.protocol.client import ClientState
-from chatapp.protocol.common import Effect, Log, Persist, Send, send
-from chatapp.protocol.server import ClientRecord, Presence, ServerProtocol
+from chatapp.protocol.common import Effect, Log, Received, Send
+from chatapp.protocol.server import ServerProtocol
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
@@ -60,8 +68,8 @@ class AckingPeer:
     """A client that ACKs whatever it gets and does nothing else (for crowds of receivers)."""
 
     def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        message = decode(data)
-        return [send(Ack(message.id), addr)]
+        ack = Ack(decode(data).id)
+        return [Send(ack, encode(ack), addr)]
 
     def handle_timer(self, now: float) -> list[Effect]:
         return []
@@ -126,9 +134,9 @@ def test_registration_records_the_client_and_persists_it_before_answering() -> N
     assert (record.name, record.addr) == ("user1", (CLIENT_IP, 9001))
     assert record.presence is Presence.ONLINE
     effects = sim.server_effects
-    assert index_of(effects, Persist) < index_of(effects, Registered) < index_of(effects, Table)
-    (persist,) = [e for e in effects if isinstance(e, Persist)]
-    assert persist == Persist("client", ("user1", CLIENT_IP, 9001, "tok1", "online"))
+    assert index_of(effects, Change) < index_of(effects, Registered) < index_of(effects, Table)
+    (persist,) = [e for e in effects if isinstance(e, Change)]
+    assert persist == ClientSaved("user1", CLIENT_IP, 9001, "tok1", Presence.ONLINE)
     (table,) = sim.datagrams(Table)
     assert table.message.entries == [entry("user1", 9001)]  # type: ignore[union-attr]
 
@@ -204,7 +212,7 @@ def test_dereg_persists_acks_and_sends_the_table_to_the_others_only() -> None:
     start = len(sim.server_effects)
     sim.type("user1", "dereg user1")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Table)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Table)
     assert sim.server.clients["user1"].presence is Presence.DEREGISTERED
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=1.0)) == [
         "user2",
@@ -231,7 +239,7 @@ def test_reg_acks_delivers_the_mailbox_and_sends_the_table_to_everyone() -> None
     since = sim.now
     sim.type("user1", "reg user1")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Mailbox)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Mailbox)
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=since)) == [
         "user1",
         "user2",
@@ -255,12 +263,12 @@ def test_stored_messages_are_removed_only_when_their_batch_is_acked() -> None:
     sim.drop.append(between(sim, "user1", "server", Ack))
     sim.type("user1", "reg user1")
     assert [item.id for item in sim.server.mailbox["user1"]] == mailbox_ids
-    assert not any(p.op == "remove" for p in sim.persisted)
+    assert not any(isinstance(p, MessagesRemoved) for p in sim.persisted)
     sim.drop.clear()
     sim.settle()
-    removed = [p.args for p in sim.persisted if p.op == "remove"]
+    removed = [p for p in sim.persisted if isinstance(p, MessagesRemoved)]
     assert len(removed) >= 2  # one per batch
-    assert [i for _, ids in removed for i in ids] == mailbox_ids  # type: ignore[attr-defined]
+    assert [i for change in removed for i in change.ids] == mailbox_ids
     assert sim.server.mailbox == {}
 
 
@@ -295,7 +303,7 @@ def test_a_message_for_an_offline_client_is_stored_and_persisted_before_saved() 
     sim.type("user2", "send user1 hello?")
     sim.run(0.5)
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Saved)
+    assert index_of(effects, Change) < index_of(effects, Saved)
     (save,) = sim.datagrams(Saved)
     assert save.message == Saved(sim.datagrams(Chat)[0].message.id, "stored")
     (item,) = sim.server.mailbox["user1"]
@@ -312,8 +320,7 @@ def test_delivered_by_the_server_when_its_table_says_online() -> None:
     assert relayed.message == chat.message  # same id, sender and text
     (saved,) = sim.datagrams(Saved)
     assert saved.message == Saved(chat.message.id, "delivered")
-    assert sim.persisted.count(Persist("store", ())) == 0
-    assert not any(p.op == "store" for p in sim.persisted)
+    assert not any(isinstance(p, MessageStored) for p in sim.persisted)
 
 
 def test_a_recipient_that_misses_the_server_delivery_too_is_marked_offline_and_stored() -> None:
@@ -382,7 +389,7 @@ def test_send_all_stores_for_offline_clients_acks_then_fans_out() -> None:
     start = len(sim.server_effects)
     sim.type("user1", "send_all hello guys")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, ChannelDelivery)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, ChannelDelivery)
     assert [sim.label_of(d.dst) for d in sim.datagrams(ChannelDelivery)] == ["user2"]
     (item,) = sim.server.mailbox["user3"]
     assert (item.kind, item.sender, item.text) == ("channel", "user1", "hello guys")
@@ -417,7 +424,7 @@ def test_a_hundred_dead_receivers_cost_one_500_ms_wait_and_one_table() -> None:
     assert sim.timed("user1")[mark1:] == [(1.0, "[Message received by the server.]"), (1.5, TU)]
     assert sim.timed("user2")[mark2:] == [(1.0, "Channel_Message user1 : hello crowd"), (1.5, TU)]
     assert all([i.text for i in sim.server.mailbox[name]] == ["hello crowd"] for name in peers)
-    stores = [p for p in sim.persisted if p.op == "store"]
+    stores = [p for p in sim.persisted if isinstance(p, MessageStored)]
     assert len(stores) == 100
     sim.settle()
     assert len(table_versions(sim)) == len(versions) + 1
@@ -633,8 +640,9 @@ def test_a_dereg_from_a_client_marked_offline_is_not_a_return() -> None:
 def test_a_bad_datagram_is_dropped_and_logged_and_the_server_keeps_serving(data: bytes) -> None:
     sim = Sim()
     sim.join("user1")
-    effects = sim.server.handle_datagram(data, FORGER, sim.now)
-    assert len(effects) == 1 and isinstance(effects[0], Log) and effects[0].level == "warning"
+    received, log = sim.server.handle_datagram(data, FORGER, sim.now)
+    assert isinstance(received, Received) and received.message is None and received.error
+    assert isinstance(log, Log) and log.level == "warning"
     sim.join("user2")
     assert sim.lines("user2") == [TU]
 
@@ -645,7 +653,8 @@ def test_a_message_the_server_does_not_take_is_dropped() -> None:
     unexpected = (Chat("x.1", "user1", "hi"), Table("x.2", 0, 9, 0, 1, []), Saved("x.3", "stored"))
     for message in unexpected:
         effects = sim.server.handle_datagram(encode(message), sim.addr["user1"], sim.now)
-        assert [type(e) for e in effects] == [Log]
+        assert effects[0] == Received(message)
+        assert [type(e) for e in effects[1:]] == [Log]
     assert sim.server.clients["user1"].online
 
 

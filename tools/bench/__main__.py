@@ -1,4 +1,5 @@
-"""``python -m tools.bench`` / ``chatapp-bench``: run the benchmarks, print a table, write JSON."""
+"""``chatapp-bench`` (``python -m chatapp_tools.bench``): run the benchmarks, print a table,
+write JSON."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import time
 import traceback
 from typing import TextIO
 
-from tools.bench.benches import BENCHMARKS, FULL, QUICK, TINY
-from tools.bench.report import Figure, machine_info, render_table, unavailable, write_json
+from .benches import BENCHMARKS, FULL, QUICK, TINY
+from .report import Figure, machine_info, render_table, unavailable, write_json
 
 PROG = "chatapp-bench"
 

@@ -14,15 +14,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import trio
 import trio.testing
 import typer
 
-from chatapp.scenario import Step
-from chatapp.trace import Trace, TraceError, merge_traces, read_trace, write_trace
+from chatapp.testing import Step
+from chatapp.trace import Trace, TraceError, write_trace
 from chatapp.typer_support import UsageError, new_app, usage_error_line
+
+from .traces import merge_traces, read_trace
+
+if TYPE_CHECKING:
+    from .plan import ReplayOptions
+    from .runner import Runner
 
 PROG = "chat-replay"
 COMMANDS = ("replay", "check", "show", "merge", "record")
@@ -130,9 +136,7 @@ def replay(
     Prints PASS (exit 0), or the first divergence with its context and the nearest
     recorded candidates (exit 1).
     """
-    from tools.replay.check import check
-    from tools.replay.compare import compare, compare_messages, report
-    from tools.replay.engine import ReplayError, ReplayOptions, run_replay, server_name
+    from .plan import ReplayError, ReplayOptions, server_name
 
     recorded = _load(trace)
     target_address = _target(target)
@@ -150,22 +154,51 @@ def replay(
         dup=_probability(dup, "--dup"),
         seed=seed,
     )
+    _announce(trace, recorded, options, target)
+    replayed, run, elapsed = _run_replay(recorded, options)
+    if out:
+        _write(out, lambda path: write_trace(replayed, path))
+    for stall in run.stalls[:3]:
+        typer.echo(f"  note: {stall}")
+    passed = (
+        _judge_faults(recorded, replayed, elapsed)
+        if options.faults
+        else _judge_comparison(recorded, replayed, options, elapsed)
+    )
+    if not passed:
+        raise typer.Exit(1)
+
+
+def _announce(trace: str, recorded: Trace, options: ReplayOptions, target: str | None) -> None:
     where = (
         "in virtual time on the in-memory network"
-        if virtual
+        if options.virtual
         else "on real UDP sockets on 127.0.0.1"
     )
     if options.faults:
-        where += f", losing {loss:g} and duplicating {dup:g} of the datagrams (seed {seed})"
-    who = "every node" if node is None else f"{node} alone, the others played from the recording"
-    if target_address is not None:
+        where += (
+            f", losing {options.loss:g} and duplicating {options.dup:g} of the datagrams"
+            f" (seed {options.seed})"
+        )
+    who = (
+        "every node"
+        if options.node is None
+        else f"{options.node} alone, the others played from the recording"
+    )
+    if options.target is not None:
         who = f"the server at {target}, the clients played from the recording"
-    nodes = recorded.nodes()
     typer.echo(
-        f"replaying {trace}: {len(nodes)} nodes, {len(recorded.events)} events; {who}, {where}"
+        f"replaying {trace}: {len(recorded.nodes())} nodes, {len(recorded.events)} events;"
+        f" {who}, {where}"
     )
     for note in recorded.header.notes:
         typer.echo(f"  note: {note}")
+
+
+def _run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner, float]:
+    from .plan import ReplayError
+    from .runner import run_replay
+
     started = time.perf_counter()
     try:
         replayed, run = run_replay(recorded, options)
@@ -173,48 +206,52 @@ def replay(
         raise Failed(str(exc)) from None
     except OSError as exc:
         raise Failed(f"the replay could not use the network: {exc}") from None
-    elapsed = time.perf_counter() - started
-    if out:
-        _write(out, lambda path: write_trace(replayed, path))
-    for stall in run.stalls[:3]:
-        typer.echo(f"  note: {stall}")
+    return replayed, run, time.perf_counter() - started
 
-    if options.faults:
-        problems, notes = compare_messages(recorded, replayed)
-        for note in notes:
-            typer.echo(f"  note: {note}")
-        result = check(replayed)
-        for invariant in result.invariants:
-            problems += [f"{invariant.name}: {v}" for v in invariant.violations]
-        counts = result.counts
-        typer.echo(
-            f"  replay: {counts.get('datagrams sent', 0)} datagrams sent,"
-            f" {counts.get('retries', 0)} retries, {counts.get('duplicate datagrams', 0)}"
-            f" received twice; messages: {counts.get('delivered', 0)} delivered,"
-            f" {counts.get('stored', 0)} stored, {counts.get('lost', 0)} lost"
-        )
-        if problems:
-            typer.echo("FAIL: with these faults the protocol lost or repeated messages:")
-            for problem in problems[:20]:
-                typer.echo(f"  - {problem}")
-            raise typer.Exit(1)
-        typer.echo(
-            "PASS: no message shown twice, none missing that its sender was told was"
-            f" received, every invariant holds ({elapsed:.2f} s)"
-        )
-        return
 
-    comparison = compare(recorded, replayed, under_test=node, black_box=target_address is not None)
+def _judge_faults(recorded: Trace, replayed: Trace, elapsed: float) -> bool:
+    from .verdict import judge_faults
+
+    verdict = judge_faults(recorded, replayed)
+    for note in verdict.notes:
+        typer.echo(f"  note: {note}")
+    counts = verdict.counts
+    typer.echo(
+        f"  replay: {counts.get('datagrams sent', 0)} datagrams sent,"
+        f" {counts.get('retries', 0)} retries, {counts.get('duplicate datagrams', 0)}"
+        f" received twice; messages: {counts.get('delivered', 0)} delivered,"
+        f" {counts.get('stored', 0)} stored, {counts.get('lost', 0)} lost"
+    )
+    if not verdict.passed:
+        typer.echo("FAIL: with these faults the protocol lost or repeated messages:")
+        for problem in verdict.problems[:20]:
+            typer.echo(f"  - {problem}")
+        return False
+    typer.echo(
+        "PASS: no message shown twice, none missing that its sender was told was"
+        f" received, every invariant holds ({elapsed:.2f} s)"
+    )
+    return True
+
+
+def _judge_comparison(
+    recorded: Trace, replayed: Trace, options: ReplayOptions, elapsed: float
+) -> bool:
+    from .compare import compare
+    from .report import report
+
+    black_box = options.target is not None
+    comparison = compare(recorded, replayed, under_test=options.node, black_box=black_box)
     if comparison.passed:
         typer.echo(
-            f"PASS: {'every node' if node is None else node} behaved as recorded"
-            f" ({comparison.compared} events compared in {len(comparison.streams)} streams;"
-            f" {elapsed:.2f} s)"
+            f"PASS: {'every node' if options.node is None else options.node} behaved as"
+            f" recorded ({comparison.compared} events compared in {len(comparison.streams)}"
+            f" streams; {elapsed:.2f} s)"
         )
-        return
+        return True
     typer.echo(f"FAIL: the replay diverged from the recording ({elapsed:.2f} s)\n")
     typer.echo(report(comparison))
-    raise typer.Exit(1)
+    return False
 
 
 @app.command("check")
@@ -228,7 +265,7 @@ def check_command(
     messages delivered oldest first; every online client got each channel message
     or had it stored. Exit 1 when one does not hold.
     """
-    from tools.replay.check import check, render
+    from .check import check, render
 
     result = check(_load(trace))
     typer.echo(render(result, trace))
@@ -251,7 +288,7 @@ def show(
     width: Annotated[int, typer.Option(min=12, max=80, help="Width of a node's column.")] = 24,
 ) -> None:
     """Print the run as a timeline: one column per node, time going down."""
-    from tools.replay import show as draw
+    from . import show as draw
 
     recorded = _load(trace)
     if mermaid is not None:
@@ -304,7 +341,7 @@ def record(
     ] = False,
 ) -> None:
     """Play a scenario with a real server and clients and record every datagram and line."""
-    from chatapp.scenario import ScenarioError, load_scenario
+    from chatapp.testing import ScenarioError, load_scenario
 
     try:
         steps = load_scenario(scenario)
@@ -336,8 +373,9 @@ def _shareable(path: str) -> str:
 
 
 async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
+    from chatapp.net import UDP
     from chatapp.protocol.common import Timers
-    from chatapp.scenario import Cluster, LoopbackNetwork, VirtualNetwork
+    from chatapp.testing import Cluster, MemoryNetwork
     from chatapp.trace import JsonlRecorder, complete_header
 
     try:
@@ -355,7 +393,7 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
         async with trio.open_nursery() as nursery:
             cluster = Cluster(
                 nursery,
-                VirtualNetwork() if virtual else LoopbackNetwork(),
+                MemoryNetwork() if virtual else UDP,
                 recorder=recorder,
                 wall_offset=time.time() - trio.current_time(),
             )

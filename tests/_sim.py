@@ -20,6 +20,7 @@ from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.server import ServerProtocol
+from chatapp.store import MemoryStore
 from chatapp.wire import MAX_DATAGRAM, Address, Message, TableEntry, encode
 
 SERVER: Address = ("10.0.0.1", 8001)
@@ -122,12 +123,17 @@ class Sim:
         """The node's process is gone (a silent leave): what is sent to it is lost."""
         self.nodes.pop(self.addr[label], None)
 
-    def restart_server(self) -> ServerProtocol:
-        """A new server, with an empty memory, at the same address."""
+    def restart_server(self, *, from_database: bool = False) -> ServerProtocol:
+        """A new server at the same address: with an empty memory, or (``from_database``)
+        with what every change committed so far left in a store, as after a crash."""
         self.server = ServerProtocol(
             timers=self.timers, id_prefix="s2", epoch=1, wall_offset=self.wall_offset
         )
         self.nodes[SERVER] = self.server
+        if from_database:
+            self.server.restore(*MemoryStore(self.persisted).load())
+            self.apply(SERVER, self.server.start(self.now))
+            self.pump()
         return self.server
 
     def label_of(self, addr: Address) -> str:

@@ -32,6 +32,7 @@ from chatapp.wire import (
     Chat,
     Deregister,
     Lookup,
+    LookupResult,
     Mailbox,
     Register,
     Saved,
@@ -663,6 +664,17 @@ def test_send_to_a_name_missing_from_the_table_finds_it_through_the_server() -> 
     sim.type("user1", "send user3 hi")
     assert sim.lines("user3")[-1] == "user1 : hi"
     assert sim.lines("user1")[-1] == "[Message has been received by user3.]"
+
+
+def test_a_lookup_answered_with_another_name_sends_nothing() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: isinstance(send.message, LookupResult))
+    sim.type("user1", "send user9 hi")
+    (lookup,) = sim.datagrams(Lookup)
+    sim.inject(SERVER, LookupResult(lookup.message.id, entry("user2", 9101)), sim.addr["user1"])
+    assert sim.lines("user1")[-1] == screen.unknown_user("user9")
+    assert sim.datagrams(Chat, src="user1") == []
+    assert "user9" not in sim.clients["user1"].table
 
 
 def test_a_lookup_the_server_never_answers_says_nothing_was_sent() -> None:

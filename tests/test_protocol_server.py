@@ -38,6 +38,7 @@ from chatapp.protocol.changes import (
 )
 from chatapp.protocol.client import ClientState
 from chatapp.protocol.common import Effect, Log, Received, Send
+from chatapp.protocol.mailbox import Mailboxes
 from chatapp.protocol.server import ServerProtocol
 from chatapp.wire import (
     MAX_DATAGRAM,
@@ -203,6 +204,35 @@ def test_registering_a_new_name_from_an_address_marks_its_old_name_offline() -> 
     assert sim.clients["user2"].table["renamed"] == entry("renamed", 9001)
 
 
+def test_a_newcomer_at_an_address_a_name_left_does_not_take_that_name_offline() -> None:
+    sim = Sim()
+    sim.join("user1", port=9001)
+    sim.settle()
+    sim.kill("user1")
+    sim.join("user1", label="moved", port=9002)  # the holder is silent: the name moves
+    sim.settle()
+    sim.join("user9", port=9001)  # a newcomer where user1 used to be
+    sim.settle()
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)
+    assert sim.server.clients["user1"].online
+    assert sim.server.clients["user9"].online
+
+
+def test_a_wait_on_a_names_old_address_does_not_take_it_offline_at_its_new_one() -> None:
+    sim = trio_of_clients()
+    sim.kill("user1")
+    sim.join("user1", label="moved", port=9002)  # the holder is asked; it answers by 0.5 or not
+    sim.run(0.1)
+    sim.type("user2", "send_all hi")  # still at 9001 for the server: sent there, until 0.6
+    sim.run(0.45)
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)  # the holder was silent
+    sim.run(0.5)  # 9001 did not ACK the channel message either: that says nothing of 9002
+    for table in sim.datagrams(Table, since=0.55):
+        online = {e.name: e.online for e in table.message.entries}  # type: ignore[union-attr]
+        assert online["user1"], table
+    assert sim.server.clients["user1"].online
+
+
 # === dereg and reg ===========================================================================
 
 
@@ -293,6 +323,17 @@ def test_a_mailbox_never_acked_keeps_its_messages_and_the_client_is_marked_offli
     assert sum("hello?" in line for line in sim.lines("user1")) == 1
 
 
+def test_a_second_dereg_is_acked_without_a_new_table_or_a_change() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    versions, changes = table_versions(sim), len(sim.persisted)
+    again = Deregister("user1.again", "user1", sim.clients["user1"].token)
+    effects = sim.inject(sim.addr["user1"], again, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack("user1.again")]
+    assert table_versions(sim) == versions
+    assert len(sim.persisted) == changes
+
+
 # === saved messages ============================================================================
 
 
@@ -378,6 +419,33 @@ def test_a_full_mailbox_refuses_more_with_a_clear_line() -> None:
     sim.type("user3", "send_all too many")
     assert len(sim.server.mailbox["user1"]) == 2
     assert any("mailbox of user1 is full" in log.text for _, log in sim.logs)
+
+
+def test_a_save_retried_after_a_crash_between_commit_and_answer_is_stored_once() -> None:
+    # The server committed the message and died before its answer left: the sender's
+    # next try reaches a server restarted from the database, which has the message.
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.drop.append(first_only(lambda src, send: isinstance(send.message, Saved)))
+    sim.type("user2", "send user1 hello?")
+    sim.run(0.6)  # the direct try timed out at 0.5; the save was stored, its answer lost
+    (stored,) = [c for c in sim.persisted if isinstance(c, MessageStored)]
+    sim.restart_server(from_database=True)
+    sim.settle()  # the retry, at 1.0, reaches the new server
+    assert sim.lines("user2")[-1] == "[Messages received by the server and saved.]"
+    assert [item.id for item in sim.server.mailbox["user1"]] == [stored.item.id]
+    assert sum(isinstance(c, MessageStored) for c in sim.persisted) == 1
+
+
+def test_a_batch_acked_again_late_removes_only_its_own_messages() -> None:
+    # Two deliveries can send the same first batch (the client went silent and came back
+    # while the first was retried): the second ACK of it must not take the next messages.
+    mailboxes = Mailboxes(limit=10)
+    items = [StoredItem(f"m{i}", "direct", "user2", str(i), WALL + i) for i in range(4)]
+    mailboxes.restore({"user1": items})
+    assert mailboxes.remove("user1", ("m0", "m1")) == MessagesRemoved("user1", ("m0", "m1"))
+    mailboxes.remove("user1", ("m0", "m1"))
+    assert [item.id for item in mailboxes.boxes["user1"]] == ["m2", "m3"]
 
 
 # === send_all ==================================================================================
@@ -518,6 +586,29 @@ def test_a_restored_server_with_nobody_online_sends_nothing() -> None:
     server.restore([ClientRecord("user1", (CLIENT_IP, 9001), "t", Presence.DEREGISTERED)], {})
     assert sends(server.start(0.0)) == []
     assert server.next_deadline() is None
+
+
+def test_a_newer_table_replaces_an_older_one_still_being_retried() -> None:
+    sim = Sim()
+    sim.join("user1")
+    sim.join("user2")
+    sim.drop.append(between(sim, "user1", "server", Ack))  # user1 ACKs no table
+    sim.join("user3")  # version 3, to user1 again every 500 ms
+    sim.run(0.2)
+    sim.type("user2", "dereg user2")  # version 4
+    sim.run(1.0)
+    to_user1 = [(d.at, d.message.version) for d in sim.datagrams(Table, dst="user1", since=0.0)]  # type: ignore[union-attr]
+    assert (0.5, 3) not in to_user1 and (0.7, 4) in to_user1
+
+
+def test_a_server_restarted_from_its_database_tells_the_clients_it_had_online() -> None:
+    sim = trio_of_clients()
+    sim.type("user3", "dereg user3")
+    mark = {name: len(sim.lines(name)) for name in ("user1", "user2", "user3")}
+    sim.restart_server(from_database=True)
+    assert sim.lines_since("user1", mark["user1"]) == [TU]
+    assert sim.lines_since("user2", mark["user2"]) == [TU]
+    assert sim.lines_since("user3", mark["user3"]) == []  # offline: not sent
 
 
 # === lookups ===================================================================================

@@ -84,52 +84,57 @@ def _probability(value: float, what: str) -> float:
     return value
 
 
+TraceArgument = Annotated[
+    str, typer.Argument(metavar="TRACE", help="A trace recorded by chatapp (JSONL).")
+]
+VirtualOption = Annotated[
+    bool,
+    typer.Option(
+        "--virtual/--real",
+        help="--virtual (the default): the in-memory network in virtual time, instant and"
+        " deterministic. --real: real UDP sockets on 127.0.0.1 in real time.",
+    ),
+]
+NodeOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Test this node alone: every other node is played from the recording,"
+        " answering what this one actually sends.",
+    ),
+]
+TargetOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="HOST:PORT",
+        help="A running server to test black-box (implies --node <the server> and --real):"
+        " the clients are played from the recording. Start it with an empty database.",
+    ),
+]
+LossOption = Annotated[
+    float, typer.Option(metavar="P", help="Drop each datagram with probability P (virtual only).")
+]
+DupOption = Annotated[
+    float,
+    typer.Option(metavar="P", help="Duplicate each datagram with probability P (virtual only)."),
+]
+SeedOption = Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection.")]
+OutOption = Annotated[
+    str | None,
+    typer.Option("--out", "-o", metavar="FILE", help="Also write the replay's own trace to FILE."),
+]
+
+
 @app.command()
 def replay(
-    trace: Annotated[
-        str, typer.Argument(metavar="TRACE", help="A trace recorded by chatapp (JSONL).")
-    ],
-    virtual: Annotated[
-        bool,
-        typer.Option(
-            "--virtual/--real",
-            help="--virtual (the default): the in-memory network in virtual time, instant and"
-            " deterministic. --real: real UDP sockets on 127.0.0.1 in real time.",
-        ),
-    ] = True,
-    node: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME",
-            help="Test this node alone: every other node is played from the recording,"
-            " answering what this one actually sends.",
-        ),
-    ] = None,
-    target: Annotated[
-        str | None,
-        typer.Option(
-            metavar="HOST:PORT",
-            help="A running server to test black-box (implies --node <the server> and --real):"
-            " the clients are played from the recording. Start it with an empty database.",
-        ),
-    ] = None,
-    loss: Annotated[
-        float,
-        typer.Option(metavar="P", help="Drop each datagram with probability P (virtual only)."),
-    ] = 0.0,
-    dup: Annotated[
-        float,
-        typer.Option(
-            metavar="P", help="Duplicate each datagram with probability P (virtual only)."
-        ),
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection.")] = 0,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out", "-o", metavar="FILE", help="Also write the replay's own trace to FILE."
-        ),
-    ] = None,
+    trace: TraceArgument,
+    virtual: VirtualOption = True,
+    node: NodeOption = None,
+    target: TargetOption = None,
+    loss: LossOption = 0.0,
+    dup: DupOption = 0.0,
+    seed: SeedOption = 0,
+    out: OutOption = None,
 ) -> None:
     """Replay TRACE with fresh nodes and compare their behaviour with the recording.
 

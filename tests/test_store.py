@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -352,11 +353,11 @@ class _WatchedStore(SqliteStore):
 async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_commit(
     tmp_path: Path,
 ) -> None:
-    from chatapp.net import UdpEndpoint
-    from chatapp.node import Node
-    from chatapp.protocol.server import ServerProtocol
+    from chatapp.launch import ServerOptions, run_node
+    from chatapp.net import Endpoint, UdpEndpoint
     from chatapp.wire import Saved, SaveMessage, Table, decode, encode
 
+    count = 200
     path = str(tmp_path / "db.sqlite3")
     sender = await UdpEndpoint.bind("127.0.0.1", 0)
     setup = SqliteStore(path)
@@ -365,27 +366,31 @@ async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_c
     )
     setup.close()
     store = _WatchedStore(path)
-    protocol = ServerProtocol(token_factory=lambda: "unused")
-    protocol.restore(*store.load())
-    endpoint = await UdpEndpoint.bind("127.0.0.1", 0)
     answered_before_commit: list[str] = []
-    real_send = endpoint.send
 
-    async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
-        message = decode(data)
-        if isinstance(message, Saved) and message.id not in store.committed_ids:
-            answered_before_commit.append(message.id)
-        await real_send(data, addr)
+    class BurstFirst:
+        """Real UDP, whose server socket holds the whole burst before the server reads
+        any of it, and whose answers are checked against what was committed."""
 
-    endpoint.send = checked_send  # type: ignore[method-assign]
-    node = Node("server", protocol, endpoint, store=store)
-    count = 200
+        async def listen(self, host: str, port: int) -> Endpoint:
+            endpoint = await UdpEndpoint.bind(host, port)
+            real_send = endpoint.send
+
+            async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
+                message = decode(data)
+                if isinstance(message, Saved) and message.id not in store.committed_ids:
+                    answered_before_commit.append(message.id)
+                await real_send(data, addr)
+
+            endpoint.send = checked_send  # type: ignore[method-assign]
+            for i in range(count):
+                save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
+                await sender.send(encode(save), endpoint.local_address)
+            return endpoint
+
+    options = ServerOptions(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
-        # Queue the whole burst in the server's socket before it reads any of it.
-        for i in range(count):
-            save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
-            await sender.send(encode(save), endpoint.local_address)
-        await nursery.start(node.run)
+        node = await nursery.start(partial(run_node, options, network=BurstFirst(), store=store))
         answers: set[str] = set()
         with trio.fail_after(10):
             while len(answers) < count:
@@ -401,4 +406,3 @@ async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_c
     store.close()
     assert len(SqliteStore(path).load()[1]["user2"]) == count
     sender.close()
-    endpoint.close()

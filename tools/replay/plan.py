@@ -16,8 +16,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from chatapp import screen
+from chatapp.protocol.inputs import Signal
 from chatapp.protocol.waits import answer_tags, longest_wait
-from chatapp.trace import Event, Exited, Input, NodeInfo, Recv, Restored, Send, Shown, Start, Trace
+from chatapp.trace import (
+    Event,
+    Exited,
+    Input,
+    NodeInfo,
+    Recv,
+    Restored,
+    Send,
+    Shown,
+    Start,
+    Trace,
+    input_line,
+)
 from chatapp.wire import Address
 
 from .normalise import Normaliser
@@ -28,7 +41,7 @@ TRANSIT = (0.0001, 0.05)
 
 #: Lines after which a client exits by itself: its recorded exit needs no stop.
 _EXIT_LINES = {screen.KEYBOARD_INTERRUPT, screen.EXITING}
-_EXIT_INPUTS = {"<interrupt>", "<hang_up>"}
+_EXIT_INPUTS = {input_line(Signal.INTERRUPT), input_line(Signal.HANG_UP)}
 
 #: The messages that answer a request (from the protocol's table of waits).
 ANSWERS = answer_tags()

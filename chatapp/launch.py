@@ -116,8 +116,8 @@ async def run_node(
                 screen = make_screen()
             node = _client_node(options, endpoint, recorder, screen, log)
         argv = argv if argv is not None else _argv(options, endpoint)
-        return await node.run(inputs, argv=argv, task_status=task_status)
-    raise AssertionError("unreachable")  # mypy: the exit stack swallows nothing
+        status = await node.run(inputs, argv=argv, task_status=task_status)
+    return status
 
 
 def _ignore(entry: Log) -> None:

@@ -28,7 +28,6 @@ from chatapp.protocol.common import (
     Show,
     Timers,
     dropped,
-    kind,
 )
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.machine import Machine
@@ -55,6 +54,7 @@ from chatapp.wire import (
     Table,
     TableEntry,
     fmt_addr,
+    tag_of,
 )
 
 
@@ -402,7 +402,7 @@ class ClientProtocol(Machine[Waiting]):
         if addr != self.server:
             return [dropped(message, addr, "it did not come from the server")]
         if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a {kind(message)} from the server", "debug")]
+            return [Log(f"offline: ignored a {tag_of(message)} from the server", "debug")]
         return []
 
     _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {

@@ -61,13 +61,8 @@ class Received:
 Effect = Send | Show | Log | Exit | Received | Change
 
 
-def kind(message: Message) -> str:
-    """The message's type as it is named on the wire (``chat``, ``ack``, ...)."""
-    return tag_of(message)
-
-
 def dropped(message: Message, addr: Address, why: str) -> Log:
-    return Log(f"dropped a {kind(message)} from {fmt_addr(addr)}: {why}", "warning")
+    return Log(f"dropped a {tag_of(message)} from {fmt_addr(addr)}: {why}", "warning")
 
 
 def bad_datagram(addr: Address, error: WireError) -> Log:

@@ -18,10 +18,9 @@ from chatapp.protocol.common import (
     Timers,
     bad_datagram,
     dropped,
-    kind,
 )
 from chatapp.protocol.waits import Wait
-from chatapp.wire import Address, Message, WireError, fmt_addr
+from chatapp.wire import Address, Message, WireError, fmt_addr, tag_of
 
 
 class Waiting(Protocol):
@@ -78,8 +77,8 @@ class Machine(Generic[W]):
         row takes it as an answer; the row names the handler."""
         pending = self._retry.get(key)
         if pending is None or pending.send.addr != addr:
-            late = f"ignored a late or unknown {kind(message)} {message.id} from {fmt_addr(addr)}"
-            return [Log(late, "debug")]
+            late = f"{tag_of(message)} {message.id} from {fmt_addr(addr)}"
+            return [Log(f"ignored a late or unknown {late}", "debug")]
         handler = pending.context.kind.rule.ended_by(message)
         if handler is None:
             return [dropped(message, addr, f"it does not answer a {pending.context.kind} wait")]

@@ -23,8 +23,6 @@ class Roster:
         for record in records:
             self.clients[record.name] = record
             self._by_addr[record.addr] = record.name
-        if any(record.online for record in self.clients.values()):
-            self.changed = True  # they may have missed tables while the server was down
 
     def name_at(self, addr: Address) -> str | None:
         return self._by_addr.get(addr)

@@ -111,6 +111,8 @@ class ServerProtocol(Machine[Waiting]):
 
     def start(self, now: float) -> list[Effect]:
         """After a restart, tell the clients that were online (they may have missed tables)."""
+        if any(record.online for record in self.clients.values()):
+            self.roster.changed = True
         return self._flush_table(now)
 
     # --- entry points -----------------------------------------------------------------

@@ -4,84 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
 from chatapp import screen as screen_lines
 from chatapp import terminal
+from chatapp.launch import ClientOptions, ServerOptions, StartupError, run_node
 from chatapp.logs import LogSink, end_log_line
-from chatapp.net import UdpEndpoint
-from chatapp.node import BadInput, Input, Node, Screen, Signal
+from chatapp.node import BadInput, Input, Screen, Signal
 from chatapp.prompt_console import PromptConsole
 from chatapp.protocol.client import COMMANDS, ClientProtocol
-from chatapp.protocol.common import Log, Timers
-from chatapp.protocol.server import DEFAULT_MAILBOX_LIMIT, ServerProtocol
-from chatapp.store import MemoryStore, Store
-from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+from chatapp.protocol.common import Log
 
 #: A typed line longer than this is refused whole rather than read into memory.
 MAX_LINE_BYTES = 65536
-
-
-class StartupError(Exception):
-    """A node could not start (port in use, database unreadable): one line for the user."""
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    port: int
-    host: str = "0.0.0.0"
-    db: str | None = None
-    trace: str | None = None
-    log_level: str = "info"
-    mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
-    timers: Timers = Timers()
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    name: str
-    server_ip: str
-    server_port: int
-    port: int
-    host: str = "0.0.0.0"
-    trace: str | None = None
-    verbose: bool = False
-    timers: Timers = Timers()
-
-
-def _open_recorder(path: str | None, timers: Timers, node: str, role: str) -> Recorder:
-    path = path or os.environ.get("CHATAPP_TRACE") or None
-    if not path:
-        return NullRecorder()
-    try:
-        return JsonlRecorder.open(path, timers=timers, nodes={node: {"role": role}})
-    except OSError as exc:
-        raise StartupError(f"cannot write the trace {path}: {exc.strerror}") from None
-
-
-async def _bind(host: str, port: int, what: str) -> UdpEndpoint:
-    try:
-        return await UdpEndpoint.bind(host, port)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on UDP {host}:{port} ({what}): {exc.strerror}") from None
-
-
-def open_store(db: str | None, port: int) -> Store:
-    if db == ":memory:":
-        return MemoryStore()
-    from chatapp.sqlite_store import SqliteStore, default_db_path
-
-    path = db or default_db_path(port)
-    try:
-        return SqliteStore(path)
-    except Exception as exc:  # sqlite3.Error, OSError: any reason the file cannot be used
-        raise StartupError(f"cannot open the database {path}: {exc}") from None
 
 
 #: What ends a node cleanly: Ctrl-C, ``kill``, a closed terminal.
@@ -97,28 +35,8 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
 
 async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
     log = LogSink("chatapp.server", level=options.log_level)
-    endpoint = await _bind(options.host, options.port, "server")
-    store = open_store(options.db, options.port)
-    recorder = _open_recorder(options.trace, options.timers, "server", "server")
-    protocol = ServerProtocol(
-        timers=options.timers,
-        id_prefix="s" + secrets.token_hex(3),
-        epoch=time.time_ns() // 1_000_000,
-        wall_offset=time.time() - trio.current_time(),
-        mailbox_limit=options.mailbox_limit,
-    )
-    clients, mailbox = store.load()
-    protocol.restore(clients, mailbox)
-    recorder.restored("server", clients, mailbox)  # a replay starts from the same database
-    node = Node("server", protocol, endpoint, log=log, recorder=recorder, store=store)
-    waiting = sum(len(items) for items in mailbox.values())
-    log(
-        Log(
-            f"chatapp server listening on UDP {options.host}:{options.port}"
-            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
-        )
-    )
     stopped_by: list[int] = []
+    listened = True
     try:
         async with trio.open_nursery() as nursery:
 
@@ -127,16 +45,18 @@ async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIte
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(_stop_on_signals, signals, stop, None)
-            await node.run(argv=argv)
+            try:
+                await run_node(options, log=log, argv=argv)
+            except StartupError:
+                listened = False  # the error says why; nothing was stopped
+                raise
             nursery.cancel_scope.cancel()
     finally:
         if stopped_by and stopped_by[0] == signal.SIGINT:
             end_log_line()  # the terminal echoed ^C where the next log line would start
         reason = f" ({_SIGNAL_NAMES.get(stopped_by[0], 'signal')})" if stopped_by else ""
-        log(Log(f"server stopped{reason}"))
-        recorder.close()
-        store.close()
-        endpoint.close()
+        if listened:
+            log(Log(f"server stopped{reason}"))
     return 0
 
 
@@ -147,36 +67,29 @@ async def run_client(options: ClientOptions, argv: list[str]) -> int:
 
 async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
     log = LogSink(f"chatapp.client.{options.name}", level="debug" if options.verbose else "off")
-    endpoint = await _bind(options.host, options.port, "client")
-    recorder = _open_recorder(options.trace, options.timers, options.name, "client")
-    protocol = ClientProtocol(
-        options.name,
-        (options.server_ip, options.server_port),
-        options.port,
-        timers=options.timers,
-        id_prefix=options.name + "." + secrets.token_hex(3),
-    )
     send_input, receive_input = trio.open_memory_channel[Input](16)
-    screen, read_input = _open_terminal(protocol)
-    node = Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
-    try:
-        async with trio.open_nursery() as nursery:
+    mode = terminal.terminal_mode()
+    async with trio.open_nursery() as nursery:
+
+        def open_terminal(protocol: ClientProtocol) -> Screen:
+            # once the endpoint is bound: a port in use is said before any prompt shows
+            screen, read_input = _open_terminal(mode, protocol)
             nursery.start_soon(read_input, send_input.clone())
-            nursery.start_soon(_stop_on_signals, signals, None, send_input)
-            status = await node.run(receive_input, argv=argv)
-            nursery.cancel_scope.cancel()
-    finally:
-        recorder.close()
-        endpoint.close()
+            return screen
+
+        nursery.start_soon(_stop_on_signals, signals, None, send_input)
+        status = await run_node(
+            options, make_screen=open_terminal, log=log, inputs=receive_input, argv=argv
+        )
+        nursery.cancel_scope.cancel()
     return status
 
 
 def _open_terminal(
-    protocol: ClientProtocol,
+    mode: terminal.Mode, protocol: ClientProtocol
 ) -> tuple[Screen, Callable[[trio.MemorySendChannel[Input]], Awaitable[None]]]:
     """The screen and the input: the input line on a terminal, plain lines otherwise
     (see chatapp.terminal)."""
-    mode = terminal.terminal_mode()
     if mode is terminal.Mode.PLAIN:
         return terminal.PlainScreen(), _read_stdin
     console = PromptConsole(

@@ -58,7 +58,7 @@ import typer  # noqa: E402
 from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
-from chatapp.protocol.server import MAX_MAILBOX_LIMIT  # noqa: E402
+from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
 from chatapp.typer_support import (  # noqa: E402
     UsageError,
     WordsCommand,
@@ -153,6 +153,11 @@ def _timers(ack_timeout: float, tries: int) -> Timers:
     return Timers(ack_timeout=ack_timeout, tries=tries)
 
 
+def _trace_path(value: str | None) -> str | None:
+    """``--trace FILE``, else ``CHATAPP_TRACE``; None: no trace."""
+    return value or os.environ.get("CHATAPP_TRACE") or None
+
+
 @app.callback()
 def _root(version: Annotated[bool, version_option(PROG)] = False) -> None:
     pass
@@ -208,7 +213,8 @@ def serve(
     tries: TriesOption = 5,
 ) -> None:
     """Run the server on UDP PORT of all interfaces."""
-    from chatapp.app import ServerOptions, run_server
+    from chatapp.app import run_server
+    from chatapp.launch import ServerOptions
 
     if port is None and ctx.obj == SEED_SPELLING:
         # `chatapp -s` names its port, as the seed does; alone, it is more likely a slip
@@ -218,7 +224,7 @@ def serve(
         port=_port(DEFAULT_PORT if port is None else port, "PORT"),
         host=_listen_address(host),
         db=db,
-        trace=trace,
+        trace=_trace_path(trace),
         log_level="warning" if quiet else "debug" if verbose else "info",
         mailbox_limit=_mailbox_limit(mailbox_limit),
         timers=_timers(ack_timeout, tries),
@@ -252,7 +258,8 @@ def join(
     tries: TriesOption = 5,
 ) -> None:
     """Join as NAME, listening on CLIENT_PORT."""
-    from chatapp.app import ClientOptions, run_client
+    from chatapp.app import run_client
+    from chatapp.launch import ClientOptions
 
     options = ClientOptions(
         name=_name(name),
@@ -260,7 +267,7 @@ def join(
         server_port=_port(server_port, "SERVER_PORT"),
         port=_port(client_port, "CLIENT_PORT"),
         host=_listen_address(host),
-        trace=trace,
+        trace=_trace_path(trace),
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
     )
@@ -287,7 +294,7 @@ def demo(
 def _run(entry: Callable[..., Awaitable[int]], *args: object, command: str) -> NoReturn:
     """Run ``entry`` under Trio and exit with its status. Whatever goes wrong ends in one
     line: Trio may wrap an error, or a Ctrl-C, in an exception group."""
-    from chatapp.app import StartupError
+    from chatapp.launch import StartupError
 
     try:
         status = trio.run(entry, *args)

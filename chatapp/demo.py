@@ -8,16 +8,17 @@ import time
 
 import trio
 
+from chatapp.net import UDP
 from chatapp.protocol.common import Timers
-from chatapp.scenario import (
+from chatapp.testing import (
+    SEED_LINES,
     Cluster,
-    LoopbackNetwork,
     ScenarioError,
     load_scenario,
     play_scenario,
     scenario_path,
+    unmatched_seed_lines,
 )
-from chatapp.seed import SEED_LINES, unmatched_seed_lines
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder, complete_header
 
 _COLUMN = 7
@@ -38,7 +39,7 @@ async def play_seed_test(test: int, recorder: Recorder | None = None, echo: bool
     """Play seed test ``test`` on real UDP sockets on 127.0.0.1; the cluster keeps every screen."""
     return await play_scenario(
         load_scenario(scenario_path(f"test{test}")),
-        LoopbackNetwork(),
+        UDP,
         recorder=recorder,
         on_line=_show if echo else None,
         wall_offset=_wall_offset(),

@@ -3,7 +3,8 @@
 One nursery per node runs its receive task, its timer task and (for a
 client) its input task. Every handler call and the effects it returns are
 carried out under one lock, so effects leave in the order the state machine
-produced them, and a ``Persist`` is committed before anything after it is sent.
+produced them, and a change (``chatapp.protocol.changes``) is committed before
+anything after it is sent.
 
 The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
 earliest ACK deadline the state machine has: every retry and give-up of every
@@ -12,38 +13,32 @@ pending request is driven from there.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from chatapp.net import Endpoint
+from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show, bad_datagram
+from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
+from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import NullRecorder, Recorder
-from chatapp.wire import Address, Message, WireError, decode
+from chatapp.wire import Address
 
+#: What a client's input channel carries (``chatapp.protocol.inputs``).
+Input = ClientInput
 
-class Signal(enum.Enum):
-    """Inputs that are not lines."""
-
-    INTERRUPT = "interrupt"  # Ctrl-C
-    HANG_UP = "hang_up"  # Ctrl-D, end of input, SIGHUP, SIGTERM
-
-
-@dataclass(frozen=True)
-class BadInput:
-    """A line that could not be read as text (not UTF-8, or far too long)."""
-
-    detail: str
-
-
-Input = str | Signal | BadInput
+__all__ = [
+    "BadInput",
+    "Input",
+    "Node",
+    "Screen",
+    "Signal",
+]
 
 
 class Screen(Protocol):
@@ -52,28 +47,6 @@ class Screen(Protocol):
     def typed(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class CapturedScreen:
-    """Collects the lines a client shows (demo, tests, replay)."""
-
-    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
-        self.lines: list[str] = []
-        self._on_line = on_line
-        self.changed = trio.Event()
-
-    def show(self, line: str) -> None:
-        self.lines.append(line)
-        if self._on_line is not None:
-            self._on_line(line)
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def typed(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 AnyProtocol = ClientProtocol | ServerProtocol
@@ -103,15 +76,14 @@ class Node:
         self.screen = screen
         self.log = log or (lambda entry: None)
         self.recorder = recorder or NullRecorder()
-        self.store = store or MemoryStore()
+        self.store: Store = store or MemoryStore()
         self.exit_status: int | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
         # is already queued (real UDP); the in-memory network keeps one datagram per event.
         receive_nowait = getattr(endpoint, "receive_nowait", None)
-        durable = not isinstance(self.store, MemoryStore)
         self._receive_nowait: Callable[[], tuple[bytes, Address]] | None = (
-            receive_nowait if durable else None
+            receive_nowait if self.store.durable else None
         )
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
@@ -124,9 +96,10 @@ class Node:
         inputs: trio.MemoryReceiveChannel[Input] | None = None,
         *,
         argv: list[str] | None = None,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
     ) -> int:
-        """Run until the node exits (returns its status) or is cancelled."""
+        """Run until the node exits (returns its status) or is cancelled; started (with
+        ``nursery.start``) once its tasks run."""
         role = "client" if isinstance(self.protocol, ClientProtocol) else "server"
         self.recorder.node_started(self.name, role, argv or [], self.endpoint.local_address)
         try:
@@ -136,7 +109,7 @@ class Node:
                 nursery.start_soon(self._timer_loop)
                 if inputs is not None:
                     nursery.start_soon(self._input_loop, inputs)
-                task_status.started()
+                task_status.started(self)
                 await self._handle(self.protocol.start)
         finally:
             status = 0 if self.exit_status is None else self.exit_status
@@ -150,7 +123,6 @@ class Node:
             self._cancel_scope.cancel()
 
     async def _receive_loop(self) -> None:
-        local = self.endpoint.local_address
         while True:
             try:
                 data, addr = await self.endpoint.receive()
@@ -158,25 +130,22 @@ class Node:
                 # e.g. an ICMP "port unreachable" reported on a later read: not fatal
                 self.log(Log(f"receive failed: {exc}", "debug"))
                 continue
-            message = self._decode(data, addr, local)
-            if message is not None:
-                await self._handle(self._handle_queued, message, addr)
+            await self._handle(self._take_first, data, addr)
 
-    def _decode(self, data: bytes, addr: Address, local: Address) -> Message | None:
-        try:
-            message = decode(data)
-        except WireError as exc:
-            self.recorder.datagram(self.name, "recv", local, addr, data, None, str(exc))
-            self.log(bad_datagram(addr, exc))
-            return None
-        self.recorder.datagram(self.name, "recv", local, addr, data, message)
-        return message
-
-    def _handle_queued(self, message: Message, addr: Address, now: float) -> list[Effect]:
-        effects = self.protocol.handle_message(message, addr, now)
-        if self._receive_nowait is not None and any(isinstance(e, Persist) for e in effects):
+    def _take_first(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        effects = self._take(data, addr, now)
+        if self._receive_nowait is not None and any(isinstance(e, Change) for e in effects):
             effects = self._gather(effects)
         return effects
+
+    def _take(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        """A datagram through the state machine's one entry; what it read is recorded
+        before anything it caused."""
+        effects = self.protocol.handle_datagram(data, addr, now)
+        received = effects[0]
+        assert isinstance(received, Received)
+        self.recorder.received(self.name, self.endpoint.local_address, addr, data, received)
+        return effects[1:]
 
     def _gather(self, effects: list[Effect]) -> list[Effect]:
         """Group commit: the datagrams already queued behind one that changes the database
@@ -185,7 +154,6 @@ class Node:
         strictly needed are both safe; one fsync for a burst instead of one per datagram
         is the point (the disk, not the protocol, limits a durable server)."""
         assert self._receive_nowait is not None
-        local = self.endpoint.local_address
         gathered = list(effects)
         handled = 1
         while handled < self.GROUP_COMMIT_LIMIT:
@@ -193,15 +161,12 @@ class Node:
                 data, addr = self._receive_nowait()
             except (trio.WouldBlock, OSError):
                 break
-            message = self._decode(data, addr, local)
-            if message is None:
-                continue
-            gathered += self.protocol.handle_message(message, addr, trio.current_time())
+            gathered += self._take(data, addr, trio.current_time())
             handled += 1
         if handled == 1:
             return effects
-        changes: list[Effect] = [e for e in gathered if isinstance(e, Persist)]
-        return changes + [e for e in gathered if not isinstance(e, Persist)]
+        changes: list[Effect] = [e for e in gathered if isinstance(e, Change)]
+        return changes + [e for e in gathered if not isinstance(e, Change)]
 
     async def _timer_loop(self) -> None:
         while True:
@@ -218,20 +183,11 @@ class Node:
         assert isinstance(client, ClientProtocol)
         async with inputs:
             async for item in inputs:
-                if isinstance(item, Signal):
-                    self.recorder.typed(self.name, f"<{item.value}>")
-                    leave = client.interrupt if item is Signal.INTERRUPT else client.hang_up
-                    await self._handle(leave)
-                    continue
-                if self.screen is not None:
-                    self.screen.typed()
-                if isinstance(item, BadInput):
-                    self.recorder.typed(self.name, f"<bad input: {item.detail}>")
-                    await self._handle(client.refuse_input, item.detail)
-                    continue
                 self.recorder.typed(self.name, item)
-                await self._handle(client.handle_command, item)
-        await self._handle(client.hang_up)
+                if self.screen is not None and not isinstance(item, Signal):
+                    self.screen.typed()
+                await self._handle(client.handle_input, item)
+        await self._handle(client.handle_input, Signal.HANG_UP)
 
     # --- carrying out effects ---------------------------------------------------------
 
@@ -249,9 +205,9 @@ class Node:
             self._lock.release()
 
     async def _apply_locked(self, effects: list[Effect]) -> None:
-        changes: list[Persist] = []
+        changes: list[Change] = []
         for effect in effects:
-            if isinstance(effect, Persist):
+            if isinstance(effect, Change):
                 changes.append(effect)
                 continue
             # Log lines leave nothing outside the node: one transaction covers every change
@@ -278,7 +234,7 @@ class Node:
         if deadline is not None and deadline < self._armed_deadline:
             self._timer_changed.set()
 
-    async def _commit(self, changes: list[Persist]) -> bool:
+    async def _commit(self, changes: list[Change]) -> bool:
         """Commit ``changes``; False if the database failed, and then nothing that depends
         on them (an ACK above all) may leave: the sender retries, or is told it failed."""
         try:
@@ -295,7 +251,7 @@ class Node:
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address
-        self.recorder.datagram(self.name, "send", local, effect.addr, effect.data, effect.message)
+        self.recorder.sent(self.name, local, effect.addr, effect.data, effect.message)
         try:
             await self.endpoint.send(effect.data, effect.addr)
         except OSError as exc:

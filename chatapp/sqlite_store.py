@@ -1,6 +1,6 @@
 """The durable store: SQLite in WAL mode, called off the event loop.
 
-A run of ``Persist`` changes is one transaction, committed in a worker thread
+A run of changes (``chatapp.protocol.changes``) is one transaction, committed in a worker thread
 before the node sends the ACK that depends on it; so a message the server
 has ACKed as saved survives a crash of the server (SIGKILL included).
 
@@ -20,8 +20,15 @@ from pathlib import Path
 
 import trio
 
-from chatapp.protocol.common import Persist
-from chatapp.protocol.server import ClientRecord, Presence
+from chatapp.protocol.changes import (
+    Change,
+    ClientRecord,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+    Presence,
+    apply_changes,
+)
 from chatapp.wire import StoredItem
 
 SCHEMA_VERSION = 2
@@ -72,6 +79,8 @@ def default_db_path(port: int) -> str:
 
 
 class SqliteStore:
+    durable = True
+
     def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -146,20 +155,16 @@ class SqliteStore:
         loaded, self._loaded = self._loaded, None
         return loaded if loaded is not None else self._read()
 
-    async def commit(self, changes: list[Persist]) -> None:
+    async def commit(self, changes: list[Change]) -> None:
         # Not abandoned on cancel: a commit that started finishes before the node goes on.
         await trio.to_thread.run_sync(self._commit, changes)
 
-    def _commit(self, changes: list[Persist]) -> None:
+    def _commit(self, changes: list[Change]) -> None:
         with self._guard:
             db = self._db
             db.execute("BEGIN")
             try:
-                for change in changes:
-                    apply = _APPLY.get(change.op)
-                    if apply is None:
-                        raise ValueError(f"unknown persist operation {change.op!r}")
-                    apply(db, change.args)
+                apply_changes(changes, _Transaction(db))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -175,32 +180,31 @@ class SqliteStore:
             self._db.close()
 
 
-def _upsert_client(db: sqlite3.Connection, args: tuple[object, ...]) -> None:
-    db.execute(
-        "INSERT INTO clients (name, ip, port, token, presence, changed)"
-        " VALUES (?, ?, ?, ?, ?, (SELECT coalesce(max(changed), 0) + 1 FROM clients))"
-        " ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, port=excluded.port,"
-        " token=excluded.token, presence=excluded.presence, changed=excluded.changed",
-        args,
-    )
+class _Transaction:
+    """The SQL of each kind of change, inside a transaction the store has begun."""
 
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
 
-def _store_message(db: sqlite3.Connection, args: tuple[object, ...]) -> None:
-    recipient, item = args
-    assert isinstance(item, StoredItem)
-    db.execute(
-        "INSERT OR IGNORE INTO mailbox (recipient, id, kind, sender, text, stored_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (recipient, item.id, item.kind, item.sender, item.text, item.stored_at),
-    )
+    def save_client(self, change: ClientSaved) -> None:
+        self._db.execute(
+            "INSERT INTO clients (name, ip, port, token, presence, changed)"
+            " VALUES (?, ?, ?, ?, ?, (SELECT coalesce(max(changed), 0) + 1 FROM clients))"
+            " ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, port=excluded.port,"
+            " token=excluded.token, presence=excluded.presence, changed=excluded.changed",
+            (change.name, change.ip, change.port, change.token, change.presence.value),
+        )
 
+    def store_message(self, change: MessageStored) -> None:
+        item = change.item
+        self._db.execute(
+            "INSERT OR IGNORE INTO mailbox (recipient, id, kind, sender, text, stored_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (change.recipient, item.id, item.kind, item.sender, item.text, item.stored_at),
+        )
 
-def _remove_messages(db: sqlite3.Connection, args: tuple[object, ...]) -> None:
-    recipient, ids = args
-    assert isinstance(ids, tuple)
-    db.executemany(
-        "DELETE FROM mailbox WHERE recipient = ? AND id = ?", [(recipient, i) for i in ids]
-    )
-
-
-_APPLY = {"client": _upsert_client, "store": _store_message, "remove": _remove_messages}
+    def remove_messages(self, change: MessagesRemoved) -> None:
+        self._db.executemany(
+            "DELETE FROM mailbox WHERE recipient = ? AND id = ?",
+            [(change.recipient, msg_id) for msg_id in change.ids],
+        )

@@ -206,6 +206,12 @@ def decode(data: bytes) -> Message:
         raise WireError(str(exc)) from None
 
 
+def tag_of(message_type: type[Message] | Message) -> str:
+    """A message type's name on the wire (its ``t``: ``chat``, ``ack``, ...)."""
+    cls = message_type if isinstance(message_type, type) else type(message_type)
+    return cls.__struct_config__.tag  # type: ignore[return-value]
+
+
 def to_builtins(message: Message) -> dict[str, object]:
     """The message as plain JSON values (for traces)."""
     result = msgspec.to_builtins(message)

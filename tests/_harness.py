@@ -3,9 +3,9 @@
 Rules and lines: ``first_only`` (a loss or duplication rule that fires once) and
 ``shown_messages`` (the message lines among what a client showed).
 
-Virtual nodes: a server and clients as ``Node``s on a ``MemoryNetwork``, built
-directly (not through ``Cluster``) so that a server can be stopped and started
-again at the same address with the same store.
+Virtual nodes: a server and clients on a ``MemoryNetwork``, started with
+``run_node`` as every node is (not through ``Cluster``) so that a server can be
+stopped and started again at the same address with the same store.
 
 Real processes: ``chatapp`` started with ``python -m chatapp`` (``serve`` and
 ``join``), its output read by a thread, so a test can wait for a line without a
@@ -32,12 +32,13 @@ from typing import ParamSpec
 
 import trio
 
-from chatapp.net import MemoryNetwork
-from chatapp.node import CapturedScreen, Input, Node
+from chatapp.launch import ClientOptions, ServerOptions, run_node
+from chatapp.node import Input, Node
 from chatapp.protocol.client import ClientProtocol, ClientState
 from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
+from chatapp.testing import CapturedScreen, MemoryNetwork
 from chatapp.wire import Address, Lookup, encode
 
 WALL_OFFSET = 1_648_153_596.0
@@ -92,7 +93,12 @@ class VirtualClient:
     screen: CapturedScreen
     inputs: trio.MemorySendChannel[Input]
     done: trio.Event = field(default_factory=trio.Event)
-    status: int | None = None
+    exit_statuses: list[int] = field(default_factory=list)
+
+    @property
+    def status(self) -> int | None:
+        """Its exit status, once it has exited."""
+        return self.exit_statuses[0] if self.exit_statuses else None
 
     @property
     def lines(self) -> list[str]:
@@ -135,31 +141,32 @@ async def start_server(
     mailbox_limit: int = 1000,
     epoch: int = 1,
 ) -> VirtualServer:
+    """A server at ``addr``; ``store`` is closed when it stops (a new one: a ``MemoryStore``)."""
     store = store or MemoryStore()
-    protocol = ServerProtocol(
+    options = ServerOptions(
+        addr[1],
+        host=addr[0],
         timers=timers,
+        mailbox_limit=mailbox_limit,
         id_prefix=f"s{epoch}",
         epoch=epoch,
         wall_offset=WALL_OFFSET,
-        mailbox_limit=mailbox_limit,
     )
-    clients, mailbox = store.load()
-    protocol.restore(clients, mailbox)
     logs: list[Log] = []
-    endpoint = network.bind(addr)
-    node = Node("server", protocol, endpoint, store=store, log=logs.append)
-    server = VirtualServer(node, protocol, logs)
+    done = trio.Event()
 
-    async def run(task_status: trio.TaskStatus[None]) -> None:
+    async def run(task_status: trio.TaskStatus[Node]) -> None:
         try:
-            await node.run(task_status=task_status)
+            await run_node(
+                options, network=network, store=store, log=logs.append, task_status=task_status
+            )
         finally:
-            endpoint.close()
             store.close()
-            server.done.set()
+            done.set()
 
-    await nursery.start(run)
-    return server
+    node = await nursery.start(run)
+    assert isinstance(node.protocol, ServerProtocol)
+    return VirtualServer(node, node.protocol, logs, done)
 
 
 async def start_client(
@@ -171,21 +178,32 @@ async def start_client(
     *,
     timers: Timers = Timers(),
 ) -> VirtualClient:
-    protocol = ClientProtocol(name, server, addr[1], timers=timers, id_prefix=name)
-    endpoint = network.bind(addr)
+    options = ClientOptions(
+        name, server[0], server[1], addr[1], host=addr[0], timers=timers, id_prefix=name
+    )
     screen = CapturedScreen()
-    node = Node(name, protocol, endpoint, screen=screen)
     send_input, receive_input = trio.open_memory_channel[Input](0)
-    client = VirtualClient(name, node, protocol, screen, send_input)
+    done = trio.Event()
+    status: list[int] = []
 
-    async def run(task_status: trio.TaskStatus[None]) -> None:
+    async def run(task_status: trio.TaskStatus[Node]) -> None:
         try:
-            client.status = await node.run(receive_input, task_status=task_status)
+            status.append(
+                await run_node(
+                    options,
+                    network=network,
+                    screen=screen,
+                    inputs=receive_input,
+                    task_status=task_status,
+                )
+            )
         finally:
-            endpoint.close()
-            client.done.set()
+            done.set()
 
-    await nursery.start(run)
+    node = await nursery.start(run)
+    assert isinstance(node.protocol, ClientProtocol)
+    client = VirtualClient(name, node, node.protocol, screen, send_input, done)
+    client.exit_statuses = status
     return client
 
 

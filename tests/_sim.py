@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from chatapp import screen
+from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show, Timers
+from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.server import ServerProtocol
+from chatapp.store import MemoryStore
 from chatapp.wire import MAX_DATAGRAM, Address, Message, TableEntry, encode
 
 SERVER: Address = ("10.0.0.1", 8001)
@@ -86,8 +88,8 @@ class Sim:
         self.shown: list[tuple[float, str, str]] = []
         self.exits: dict[str, int] = {}
         self.logs: list[tuple[str, Log]] = []
-        self.persisted: list[Persist] = []
-        #: Every effect the server returned, in order (Persist-before-ACK checks).
+        self.persisted: list[Change] = []
+        #: Every effect the server returned, in order (change-before-ACK checks).
         self.server_effects: list[Effect] = []
         self.sent: list[Datagram] = []
         self.delivered: list[Datagram] = []
@@ -121,12 +123,17 @@ class Sim:
         """The node's process is gone (a silent leave): what is sent to it is lost."""
         self.nodes.pop(self.addr[label], None)
 
-    def restart_server(self) -> ServerProtocol:
-        """A new server, with an empty memory, at the same address."""
+    def restart_server(self, *, from_database: bool = False) -> ServerProtocol:
+        """A new server at the same address: with an empty memory, or (``from_database``)
+        with what every change committed so far left in a store, as after a crash."""
         self.server = ServerProtocol(
             timers=self.timers, id_prefix="s2", epoch=1, wall_offset=self.wall_offset
         )
         self.nodes[SERVER] = self.server
+        if from_database:
+            self.server.restore(*MemoryStore(self.persisted).load())
+            self.apply(SERVER, self.server.start(self.now))
+            self.pump()
         return self.server
 
     def label_of(self, addr: Address) -> str:
@@ -136,7 +143,7 @@ class Sim:
     # --- input -------------------------------------------------------------------------
 
     def type(self, label: str, line: str) -> list[Effect]:
-        effects = self.clients[label].handle_command(line, self.now)
+        effects = self.clients[label].handle_input(line, self.now)
         self.apply(self.addr[label], effects)
         self.pump()
         return effects
@@ -168,8 +175,10 @@ class Sim:
                 self.nodes.pop(addr, None)
             elif isinstance(effect, Log):
                 self.logs.append((label, effect))
-            else:
+            elif isinstance(effect, Change):
                 self.persisted.append(effect)
+            else:
+                assert isinstance(effect, Received), effect
 
     def pump(self) -> None:
         """Deliver everything in flight, and what that causes, in the order it was sent."""
@@ -263,88 +272,3 @@ def trio_of_clients(**options: object) -> Sim:
 
 def entry(name: str, port: int, online: bool = True) -> TableEntry:
     return TableEntry(name, CLIENT_IP, port, online)
-
-
-#: Everything each client shows in the scenarios of the seed's tests: the seed's lines, a
-#: table wherever one is sent (the seed leaves some out), the scenario's closing Ctrl-C, and,
-#: in Test 3, the server's ACK of ``send_all hi`` (rule 7), which the seed's transcript omits.
-SEED_SCREENS: dict[int, dict[str, list[str]]] = {
-    1: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[Message has been received by user2.]",
-            "[Message has been received by user3.]",
-            "user2 : hello, nice to meet you, too!",
-            "user3 : hi~",
-            "[You are now offline. Bye.]",
-            "[You have message]",
-            "({time}) user2 : hello?",
-            "({time}) user3 : are you still there?",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user2": [
-            TU,
-            TU,
-            "user1 : hello nice to meet you.",
-            "[Message has been received by user1.]",
-            "[Message has been received by user3.]",
-            "user3 : hello!",
-            TU,
-            "[No ACK from user1, message sent to server.]",
-            "[Messages received by the server and saved.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user3": [
-            TU,
-            "user1 : hi!",
-            "user2 : hello",
-            "[Message has been received by user1.]",
-            "[Message has been received by user2.]",
-            TU,
-            "[No ACK from user1, message sent to server.]",
-            "[Messages received by the server and saved.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-    },
-    2: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[No ACK from user2, message sent to server.]",
-            "[Message sent failed]",
-            "[Server is shut down]",
-            "[Exiting]",
-        ],
-        "user2": [TU, "[You are now offline. Bye.]"],
-    },
-    3: {
-        "user1": [
-            TU,
-            TU,
-            TU,
-            "[Message received by the server.]",
-            "[Message received by the server.]",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user2": [
-            TU,
-            TU,
-            "Channel_Message user1 : hello guys",
-            "Caught keyboard interrupt. Exiting",
-        ],
-        "user3": [
-            TU,
-            "Channel_Message user1 : hello guys",
-            "Channel_Message user1 : hi",
-            TU,
-            "Caught keyboard interrupt. Exiting",
-        ],
-    },
-}

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--tiny", "--json", str(out)],
+        [sys.executable, "-m", "chatapp_tools.bench", "--tiny", "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

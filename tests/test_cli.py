@@ -19,7 +19,7 @@ from _harness import chatapp_command
 from typer.testing import CliRunner
 
 from chatapp import __version__, cli
-from chatapp.app import StartupError
+from chatapp.launch import StartupError
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

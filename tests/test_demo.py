@@ -3,7 +3,7 @@
 import pytest
 
 from chatapp.demo import play_seed_test
-from chatapp.seed import SEED_LINES, unmatched_seed_lines
+from chatapp.testing import SEED_LINES, unmatched_seed_lines
 
 
 @pytest.mark.parametrize("test", [1, 2, 3])

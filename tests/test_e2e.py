@@ -33,8 +33,7 @@ from _harness import (
     wait_until_serving,
 )
 
-from chatapp.scenario import line_matches
-from chatapp.seed import SEED_LINES, unmatched_seed_lines
+from chatapp.testing import SEED_LINES, line_matches, unmatched_seed_lines
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +109,7 @@ class Terminal:
         return lines
 
     def shown_lines(self) -> list[str]:
-        """The lines without their prompts, as chatapp.seed writes them."""
+        """The lines without their prompts, as chatapp.testing.seed writes them."""
         shown = []
         for line in self.screen():
             while line.startswith(PROMPT.rstrip()):

@@ -32,10 +32,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatapp import screen
-from chatapp.net import MemoryNetwork
+from chatapp.protocol.changes import Presence
 from chatapp.protocol.client import ClientProtocol, ClientState
-from chatapp.protocol.common import Effect, Exit, Log, Send, Show
-from chatapp.protocol.server import Presence, ServerProtocol
+from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
+from chatapp.protocol.server import ServerProtocol
+from chatapp.testing import MemoryNetwork
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
@@ -238,11 +239,12 @@ def test_the_server_survives_any_sequence_of_datagrams(sequence: list[tuple[Any,
             else:
                 data, addr = event[1], event[2]
             effects = server.handle_datagram(data, addr, now)
+            assert isinstance(effects[0], Received)
             try:
                 decode(data)
             except WireError:
-                assert len(effects) == 1 and isinstance(effects[0], Log), effects
-                assert effects[0].level == "warning"
+                assert len(effects) == 2 and isinstance(effects[1], Log), effects
+                assert effects[1].level == "warning"
         check_effects(effects)
         history += [e.data for e in effects if isinstance(e, Send)]
         if event[0] == "datagram":
@@ -260,13 +262,13 @@ def client_in(state: ClientState) -> ClientProtocol:
     check_effects(client.handle_message(Registered("user1.1", "t.1"), SERVER, 0.1))
     if state is ClientState.ONLINE:
         return client
-    check_effects(client.handle_command("dereg user1", 0.2))
+    check_effects(client.handle_input("dereg user1", 0.2))
     if state is ClientState.DEREGISTERING:
         return client
     check_effects(client.handle_message(Ack("user1.2"), SERVER, 0.3))
     if state is ClientState.OFFLINE:
         return client
-    check_effects(client.handle_command("reg user1", 0.4))
+    check_effects(client.handle_input("reg user1", 0.4))
     assert client.state is ClientState.REJOINING
     return client
 
@@ -301,14 +303,14 @@ def test_the_client_survives_any_datagram_and_any_command(
 ) -> None:
     client = client_in(state) if state is not ClientState.EXITED else client_in(ClientState.ONLINE)
     if state is ClientState.EXITED:
-        check_effects(client.handle_command("exit", 1.0))
+        check_effects(client.handle_input("exit", 1.0))
     now = 1.0
     for event in sequence:
         if event[0] == "timer":
             now += event[1]
             effects = client.handle_timer(now)
         elif event[0] == "command":
-            effects = client.handle_command(event[1], now)
+            effects = client.handle_input(event[1], now)
             if event[1].strip() and client.state is not ClientState.EXITED:
                 # every command line is answered on the screen or on the wire
                 assert any(isinstance(e, (Show, Send, Exit)) for e in effects), (event, effects)
@@ -316,7 +318,7 @@ def test_the_client_survives_any_datagram_and_any_command(
             effects = client.handle_datagram(event[1], event[2], now)
         check_effects(effects)
         if client.state is ClientState.EXITED:
-            assert client.handle_datagram(encode(Ack("x")), SERVER, now) == []
+            assert client.handle_datagram(encode(Ack("x")), SERVER, now) == [Received(Ack("x"))]
 
 
 async def test_replayed_datagrams_change_nothing(autojump_clock: trio.testing.MockClock) -> None:

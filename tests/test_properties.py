@@ -33,9 +33,9 @@ from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 from chatapp import screen
-from chatapp.net import Faults, MemoryNetwork
+from chatapp.protocol.changes import Presence
 from chatapp.protocol.client import ClientState
-from chatapp.protocol.server import Presence
+from chatapp.testing import Faults, MemoryNetwork
 
 SERVER = ("127.0.0.1", 8001)
 NAMES = ("u0", "u1", "u2", "u3", "u4")

@@ -8,7 +8,6 @@ import pytest
 from _harness import first_only
 from _sim import (
     CLIENT_IP,
-    SEED_SCREENS,
     SERVER,
     SERVER_TEXT,
     TU,
@@ -20,8 +19,11 @@ from _sim import (
 )
 
 from chatapp import screen
+from chatapp.protocol.changes import MessagesRemoved, MessageStored
 from chatapp.protocol.client import ClientState
-from chatapp.protocol.common import Exit, Log, Send, Show, Timers
+from chatapp.protocol.common import Exit, Log, Received, Send, Show, Timers
+from chatapp.protocol.inputs import Signal
+from chatapp.testing import SEED_SCREENS
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
@@ -30,6 +32,7 @@ from chatapp.wire import (
     Chat,
     Deregister,
     Lookup,
+    LookupResult,
     Mailbox,
     Register,
     Saved,
@@ -210,7 +213,7 @@ def test_seed_test_1_screen_by_screen() -> None:
     sim.run(1.0)
     sim.type("user1", "reg user1")
     for name in ("user1", "user2", "user3"):
-        sim.apply(sim.addr[name], sim.clients[name].interrupt(sim.now))
+        sim.apply(sim.addr[name], sim.clients[name].handle_input(Signal.INTERRUPT, sim.now))
     assert sim.lines("user1") == [
         TU,
         TU,
@@ -405,7 +408,7 @@ def test_a_lost_saved_answer_is_retried_and_stored_once() -> None:
     sim.run(0.5)
     assert sim.timed("user1")[-1] == (1.0, "[Messages received by the server and saved.]")
     assert len(sim.server.mailbox["user2"]) == 1
-    assert sum(p.op == "store" for p in sim.persisted) == 1
+    assert sum(isinstance(p, MessageStored) for p in sim.persisted) == 1
 
 
 # === dereg (rule 4) ==============================================================================
@@ -542,7 +545,7 @@ def test_a_lost_mailbox_ack_loses_nothing_and_shows_nothing_twice() -> None:
     sim.type("user1", "reg user1")
     # shown, but the server keeps them until their ACK arrives
     assert len(sim.server.mailbox["user1"]) == 2
-    assert not any(p.op == "remove" for p in sim.persisted)
+    assert not any(isinstance(p, MessagesRemoved) for p in sim.persisted)
     sim.settle()
     assert sim.lines_since("user1", mark) == [
         "[You have message]",
@@ -552,7 +555,7 @@ def test_a_lost_mailbox_ack_loses_nothing_and_shows_nothing_twice() -> None:
     ]
     assert len(sim.datagrams(Mailbox)) == 2
     assert sim.server.mailbox == {}
-    assert [p.op for p in sim.persisted].count("remove") == 1
+    assert sum(isinstance(p, MessagesRemoved) for p in sim.persisted) == 1
 
 
 def test_stored_messages_in_several_batches_show_one_header() -> None:
@@ -593,7 +596,7 @@ def test_seed_test_3_a_dead_receiver_is_marked_offline_with_one_table() -> None:
     sim = trio_of_clients()
     sim.type("user1", "send_all hello guys")
     user2 = sim.clients["user2"]
-    sim.apply(sim.addr["user2"], user2.interrupt(sim.now))
+    sim.apply(sim.addr["user2"], user2.handle_input(Signal.INTERRUPT, sim.now))
     assert sim.lines("user2")[-1] == "Caught keyboard interrupt. Exiting"
     assert sim.exits == {"user2": 0}
     sim.run(1.0)
@@ -661,6 +664,17 @@ def test_send_to_a_name_missing_from_the_table_finds_it_through_the_server() -> 
     sim.type("user1", "send user3 hi")
     assert sim.lines("user3")[-1] == "user1 : hi"
     assert sim.lines("user1")[-1] == "[Message has been received by user3.]"
+
+
+def test_a_lookup_answered_with_another_name_sends_nothing() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: isinstance(send.message, LookupResult))
+    sim.type("user1", "send user9 hi")
+    (lookup,) = sim.datagrams(Lookup)
+    sim.inject(SERVER, LookupResult(lookup.message.id, entry("user2", 9101)), sim.addr["user1"])
+    assert sim.lines("user1")[-1] == screen.unknown_user("user9")
+    assert sim.datagrams(Chat, src="user1") == []
+    assert "user9" not in sim.clients["user1"].table
 
 
 def test_a_lookup_the_server_never_answers_says_nothing_was_sent() -> None:
@@ -772,9 +786,13 @@ def test_a_bad_datagram_is_logged_and_the_client_keeps_working() -> None:
     sim = trio_of_clients()
     user2 = sim.clients["user2"]
     effects = user2.handle_datagram(b"\xff not json", (CLIENT_IP, 6666), sim.now)
-    assert len(effects) == 1 and isinstance(effects[0], Log) and effects[0].level == "warning"
-    effects = user2.handle_datagram(encode(Register("x.1", "x", 1)), (CLIENT_IP, 6666), sim.now)
-    assert [type(e) for e in effects] == [Log]
+    received, log = effects
+    assert received == Received(None, received.error) and received.error  # type: ignore[union-attr]
+    assert isinstance(log, Log) and log.level == "warning"
+    register = Register("x.1", "x", 1)
+    effects = user2.handle_datagram(encode(register), (CLIENT_IP, 6666), sim.now)
+    assert effects[0] == Received(register)
+    assert [type(e) for e in effects[1:]] == [Log]
     sim.type("user1", "send user2 still fine")
     assert sim.lines("user2")[-1] == "user1 : still fine"
 
@@ -873,7 +891,7 @@ def test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again() 
 def test_ctrl_c_says_so_and_exits_0_without_deregistering() -> None:
     sim = trio_of_clients()
     user1 = sim.clients["user1"]
-    effects = user1.interrupt(sim.now)
+    effects = user1.handle_input(Signal.INTERRUPT, sim.now)
     assert effects == [Show("Caught keyboard interrupt. Exiting"), Exit(0)]
     assert user1.state is ClientState.EXITED
     assert sim.server.clients["user1"].online  # a silent leave
@@ -881,9 +899,9 @@ def test_ctrl_c_says_so_and_exits_0_without_deregistering() -> None:
 
 def test_hang_up_exits_0_quietly_and_exit_says_exiting() -> None:
     sim = trio_of_clients()
-    assert sim.clients["user1"].hang_up(sim.now) == [Exit(0)]
+    assert sim.clients["user1"].handle_input(Signal.HANG_UP, sim.now) == [Exit(0)]
     for word in ("exit", "quit"):
-        assert sim.clients["user2" if word == "exit" else "user3"].handle_command(word, 0.0) == [
+        assert sim.clients["user2" if word == "exit" else "user3"].handle_input(word, 0.0) == [
             Show("[Exiting]"),
             Exit(0),
         ]
@@ -893,8 +911,8 @@ def test_an_exited_client_does_nothing_more() -> None:
     sim = trio_of_clients()
     user1 = sim.clients["user1"]
     sim.type("user1", "send_all hi")
-    user1.interrupt(sim.now)
-    assert user1.handle_command("send user2 hi", 9.0) == []
+    user1.handle_input(Signal.INTERRUPT, sim.now)
+    assert user1.handle_input("send user2 hi", 9.0) == []
     assert user1.handle_message(Chat("x.1", "user2", "hi"), sim.addr["user2"], 9.0) == []
     assert user1.handle_timer(100.0) == []
 

@@ -30,9 +30,18 @@ from _sim import (  # the shared harness; see its docstring
 )
 
 from chatapp import screen
+from chatapp.protocol.changes import (
+    Change,
+    ClientRecord,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+    Presence,
+)
 from chatapp.protocol.client import ClientState
-from chatapp.protocol.common import Effect, Log, Persist, Send, send
-from chatapp.protocol.server import ClientRecord, Presence, ServerProtocol
+from chatapp.protocol.common import Effect, Log, Received, Send
+from chatapp.protocol.mailbox import Mailboxes
+from chatapp.protocol.server import ServerProtocol
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
@@ -62,8 +71,8 @@ class AckingPeer:
     """A client that ACKs whatever it gets and does nothing else (for crowds of receivers)."""
 
     def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        message = decode(data)
-        return [send(Ack(message.id), addr)]
+        ack = Ack(decode(data).id)
+        return [Send(ack, encode(ack), addr)]
 
     def handle_timer(self, now: float) -> list[Effect]:
         return []
@@ -128,9 +137,9 @@ def test_registration_records_the_client_and_persists_it_before_answering() -> N
     assert (record.name, record.addr) == ("user1", (CLIENT_IP, 9001))
     assert record.presence is Presence.ONLINE
     effects = sim.server_effects
-    assert index_of(effects, Persist) < index_of(effects, Registered) < index_of(effects, Table)
-    (persist,) = [e for e in effects if isinstance(e, Persist)]
-    assert persist == Persist("client", ("user1", CLIENT_IP, 9001, "tok1", "online"))
+    assert index_of(effects, Change) < index_of(effects, Registered) < index_of(effects, Table)
+    (persist,) = [e for e in effects if isinstance(e, Change)]
+    assert persist == ClientSaved("user1", CLIENT_IP, 9001, "tok1", Presence.ONLINE)
     (table,) = sim.datagrams(Table)
     assert table.message.entries == [entry("user1", 9001)]  # type: ignore[union-attr]
 
@@ -197,6 +206,35 @@ def test_registering_a_new_name_from_an_address_marks_its_old_name_offline() -> 
     assert sim.clients["user2"].table["renamed"] == entry("renamed", 9001)
 
 
+def test_a_newcomer_at_an_address_a_name_left_does_not_take_that_name_offline() -> None:
+    sim = Sim()
+    sim.join("user1", port=9001)
+    sim.settle()
+    sim.kill("user1")
+    sim.join("user1", label="moved", port=9002)  # the holder is silent: the name moves
+    sim.settle()
+    sim.join("user9", port=9001)  # a newcomer where user1 used to be
+    sim.settle()
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)
+    assert sim.server.clients["user1"].online
+    assert sim.server.clients["user9"].online
+
+
+def test_a_wait_on_a_names_old_address_does_not_take_it_offline_at_its_new_one() -> None:
+    sim = trio_of_clients()
+    sim.kill("user1")
+    sim.join("user1", label="moved", port=9002)  # the holder is asked; it answers by 0.5 or not
+    sim.run(0.1)
+    sim.type("user2", "send_all hi")  # still at 9001 for the server: sent there, until 0.6
+    sim.run(0.45)
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)  # the holder was silent
+    sim.run(0.5)  # 9001 did not ACK the channel message either: that says nothing of 9002
+    for table in sim.datagrams(Table, since=0.55):
+        online = {e.name: e.online for e in table.message.entries}  # type: ignore[union-attr]
+        assert online["user1"], table
+    assert sim.server.clients["user1"].online
+
+
 # === dereg and reg ===========================================================================
 
 
@@ -206,7 +244,7 @@ def test_dereg_persists_acks_and_sends_the_table_to_the_others_only() -> None:
     start = len(sim.server_effects)
     sim.type("user1", "dereg user1")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Table)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Table)
     assert sim.server.clients["user1"].presence is Presence.DEREGISTERED
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=1.0)) == [
         "user2",
@@ -233,7 +271,7 @@ def test_reg_acks_delivers_the_mailbox_and_sends_the_table_to_everyone() -> None
     since = sim.now
     sim.type("user1", "reg user1")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, Mailbox)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Mailbox)
     assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=since)) == [
         "user1",
         "user2",
@@ -257,12 +295,12 @@ def test_stored_messages_are_removed_only_when_their_batch_is_acked() -> None:
     sim.drop.append(between(sim, "user1", "server", Ack))
     sim.type("user1", "reg user1")
     assert [item.id for item in sim.server.mailbox["user1"]] == mailbox_ids
-    assert not any(p.op == "remove" for p in sim.persisted)
+    assert not any(isinstance(p, MessagesRemoved) for p in sim.persisted)
     sim.drop.clear()
     sim.settle()
-    removed = [p.args for p in sim.persisted if p.op == "remove"]
+    removed = [p for p in sim.persisted if isinstance(p, MessagesRemoved)]
     assert len(removed) >= 2  # one per batch
-    assert [i for _, ids in removed for i in ids] == mailbox_ids  # type: ignore[attr-defined]
+    assert [i for change in removed for i in change.ids] == mailbox_ids
     assert sim.server.mailbox == {}
 
 
@@ -287,6 +325,17 @@ def test_a_mailbox_never_acked_keeps_its_messages_and_the_client_is_marked_offli
     assert sum("hello?" in line for line in sim.lines("user1")) == 1
 
 
+def test_a_second_dereg_is_acked_without_a_new_table_or_a_change() -> None:
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    versions, changes = table_versions(sim), len(sim.persisted)
+    again = Deregister("user1.again", "user1", sim.clients["user1"].token)
+    effects = sim.inject(sim.addr["user1"], again, SERVER)
+    assert [s.message for s in sends(effects)] == [Ack("user1.again")]
+    assert table_versions(sim) == versions
+    assert len(sim.persisted) == changes
+
+
 # === saved messages ============================================================================
 
 
@@ -297,7 +346,7 @@ def test_a_message_for_an_offline_client_is_stored_and_persisted_before_saved() 
     sim.type("user2", "send user1 hello?")
     sim.run(0.5)
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Saved)
+    assert index_of(effects, Change) < index_of(effects, Saved)
     (save,) = sim.datagrams(Saved)
     assert save.message == Saved(sim.datagrams(Chat)[0].message.id, "stored")
     (item,) = sim.server.mailbox["user1"]
@@ -314,8 +363,7 @@ def test_delivered_by_the_server_when_its_table_says_online() -> None:
     assert relayed.message == chat.message  # same id, sender and text
     (saved,) = sim.datagrams(Saved)
     assert saved.message == Saved(chat.message.id, "delivered")
-    assert sim.persisted.count(Persist("store", ())) == 0
-    assert not any(p.op == "store" for p in sim.persisted)
+    assert not any(isinstance(p, MessageStored) for p in sim.persisted)
 
 
 def test_a_recipient_that_misses_the_server_delivery_too_is_marked_offline_and_stored() -> None:
@@ -375,6 +423,33 @@ def test_a_full_mailbox_refuses_more_with_a_clear_line() -> None:
     assert any("mailbox of user1 is full" in log.text for _, log in sim.logs)
 
 
+def test_a_save_retried_after_a_crash_between_commit_and_answer_is_stored_once() -> None:
+    # The server committed the message and died before its answer left: the sender's
+    # next try reaches a server restarted from the database, which has the message.
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.drop.append(first_only(lambda src, send: isinstance(send.message, Saved)))
+    sim.type("user2", "send user1 hello?")
+    sim.run(0.6)  # the direct try timed out at 0.5; the save was stored, its answer lost
+    (stored,) = [c for c in sim.persisted if isinstance(c, MessageStored)]
+    sim.restart_server(from_database=True)
+    sim.settle()  # the retry, at 1.0, reaches the new server
+    assert sim.lines("user2")[-1] == "[Messages received by the server and saved.]"
+    assert [item.id for item in sim.server.mailbox["user1"]] == [stored.item.id]
+    assert sum(isinstance(c, MessageStored) for c in sim.persisted) == 1
+
+
+def test_a_batch_acked_again_late_removes_only_its_own_messages() -> None:
+    # Two deliveries can send the same first batch (the client went silent and came back
+    # while the first was retried): the second ACK of it must not take the next messages.
+    mailboxes = Mailboxes(limit=10)
+    items = [StoredItem(f"m{i}", "direct", "user2", str(i), WALL + i) for i in range(4)]
+    mailboxes.restore({"user1": items})
+    assert mailboxes.remove("user1", ("m0", "m1")) == MessagesRemoved("user1", ("m0", "m1"))
+    mailboxes.remove("user1", ("m0", "m1"))
+    assert [item.id for item in mailboxes.boxes["user1"]] == ["m2", "m3"]
+
+
 # === send_all ==================================================================================
 
 
@@ -384,7 +459,7 @@ def test_send_all_stores_for_offline_clients_acks_then_fans_out() -> None:
     start = len(sim.server_effects)
     sim.type("user1", "send_all hello guys")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Persist) < index_of(effects, Ack) < index_of(effects, ChannelDelivery)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, ChannelDelivery)
     assert [sim.label_of(d.dst) for d in sim.datagrams(ChannelDelivery)] == ["user2"]
     (item,) = sim.server.mailbox["user3"]
     assert (item.kind, item.sender, item.text) == ("channel", "user1", "hello guys")
@@ -419,7 +494,7 @@ def test_a_hundred_dead_receivers_cost_one_500_ms_wait_and_one_table() -> None:
     assert sim.timed("user1")[mark1:] == [(1.0, "[Message received by the server.]"), (1.5, TU)]
     assert sim.timed("user2")[mark2:] == [(1.0, "Channel_Message user1 : hello crowd"), (1.5, TU)]
     assert all([i.text for i in sim.server.mailbox[name]] == ["hello crowd"] for name in peers)
-    stores = [p for p in sim.persisted if p.op == "store"]
+    stores = [p for p in sim.persisted if isinstance(p, MessageStored)]
     assert len(stores) == 100
     sim.settle()
     assert len(table_versions(sim)) == len(versions) + 1
@@ -513,6 +588,29 @@ def test_a_restored_server_with_nobody_online_sends_nothing() -> None:
     server.restore([ClientRecord("user1", (CLIENT_IP, 9001), "t", Presence.DEREGISTERED)], {})
     assert sends(server.start(0.0)) == []
     assert server.next_deadline() is None
+
+
+def test_a_newer_table_replaces_an_older_one_still_being_retried() -> None:
+    sim = Sim()
+    sim.join("user1")
+    sim.join("user2")
+    sim.drop.append(between(sim, "user1", "server", Ack))  # user1 ACKs no table
+    sim.join("user3")  # version 3, to user1 again every 500 ms
+    sim.run(0.2)
+    sim.type("user2", "dereg user2")  # version 4
+    sim.run(1.0)
+    to_user1 = [(d.at, d.message.version) for d in sim.datagrams(Table, dst="user1", since=0.0)]  # type: ignore[union-attr]
+    assert (0.5, 3) not in to_user1 and (0.7, 4) in to_user1
+
+
+def test_a_server_restarted_from_its_database_tells_the_clients_it_had_online() -> None:
+    sim = trio_of_clients()
+    sim.type("user3", "dereg user3")
+    mark = {name: len(sim.lines(name)) for name in ("user1", "user2", "user3")}
+    sim.restart_server(from_database=True)
+    assert sim.lines_since("user1", mark["user1"]) == [TU]
+    assert sim.lines_since("user2", mark["user2"]) == [TU]
+    assert sim.lines_since("user3", mark["user3"]) == []  # offline: not sent
 
 
 # === lookups ===================================================================================
@@ -635,8 +733,9 @@ def test_a_dereg_from_a_client_marked_offline_is_not_a_return() -> None:
 def test_a_bad_datagram_is_dropped_and_logged_and_the_server_keeps_serving(data: bytes) -> None:
     sim = Sim()
     sim.join("user1")
-    effects = sim.server.handle_datagram(data, FORGER, sim.now)
-    assert len(effects) == 1 and isinstance(effects[0], Log) and effects[0].level == "warning"
+    received, log = sim.server.handle_datagram(data, FORGER, sim.now)
+    assert isinstance(received, Received) and received.message is None and received.error
+    assert isinstance(log, Log) and log.level == "warning"
     sim.join("user2")
     assert sim.lines("user2") == [TU]
 
@@ -647,7 +746,8 @@ def test_a_message_the_server_does_not_take_is_dropped() -> None:
     unexpected = (Chat("x.1", "user1", "hi"), Table("x.2", 0, 9, 0, 1, []), Saved("x.3", "stored"))
     for message in unexpected:
         effects = sim.server.handle_datagram(encode(message), sim.addr["user1"], sim.now)
-        assert [type(e) for e in effects] == [Log]
+        assert effects[0] == Received(message)
+        assert [type(e) for e in effects[1:]] == [Log]
     assert sim.server.clients["user1"].online
 
 

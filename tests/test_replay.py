@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chatapp_tools.replay.cli import main
+from chatapp_tools.replay.traces import read_trace
 
 from chatapp.node import Node
-from chatapp.protocol.common import RetryQueue, Timers
-from chatapp.trace import read_trace
+from chatapp.protocol.common import Timers
+from chatapp.protocol.waits import WaitRule
 from chatapp.wire import Table
-from tools.replay.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -169,12 +170,12 @@ def test_a_removed_datagram_fails_at_that_datagram(
 def test_a_build_with_a_doubled_ack_timeout_fails_on_timing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = RetryQueue.__init__
+    original = WaitRule.timeout_for
 
-    def doubled(self: RetryQueue[object], timers: Timers, *args: object, **kwargs: object) -> None:
-        original(self, Timers(timers.ack_timeout * 2, timers.tries), *args, **kwargs)  # type: ignore[arg-type]
+    def doubled(self: WaitRule, timers: Timers) -> float:
+        return 2 * original(self, timers)
 
-    monkeypatch.setattr(RetryQueue, "__init__", doubled)
+    monkeypatch.setattr(WaitRule, "timeout_for", doubled)
     code, out = chat_replay(capsys, trace_path("test2"))
     assert code == 1
     assert "First divergence:" in out and "user1" in out
@@ -448,7 +449,7 @@ def test_installed_command_checks_a_running_server_black_box(tmp_path: Path) -> 
         installed = Path(sys.executable).with_name("chat-replay")
         command = [str(installed)]
         if not installed.exists():
-            command = [sys.executable, "-m", "tools.replay.cli"]
+            command = [sys.executable, "-m", "chatapp_tools.replay"]
         result = subprocess.run(
             [*command, trace_path("test1"), "--target", f"127.0.0.1:{port}"],
             capture_output=True,

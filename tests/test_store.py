@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,14 @@ import trio.testing
 from _harness import start_client, start_server
 
 from chatapp import screen
-from chatapp.app import StartupError, open_store
-from chatapp.net import MemoryNetwork
-from chatapp.protocol.common import Persist
-from chatapp.protocol.server import Presence
+from chatapp.launch import StartupError, open_store
+from chatapp.protocol.changes import (
+    Change,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+    Presence,
+)
 from chatapp.sqlite_store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -23,6 +28,7 @@ from chatapp.sqlite_store import (
     default_db_path,
 )
 from chatapp.store import MemoryStore
+from chatapp.testing import MemoryNetwork
 from chatapp.wire import MAX_DATAGRAM, StoredItem
 
 SERVER = ("127.0.0.1", 8001)
@@ -31,8 +37,8 @@ Y = ("127.0.0.1", 9101)
 Z = ("127.0.0.1", 9201)
 
 
-def _client(name: str, addr: tuple[str, int], presence: str = "online") -> Persist:
-    return Persist("client", (name, addr[0], addr[1], f"tok-{name}", presence))
+def _client(name: str, addr: tuple[str, int], presence: str = "online") -> ClientSaved:
+    return ClientSaved(name, addr[0], addr[1], f"tok-{name}", Presence(presence))
 
 
 def _item(msg_id: str, text: str = "hello?", kind: str = "direct") -> StoredItem:
@@ -42,28 +48,33 @@ def _item(msg_id: str, text: str = "hello?", kind: str = "direct") -> StoredItem
 # --- the store on its own ------------------------------------------------------------
 
 
-async def test_what_is_committed_is_loaded_again_after_reopening(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_what_is_committed_is_loaded_again(tmp_path: Path, kind: str) -> None:
+    """Both stores take the changes through the one ``apply_changes``, with the same
+    meaning: a record saved last comes last, a message stored twice is kept once."""
     path = str(tmp_path / "db.sqlite3")
-    store = SqliteStore(path)
+    store: SqliteStore | MemoryStore = SqliteStore(path) if kind == "sqlite" else MemoryStore()
     await store.commit([_client("user1", X), _client("user2", Y)])
-    await store.commit([Persist("store", ("user1", _item(i))) for i in ("a", "b")])
-    await store.commit([Persist("store", ("user1", _item("a")))])  # stored twice: kept once
-    await store.commit([Persist("remove", ("user1", ("a",))), _client("user1", X, "deregistered")])
-    store.close()
+    await store.commit([MessageStored("user1", _item(i)) for i in ("a", "b")])
+    await store.commit([MessageStored("user1", _item("a"))])  # stored twice: kept once
+    await store.commit([MessagesRemoved("user1", ("a",)), _client("user1", X, "deregistered")])
+    if isinstance(store, SqliteStore):
+        store.close()
+        store = SqliteStore(path)  # after reopening
 
-    clients, mailbox = SqliteStore(path).load()
-    assert {(c.name, c.addr, c.token, c.presence) for c in clients} == {
-        ("user1", X, "tok-user1", Presence.DEREGISTERED),
+    clients, mailbox = store.load()
+    assert [(c.name, c.addr, c.token, c.presence) for c in clients] == [
         ("user2", Y, "tok-user2", Presence.ONLINE),
-    }
+        ("user1", X, "tok-user1", Presence.DEREGISTERED),  # changed last
+    ]
     assert mailbox == {"user1": [_item("b")]}
 
 
 async def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
     path = str(tmp_path / "db.sqlite3")
     store = SqliteStore(path)
-    with pytest.raises(ValueError, match="unknown persist operation"):
-        await store.commit([Persist("store", ("user1", _item("a"))), Persist("nonsense", ())])
+    with pytest.raises(TypeError, match="not a change a store knows"):
+        await store.commit([MessageStored("user1", _item("a")), Change()])
     store.close()
     assert SqliteStore(path).load() == ([], {})
 
@@ -167,7 +178,7 @@ def test_default_path_is_per_port_under_the_data_directory(
     )
 
 
-def test_memory_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_writes_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert isinstance(open_store(":memory:", 8001), MemoryStore)
     assert list(tmp_path.iterdir()) == []
@@ -182,7 +193,7 @@ class InlineSqliteStore(SqliteStore):
     ahead during every commit (the thread itself is exercised by the real-process
     tests)."""
 
-    async def commit(self, changes: list[Persist]) -> None:
+    async def commit(self, changes: list[Change]) -> None:
         self._commit(changes)
         await trio.lowlevel.checkpoint()
 
@@ -196,11 +207,11 @@ class StallingStore(InlineSqliteStore):
         self.release = trio.Event()
         self.committed: list[StoredItem] = []
 
-    async def commit(self, changes: list[Persist]) -> None:
+    async def commit(self, changes: list[Change]) -> None:
         if self.stalled:
             await self.release.wait()
         await super().commit(changes)
-        self.committed += [c.args[1] for c in changes if c.op == "store"]  # type: ignore[misc]
+        self.committed += [c.item for c in changes if isinstance(c, MessageStored)]
 
 
 async def test_the_save_is_acked_only_after_the_commit(
@@ -331,22 +342,22 @@ class _WatchedStore(SqliteStore):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.commits = 0
-        self.durable: set[str] = set()
+        self.committed_ids: set[str] = set()
 
-    async def commit(self, changes: list[Persist]) -> None:
+    async def commit(self, changes: list[Change]) -> None:
         await super().commit(changes)
         self.commits += 1
-        self.durable |= {c.args[1].id for c in changes if c.op == "store"}  # type: ignore[union-attr]
+        self.committed_ids |= {c.item.id for c in changes if isinstance(c, MessageStored)}
 
 
 async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_commit(
     tmp_path: Path,
 ) -> None:
-    from chatapp.net import UdpEndpoint
-    from chatapp.node import Node
-    from chatapp.protocol.server import ServerProtocol
+    from chatapp.launch import ServerOptions, run_node
+    from chatapp.net import Endpoint, UdpEndpoint
     from chatapp.wire import Saved, SaveMessage, Table, decode, encode
 
+    count = 200
     path = str(tmp_path / "db.sqlite3")
     sender = await UdpEndpoint.bind("127.0.0.1", 0)
     setup = SqliteStore(path)
@@ -355,27 +366,31 @@ async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_c
     )
     setup.close()
     store = _WatchedStore(path)
-    protocol = ServerProtocol(token_factory=lambda: "unused")
-    protocol.restore(*store.load())
-    endpoint = await UdpEndpoint.bind("127.0.0.1", 0)
     answered_before_commit: list[str] = []
-    real_send = endpoint.send
 
-    async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
-        message = decode(data)
-        if isinstance(message, Saved) and message.id not in store.durable:
-            answered_before_commit.append(message.id)
-        await real_send(data, addr)
+    class BurstFirst:
+        """Real UDP, whose server socket holds the whole burst before the server reads
+        any of it, and whose answers are checked against what was committed."""
 
-    endpoint.send = checked_send  # type: ignore[method-assign]
-    node = Node("server", protocol, endpoint, store=store)
-    count = 200
+        async def listen(self, host: str, port: int) -> Endpoint:
+            endpoint = await UdpEndpoint.bind(host, port)
+            real_send = endpoint.send
+
+            async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
+                message = decode(data)
+                if isinstance(message, Saved) and message.id not in store.committed_ids:
+                    answered_before_commit.append(message.id)
+                await real_send(data, addr)
+
+            endpoint.send = checked_send  # type: ignore[method-assign]
+            for i in range(count):
+                save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
+                await sender.send(encode(save), endpoint.local_address)
+            return endpoint
+
+    options = ServerOptions(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
-        # Queue the whole burst in the server's socket before it reads any of it.
-        for i in range(count):
-            save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
-            await sender.send(encode(save), endpoint.local_address)
-        await nursery.start(node.run)
+        node = await nursery.start(partial(run_node, options, network=BurstFirst(), store=store))
         answers: set[str] = set()
         with trio.fail_after(10):
             while len(answers) < count:
@@ -391,4 +406,3 @@ async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_c
     store.close()
     assert len(SqliteStore(path).load()[1]["user2"]) == count
     sender.close()
-    endpoint.close()

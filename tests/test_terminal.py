@@ -112,7 +112,7 @@ def test_the_completer_reads_a_copy_of_the_table() -> None:
 
 
 def shown(client: ClientProtocol, line: str) -> list[str]:
-    return [e.line for e in client.handle_command(line, 0.0) if isinstance(e, Show)]
+    return [e.line for e in client.handle_input(line, 0.0) if isinstance(e, Show)]
 
 
 def test_help_explains_one_command() -> None:

@@ -16,26 +16,26 @@ from pathlib import Path
 
 import pytest
 import trio
+from chatapp_tools.replay.compare import compare
+from chatapp_tools.replay.normalise import Normaliser
+from chatapp_tools.replay.plan import ReplayOptions
+from chatapp_tools.replay.runner import run_replay
+from chatapp_tools.replay.traces import parse_trace, read_trace
 
-from chatapp.protocol.common import Timers
+from chatapp.protocol.common import Received, Timers
 from chatapp.trace import (
     VERSION,
     Event,
     Exited,
     Input,
     JsonlRecorder,
-    Normaliser,
     Recv,
     Send,
     Shown,
     Start,
     TraceError,
-    parse_trace,
-    read_trace,
 )
 from chatapp.wire import Chat, Registered, encode
-from tools.replay.compare import compare
-from tools.replay.engine import ReplayOptions, run_replay
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +47,9 @@ def record_a_little(path: Path) -> None:
             "user1", "client", ["/opt/bin/chatapp", "join", "user1"], ("127.0.0.1", 9001)
         )
         chat = Chat("user1.1", "user1", "hi")
-        recorder.datagram(
-            "user1", "send", ("127.0.0.1", 9001), ("127.0.0.1", 9002), encode(chat), chat
-        )
-        recorder.datagram(
-            "user1", "recv", ("127.0.0.1", 9001), ("127.0.0.1", 9002), b"\xff\x00", None, "bad"
-        )
+        here, there = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
+        recorder.sent("user1", here, there, encode(chat), chat)
+        recorder.received("user1", here, there, b"\xff\x00", Received(None, "bad"))
         await trio.sleep(0.25)
         recorder.typed("user1", "send user2 hi")
         recorder.shown("user1", "[Message has been received by user2.]")
@@ -260,21 +257,22 @@ def test_processes_sharing_one_trace_file_and_ctrl_c_then_replay(tmp_path: Path)
 def test_a_server_that_starts_from_its_database_replays_from_the_same_state() -> None:
     """What a server read from its database is in the trace (a ``restore`` event),
     so a replay starts from it: here a stored message waiting for user1."""
-    from chatapp.protocol.server import ClientRecord, Presence
-    from chatapp.scenario import VirtualNetwork, parse_scenario, play_scenario
+    from chatapp.protocol.changes import ClientSaved, MessageStored, Presence
+    from chatapp.store import MemoryStore
+    from chatapp.testing import MemoryNetwork, parse_scenario, play_scenario
     from chatapp.trace import MemoryRecorder, Restored
     from chatapp.wire import StoredItem
-    from tools.replay.engine import KeepingStore
 
-    def database() -> KeepingStore:
-        store = KeepingStore()
-        store.clients["user1"] = ClientRecord(
-            "user1", ("127.0.0.1", 40999), "old-token", Presence.DEREGISTERED
+    def database() -> MemoryStore:
+        return MemoryStore(
+            [
+                ClientSaved("user1", "127.0.0.1", 40999, "old-token", Presence.DEREGISTERED),
+                MessageStored(
+                    "user1",
+                    StoredItem("user2.x.7", "direct", "user2", "kept for you", 1648153596.5),
+                ),
+            ]
         )
-        store.mailbox["user1"] = [
-            StoredItem("user2.x.7", "direct", "user2", "kept for you", 1648153596.5)
-        ]
-        return store
 
     steps = parse_scenario(
         "serve\njoin user1\nexpect user1 [You have message]\n"
@@ -284,7 +282,7 @@ def test_a_server_that_starts_from_its_database_replays_from_the_same_state() ->
 
     async def record() -> MemoryRecorder:
         recorder = MemoryRecorder(timers=Timers())
-        await play_scenario(steps, VirtualNetwork(), recorder=recorder, store_factory=database)
+        await play_scenario(steps, MemoryNetwork(), recorder=recorder, store_factory=database)
         return recorder
 
     recorded = trio.run(record, clock=trio.testing.MockClock(autojump_threshold=0)).trace()

@@ -17,28 +17,33 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 from _harness import first_only
-from _sim import SEED_SCREENS
 
 from chatapp import screen
-from chatapp.net import Endpoint, Faults, MemoryNetwork
-from chatapp.node import BadInput, CapturedScreen, Input, Node, Signal
-from chatapp.protocol.client import ClientProtocol
+from chatapp.launch import ClientOptions, ServerOptions, run_node
+from chatapp.net import Endpoint
+from chatapp.node import Input
+from chatapp.protocol.inputs import BadInput, Signal
 from chatapp.protocol.server import ServerProtocol
-from chatapp.scenario import (
-    SERVER,
+from chatapp.terminal import PlainScreen
+from chatapp.testing import (
+    SEED_LINES,
+    SEED_SCREENS,
+    CapturedScreen,
     Cluster,
-    VirtualNetwork,
+    Faults,
+    MemoryNetwork,
     line_matches,
     parse_scenario,
     scenario_path,
+    unmatched_seed_lines,
 )
-from chatapp.seed import SEED_LINES, unmatched_seed_lines
-from chatapp.terminal import PlainScreen
+from chatapp.testing.scenario import SERVER
 from chatapp.wire import (
     Ack,
     Address,
@@ -124,11 +129,12 @@ class TappedEndpoint:
 
 
 @dataclass
-class TappedNetwork(VirtualNetwork):
-    tap: Tap = field(default_factory=Tap)
+class TappedNetwork:
+    network: MemoryNetwork
+    tap: Tap
 
-    async def bind(self, port: int) -> Endpoint:
-        return TappedEndpoint(await super().bind(port), self.tap)
+    async def listen(self, host: str, port: int) -> Endpoint:
+        return TappedEndpoint(await self.network.listen(host, port), self.tap)
 
 
 def is_(kind: type, src: str | None = None, dst: str | None = None) -> Rule:
@@ -200,7 +206,7 @@ async def play(
             if addr == cluster.server_addr:
                 return SERVER
             for name, handle in cluster.clients.items():
-                if handle.node.endpoint.local_address == addr:
+                if handle.node is not None and handle.node.endpoint.local_address == addr:
                     return name
             return f"{addr[0]}:{addr[1]}"
 
@@ -567,20 +573,15 @@ async def test_a_lossy_network_loses_nothing_and_shows_nothing_twice(
 
 async def test_a_client_node_writing_plain_lines(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
-    server_end = network.bind(("127.0.0.1", 8001))
-    client_end = network.bind(("127.0.0.1", 9001))
     out = io.StringIO()
-    server = Node(SERVER, ServerProtocol(), server_end)
-    client = Node(
-        "user1",
-        ClientProtocol("user1", ("127.0.0.1", 8001), 9001),
-        client_end,
-        screen=PlainScreen(out),
-    )
+    server = ServerOptions(8001, host="127.0.0.1", db=":memory:")
+    client = ClientOptions("user1", "127.0.0.1", 8001, 9001, host="127.0.0.1")
     send_input, inputs = trio.open_memory_channel[Input](8)
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        nursery.start_soon(client.run, inputs)
+        server_node = await nursery.start(partial(run_node, server, network=network))
+        client_node = await nursery.start(
+            partial(run_node, client, network=network, screen=PlainScreen(out), inputs=inputs)
+        )
         await trio.sleep(1)
         await send_input.send(BadInput("not UTF-8"))
         await send_input.send("bogus")
@@ -588,8 +589,8 @@ async def test_a_client_node_writing_plain_lines(autojump_clock: trio.testing.Mo
         await trio.sleep(1)
         await send_input.send(Signal.INTERRUPT)
         await trio.sleep(1)
-        assert client.exit_status == 0
-        server.stop()
+        assert client_node.exit_status == 0
+        server_node.stop()
     # what a pipe or a file gets: the lines, without prompts
     assert out.getvalue() == (
         "[Client Table Updated]\n"
@@ -605,13 +606,11 @@ async def test_a_client_node_with_no_server_exits_1_after_2_5_s(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     network = MemoryNetwork()
-    endpoint = network.bind(("127.0.0.1", 9001))
-    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001)
     captured = CapturedScreen()
-    node = Node("user1", client, endpoint, screen=captured)
     _, inputs = trio.open_memory_channel[Input](1)
     started = trio.current_time()
-    status = await node.run(inputs)
+    options = ClientOptions("user1", "127.0.0.1", 8001, 9001, host="127.0.0.1")
+    status = await run_node(options, network=network, screen=captured, inputs=inputs)
     assert status == 1
     assert trio.current_time() - started == pytest.approx(2.5)
     assert captured.lines == [
@@ -636,7 +635,9 @@ def address(cluster: Cluster, name: str) -> Address:
     if name == SERVER:
         assert cluster.server_addr is not None
         return cluster.server_addr
-    return cluster.clients[name].node.endpoint.local_address
+    node = cluster.clients[name].node
+    assert node is not None
+    return node.endpoint.local_address
 
 
 def cut(a: str, b: str) -> Callable[[Cluster, MemoryNetwork], None]:

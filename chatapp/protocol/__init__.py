@@ -1,20 +1,39 @@
 """The protocol's rules, with no I/O: the client's and the server's state machines."""
 
+from chatapp.protocol.changes import (
+    Change,
+    ClientRecord,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+    Presence,
+)
 from chatapp.protocol.client import ClientProtocol, ClientState
-from chatapp.protocol.common import Effect, Exit, Log, Persist, Send, Show, Timers
-from chatapp.protocol.server import ClientRecord, Presence, ServerProtocol
+from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
+from chatapp.protocol.inputs import BadInput, ClientInput, Signal
+from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.waits import ClientWait, ServerWait
 
 __all__ = [
+    "BadInput",
+    "Change",
+    "ClientInput",
     "ClientProtocol",
     "ClientRecord",
+    "ClientSaved",
     "ClientState",
+    "ClientWait",
     "Effect",
     "Exit",
     "Log",
-    "Persist",
+    "MessageStored",
+    "MessagesRemoved",
     "Presence",
+    "Received",
     "Send",
     "ServerProtocol",
+    "ServerWait",
     "Show",
+    "Signal",
     "Timers",
 ]

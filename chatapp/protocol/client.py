@@ -1,9 +1,11 @@
 """The client's rules, as a state machine with no I/O.
 
-Feed it datagrams (``handle_datagram``), typed lines (``handle_command``) and
-timer expiries (``handle_timer``), each with the current time; it returns the
-effects to carry out (datagrams to send, lines to show, an exit) and says when
-it next needs to wake (``next_deadline``).
+Feed it datagrams (``handle_datagram``), what the person does (``handle_input``:
+a typed line, Ctrl-C, a hang-up, a line that could not be read) and timer
+expiries (``handle_timer``), each with the current time; it returns the effects
+to carry out (datagrams to send, lines to show, an exit) and says when it next
+needs to wake (``next_deadline``). What happens to each pending request is in
+its row of ``chatapp.protocol.waits.ClientWait``.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from typing import ClassVar
 
 from chatapp import screen
 from chatapp.protocol.common import (
+    Codec,
     Effect,
     Exit,
     IdFactory,
     Log,
-    Machine,
     Pending,
-    RetryQueue,
     SeenIds,
     Show,
     Timers,
     dropped,
-    kind,
-    send,
 )
+from chatapp.protocol.inputs import BadInput, ClientInput, Signal
+from chatapp.protocol.machine import Machine
+from chatapp.protocol.waits import ClientWait
 from chatapp.wire import (
     MAX_DATAGRAM,
     NAME_PATTERN,
@@ -52,8 +54,8 @@ from chatapp.wire import (
     SaveMessage,
     Table,
     TableEntry,
-    encode,
     fmt_addr,
+    tag_of,
 )
 
 
@@ -75,21 +77,11 @@ _LISTENING = {
 }
 
 
-class WaitKind(enum.Enum):
-    JOIN = "join"
-    DIRECT = "direct"
-    SAVE = "save"
-    DEREG = "dereg"
-    REG = "reg"
-    CHANNEL = "channel"
-    LOOKUP = "lookup"
-
-
 @dataclass(frozen=True, slots=True)
-class Wait:
-    """What a pending request is for; ``to`` and ``text`` for messages."""
+class Waiting:
+    """A pending request: its row in the table of waits; ``to`` and ``text`` for messages."""
 
-    kind: WaitKind
+    kind: ClientWait
     to: str = ""
     text: str = ""
 
@@ -98,7 +90,7 @@ class Wait:
 _ENVELOPE_ALLOWANCE = 64
 
 
-class ClientProtocol(Machine):
+class ClientProtocol(Machine[Waiting]):
     def __init__(
         self,
         name: str,
@@ -107,16 +99,16 @@ class ClientProtocol(Machine):
         *,
         timers: Timers = Timers(),
         id_prefix: str = "c",
+        codec: Codec | None = None,
     ) -> None:
+        super().__init__(timers, codec)
         self.name = name
         self.server = server
         self.port = port
-        self.timers = timers
         self.state = ClientState.JOINING
         self.table: dict[str, TableEntry] = {}
         self.token = ""
         self._new_id = IdFactory(id_prefix)
-        self._retry: RetryQueue[Wait] = RetryQueue(timers)
         self._seen = SeenIds()
         self._deliveries_shown = SeenIds(capacity=1024)
         self._table_version: tuple[int, int] = (-1, -1)
@@ -126,19 +118,13 @@ class ClientProtocol(Machine):
 
     def start(self, now: float) -> list[Effect]:
         register = Register(self._new_id(), self.name, self.port)
-        return [self._request(register, now, Wait(WaitKind.JOIN))]
-
-    def next_deadline(self) -> float | None:
-        return self._retry.next_deadline()
+        return [self._request(register, now, Waiting(ClientWait.JOIN))]
 
     def handle_timer(self, now: float) -> list[Effect]:
-        resends, given_up = self._retry.expire(now)
-        effects: list[Effect] = list(resends)
-        for pending in given_up:
-            if self.state is ClientState.EXITED:
-                break
-            effects += self._give_up(pending, now)
-        return effects
+        return self._expired(now)
+
+    def _may_give_up(self, pending: Pending[Waiting]) -> bool:
+        return self.state is not ClientState.EXITED
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         if self.state is ClientState.EXITED:
@@ -148,9 +134,19 @@ class ClientProtocol(Machine):
             return [dropped(message, addr, "a client does not take it")]
         return handler(self, message, addr, now)
 
-    def handle_command(self, line: str, now: float) -> list[Effect]:
+    def handle_input(self, item: ClientInput, now: float) -> list[Effect]:
+        """A typed line, a signal, or a line that could not be read."""
+        if item is Signal.INTERRUPT:
+            return self._exit(0, screen.KEYBOARD_INTERRUPT)  # a silent leave: no dereg
+        if item is Signal.HANG_UP:
+            return self._exit(0)  # end of input or a closed terminal: leave quietly
         if self.state is ClientState.EXITED:
             return []
+        if isinstance(item, BadInput):
+            return [Show(screen.bad_input(item.detail))]
+        return self._command(item, now)
+
+    def _command(self, line: str, now: float) -> list[Effect]:
         line = line.strip()
         if not line:
             return []
@@ -159,20 +155,6 @@ class ClientProtocol(Machine):
         if handler is None:
             return [Show(screen.unknown_command(word, nearest_command(word)))]
         return handler(self, rest.strip(), now)
-
-    def interrupt(self, now: float) -> list[Effect]:
-        """Ctrl-C: leave without deregistering (a silent leave)."""
-        return self._exit(0, screen.KEYBOARD_INTERRUPT)
-
-    def hang_up(self, now: float) -> list[Effect]:
-        """End of input or a closed terminal: leave quietly."""
-        return self._exit(0)
-
-    def refuse_input(self, detail: str, now: float) -> list[Effect]:
-        """A typed line that could not be read (not UTF-8, far too long)."""
-        if self.state is ClientState.EXITED:
-            return []
-        return [Show(screen.bad_input(detail))]
 
     # --- commands ---------------------------------------------------------------------
 
@@ -192,7 +174,7 @@ class ClientProtocol(Machine):
             return [Show(screen.unknown_user(to))]
         if entry is None:
             lookup = Lookup(self._new_id(), to, self.token)
-            return [self._request(lookup, now, Wait(WaitKind.LOOKUP, to, text))]
+            return [self._request(lookup, now, Waiting(ClientWait.LOOKUP, to, text))]
         return [self._send_direct(entry, text, now)]
 
     def _cmd_send_all(self, rest: str, now: float) -> list[Effect]:
@@ -203,7 +185,7 @@ class ClientProtocol(Machine):
         if refusal := self._refuse_if_too_long(rest, self.name):
             return refusal
         post = ChannelPost(self._new_id(), self.name, rest, self.token)
-        return [self._request(post, now, Wait(WaitKind.CHANNEL, text=rest))]
+        return [self._request(post, now, Waiting(ClientWait.CHANNEL, text=rest))]
 
     def _cmd_dereg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -214,7 +196,7 @@ class ClientProtocol(Machine):
             return refusal
         self.state = ClientState.DEREGISTERING
         dereg = Deregister(self._new_id(), self.name, self.token)
-        return [self._request(dereg, now, Wait(WaitKind.DEREG))]
+        return [self._request(dereg, now, Waiting(ClientWait.DEREG))]
 
     def _cmd_reg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -225,7 +207,7 @@ class ClientProtocol(Machine):
             return [Show(self._busy_line())]
         self.state = ClientState.REJOINING
         reg = Reregister(self._new_id(), self.name, self.token)
-        return [self._request(reg, now, Wait(WaitKind.REG))]
+        return [self._request(reg, now, Waiting(ClientWait.REG))]
 
     def _cmd_table(self, rest: str, now: float) -> list[Effect]:
         entries = sorted(self.table.values(), key=lambda e: e.name)
@@ -270,7 +252,7 @@ class ClientProtocol(Machine):
     def _refuse_if_too_long(self, text: str, to: str) -> list[Effect]:
         # The save form is the largest datagram that carries a message's text.
         probe = SaveMessage("x" * 32, self.name, to if len(to) <= 32 else self.name, text, "t" * 32)
-        size = len(encode(probe)) + _ENVELOPE_ALLOWANCE
+        size = len(self.codec.encode(probe)) + _ENVELOPE_ALLOWANCE
         if size <= MAX_DATAGRAM:
             return []
         limit = MAX_DATAGRAM - (size - len(text.encode()))
@@ -278,113 +260,108 @@ class ClientProtocol(Machine):
 
     # --- sending ----------------------------------------------------------------------
 
-    def _request(self, message: Message, now: float, wait: Wait) -> Effect:
-        tries = 1 if wait.kind is WaitKind.DIRECT else self.timers.tries
-        return self._retry.start(message.id, send(message, self.server), now, wait, tries)
+    def _request(self, message: Message, now: float, waiting: Waiting) -> Effect:
+        return self._wait(message.id, self.send(message, self.server), now, waiting)
 
     def _send_direct(self, entry: TableEntry, text: str, now: float) -> Effect:
         chat = Chat(self._new_id(), self.name, text)
-        wait = Wait(WaitKind.DIRECT, entry.name, text)
-        return self._retry.start(chat.id, send(chat, (entry.ip, entry.port)), now, wait, tries=1)
+        waiting = Waiting(ClientWait.DIRECT, entry.name, text)
+        return self._wait(chat.id, self.send(chat, (entry.ip, entry.port)), now, waiting)
 
     def _exit(self, status: int, *lines: str) -> list[Effect]:
         self.state = ClientState.EXITED
         return [*(Show(line) for line in lines), Exit(status)]
 
-    # --- giving up --------------------------------------------------------------------
+    # --- answers: the ``on_answer`` and ``on_refusal`` handlers of ClientWait ---------------
 
-    def _give_up(self, pending: Pending[Wait], now: float) -> list[Effect]:
-        wait = pending.context
-        if wait.kind is WaitKind.DIRECT:
-            save = SaveMessage(str(pending.key), self.name, wait.to, wait.text, self.token)
-            return [
-                Show(screen.no_ack(wait.to)),
-                self._request(save, now, Wait(WaitKind.SAVE, wait.to)),
-            ]
-        if wait.kind is WaitKind.SAVE:
-            return self._exit(1, screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING)
-        if wait.kind is WaitKind.DEREG:
-            return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
-        if wait.kind is WaitKind.JOIN:
-            return self._exit(1, screen.join_not_answered(fmt_addr(self.server)), screen.EXITING)
-        if wait.kind is WaitKind.CHANNEL:
-            return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
-        if wait.kind is WaitKind.REG:
-            self.state = ClientState.OFFLINE
-            return [Show(screen.REG_NOT_ANSWERED)]
-        return [Show(screen.lookup_not_answered(wait.to))]
+    def _on_answer(self, message: Message, addr: Address, now: float) -> list[Effect]:
+        return self._answered(message.id, message, addr, now)
 
-    # --- datagrams --------------------------------------------------------------------
-
-    def _reply_to(self, message: Message, addr: Address) -> Pending[Wait] | None:
-        """The request that ``message`` answers, if it came from where the request went."""
-        pending = self._retry.get(message.id)
-        if pending is None or pending.send.addr != addr:
-            return None
-        return self._retry.ack(message.id)
-
-    def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
-        pending = self._reply_to(message, addr)
-        if pending is None:
-            return [
-                Log(f"ignored a late or unknown ack {message.id} from {fmt_addr(addr)}", "debug")
-            ]
-        wait = pending.context
-        if wait.kind is WaitKind.DIRECT:
-            return [Show(screen.received_by(wait.to))]
-        if wait.kind is WaitKind.CHANNEL:
-            return [Show(screen.CHANNEL_ACKED)]
-        if wait.kind is WaitKind.DEREG:
-            self.state = ClientState.OFFLINE
-            return [Show(screen.YOU_ARE_OFFLINE)]
-        if wait.kind is WaitKind.REG:
-            self.state = ClientState.ONLINE
-            return []
-        return [dropped(message, addr, f"it does not answer a {wait.kind.value} request")]
-
-    def _on_registered(self, message: Registered, addr: Address, now: float) -> list[Effect]:
-        pending = self._reply_to(message, addr)
-        if pending is None or pending.context.kind is not WaitKind.JOIN:
-            return [Log(f"ignored a late registration answer from {fmt_addr(addr)}", "debug")]
-        self.token = message.token
+    def _joined(self, pending: Pending[Waiting], answer: Registered, now: float) -> list[Effect]:
+        self.token = answer.token
         self.state = ClientState.ONLINE
         return []
 
-    def _on_refused(self, message: Refused, addr: Address, now: float) -> list[Effect]:
-        pending = self._reply_to(message, addr)
-        if pending is None:
-            return [Log(f"ignored a late refusal from {fmt_addr(addr)}", "debug")]
-        kind = pending.context.kind
-        if kind is WaitKind.JOIN:
-            return self._exit(1, screen.refused(message.reason))
-        if kind is WaitKind.REG:
-            self.state = ClientState.OFFLINE
-        elif kind is WaitKind.DEREG:
-            self.state = ClientState.ONLINE
-        return [Show(screen.request_refused(message.reason))]
+    def _join_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        return self._exit(1, screen.refused(answer.reason))
 
-    def _on_saved(self, message: Saved, addr: Address, now: float) -> list[Effect]:
-        pending = self._reply_to(message, addr)
-        if pending is None or pending.context.kind is not WaitKind.SAVE:
-            return [Log(f"ignored a late save answer from {fmt_addr(addr)}", "debug")]
-        if message.outcome == "delivered":
+    def _direct_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
+        return [Show(screen.received_by(pending.context.to))]
+
+    def _saved(self, pending: Pending[Waiting], answer: Saved, now: float) -> list[Effect]:
+        if answer.outcome == "delivered":
             return [Show(screen.received_by(pending.context.to))]
         return [Show(screen.SAVED_BY_SERVER)]
 
-    def _on_lookup_result(self, message: LookupResult, addr: Address, now: float) -> list[Effect]:
-        pending = self._reply_to(message, addr)
-        if pending is None or pending.context.kind is not WaitKind.LOOKUP:
-            return [Log(f"ignored a late lookup answer from {fmt_addr(addr)}", "debug")]
-        wait = pending.context
-        if message.entry is None or message.entry.name != wait.to:
-            return [Show(screen.unknown_user(wait.to))]
-        self.table[wait.to] = message.entry
-        return [self._send_direct(message.entry, wait.text, now)]
+    def _deregistered(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
+        self.state = ClientState.OFFLINE
+        return [Show(screen.YOU_ARE_OFFLINE)]
+
+    def _dereg_refused(
+        self, pending: Pending[Waiting], answer: Refused, now: float
+    ) -> list[Effect]:
+        self.state = ClientState.ONLINE
+        return self._refused(pending, answer, now)
+
+    def _reregistered(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
+        self.state = ClientState.ONLINE
+        return []
+
+    def _reg_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        self.state = ClientState.OFFLINE
+        return self._refused(pending, answer, now)
+
+    def _posted(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
+        return [Show(screen.CHANNEL_ACKED)]
+
+    def _looked_up(
+        self, pending: Pending[Waiting], answer: LookupResult, now: float
+    ) -> list[Effect]:
+        waiting = pending.context
+        if answer.entry is None or answer.entry.name != waiting.to:
+            return [Show(screen.unknown_user(waiting.to))]
+        self.table[waiting.to] = answer.entry
+        return [self._send_direct(answer.entry, waiting.text, now)]
+
+    def _refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        return [Show(screen.request_refused(answer.reason))]
+
+    # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------
+
+    def _hand_to_server(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        """No ACK from the peer: the server delivers the message or stores it (same id)."""
+        waiting = pending.context
+        save = SaveMessage(str(pending.key), self.name, waiting.to, waiting.text, self.token)
+        return [
+            Show(screen.no_ack(waiting.to)),
+            self._request(save, now, Waiting(ClientWait.SAVE, waiting.to)),
+        ]
+
+    def _save_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        return self._exit(1, screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING)
+
+    def _dereg_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
+
+    def _join_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        return self._exit(1, screen.join_not_answered(fmt_addr(self.server)), screen.EXITING)
+
+    def _post_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
+
+    def _reg_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        self.state = ClientState.OFFLINE
+        return [Show(screen.REG_NOT_ANSWERED)]
+
+    def _lookup_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        return [Show(screen.lookup_not_answered(pending.context.to))]
+
+    # --- what arrives unasked -----------------------------------------------------------
 
     def _on_chat(self, message: Chat, addr: Address, now: float) -> list[Effect]:
         if self.state not in _LISTENING:
             return [Log(f"offline: ignored a message from {message.sender}", "debug")]
-        effects: list[Effect] = [send(Ack(message.id), addr)]
+        effects: list[Effect] = [self.send(Ack(message.id), addr)]
         if self._seen.add(message.id):
             effects.append(Show(screen.chat(message.sender, message.text)))
         return effects
@@ -392,7 +369,7 @@ class ClientProtocol(Machine):
     def _on_channel(self, message: ChannelDelivery, addr: Address, now: float) -> list[Effect]:
         if refusal := self._refuse_unless_from_server(message, addr):
             return refusal
-        effects: list[Effect] = [send(Ack(message.id), addr)]
+        effects: list[Effect] = [self.send(Ack(message.id), addr)]
         if self._seen.add(message.id):
             effects.append(Show(screen.channel_message(message.sender, message.text)))
         return effects
@@ -400,7 +377,7 @@ class ClientProtocol(Machine):
     def _on_mailbox(self, message: Mailbox, addr: Address, now: float) -> list[Effect]:
         if refusal := self._refuse_unless_from_server(message, addr):
             return refusal
-        effects: list[Effect] = [send(Ack(message.id), addr)]
+        effects: list[Effect] = [self.send(Ack(message.id), addr)]
         for item in message.items:
             if not self._seen.add(item.id):
                 continue
@@ -413,7 +390,7 @@ class ClientProtocol(Machine):
     def _on_table(self, message: Table, addr: Address, now: float) -> list[Effect]:
         if refusal := self._refuse_unless_from_server(message, addr):
             return refusal
-        effects: list[Effect] = [send(Ack(message.id), addr)]
+        effects: list[Effect] = [self.send(Ack(message.id), addr)]
         version = (message.epoch, message.version)
         if version <= self._table_version or message.part >= message.parts:
             return effects
@@ -431,15 +408,15 @@ class ClientProtocol(Machine):
         if addr != self.server:
             return [dropped(message, addr, "it did not come from the server")]
         if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a {kind(message)} from the server", "debug")]
+            return [Log(f"offline: ignored a {tag_of(message)} from the server", "debug")]
         return []
 
     _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
-        Ack: _on_ack,
-        Registered: _on_registered,
-        Refused: _on_refused,
-        Saved: _on_saved,
-        LookupResult: _on_lookup_result,
+        Ack: _on_answer,
+        Registered: _on_answer,
+        Refused: _on_answer,
+        Saved: _on_answer,
+        LookupResult: _on_answer,
         Chat: _on_chat,
         ChannelDelivery: _on_channel,
         Mailbox: _on_mailbox,

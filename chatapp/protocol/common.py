@@ -1,4 +1,4 @@
-"""What both state machines share: effects, timer settings, retries and dedup.
+"""What both state machines are made of: effects, the codec, timer settings, retries, dedup.
 
 Nothing here (or anywhere in ``chatapp.protocol``) touches a socket, a clock
 or Trio. Time is passed in as ``now``; what to do is returned as effects.
@@ -11,9 +11,10 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from chatapp.wire import Address, Message, WireError, decode, encode, fmt_addr
+from chatapp.protocol.changes import Change
+from chatapp.wire import Address, Message, WireError, decode, encode, fmt_addr, tag_of
 
 # --- effects -------------------------------------------------------------------
 
@@ -48,46 +49,48 @@ class Exit:
 
 
 @dataclass(frozen=True, slots=True)
-class Persist:
-    """A change the server's database must commit before any later effect is carried out."""
+class Received:
+    """How the machine read a datagram: its ``message``, or why it could not (``error``).
+    Always the first effect of ``handle_datagram``, so that the runtime can record what
+    arrived before anything it caused."""
 
-    op: str  # "client" | "store" | "remove" | "epoch"
-    args: tuple[object, ...]
-
-
-Effect = Send | Show | Log | Exit | Persist
-
-
-def send(message: Message, addr: Address) -> Send:
-    return Send(message, encode(message), addr)
+    message: Message | None
+    error: str | None = None
 
 
-def kind(message: Message) -> str:
-    """The message's type as it is named on the wire (``chat``, ``ack``, ...)."""
-    return type(message).__struct_config__.tag  # type: ignore[return-value]
+Effect = Send | Show | Log | Exit | Received | Change
 
 
 def dropped(message: Message, addr: Address, why: str) -> Log:
-    return Log(f"dropped a {kind(message)} from {fmt_addr(addr)}: {why}", "warning")
+    return Log(f"dropped a {tag_of(message)} from {fmt_addr(addr)}: {why}", "warning")
 
 
 def bad_datagram(addr: Address, error: WireError) -> Log:
     return Log(f"dropped a bad datagram from {fmt_addr(addr)}: {error}", "warning")
 
 
-class Machine:
-    """What the client's and the server's state machines share: bytes in, effects out."""
+# --- the codec: the one place where a machine turns messages into bytes and back ----------
 
-    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
-        raise NotImplementedError
 
-    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        """Check ``data`` before any rule sees it: a bad datagram is dropped and logged."""
-        try:
-            message = decode(data)
-        except WireError as exc:
-            return [bad_datagram(addr, exc)]
-        return self.handle_message(message, addr, now)
+class Codec(Protocol):
+    def encode(self, message: Message) -> bytes: ...
+
+    def decode(self, data: bytes) -> Message:
+        """The message in ``data``; ``WireError`` if it is not one."""
+        ...
+
+
+class PlainCodec:
+    """Messages as the JSON of ``chatapp.wire``, checked against its types."""
+
+    def encode(self, message: Message) -> bytes:
+        return encode(message)
+
+    def decode(self, data: bytes) -> Message:
+        return decode(data)
+
+
+PLAIN = PlainCodec()
 
 
 # --- settings -------------------------------------------------------------------
@@ -136,6 +139,26 @@ class SeenIds:
         return msg_id in self._ids
 
 
+class RecentAnswers:
+    """Answers to recent requests, by (address, id): a retry is answered again, not redone.
+    ``None`` stands for a request still being worked on (its answer is not known yet)."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._answers: OrderedDict[tuple[Address, str], list[Send] | None] = OrderedDict()
+
+    def lookup(self, key: tuple[Address, str]) -> tuple[bool, list[Send] | None]:
+        if key in self._answers:
+            return True, self._answers[key]
+        return False, None
+
+    def remember(self, key: tuple[Address, str], answer: list[Send] | None) -> None:
+        self._answers[key] = answer
+        self._answers.move_to_end(key)
+        if len(self._answers) > self.capacity:
+            self._answers.popitem(last=False)
+
+
 # --- retries ------------------------------------------------------------------------
 
 C = TypeVar("C")
@@ -149,6 +172,7 @@ class Pending(Generic[C]):
     send: Send
     tries_left: int
     deadline: float
+    timeout: float
     context: C
 
 
@@ -160,22 +184,21 @@ class RetryQueue(Generic[C]):
     fan-out to a thousand receivers costs one timeout, not a thousand.
     """
 
-    timers: Timers
     _pending: dict[Hashable, Pending[C]] = field(default_factory=dict)
     _heap: list[tuple[float, int, Hashable]] = field(default_factory=list)
     _order: Iterator[int] = field(default_factory=itertools.count)
 
-    def start(self, key: Hashable, effect: Send, now: float, context: C, tries: int) -> Send:
+    def start(
+        self, key: Hashable, effect: Send, now: float, context: C, *, tries: int, timeout: float
+    ) -> Send:
         """Wait for ``key``'s ACK; ``effect`` is sent now and again on each timeout."""
-        deadline = now + self.timers.ack_timeout
-        self._pending[key] = Pending(key, effect, tries - 1, deadline, context)
+        deadline = now + timeout
+        self._pending[key] = Pending(key, effect, tries - 1, deadline, timeout, context)
         heapq.heappush(self._heap, (deadline, next(self._order), key))
         return effect
 
-    def ack(self, key: Hashable) -> Pending[C] | None:
-        return self._pending.pop(key, None)
-
-    def cancel(self, key: Hashable) -> Pending[C] | None:
+    def end(self, key: Hashable) -> Pending[C] | None:
+        """Stop waiting for ``key`` (answered, or no longer needed)."""
         return self._pending.pop(key, None)
 
     def get(self, key: Hashable) -> Pending[C] | None:
@@ -212,7 +235,7 @@ class RetryQueue(Generic[C]):
                 continue
             if pending.tries_left > 0:
                 pending.tries_left -= 1
-                pending.deadline = deadline + self.timers.ack_timeout
+                pending.deadline = deadline + pending.timeout
                 heapq.heappush(heap, (pending.deadline, next(self._order), key))
                 resends.append(pending.send)
             else:

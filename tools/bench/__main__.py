@@ -1,4 +1,5 @@
-"""``python -m tools.bench`` / ``chatapp-bench``: run the benchmarks, print a table, write JSON."""
+"""``chatapp-bench`` (``python -m chatapp_tools.bench``): run the benchmarks, print a table,
+write JSON."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from chatapp.typer_support import UsageError, WordsCommand, new_app, usage_error_line
 from chatapp.typer_support import version_option as _version_option
-from tools.bench.benches import BENCHMARKS, FULL, QUICK, TINY
-from tools.bench.report import Figure, machine_info, rich_table, unavailable, write_json
+
+from .benches import BENCHMARKS, FULL, QUICK, TINY
+from .report import Figure, machine_info, rich_table, unavailable, write_json
 
 PROG = "chatapp-bench"
 #: The table's width when stdout is not a terminal (a file keeps every column whole).

@@ -19,18 +19,21 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from chatapp import screen
-from chatapp.app import open_store
-from chatapp.net import UdpEndpoint
-from chatapp.node import CapturedScreen, Node
-from chatapp.protocol.client import ClientProtocol, ClientState
-from chatapp.protocol.common import Effect, Persist, Timers
-from chatapp.protocol.server import MAX_MAILBOX_LIMIT, ClientRecord, ServerProtocol
+from chatapp.launch import ClientOptions, open_store, run_node
+from chatapp.protocol.changes import Change, ClientRecord, ClientSaved, MessageStored, Presence
+from chatapp.protocol.client import ClientProtocol
+from chatapp.protocol.common import Received, Timers
+from chatapp.protocol.inputs import ClientInput
+from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT
+from chatapp.protocol.server import ServerProtocol
 from chatapp.sqlite_store import SqliteStore
+from chatapp.testing import CapturedScreen
 from chatapp.trace import NullRecorder
 from chatapp.wire import (
     Address,
@@ -39,12 +42,12 @@ from chatapp.wire import (
     Chat,
     Deregister,
     Mailbox,
-    Message,
     SaveMessage,
     StoredItem,
     encode,
 )
-from tools.bench.loadgen import (
+
+from .loadgen import (
     HOST,
     LoadResult,
     Request,
@@ -57,7 +60,7 @@ from tools.bench.loadgen import (
     run_closed_loop,
     settle,
 )
-from tools.bench.procs import (
+from .procs import (
     BenchError,
     Worker,
     chatapp_client,
@@ -67,7 +70,7 @@ from tools.bench.procs import (
     free_port,
     wait_for_file_text,
 )
-from tools.bench.report import Figure, median, percentile, unavailable
+from .report import Figure, median, percentile, unavailable
 
 #: The ACK timeout of the servers the suite starts (they run with the default timers).
 ACK_TIMEOUT = Timers().ack_timeout
@@ -150,10 +153,6 @@ async def _round_trips(
     server_port: int, echo_port: int, size: int, rounds: int, warmup: int
 ) -> tuple[list[float], list[float]]:
     """(chatapp's send -> ACK times, the bare ping-pong's times), in alternating blocks."""
-    endpoint = await UdpEndpoint.bind(HOST, 0)
-    protocol = ClientProtocol(
-        "user1", (HOST, server_port), endpoint.local_address[1], id_prefix="user1.bench"
-    )
     acked = [trio.Event()]
     expected = screen.received_by("user2")
 
@@ -162,10 +161,8 @@ async def _round_trips(
             acked[0].set()
 
     captured = CapturedScreen(on_line)
-    node = Node("user1", protocol, endpoint, screen=captured)
-    send_input, receive_input = trio.open_memory_channel[object](16)
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-    await sock.bind((HOST, 0))
+    send_input, receive_input = trio.open_memory_channel[ClientInput](16)
+    options = ClientOptions("user1", HOST, server_port, 0, host=HOST, id_prefix="user1.bench")
     payload = b"x" * size
     chat: list[float] = []
     floor: list[float] = []
@@ -180,11 +177,15 @@ async def _round_trips(
         captured.lines.clear()
         return elapsed
 
-    try:
+    with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind((HOST, 0))
         async with trio.open_nursery() as nursery:
-            await nursery.start(node.run, receive_input)
+            node = await nursery.start(
+                partial(run_node, options, screen=captured, inputs=receive_input)
+            )
+            assert isinstance(node.protocol, ClientProtocol)
             with trio.fail_after(10):
-                while "user2" not in protocol.table:
+                while "user2" not in node.protocol.table:
                     await trio.sleep(0.01)
             for _ in range(warmup):
                 await chat_once()
@@ -194,9 +195,6 @@ async def _round_trips(
                 chat += [await chat_once() for _ in range(block)]
                 floor += [await _ping(sock, payload, echo_port) for _ in range(block)]
             node.stop()
-    finally:
-        endpoint.close()
-        sock.close()
     return chat, floor
 
 
@@ -365,47 +363,71 @@ def _sqlite_floor(path: Path, seconds: float, pragmas: dict[str, str]) -> float:
     return count / elapsed
 
 
+@dataclass
+class _Capacity:
+    """What the capacity loads measured: the echo baseline, the three servers, the disk."""
+
+    echo: _Target
+    plain: _Target
+    traced: _Target
+    durable: _Target
+    floor: float
+    pragmas: dict[str, str]
+
+
 def bench_capacity(sizes: Sizes) -> list[Figure]:
     """Every server runs at once (an idle one costs nothing) and the loads take turns,
     round after round: a neighbour's burst on a shared machine then hits all of them
     alike, and each figure is the best round."""
-    limit = MAX_MAILBOX_LIMIT  # every save is stored for one offline client: never "mailbox full"
-    rounds = sizes.rounds
-    n = sizes.load_clients
     with contextlib.ExitStack() as stack:
-        scratch = stack.enter_context(_scratch())
-        echo_worker = stack.enter_context(Worker("echo"))
-        started = stack.enter_context(
-            chatapp_servers(
-                {"mailbox_limit": limit},
-                {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
-                {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
-            )
+        measured = _capacity_loads(sizes, stack)
+    return [
+        *_server_figures(measured, sizes),
+        *_tracing_figures(measured),
+        _sqlite_figure(measured),
+    ]
+
+
+def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
+    limit = MAX_MAILBOX_LIMIT  # every save is stored for one offline client: never "mailbox full"
+    n = sizes.load_clients
+    scratch = stack.enter_context(_scratch())
+    echo_worker = stack.enter_context(Worker("echo"))
+    started = stack.enter_context(
+        chatapp_servers(
+            {"mailbox_limit": limit},
+            {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
+            {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
         )
-        servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
-        echo = _Target(echo_worker.ready["port"], n, register=False, pid=echo_worker.proc.pid)
-        stack.callback(echo.close)
-        targets = {
-            name: _Target(port, n, register=True, pid=pid) for name, (port, pid) in servers.items()
-        }
-        for target in targets.values():
-            stack.callback(target.close)
-        pragmas = _store_pragmas(scratch / "pragmas.sqlite3")
-        floor = 0.0
-        for _ in range(rounds):
-            echo.load("saves", _save_request, sizes, sizes.window)
-            targets["plain"].load("saves", _save_request, sizes, sizes.window)
-            targets["traced"].load("saves", _save_request, sizes, sizes.window)
-            targets["plain"].load("registrations", register_request, sizes, 1)
-            echo.saturate(sizes)
-            targets["plain"].saturate(sizes)
-            targets["traced"].saturate(sizes)
-        for index in range(2):  # the disk is shared too: take turns, keep the best
-            floor = max(
-                floor, _sqlite_floor(scratch / f"floor{index}.sqlite3", sizes.load_seconds, pragmas)
-            )
-            targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
-    plain, traced, durable = targets["plain"], targets["traced"], targets["sqlite"]
+    )
+    servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
+    echo = _Target(echo_worker.ready["port"], n, register=False, pid=echo_worker.proc.pid)
+    stack.callback(echo.close)
+    targets = {
+        name: _Target(port, n, register=True, pid=pid) for name, (port, pid) in servers.items()
+    }
+    for target in targets.values():
+        stack.callback(target.close)
+    pragmas = _store_pragmas(scratch / "pragmas.sqlite3")
+    for _ in range(sizes.rounds):
+        echo.load("saves", _save_request, sizes, sizes.window)
+        targets["plain"].load("saves", _save_request, sizes, sizes.window)
+        targets["traced"].load("saves", _save_request, sizes, sizes.window)
+        targets["plain"].load("registrations", register_request, sizes, 1)
+        echo.saturate(sizes)
+        targets["plain"].saturate(sizes)
+        targets["traced"].saturate(sizes)
+    floor = 0.0
+    for index in range(2):  # the disk is shared too: take turns, keep the best
+        path = scratch / f"floor{index}.sqlite3"
+        floor = max(floor, _sqlite_floor(path, sizes.load_seconds, pragmas))
+        targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
+    return _Capacity(echo, targets["plain"], targets["traced"], targets["sqlite"], floor, pragmas)
+
+
+def _server_figures(measured: _Capacity, sizes: Sizes) -> list[Figure]:
+    plain, echo = measured.plain, measured.echo
+    n, rounds = sizes.load_clients, sizes.rounds
     return [
         Figure(
             "server_saves",
@@ -443,28 +465,39 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
                 "echo_cpu_us": echo.extra.get("saturated_server_cpu_us"),
             },
         ),
-        Figure(
-            "server_registrations",
-            f"server: registrations per second ({n} online)",
-            plain.best["registrations"],
-            "req/s",
-            echo.best["saves"],
-            "Trio UDP echo server",
-            "higher",
-            goal=">= 0.5x",
-            goal_on="ratio",
-            goal_limit=0.5,
-            note=f"each registration also sends the table to all {n} online clients and"
-            f" takes their {n} ACKs (spec rule 1): {2 + 2 * n} datagrams, so"
-            f" {plain.best['registrations'] * (2 + 2 * n):,.0f} datagrams/s against the"
-            f" echo server's {echo.best['saves'] * 2:,.0f}",
-            extra={
-                "clients": n,
-                "datagrams_per_registration": 2 + 2 * n,
-                "datagrams_per_second": plain.best["registrations"] * (2 + 2 * n),
-                "echo_datagrams_per_second": echo.best["saves"] * 2,
-            },
-        ),
+        _registration_figure(measured, n),
+    ]
+
+
+def _registration_figure(measured: _Capacity, n: int) -> Figure:
+    plain, echo = measured.plain, measured.echo
+    return Figure(
+        "server_registrations",
+        f"server: registrations per second ({n} online)",
+        plain.best["registrations"],
+        "req/s",
+        echo.best["saves"],
+        "Trio UDP echo server",
+        "higher",
+        goal=">= 0.5x",
+        goal_on="ratio",
+        goal_limit=0.5,
+        note=f"each registration also sends the table to all {n} online clients and"
+        f" takes their {n} ACKs (spec rule 1): {2 + 2 * n} datagrams, so"
+        f" {plain.best['registrations'] * (2 + 2 * n):,.0f} datagrams/s against the"
+        f" echo server's {echo.best['saves'] * 2:,.0f}",
+        extra={
+            "clients": n,
+            "datagrams_per_registration": 2 + 2 * n,
+            "datagrams_per_second": plain.best["registrations"] * (2 + 2 * n),
+            "echo_datagrams_per_second": echo.best["saves"] * 2,
+        },
+    )
+
+
+def _tracing_figures(measured: _Capacity) -> list[Figure]:
+    plain, traced = measured.plain, measured.traced
+    return [
         Figure(
             "trace_share_saturated",
             f"tracing on: saves per second, bursts of {BURST}",
@@ -495,17 +528,21 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
                 "saturated_cpu_us_per_save_on": traced.extra.get("saturated_server_cpu_us"),
             },
         ),
-        Figure(
-            "sqlite_saves",
-            "SQLite: saves per second, commit before ACK",
-            durable.best["saves"],
-            "req/s",
-            floor,
-            f"bare SQLite commits, {pragmas['journal_mode']} synchronous={pragmas['synchronous']}",
-            "higher",
-            extra={**pragmas, **durable.extra},
-        ),
     ]
+
+
+def _sqlite_figure(measured: _Capacity) -> Figure:
+    pragmas = measured.pragmas
+    return Figure(
+        "sqlite_saves",
+        "SQLite: saves per second, commit before ACK",
+        measured.durable.best["saves"],
+        "req/s",
+        measured.floor,
+        f"bare SQLite commits, {pragmas['journal_mode']} synchronous={pragmas['synchronous']}",
+        "higher",
+        extra={**pragmas, **measured.durable.extra},
+    )
 
 
 # --- delivering stored messages on reg -------------------------------------------------------
@@ -515,14 +552,12 @@ def _prepare_db(
     path: Path, clients: list[tuple[str, int, str, str]], mailbox: dict[str, list[StoredItem]]
 ) -> None:
     """A server database with these clients and stored messages, as if a server had run."""
-    changes = [
-        Persist("client", (name, HOST, port, token, presence))
+    changes: list[Change] = [
+        ClientSaved(name, HOST, port, token, Presence(presence))
         for name, port, token, presence in clients
     ]
     changes += [
-        Persist("store", (recipient, item))
-        for recipient, items in mailbox.items()
-        for item in items
+        MessageStored(recipient, item) for recipient, items in mailbox.items() for item in items
     ]
     store = SqliteStore(str(path))
     try:
@@ -538,35 +573,19 @@ class _Counting(NullRecorder):
         self.batches = 0
         self.bytes = 0
 
-    def datagram(
-        self,
-        node: str,
-        direction: str,
-        local: Address,
-        peer: Address,
-        data: bytes,
-        message: Message | None,
-        error: str | None = None,
+    def received(
+        self, node: str, local: Address, peer: Address, data: bytes, seen: Received
     ) -> None:
-        if direction == "recv" and isinstance(message, Mailbox):
+        if isinstance(seen.message, Mailbox):
             self.batches += 1
             self.bytes += len(data)
-
-
-class _ReturningClient(ClientProtocol):
-    """A client that registered in an earlier run and went offline: it starts at ``reg``."""
-
-    def start(self, now: float) -> list[Effect]:
-        return []
 
 
 async def _reg_delivery(
     server_port: int, port: int, token: str, count: int, recorder: _Counting
 ) -> float:
-    endpoint = await UdpEndpoint.bind(HOST, port)
-    protocol = _ReturningClient("alice", (HOST, server_port), port, id_prefix="alice.bench")
-    protocol.token = token
-    protocol.state = ClientState.OFFLINE
+    """From the moment alice (offline, with ``count`` stored messages) starts again until
+    she has shown them all: her registration brings them, as ``reg`` would."""
     shown = [0]
     done = trio.Event()
 
@@ -576,19 +595,16 @@ async def _reg_delivery(
             if shown[0] >= count:
                 done.set()
 
-    node = Node("alice", protocol, endpoint, screen=CapturedScreen(on_line), recorder=recorder)
-    send_input, receive_input = trio.open_memory_channel[object](4)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run, receive_input)
-            start = time.perf_counter()
-            await send_input.send("reg alice")
-            with trio.fail_after(60):
-                await done.wait()
-            elapsed = time.perf_counter() - start
-            node.stop()
-    finally:
-        endpoint.close()
+    options = ClientOptions("alice", HOST, server_port, port, host=HOST, id_prefix="alice.bench")
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        node = await nursery.start(
+            partial(run_node, options, screen=CapturedScreen(on_line), recorder=recorder)
+        )
+        with trio.fail_after(60):
+            await done.wait()
+        elapsed = time.perf_counter() - start
+        node.stop()
     return elapsed
 
 
@@ -621,7 +637,7 @@ def bench_mailbox(sizes: Sizes) -> list[Figure]:
     return [
         Figure(
             "reg_delivery",
-            f"reg: {count:,} stored messages shown (SQLite)",
+            f"back online: {count:,} stored messages shown (SQLite)",
             elapsed,
             "s",
             floor,
@@ -851,23 +867,22 @@ RECORDED = "the recorded run's length, from the trace"
 
 
 def bench_replay(sizes: Sizes) -> list[Figure]:
-    root = Path(__file__).resolve().parents[2]
+    root = Path.cwd()
     trace = root / "traces" / "test1.jsonl"
-    replay_cli = root / "tools" / "replay" / "cli.py"
     labels = [
         ("replay_virtual", "replay test1.jsonl, virtual", ["--virtual"]),
         ("replay_real", "replay test1.jsonl, real", ["--real"]),
     ]
-    if not trace.exists() or not replay_cli.exists():
-        why = "tools/replay or traces/test1.jsonl is not there yet"
+    if not trace.exists():
+        why = "no traces/test1.jsonl here (run from the repository)"
         return [unavailable(key, label, "s", RECORDED, why) for key, label, _ in labels]
-    from chatapp.trace import read_trace
+    from ..replay.traces import read_trace
 
     recorded = max((float(event.t) for event in read_trace(str(trace)).events), default=0.0)
     figures = []
     for key, label, flags in labels:
         start = time.perf_counter()
-        argv = [sys.executable, "-m", "tools.replay.cli", "replay", str(trace), *flags]
+        argv = [sys.executable, "-m", "chatapp_tools.replay", "replay", str(trace), *flags]
         done = subprocess.run(
             argv, capture_output=True, timeout=120, cwd=root, env=dict(os.environ)
         )
@@ -895,7 +910,7 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
 
 
 def bench_pty(sizes: Sizes) -> list[Figure]:
-    from tools.bench.pty_latency import bench_pty_latency
+    from .pty_latency import bench_pty_latency
 
     return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
 

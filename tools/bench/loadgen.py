@@ -197,27 +197,31 @@ def run_closed_loop(
                     if repeat:
                         _send(key.data, server, request, now)
                     elif until_done and not any(c.outstanding for c in clients):
-                        return LoadResult(
-                            completed,
-                            now - measure_from,
-                            lost,
-                            time.process_time() - cpu_start,
-                            refused,
-                        )
+                        cpu = time.process_time() - cpu_start
+                        return LoadResult(completed, now - measure_from, lost, cpu, refused)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + LOST_AFTER
-                for client in clients:
-                    stale = [i for i, t in client.outstanding.items() if now - t > LOST_AFTER]
-                    for msg_id in stale:
-                        del client.outstanding[msg_id]
-                        lost += 1
-                        _send(client, server, request, now)
+                lost += _resend_lost(clients, server, request, now)
     finally:
         selector.close()
         for client in clients:
             client.outstanding.clear()
     return LoadResult(completed, now - measure_from, lost, time.process_time() - cpu_start, refused)
+
+
+def _resend_lost(
+    clients: list[SimClient], server: tuple[str, int], request: Request, now: float
+) -> int:
+    """Count as lost, and replace, the requests unanswered for ``LOST_AFTER`` seconds."""
+    lost = 0
+    for client in clients:
+        stale = [i for i, t in client.outstanding.items() if now - t > LOST_AFTER]
+        for msg_id in stale:
+            del client.outstanding[msg_id]
+            lost += 1
+            _send(client, server, request, now)
+    return lost
 
 
 def run_bursts(

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from chatapp.wire import Lookup, encode
-from tools.bench.loadgen import HOST
+
+from .loadgen import HOST
 
 #: No benchmark process may live longer than this, whatever happens to the parent.
 MAX_PROCESS_SECONDS = 240.0
@@ -194,13 +195,13 @@ def wait_for_file_text(path: str, text: str, timeout: float = 10.0) -> None:
 
 
 class Worker:
-    """A ``tools.bench.worker`` process: one JSON line of settings in, one JSON line back when
-    ready, then further command lines answered with one JSON line each."""
+    """A ``chatapp_tools.bench.worker`` process: one JSON line of settings in, one JSON line
+    back when ready, then further command lines answered with one JSON line each."""
 
     def __init__(self, mode: str, **settings: Any) -> None:
         settings.setdefault("max_seconds", MAX_PROCESS_SECONDS)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.bench.worker", mode],
+            [sys.executable, "-m", "chatapp_tools.bench.worker", mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=_env(),

@@ -3,7 +3,7 @@ screen, through a real pseudo-terminal (``TERM=xterm-256color``, so chatapp runs
 full input line).
 
 The baseline is the floor for a Python program on the same path: a minimal
-thread-based prompt loop (``python -m tools.bench.pty_latency floor``): ``input()``
+thread-based prompt loop (``python -m chatapp_tools.bench.pty_latency floor``): ``input()``
 in one thread, a receiving thread that prints the ACK line. Both send the same
 direct message to the same peer (a real chatapp client, user2, fed from a pipe),
 which ACKs it; the two take turns in blocks, so a neighbour's burst on a shared
@@ -30,8 +30,9 @@ from pathlib import Path
 
 from chatapp import screen
 from chatapp.wire import Chat, encode
-from tools.bench.loadgen import HOST
-from tools.bench.procs import (
+
+from .loadgen import HOST
+from .procs import (
     MAX_PROCESS_SECONDS,
     BenchError,
     chatapp_client,
@@ -39,7 +40,7 @@ from tools.bench.procs import (
     free_port,
     wait_for_file_text,
 )
-from tools.bench.report import Figure, median, percentile
+from .report import Figure, median, percentile
 
 TEXT = "hello nice to meet you."
 ACK_LINE = screen.received_by("user2").encode()
@@ -127,7 +128,8 @@ def _programs(server_port: int, peer_port: int) -> Iterator[tuple[PtyProgram, Pt
             programs.append(chatapp)
             chatapp.read_until(screen.TABLE_UPDATED.encode())
             floor = PtyProgram(
-                [sys.executable, "-m", "tools.bench.pty_latency", "floor", str(peer_port)], env
+                [sys.executable, "-m", "chatapp_tools.bench.pty_latency", "floor", str(peer_port)],
+                env,
             )
             programs.append(floor)
             floor.read_until(screen.PROMPT.encode())

@@ -1,6 +1,6 @@
 """Processes the benchmarks start: baselines in bare Trio, and lightweight simulated clients.
 
-``python -m tools.bench.worker MODE`` reads one JSON line of settings, answers
+``python -m chatapp_tools.bench.worker MODE`` reads one JSON line of settings, answers
 one JSON line when ready, then answers each command line with one JSON line.
 It exits at end of input or after ``max_seconds``, whichever comes first.
 
@@ -31,7 +31,8 @@ import trio
 
 from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.wire import Ack, encode
-from tools.bench.loadgen import HOST, decode_head
+
+from .loadgen import HOST, decode_head
 
 
 def _answer(data: object) -> None:

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatapp import screen
-from chatapp.trace import Event, Exited, Normaliser, Recv, Send, Shown, Trace
-from tools.replay.compare import ANSWERS, is_content
+from chatapp.protocol.common import Timers
+from chatapp.protocol.waits import answer_tags, longest_wait, retry_interval, tries_allowed
+from chatapp.trace import Event, Exited, Recv, Send, Shown, Trace
 
-#: Messages sent once and then handed over (to the server, or stored): 1 try.
-_ONE_TRY = {"chat", "channel"}
+from .describe import is_content
+from .normalise import Normaliser
+
+#: Messages that answer a request (sent again for each retry of it): not retries themselves.
+ANSWERS = answer_tags()
 
 
 @dataclass
@@ -58,7 +62,7 @@ def check(trace: Trace) -> CheckResult:
     invariants = [
         _shown_once(events, names, counts),
         _messages_answered(trace, names, counts),
-        _retries(events, names, timers.ack_timeout, timers.tries, counts),
+        _retries(events, names, timers.timers(), counts),
         _oldest_first(events),
         _channel_reaches_everyone(events, names, counts),
     ]
@@ -109,8 +113,9 @@ def _messages_answered(trace: Trace, names: Normaliser, counts: Counter[str]) ->
     stored), or reported as not delivered; every send_all is ACKed or reported."""
     invariant = Invariant("every chat message ACKed, stored or reported as not delivered")
     events = trace.events
-    timers = trace.header.timers
-    patience = timers.ack_timeout * (timers.tries + 2)
+    timers = trace.header.timers.timers()
+    # The sender is still waiting until its longest wait (and a try before it) is over.
+    patience = longest_wait(timers) + 2 * timers.ack_timeout
     first_sent: dict[tuple[str, str], Send] = {}
     outcome: dict[tuple[str, str], str] = {}
     last_seen: dict[str, float] = {}
@@ -163,11 +168,12 @@ def _messages_answered(trace: Trace, names: Normaliser, counts: Counter[str]) ->
 
 
 def _retries(
-    events: list[Event], names: Normaliser, ack_timeout: float, tries: int, counts: Counter[str]
+    events: list[Event], names: Normaliser, timers: Timers, counts: Counter[str]
 ) -> Invariant:
-    """Sends of the same request are spaced by the ACK timeout and never more than allowed."""
+    """Sends of the same request are spaced by its wait's timeout, and never more than its
+    wait's tries (the protocol's table of waits says both)."""
     invariant = Invariant(
-        f"retries spaced by the timeout ({ack_timeout:g} s), at most {tries} tries"
+        f"retries spaced by the timeout ({timers.ack_timeout:g} s), at most {timers.tries} tries"
     )
     sends: dict[tuple[str, str, str, str], list[Send]] = defaultdict(list)
     for event in events:
@@ -180,7 +186,8 @@ def _retries(
             )
             sends[key].append(event)
     for (node, peer, kind, msg_id), group in sends.items():
-        allowed = 1 if kind in _ONE_TRY else tries
+        allowed = tries_allowed(kind, timers)
+        interval = retry_interval(kind, timers)
         counts["retries"] += len(group) - 1
         label = names.id_labels.get(msg_id, msg_id)
         if len(group) > allowed:
@@ -190,10 +197,10 @@ def _retries(
             )
         for earlier, later in itertools.pairwise(group):
             gap = later.t - earlier.t
-            if gap < ack_timeout * 0.98 - 0.002 or gap > ack_timeout * 1.5 + 0.05:
+            if gap < interval * 0.98 - 0.002 or gap > interval * 1.5 + 0.05:
                 invariant.violations.append(
                     f"{node} re-sent {kind} {label} to {peer} {gap:.3f} s after the previous try"
-                    f" (seq {earlier.seq} -> {later.seq}); the timeout is {ack_timeout:g} s"
+                    f" (seq {earlier.seq} -> {later.seq}); the timeout is {interval:g} s"
                 )
     return invariant
 

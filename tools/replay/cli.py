@@ -14,14 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import trio
 import trio.testing
 import typer
 
-from chatapp.scenario import Step
-from chatapp.trace import Trace, TraceError, merge_traces, read_trace, write_trace
+from chatapp.testing import Step
+from chatapp.trace import Trace, TraceError, write_trace
 from chatapp.typer_support import (
     UsageError,
     WordsCommand,
@@ -29,6 +29,12 @@ from chatapp.typer_support import (
     usage_error_line,
     version_option,
 )
+
+from .traces import merge_traces, read_trace
+
+if TYPE_CHECKING:
+    from .plan import ReplayOptions
+    from .runner import Runner
 
 PROG = "chat-replay"
 COMMANDS = ("replay", "check", "show", "merge", "record")
@@ -89,61 +95,64 @@ def _probability(value: float, what: str) -> float:
     return value
 
 
+TraceArgument = Annotated[
+    str, typer.Argument(metavar="TRACE", help="A trace recorded by chatapp (JSONL).")
+]
+VirtualOption = Annotated[
+    bool,
+    typer.Option(
+        "--virtual/--real",
+        help="--virtual (the default): the in-memory network in virtual time, instant and"
+        " deterministic. --real: real UDP sockets on 127.0.0.1 in real time.",
+    ),
+]
+NodeOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Test this node alone: every other node is played from the recording,"
+        " answering what this one actually sends.",
+    ),
+]
+TargetOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="HOST:PORT",
+        help="A running server to test black-box (implies --node <the server> and --real):"
+        " the clients are played from the recording. Start it with an empty database.",
+    ),
+]
+LossOption = Annotated[
+    float, typer.Option(metavar="P", help="Drop each datagram with probability P (virtual only).")
+]
+DupOption = Annotated[
+    float,
+    typer.Option(metavar="P", help="Duplicate each datagram with probability P (virtual only)."),
+]
+SeedOption = Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection.")]
+OutOption = Annotated[
+    str | None,
+    typer.Option("--out", "-o", metavar="FILE", help="Also write the replay's own trace to FILE."),
+]
+
+
 @app.command(cls=WordsCommand)
 def replay(
-    trace: Annotated[
-        str, typer.Argument(metavar="TRACE", help="A trace recorded by chatapp (JSONL).")
-    ],
-    virtual: Annotated[
-        bool,
-        typer.Option(
-            "--virtual/--real",
-            help="--virtual (the default): the in-memory network in virtual time, instant and"
-            " deterministic. --real: real UDP sockets on 127.0.0.1 in real time.",
-        ),
-    ] = True,
-    node: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME",
-            help="Test this node alone: every other node is played from the recording,"
-            " answering what this one actually sends.",
-        ),
-    ] = None,
-    target: Annotated[
-        str | None,
-        typer.Option(
-            metavar="HOST:PORT",
-            help="A running server to test black-box (implies --node <the server> and --real):"
-            " the clients are played from the recording. Start it with an empty database.",
-        ),
-    ] = None,
-    loss: Annotated[
-        float,
-        typer.Option(metavar="P", help="Drop each datagram with probability P (virtual only)."),
-    ] = 0.0,
-    dup: Annotated[
-        float,
-        typer.Option(
-            metavar="P", help="Duplicate each datagram with probability P (virtual only)."
-        ),
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection.")] = 0,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out", "-o", metavar="FILE", help="Also write the replay's own trace to FILE."
-        ),
-    ] = None,
+    trace: TraceArgument,
+    virtual: VirtualOption = True,
+    node: NodeOption = None,
+    target: TargetOption = None,
+    loss: LossOption = 0.0,
+    dup: DupOption = 0.0,
+    seed: SeedOption = 0,
+    out: OutOption = None,
 ) -> None:
     """Replay TRACE with fresh nodes and compare their behaviour with the recording.
 
     Prints PASS (exit 0), or the first divergence with its context and the nearest
     recorded candidates (exit 1).
     """
-    from tools.replay.check import check
-    from tools.replay.compare import compare, compare_messages, report
-    from tools.replay.engine import ReplayError, ReplayOptions, run_replay, server_name
+    from .plan import ReplayError, ReplayOptions, server_name
 
     recorded = _load(trace)
     target_address = _target(target)
@@ -161,22 +170,51 @@ def replay(
         dup=_probability(dup, "--dup"),
         seed=seed,
     )
+    _announce(trace, recorded, options, target)
+    replayed, run, elapsed = _run_replay(recorded, options)
+    if out:
+        _write(out, lambda path: write_trace(replayed, path))
+    for stall in run.stalls[:3]:
+        typer.echo(f"  note: {stall}")
+    passed = (
+        _judge_faults(recorded, replayed, elapsed)
+        if options.faults
+        else _judge_comparison(recorded, replayed, options, elapsed)
+    )
+    if not passed:
+        raise typer.Exit(1)
+
+
+def _announce(trace: str, recorded: Trace, options: ReplayOptions, target: str | None) -> None:
     where = (
         "in virtual time on the in-memory network"
-        if virtual
+        if options.virtual
         else "on real UDP sockets on 127.0.0.1"
     )
     if options.faults:
-        where += f", losing {loss:g} and duplicating {dup:g} of the datagrams (seed {seed})"
-    who = "every node" if node is None else f"{node} alone, the others played from the recording"
-    if target_address is not None:
+        where += (
+            f", losing {options.loss:g} and duplicating {options.dup:g} of the datagrams"
+            f" (seed {options.seed})"
+        )
+    who = (
+        "every node"
+        if options.node is None
+        else f"{options.node} alone, the others played from the recording"
+    )
+    if options.target is not None:
         who = f"the server at {target}, the clients played from the recording"
-    nodes = recorded.nodes()
     typer.echo(
-        f"replaying {trace}: {len(nodes)} nodes, {len(recorded.events)} events; {who}, {where}"
+        f"replaying {trace}: {len(recorded.nodes())} nodes, {len(recorded.events)} events;"
+        f" {who}, {where}"
     )
     for note in recorded.header.notes:
         typer.echo(f"  note: {note}")
+
+
+def _run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner, float]:
+    from .plan import ReplayError
+    from .runner import run_replay
+
     started = time.perf_counter()
     try:
         replayed, run = run_replay(recorded, options)
@@ -184,48 +222,52 @@ def replay(
         raise Failed(str(exc)) from None
     except OSError as exc:
         raise Failed(f"the replay could not use the network: {exc}") from None
-    elapsed = time.perf_counter() - started
-    if out:
-        _write(out, lambda path: write_trace(replayed, path))
-    for stall in run.stalls[:3]:
-        typer.echo(f"  note: {stall}")
+    return replayed, run, time.perf_counter() - started
 
-    if options.faults:
-        problems, notes = compare_messages(recorded, replayed)
-        for note in notes:
-            typer.echo(f"  note: {note}")
-        result = check(replayed)
-        for invariant in result.invariants:
-            problems += [f"{invariant.name}: {v}" for v in invariant.violations]
-        counts = result.counts
-        typer.echo(
-            f"  replay: {counts.get('datagrams sent', 0)} datagrams sent,"
-            f" {counts.get('retries', 0)} retries, {counts.get('duplicate datagrams', 0)}"
-            f" received twice; messages: {counts.get('delivered', 0)} delivered,"
-            f" {counts.get('stored', 0)} stored, {counts.get('lost', 0)} lost"
-        )
-        if problems:
-            typer.echo("FAIL: with these faults the protocol lost or repeated messages:")
-            for problem in problems[:20]:
-                typer.echo(f"  - {problem}")
-            raise typer.Exit(1)
-        typer.echo(
-            "PASS: no message shown twice, none missing that its sender was told was"
-            f" received, every invariant holds ({elapsed:.2f} s)"
-        )
-        return
 
-    comparison = compare(recorded, replayed, under_test=node, black_box=target_address is not None)
+def _judge_faults(recorded: Trace, replayed: Trace, elapsed: float) -> bool:
+    from .verdict import judge_faults
+
+    verdict = judge_faults(recorded, replayed)
+    for note in verdict.notes:
+        typer.echo(f"  note: {note}")
+    counts = verdict.counts
+    typer.echo(
+        f"  replay: {counts.get('datagrams sent', 0)} datagrams sent,"
+        f" {counts.get('retries', 0)} retries, {counts.get('duplicate datagrams', 0)}"
+        f" received twice; messages: {counts.get('delivered', 0)} delivered,"
+        f" {counts.get('stored', 0)} stored, {counts.get('lost', 0)} lost"
+    )
+    if not verdict.passed:
+        typer.echo("FAIL: with these faults the protocol lost or repeated messages:")
+        for problem in verdict.problems[:20]:
+            typer.echo(f"  - {problem}")
+        return False
+    typer.echo(
+        "PASS: no message shown twice, none missing that its sender was told was"
+        f" received, every invariant holds ({elapsed:.2f} s)"
+    )
+    return True
+
+
+def _judge_comparison(
+    recorded: Trace, replayed: Trace, options: ReplayOptions, elapsed: float
+) -> bool:
+    from .compare import compare
+    from .report import report
+
+    black_box = options.target is not None
+    comparison = compare(recorded, replayed, under_test=options.node, black_box=black_box)
     if comparison.passed:
         typer.echo(
-            f"PASS: {'every node' if node is None else node} behaved as recorded"
-            f" ({comparison.compared} events compared in {len(comparison.streams)} streams;"
-            f" {elapsed:.2f} s)"
+            f"PASS: {'every node' if options.node is None else options.node} behaved as"
+            f" recorded ({comparison.compared} events compared in {len(comparison.streams)}"
+            f" streams; {elapsed:.2f} s)"
         )
-        return
+        return True
     typer.echo(f"FAIL: the replay diverged from the recording ({elapsed:.2f} s)\n")
     typer.echo(report(comparison))
-    raise typer.Exit(1)
+    return False
 
 
 @app.command("check", cls=WordsCommand)
@@ -239,7 +281,7 @@ def check_command(
     messages delivered oldest first; every online client got each channel message
     or had it stored. Exit 1 when one does not hold.
     """
-    from tools.replay.check import check, render
+    from .check import check, render
 
     result = check(_load(trace))
     typer.echo(render(result, trace))
@@ -262,7 +304,7 @@ def show(
     width: Annotated[int, typer.Option(min=12, max=80, help="Width of a node's column.")] = 24,
 ) -> None:
     """Print the run as a timeline: one column per node, time going down."""
-    from tools.replay import show as draw
+    from . import show as draw
 
     recorded = _load(trace)
     if mermaid is not None:
@@ -315,7 +357,7 @@ def record(
     ] = False,
 ) -> None:
     """Play a scenario with a real server and clients and record every datagram and line."""
-    from chatapp.scenario import ScenarioError, load_scenario
+    from chatapp.testing import ScenarioError, load_scenario
 
     try:
         steps = load_scenario(scenario)
@@ -347,8 +389,9 @@ def _shareable(path: str) -> str:
 
 
 async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
+    from chatapp.net import UDP
     from chatapp.protocol.common import Timers
-    from chatapp.scenario import Cluster, LoopbackNetwork, VirtualNetwork
+    from chatapp.testing import Cluster, MemoryNetwork
     from chatapp.trace import JsonlRecorder, complete_header
 
     try:
@@ -366,7 +409,7 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
         async with trio.open_nursery() as nursery:
             cluster = Cluster(
                 nursery,
-                VirtualNetwork() if virtual else LoopbackNetwork(),
+                MemoryNetwork() if virtual else UDP,
                 recorder=recorder,
                 wall_offset=time.time() - trio.current_time(),
             )

@@ -1,4 +1,5 @@
-"""Comparing a replay with its recording, node by node.
+"""Comparing a replay with its recording, node by node (the matching; ``report.py``
+says what a mismatch means, ``verdict.py`` judges a run with injected faults).
 
 Each node's behaviour is split into streams that are ordered within
 themselves whatever the scheduling: the datagrams it sent to each peer, the
@@ -12,39 +13,19 @@ protocol's timers show.
 
 from __future__ import annotations
 
-import difflib
 import json
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatapp import screen
-from chatapp.trace import (
-    Event,
-    Exited,
-    Input,
-    Normaliser,
-    Recv,
-    Send,
-    Shown,
-    Start,
-    Trace,
-    describe,
-)
+from chatapp.protocol.waits import answer_tags
+from chatapp.trace import Event, Exited, Input, Recv, Send, Shown, Start, Trace
+from chatapp.wire import Ack, tag_of
+
+from .normalise import Normaliser
 
 #: Messages that answer a request (sent again for each retry of it): not retries themselves.
-ANSWERS = {"ack", "registered", "refused", "saved", "lookup_result"}
-
-#: The prefix of a stored message's line, once normalised (``Normaliser.text``).
-_STORED_PREFIX = re.compile(r"^\(\{time\}\) ")
-
-
-def is_content(line: str) -> bool:
-    """Whether a shown line is a content line: what a person typed to another, as the
-    receiver shows it (``screen.chat``, ``screen.channel_message``), not a bracketed
-    status line."""
-    return " : " in line and not line.startswith("[")
+ANSWERS = answer_tags()
+_ACK = tag_of(Ack)
 
 
 @dataclass(frozen=True)
@@ -147,7 +128,7 @@ def streams_of(
                 continue
             key = StreamKey(event.node, kind, peer)
         if isinstance(value, dict) and value.get("t") in ANSWERS:
-            answer = (key, _key(value))
+            answer = (key, value_key(value))
             if answer in answered:
                 continue
             answered.add(answer)
@@ -229,12 +210,14 @@ def _same_burst(before: list[Item], after: list[Item], index: int) -> int:
     old, new = _burst(before, index), _burst(after, index)
     if len(old) < 2 or len(old) != len(new):
         return 0
-    if sorted(_key(item.value) for item in old) != sorted(_key(item.value) for item in new):
+    if sorted(value_key(item.value) for item in old) != sorted(
+        value_key(item.value) for item in new
+    ):
         return 0
     return len(old)
 
 
-def _key(value: Any) -> str:
+def value_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
@@ -393,287 +376,10 @@ def _since_first_send(trace: Trace, node: str) -> dict[int, float]:
     for event in trace.events:
         if not isinstance(event, Send) or event.node != node or not event.msg:
             continue
-        if event.msg.get("t") == "ack":
+        if event.msg.get("t") == _ACK:
             continue  # an ACK answers a repeat, whenever it comes; it is not one
         msg_id = event.msg.get("id")
         if not isinstance(msg_id, str):
             continue
         gaps[event.seq] = event.t - first.setdefault(msg_id, event.t)
     return gaps
-
-
-# --- with faults: the messages, not the datagrams ------------------------------------
-
-
-def content_lines(lines: Iterable[str]) -> list[str]:
-    """The chat and channel lines among shown lines, stored ones in their live form."""
-    found = []
-    for line in lines:
-        plain = _STORED_PREFIX.sub("", line)
-        if is_content(plain):
-            found.append(plain)
-    return found
-
-
-def compare_messages(recorded: Trace, replayed: Trace) -> tuple[list[str], list[str]]:
-    """Under loss and duplication the datagrams differ by design. What must not happen:
-    a message shown more often than recorded, or one missing although its sender was
-    told it had been received. A message that is missing because it was stored, or
-    because its sender was told it failed, is a note, not a failure.
-
-    Returns (problems, notes)."""
-    recorded_names = Normaliser.of(recorded.events)
-    replayed_names = Normaliser.of(replayed.events)
-    confirmed = _confirmed_messages(replayed, replayed_names)
-    problems: list[str] = []
-    notes: list[str] = []
-    for node in sorted(recorded.nodes()):
-        before = content_lines(
-            recorded_names.text(e.line)
-            for e in recorded.events
-            if isinstance(e, Shown) and e.node == node
-        )
-        after = content_lines(
-            replayed_names.text(e.line)
-            for e in replayed.events
-            if isinstance(e, Shown) and e.node == node
-        )
-        for line in sorted(set(before) | set(after)):
-            want, got = before.count(line), after.count(line)
-            if got > want:
-                problems.append(f"{node} showed {line!r} {got}x (recorded {want}x)")
-            elif got < want:
-                if (node, line) in confirmed:
-                    problems.append(
-                        f"{node} did not show {line!r}, yet its sender was told it was received"
-                    )
-                else:
-                    notes.append(
-                        f"{node} did not show {line!r}: with these faults it was stored, or never"
-                        " confirmed to its sender"
-                    )
-    return problems, notes
-
-
-def _confirmed_messages(trace: Trace, names: Normaliser) -> set[tuple[str, str]]:
-    """(receiver, line as it shows it, normalised by ``names``) of every message whose
-    sender had an ACK from the receiver itself (direct), the server's word that it
-    delivered it, or (channel) whose receiver ACKed it to the server."""
-    sent: dict[str, tuple[str, str, str]] = {}  # id -> (kind, sender, text)
-    to: dict[str, str] = {}
-    confirmed: set[tuple[str, str]] = set()
-    for event in trace.events:
-        if not isinstance(event, Send | Recv) or not event.msg:
-            continue
-        msg = event.msg
-        kind = msg.get("t")
-        if isinstance(event, Send) and kind in ("chat", "save", "channel"):
-            sender = str(msg.get("sender"))
-            sent.setdefault(str(msg["id"]), (kind, sender, str(msg.get("text"))))
-            if kind in ("chat", "channel"):
-                to[f"{msg['id']}>{names.address(event.peer)}"] = names.address(event.peer)
-        if isinstance(event, Recv) and kind in ("ack", "saved") and str(msg.get("id")) in sent:
-            if kind == "saved" and msg.get("outcome") != "delivered":
-                continue
-            what, sender, text = sent[str(msg["id"])]
-            if kind == "saved":
-                receiver = next(
-                    (
-                        r
-                        for key, r in to.items()
-                        if key.startswith(f"{msg['id']}>") and r != event.node
-                    ),
-                    "",
-                )
-            else:
-                receiver = names.address(event.peer)
-            line = (
-                screen.channel_message(sender, text)
-                if what == "channel"
-                else screen.chat(sender, text)
-            )
-            if receiver:
-                confirmed.add((receiver, names.text(line)))
-    return confirmed
-
-
-# --- the report ---------------------------------------------------------------------------
-
-
-def render_value(item: Item) -> str:
-    event = item.event
-    if isinstance(event, Send | Recv):
-        return f"{describe(event.msg)} {_compact(item.value)}"
-    return repr(item.value)
-
-
-def _compact(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _where(item: Item) -> str:
-    return f"seq {item.seq}, t={item.event.t:.3f}"
-
-
-def field_report(old: Any, new: Any) -> tuple[list[str], list[str]]:
-    """(fields that match, fields that differ) of two normalised values."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return ([], ["value"]) if old != new else (["value"], [])
-    same, different = [], []
-    for key in list(dict.fromkeys([*old, *new])):
-        if old.get(key, _MISSING) == new.get(key, _MISSING):
-            same.append(key)
-        else:
-            different.append(
-                f"{key}: recorded {_compact(old.get(key, '(none)'))}, replay"
-                f" {_compact(new.get(key, '(none)'))}"
-            )
-    return same, different
-
-
-_MISSING = object()
-
-
-def _event_line(event: Event, names: Normaliser) -> str:
-    value = normalised(event, names)
-    if value is None:
-        return ""
-    kind, peer, shown = value
-    if isinstance(event, Send | Recv):
-        arrow = "->" if isinstance(event, Send) else "<-"
-        what = describe(event.msg)
-        return f"seq {event.seq:>4} t={event.t:7.3f} {event.node} {arrow} {peer}: {what}"
-    return f"seq {event.seq:>4} t={event.t:7.3f} {event.node} {kind}: {shown!r}"
-
-
-def report(comparison: Comparison, *, limit: int = 5) -> str:
-    lines: list[str] = []
-    first = comparison.divergences[0]
-    key = first.stream
-    lines.append(f"First divergence: {key} (item {first.index + 1} of that stream)")
-    lines.append(f"  {first.reason}")
-    if first.recorded is not None:
-        lines.append(f"  recorded ({_where(first.recorded)}): {render_value(first.recorded)}")
-    else:
-        lines.append("  recorded: (nothing more)")
-    if first.replayed is not None:
-        lines.append(f"  replay   ({_where(first.replayed)}): {render_value(first.replayed)}")
-    else:
-        lines.append("  replay:   (nothing more)")
-    if (
-        first.recorded is not None
-        and first.replayed is not None
-        and isinstance(first.recorded.value, dict)
-    ):
-        same, different = field_report(first.recorded.value, first.replayed.value)
-        if different:
-            if same:
-                lines.append(f"  fields that match: {', '.join(same)}")
-            lines.append("  fields that differ:")
-            lines += [f"    {entry}" for entry in different]
-
-    lines.append("")
-    lines.append(f"Context at {key.node}:")
-    lines += _context(comparison, first)
-
-    candidates = _candidates(comparison, first)
-    if candidates:
-        lines.append("")
-        lines += candidates
-
-    if len(comparison.divergences) > 1:
-        lines.append("")
-        lines.append(
-            f"{len(comparison.divergences)} streams diverge in all; the first"
-            f" {min(limit, len(comparison.divergences))}:"
-        )
-        for divergence in comparison.divergences[:limit]:
-            at = divergence.recorded or divergence.replayed
-            where = f" at {_where(at)}" if at else ""
-            lines.append(
-                f"  - {divergence.stream}, item {divergence.index + 1}{where}: {divergence.reason}"
-            )
-    return "\n".join(lines)
-
-
-def _context(comparison: Comparison, first: Divergence) -> list[str]:
-    node = first.stream.node
-    lines = []
-    anchor = first.recorded.seq if first.recorded else first.order
-    before = [e for e in comparison.recorded.events if e.node == node and e.seq < anchor][-4:]
-    after = [e for e in comparison.recorded.events if e.node == node and e.seq >= anchor][:2]
-    lines.append("  recorded:")
-    for event in [*before, *after]:
-        if normalised(event, comparison.recorded_names) is None:
-            continue
-        mark = ">" if first.recorded is not None and event.seq == first.recorded.seq else " "
-        lines.append(f"   {mark} {_event_line(event, comparison.recorded_names)}")
-    if first.replayed is not None:
-        anchor_new: float = first.replayed.seq
-    else:  # just after the last event of the stream that the replay did produce
-        matched = comparison.streams[first.stream][1][: first.index]
-        anchor_new = (matched[-1].seq + 0.5) if matched else 0
-    replay_events = [
-        event
-        for event in comparison.replayed.events
-        if event.node == node
-        or (
-            comparison.black_box
-            and isinstance(event, Recv | Send)
-            and comparison.replayed_names.address(event.peer) == node
-        )
-    ]
-    before = [e for e in replay_events if e.seq < anchor_new][-4:]
-    after = [e for e in replay_events if e.seq >= anchor_new][:2]
-    lines.append("  replay:")
-    for event in [*before, *after]:
-        if normalised(event, comparison.replayed_names) is None:
-            continue
-        mark = ">" if first.replayed is not None and event.seq == first.replayed.seq else " "
-        lines.append(f"   {mark} {_event_line(event, comparison.replayed_names)}")
-    if not before and not after:
-        lines.append(f"     ({node} did nothing in the replay)")
-    return lines
-
-
-def _candidates(comparison: Comparison, first: Divergence) -> list[str]:
-    """The recorded events nearest to what the replay did (vcrpy style): which fields
-    matched, which did not."""
-    if first.replayed is None:
-        return []
-    if first.recorded is not None and first.recorded.value == first.replayed.value:
-        return []  # the same event at another time: there is nothing nearer to show
-    key = first.stream
-    pool: list[Item] = []
-    for other_key, (before, _) in comparison.streams.items():
-        if other_key.node == key.node and other_key.kind == key.kind:
-            pool += before
-    if not pool:
-        return []
-    target = first.replayed.value
-    lines = ["Nearest recorded candidates for the replay's event:"]
-    if not isinstance(target, dict):
-        # a line or a status: the most alike, by text
-        def likeness(item: Item) -> tuple[float, int]:
-            ratio = difflib.SequenceMatcher(None, str(item.value), str(target)).ratio()
-            return (-ratio, abs(item.seq - int(first.order)))
-
-        for item in sorted(pool, key=likeness)[:3]:
-            ratio = -likeness(item)[0]
-            lines.append(f"  {_where(item)}: {render_value(item)} ({ratio:.0%} alike)")
-        return lines
-
-    def score(item: Item) -> tuple[int, int]:
-        same, _ = field_report(item.value, target)
-        return (-len(same), abs(item.seq - int(first.order)))
-
-    best = sorted(pool, key=score)[:3]
-    for item in best:
-        same, different = field_report(item.value, target)
-        stream = next(k for k, (b, _) in comparison.streams.items() if item in b)
-        lines.append(f"  {_where(item)} in {stream}: {render_value(item)}")
-        lines.append(f"    matched: {', '.join(same) or '(nothing)'}")
-        if different:
-            lines.append(f"    differed: {'; '.join(different)}")
-    return lines

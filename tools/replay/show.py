@@ -6,18 +6,10 @@ import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from chatapp.trace import (
-    Event,
-    Exited,
-    Input,
-    Normaliser,
-    Recv,
-    Send,
-    Shown,
-    Start,
-    Trace,
-    describe,
-)
+from chatapp.trace import Event, Exited, Input, Recv, Send, Shown, Start, Trace
+
+from .describe import describe
+from .normalise import Normaliser
 
 
 @dataclass

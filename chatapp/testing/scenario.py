@@ -13,26 +13,28 @@ A scenario is a small text file, one step per line (``#`` starts a comment)::
     wait 0.6                       let time pass
     exits user1 1                  wait until user1 exits with that status
 
-A ``Cluster`` plays it in one Trio run, over real UDP on loopback or over the
-in-memory network in virtual time: the demo, the tests and ``chat-replay
-record`` all play scenarios this way.
+A ``Cluster`` plays it in one Trio run, over real UDP on loopback
+(``chatapp.net.UDP``) or over the in-memory network in virtual time
+(``MemoryNetwork``): the demo, the tests and ``chat-replay record`` all play
+scenarios this way.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from chatapp.net import Endpoint, MemoryNetwork, UdpEndpoint
-from chatapp.node import CapturedScreen, Input, Node, Signal
-from chatapp.protocol.client import ClientProtocol
+from chatapp.launch import ClientOptions, ServerOptions, run_node
+from chatapp.net import Network
+from chatapp.node import Input, Node
 from chatapp.protocol.common import Timers
-from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.inputs import Signal
 from chatapp.store import MemoryStore, Store
+from chatapp.testing.screen import CapturedScreen
+from chatapp.testing.seed import line_matches
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
 
@@ -95,49 +97,14 @@ def load_scenario(path: str | Path) -> list[Step]:
     return parse_scenario(Path(path).read_text(encoding="utf-8"), str(path))
 
 
-# --- networks ------------------------------------------------------------------------
-
-
-class Network:
-    """Where a cluster's endpoints come from."""
-
-    async def bind(self, port: int) -> Endpoint:
-        raise NotImplementedError
-
-
-@dataclass
-class LoopbackNetwork(Network):
-    """Real UDP sockets on 127.0.0.1, on ports the kernel picks."""
-
-    host: str = "127.0.0.1"
-
-    async def bind(self, port: int) -> Endpoint:
-        return await UdpEndpoint.bind(self.host, port)
-
-
-@dataclass
-class VirtualNetwork(Network):
-    """The in-memory network (use it under a MockClock for virtual time)."""
-
-    network: MemoryNetwork = field(default_factory=MemoryNetwork)
-    host: str = "127.0.0.1"
-    _next_port: int = 40000
-
-    async def bind(self, port: int) -> Endpoint:
-        if port == 0:
-            self._next_port += 1
-            port = self._next_port
-        return self.network.bind((self.host, port))
-
-
 # --- the cluster --------------------------------------------------------------------
 
 
 @dataclass
 class ClientHandle:
-    node: Node
     screen: CapturedScreen
     inputs: trio.MemorySendChannel[Input]
+    node: Node | None = None  # once it runs
     matched: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     status: int | None = None
@@ -157,9 +124,11 @@ class Cluster:
         store_factory: Callable[[], Store] = MemoryStore,
         wall_offset: float = 1_648_153_596.0,
         expect_timeout: float = EXPECT_TIMEOUT,
+        host: str = "127.0.0.1",
     ) -> None:
         self._nursery = nursery
         self.network = network
+        self.host = host
         self.timers = timers
         self.recorder = recorder or NullRecorder()
         self._on_line = on_line
@@ -183,33 +152,34 @@ class Cluster:
     # --- steps ---------------------------------------------------------------------
 
     async def _serve(self, step: Step) -> None:
-        endpoint = await self.network.bind(0)
         self._epoch += 1
-        protocol = ServerProtocol(
+        options = ServerOptions(
+            port=0,
+            host=self.host,
             timers=self.timers,
             id_prefix=f"s{self._epoch}",
             epoch=self._epoch,
             wall_offset=self._wall_offset,
-            token_factory=_counter_tokens(f"t{self._epoch}"),
+            token_prefix=f"t{self._epoch}",
         )
-        store = self._store_factory()
-        clients, mailbox = store.load()
-        protocol.restore(clients, mailbox)
-        self.recorder.restored(SERVER, clients, mailbox)
-        node = Node(SERVER, protocol, endpoint, recorder=self.recorder, store=store)
-        self.server, self.server_addr = node, endpoint.local_address
         self._server_done = trio.Event()
-        await self._nursery.start(self._run_server, node, endpoint, self._server_done)
+        node = await self._nursery.start(self._run_server, options, self._server_done)
+        self.server, self.server_addr = node, node.endpoint.local_address
 
     async def _run_server(
-        self, node: Node, endpoint: Endpoint, done: trio.Event, task_status: trio.TaskStatus[None]
+        self, options: ServerOptions, done: trio.Event, task_status: trio.TaskStatus[Node]
     ) -> None:
+        store = self._store_factory()
         try:
-            argv = ["chatapp", "serve", str(endpoint.local_address[1])]
-            await node.run(argv=argv, task_status=task_status)
+            await run_node(
+                options,
+                network=self.network,
+                store=store,
+                recorder=self.recorder,
+                task_status=task_status,
+            )
         finally:
-            endpoint.close()
-            node.store.close()
+            store.close()
             done.set()
 
     async def _join(self, step: Step) -> None:
@@ -217,33 +187,41 @@ class Cluster:
             raise ScenarioError(f"line {step.line_no}: join before serve")
         if step.node in self.clients and self.clients[step.node].status is None:
             raise ScenarioError(f"line {step.line_no}: {step.node} has already joined")
-        endpoint = await self.network.bind(0)
-        port = endpoint.local_address[1]
-        protocol = ClientProtocol(
-            step.node, self.server_addr, port, timers=self.timers, id_prefix=step.node
-        )
         name = step.node
         report = self._on_line
         on_line = (lambda line: report(name, line)) if report is not None else None
         screen = CapturedScreen(on_line=on_line)
-        node = Node(name, protocol, endpoint, screen=screen, recorder=self.recorder)
         send_input, receive_input = trio.open_memory_channel[Input](64)
-        handle = ClientHandle(node, screen, send_input)
+        options = ClientOptions(
+            name,
+            self.server_addr[0],
+            self.server_addr[1],
+            port=0,
+            host=self.host,
+            timers=self.timers,
+            id_prefix=name,
+        )
+        handle = ClientHandle(screen, send_input)
         self.clients[name] = handle
-        argv = ["chatapp", "join", name, self.server_addr[0], str(self.server_addr[1]), str(port)]
-        await self._nursery.start(self._run_client, handle, receive_input, argv)
+        handle.node = await self._nursery.start(self._run_client, options, handle, receive_input)
 
     async def _run_client(
         self,
+        options: ClientOptions,
         handle: ClientHandle,
         inputs: trio.MemoryReceiveChannel[Input],
-        argv: list[str],
-        task_status: trio.TaskStatus[None],
+        task_status: trio.TaskStatus[Node],
     ) -> None:
         try:
-            handle.status = await handle.node.run(inputs, argv=argv, task_status=task_status)
+            handle.status = await run_node(
+                options,
+                network=self.network,
+                recorder=self.recorder,
+                screen=handle.screen,
+                inputs=inputs,
+                task_status=task_status,
+            )
         finally:
-            handle.node.endpoint.close()
             handle.done.set()
 
     async def _type(self, step: Step) -> None:
@@ -304,25 +282,10 @@ class Cluster:
     async def shutdown(self) -> None:
         """Stop every node that is still running."""
         for handle in self.clients.values():
-            handle.node.stop()
+            if handle.node is not None:
+                handle.node.stop()
         if self.server is not None:
             self.server.stop()
-
-
-TIME_PLACEHOLDER = "{time}"
-
-
-def line_matches(expected: str, line: str) -> bool:
-    """``expected`` equals ``line``, where ``{time}`` stands for a Unix time (seconds)."""
-    if TIME_PLACEHOLDER not in expected:
-        return expected == line
-    pattern = r"\d+(?:\.\d+)?".join(re.escape(part) for part in expected.split(TIME_PLACEHOLDER))
-    return re.fullmatch(pattern, line) is not None
-
-
-def _counter_tokens(prefix: str) -> Callable[[], str]:
-    counter = iter(range(1, 1 << 62))
-    return lambda: f"{prefix}.{next(counter)}"
 
 
 async def play_scenario(
@@ -342,17 +305,13 @@ async def play_scenario(
 
 def scenario_path(name: str) -> Path:
     """A scenario that ships with chatapp (``test1`` .. ``test3``: the seed's tests)."""
-    return Path(__file__).with_name("scenarios") / f"{name}.txt"
+    return Path(__file__).parent.parent / "scenarios" / f"{name}.txt"
 
 
 __all__ = [
     "Cluster",
-    "LoopbackNetwork",
-    "Network",
     "ScenarioError",
     "Step",
-    "VirtualNetwork",
-    "line_matches",
     "load_scenario",
     "parse_scenario",
     "play_scenario",

@@ -1,0 +1,218 @@
+"""Starting a node: the one function that turns options into a running server or client.
+
+``run_node`` binds the endpoint, builds the state machine, opens what the
+options name (the database, the trace) and runs the node until it exits; with
+``nursery.start`` it hands over the ``Node`` once its tasks run. The command
+line, the demo and scenarios, the replay, the benchmarks and the tests all
+start nodes with it; they differ only in the network, the screen, the log and
+the recorder they pass, and in the options that fix what a real run leaves to
+chance (message ids, tokens, the epoch, the wall clock).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import trio
+
+from chatapp.net import UDP, Endpoint, Network
+from chatapp.node import Input, Node, Screen
+from chatapp.protocol.client import ClientProtocol
+from chatapp.protocol.common import IdFactory, Log, Timers
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
+from chatapp.protocol.server import ServerProtocol
+from chatapp.store import MemoryStore, Store
+from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+
+
+class StartupError(Exception):
+    """A node could not start (port in use, database unreadable): one line for the user."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    port: int  # 0: any free port
+    host: str = "0.0.0.0"
+    db: str | None = None  # None: one file per port in the user's data directory
+    trace: str | None = None
+    log_level: str = "info"
+    mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
+    timers: Timers = Timers()
+    name: str = "server"  # the node's name in traces
+    # What a real run leaves to chance or to the clock (None); tests and replays fix them.
+    id_prefix: str | None = None
+    epoch: int | None = None
+    wall_offset: float | None = None  # trio.current_time() + this = Unix time
+    token_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    name: str
+    server_ip: str
+    server_port: int
+    port: int  # 0: any free port
+    host: str = "0.0.0.0"
+    trace: str | None = None
+    verbose: bool = False
+    timers: Timers = Timers()
+    id_prefix: str | None = None  # None: the name and a random part
+
+
+Options = ServerOptions | ClientOptions
+
+
+def open_store(db: str | None, port: int) -> Store:
+    if db == ":memory:":
+        return MemoryStore()
+    from chatapp.sqlite_store import SqliteStore, default_db_path
+
+    path = db or default_db_path(port)
+    try:
+        return SqliteStore(path)
+    except Exception as exc:  # sqlite3.Error, OSError: any reason the file cannot be used
+        raise StartupError(f"cannot open the database {path}: {exc}") from None
+
+
+async def run_node(
+    options: Options,
+    *,
+    network: Network = UDP,
+    store: Store | None = None,
+    recorder: Recorder | None = None,
+    screen: Screen | None = None,
+    make_screen: Callable[[ClientProtocol], Screen] | None = None,
+    log: Callable[[Log], None] | None = None,
+    inputs: trio.MemoryReceiveChannel[Input] | None = None,
+    argv: list[str] | None = None,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run the node that ``options`` describe until it exits; its exit status.
+
+    ``store`` (a server's) and ``recorder`` default to what the options name, and
+    what is opened here is closed here; the endpoint is always closed at the end.
+    A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
+    its state machine once the endpoint is bound (a terminal's input line starts then,
+    and completes names from the machine's table), and reads ``inputs``. ``argv`` is
+    what the trace says started the node.
+    """
+    log = log or _ignore
+    async with AsyncExitStack() as resources:
+        endpoint = await _listen(network, options)
+        resources.callback(endpoint.close)
+        if recorder is None:
+            recorder = _open_recorder(options)
+            resources.callback(recorder.close)
+        if isinstance(options, ServerOptions):
+            if store is None:
+                store = open_store(options.db, options.port)
+                resources.callback(store.close)
+            node = _server_node(options, endpoint, store, recorder, log)
+        else:
+            node = _client_node(options, endpoint, recorder, screen, make_screen, log)
+        argv = argv if argv is not None else _argv(options, endpoint)
+        status = await node.run(inputs, argv=argv, task_status=task_status)
+    return status
+
+
+def _ignore(entry: Log) -> None:
+    pass
+
+
+async def _listen(network: Network, options: Options) -> Endpoint:
+    what = "server" if isinstance(options, ServerOptions) else "client"
+    try:
+        return await network.listen(options.host, options.port)
+    except OSError as exc:
+        where = f"{options.host}:{options.port}"
+        raise StartupError(f"cannot listen on UDP {where} ({what}): {exc.strerror}") from None
+
+
+def _open_recorder(options: Options) -> Recorder:
+    if not options.trace:
+        return NullRecorder()
+    role = "server" if isinstance(options, ServerOptions) else "client"
+    try:
+        return JsonlRecorder.open(
+            options.trace, timers=options.timers, nodes={options.name: {"role": role}}
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot write the trace {options.trace}: {exc.strerror}") from None
+
+
+def _server_node(
+    options: ServerOptions,
+    endpoint: Endpoint,
+    store: Store,
+    recorder: Recorder,
+    log: Callable[[Log], None],
+) -> Node:
+    protocol = ServerProtocol(
+        timers=options.timers,
+        id_prefix=options.id_prefix or "s" + secrets.token_hex(3),
+        epoch=time.time_ns() // 1_000_000 if options.epoch is None else options.epoch,
+        wall_offset=(
+            time.time() - trio.current_time()
+            if options.wall_offset is None
+            else options.wall_offset
+        ),
+        token_factory=(IdFactory(options.token_prefix) if options.token_prefix else _random_token),
+        mailbox_limit=options.mailbox_limit,
+    )
+    clients, mailbox = store.load()
+    protocol.restore(clients, mailbox)
+    recorder.restored(options.name, clients, mailbox)  # a replay starts from the same state
+    waiting = sum(len(items) for items in mailbox.values())
+    log(
+        Log(
+            f"chatapp server listening on UDP {options.host}:{endpoint.local_address[1]}"
+            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
+        )
+    )
+    return Node(options.name, protocol, endpoint, log=log, recorder=recorder, store=store)
+
+
+def _random_token() -> str:
+    return secrets.token_hex(8)
+
+
+def _client_node(
+    options: ClientOptions,
+    endpoint: Endpoint,
+    recorder: Recorder,
+    screen: Screen | None,
+    make_screen: Callable[[ClientProtocol], Screen] | None,
+    log: Callable[[Log], None],
+) -> Node:
+    protocol = ClientProtocol(
+        options.name,
+        (options.server_ip, options.server_port),
+        endpoint.local_address[1],
+        timers=options.timers,
+        id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
+    )
+    if make_screen is not None:
+        screen = make_screen(protocol)
+    return Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
+
+
+def _argv(options: Options, endpoint: Endpoint) -> list[str]:
+    """The command line that would start this node where it listens."""
+    port = str(endpoint.local_address[1])
+    if isinstance(options, ServerOptions):
+        return ["chatapp", "serve", port]
+    return ["chatapp", "join", options.name, options.server_ip, str(options.server_port), port]
+
+
+__all__ = [
+    "ClientOptions",
+    "Options",
+    "ServerOptions",
+    "StartupError",
+    "open_store",
+    "run_node",
+]

@@ -1,0 +1,100 @@
+"""What the client's and the server's state machines share: bytes in, effects out,
+and the pending requests, each governed by its row of the table of waits."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Generic, Protocol, TypeVar
+
+from chatapp.protocol.common import (
+    PLAIN,
+    Codec,
+    Effect,
+    Log,
+    Pending,
+    Received,
+    RetryQueue,
+    Send,
+    Timers,
+    bad_datagram,
+    dropped,
+)
+from chatapp.protocol.waits import Wait
+from chatapp.wire import Address, Message, WireError, fmt_addr, tag_of
+
+
+class Waiting(Protocol):
+    """What a machine keeps about a pending request: at least its row."""
+
+    @property
+    def kind(self) -> Wait: ...
+
+
+W = TypeVar("W", bound=Waiting)
+
+
+class Machine(Generic[W]):
+    """Every datagram enters through ``handle_datagram`` and every one that leaves is
+    made by ``send``: both go through ``codec``, the one place to change how messages
+    look on the wire. Answers and timeouts run the handlers that the pending request's
+    row names (``chatapp.protocol.waits``)."""
+
+    def __init__(self, timers: Timers, codec: Codec | None) -> None:
+        self.timers = timers
+        self.codec: Codec = codec if codec is not None else PLAIN
+        self._retry: RetryQueue[W] = RetryQueue()
+
+    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+        raise NotImplementedError
+
+    def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
+        """Check ``data`` before any rule sees it: a bad datagram is dropped and logged.
+        The first effect is always a ``Received``."""
+        try:
+            message = self.codec.decode(data)
+        except WireError as exc:
+            return [Received(None, str(exc)), bad_datagram(addr, exc)]
+        effects: list[Effect] = [Received(message)]
+        effects += self.handle_message(message, addr, now)
+        return effects
+
+    def send(self, message: Message, addr: Address) -> Send:
+        return Send(message, self.codec.encode(message), addr)
+
+    def next_deadline(self) -> float | None:
+        return self._retry.next_deadline()
+
+    # --- pending requests -------------------------------------------------------------
+
+    def _wait(self, key: Hashable, effect: Send, now: float, waiting: W) -> Send:
+        """Send ``effect`` and wait for its answer, as ``waiting``'s row says."""
+        rule = waiting.kind.rule
+        tries, timeout = rule.tries_for(self.timers), rule.timeout_for(self.timers)
+        return self._retry.start(key, effect, now, waiting, tries=tries, timeout=timeout)
+
+    def _answered(self, key: Hashable, message: Message, addr: Address, now: float) -> list[Effect]:
+        """``message`` ends the wait ``key`` if it came from where the request went and its
+        row takes it as an answer; the row names the handler."""
+        pending = self._retry.get(key)
+        if pending is None or pending.send.addr != addr:
+            late = f"{tag_of(message)} {message.id} from {fmt_addr(addr)}"
+            return [Log(f"ignored a late or unknown {late}", "debug")]
+        handler = pending.context.kind.rule.ended_by(message)
+        if handler is None:
+            return [dropped(message, addr, f"it does not answer a {pending.context.kind} wait")]
+        self._retry.end(key)
+        effects: list[Effect] = getattr(self, handler)(pending, message, now)
+        return effects
+
+    def _expired(self, now: float) -> list[Effect]:
+        """Send again what has tries left; run the give-up handler of the rest."""
+        resends, given_up = self._retry.expire(now)
+        effects: list[Effect] = list(resends)
+        for pending in given_up:
+            if self._may_give_up(pending):
+                effects += getattr(self, pending.context.kind.rule.on_give_up)(pending, now)
+        return effects
+
+    def _may_give_up(self, pending: Pending[W]) -> bool:
+        """Whether a wait that ran out still matters (a machine that exited: no)."""
+        return True

@@ -1,0 +1,197 @@
+"""Every wait for an answer, as one row of a table per role.
+
+Everything that decides the life of a pending request lives here (as h11's
+``_state.py`` keeps its transitions in one place): which message is waited
+on, which answers end the wait, how many tries it gets and how long each
+lasts, and which handler of the state machine runs on an answer, on a
+refusal and on giving up. The state machines look the row up; they never
+branch on the kind of a wait. The README's table of waits is made from these
+rows (``wait_table_markdown``; a test keeps the two the same), and the replay
+tool's checks take the tries, the timeouts and the answers from here.
+
+To add a wait: add a row to ``ClientWait`` or ``ServerWait`` and write the
+handlers it names on the state machine (a test checks that they exist).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+from chatapp import screen
+from chatapp.protocol.common import Timers
+from chatapp.wire import (
+    Ack,
+    ChannelDelivery,
+    ChannelPost,
+    Chat,
+    Deregister,
+    Lookup,
+    LookupResult,
+    Mailbox,
+    Message,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    Saved,
+    SaveMessage,
+    Table,
+    tag_of,
+)
+
+#: The tries and the timeout that the node is configured with (``--tries``, ``--ack-timeout``).
+TRIES: Literal["--tries"] = "--tries"
+ACK_TIMEOUT: Literal["--ack-timeout"] = "--ack-timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitRule:
+    """One kind of pending request: a row of the table."""
+
+    request: type[Message]  # the message sent, and sent again on each try
+    answers: tuple[type[Message], ...]  # the answers that end the wait (besides a refusal)
+    tries: int | Literal["--tries"]
+    timeout: float | Literal["--ack-timeout"]  # seconds per try
+    on_answer: str  # the state machine's handler for one of ``answers``
+    on_refusal: str | None  # ... for a ``refused`` (None: a refusal does not answer it)
+    on_give_up: str  # ... for the last try's timeout
+    what: str  # the README's name for the wait
+    gives_up: str  # the README's "when it runs out"
+
+    def tries_for(self, timers: Timers) -> int:
+        return timers.tries if self.tries == TRIES else self.tries
+
+    def timeout_for(self, timers: Timers) -> float:
+        return timers.ack_timeout if self.timeout == ACK_TIMEOUT else self.timeout
+
+    def ended_by(self, answer: Message) -> str | None:
+        """The handler that ``answer`` runs, or None if it does not answer this wait."""
+        if isinstance(answer, Refused):
+            return self.on_refusal
+        return self.on_answer if isinstance(answer, self.answers) else None
+
+
+class Wait(enum.Enum):
+    """A table of waits: the members of a subclass are its rows."""
+
+    _value_: WaitRule
+
+    @property
+    def rule(self) -> WaitRule:
+        return self._value_
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+def _code(line: str) -> str:
+    """``line`` as Markdown code (between two backticks when it holds one)."""
+    return f"`` {line} ``" if "`" in line else f"`{line}`"
+
+
+def _exits(*lines: str) -> str:
+    return ", ".join(_code(line) for line in lines) + ", exit 1"
+
+
+# A row: the request; the answers that end the wait; its tries and the timeout of each
+# try; the state machine's handlers on an answer, on a refusal and on giving up; how the
+# README names the wait and what happens when it runs out.
+
+
+class ClientWait(Wait):
+    JOIN = WaitRule(
+        Register, (Registered,), TRIES, ACK_TIMEOUT, "_joined", "_join_refused", "_join_lost",
+        "`register`", _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING))  # fmt: skip
+    DIRECT = WaitRule(
+        Chat, (Ack,), 1, ACK_TIMEOUT, "_direct_acked", "_refused", "_hand_to_server",
+        "direct `chat` to a peer", _code(screen.no_ack("NAME")) + ", then `save`")  # fmt: skip
+    SAVE = WaitRule(
+        SaveMessage, (Saved,), TRIES, ACK_TIMEOUT, "_saved", "_refused", "_save_lost",
+        "`save`", _exits(screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING))  # fmt: skip
+    DEREG = WaitRule(
+        Deregister, (Ack,), TRIES, ACK_TIMEOUT, "_deregistered", "_dereg_refused", "_dereg_lost",
+        "`dereg`", _exits(screen.SERVER_NOT_RESPONDING, screen.EXITING))  # fmt: skip
+    REG = WaitRule(
+        Reregister, (Ack,), TRIES, ACK_TIMEOUT, "_reregistered", "_reg_refused", "_reg_lost",
+        "`reg`", _code(screen.REG_NOT_ANSWERED) + "; the client stays offline")  # fmt: skip
+    CHANNEL = WaitRule(
+        ChannelPost, (Ack,), TRIES, ACK_TIMEOUT, "_posted", "_refused", "_post_lost",
+        "`send_all`", _code(screen.SERVER_NOT_RESPONDING_CHANNEL))  # fmt: skip
+    LOOKUP = WaitRule(
+        Lookup, (LookupResult,), TRIES, ACK_TIMEOUT, "_looked_up", "_refused", "_lookup_lost",
+        "`lookup` (a `send` to a name not in the table)",
+        _code(screen.lookup_not_answered("NAME")))  # fmt: skip
+
+
+_OFFLINE = "the client is marked offline"
+
+
+class ServerWait(Wait):
+    TABLE = WaitRule(
+        Table, (Ack,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
+        "server: `table` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+    MAILBOX = WaitRule(
+        Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_mailbox_acked", None, "_went_silent",
+        "server: `mailbox` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+    CHANNEL = WaitRule(
+        ChannelDelivery, (Ack,), 1, ACK_TIMEOUT, "_channel_delivered", None, "_channel_lost",
+        "server: `channel`",
+        f"{_OFFLINE}, the message stored, the table to the others")  # fmt: skip
+    DELIVER = WaitRule(
+        Chat, (Ack,), 1, ACK_TIMEOUT, "_delivered", None, "_undelivered",
+        "server: delivering a `save` itself (a `chat`)",
+        f"{_OFFLINE}, the message stored (`saved`: `stored`), the table to the others")  # fmt: skip
+    CLAIM = WaitRule(
+        Table, (Ack,), 1, ACK_TIMEOUT, "_holder_answered", None, "_holder_gone",
+        "server: a `table` to the holder of a name another address asks for",
+        "the holder is marked offline and the name goes to the other address"
+        " (if it answers: `refused`)")  # fmt: skip
+
+
+ROLES: dict[str, type[Wait]] = {"client": ClientWait, "server": ServerWait}
+
+
+def all_rules() -> list[WaitRule]:
+    return [wait.rule for table in ROLES.values() for wait in table]
+
+
+def answer_tags() -> frozenset[str]:
+    """The wire names of the messages that answer a request (sent again for each try of
+    it): they are not requests, and not retries."""
+    answers = {tag_of(answer) for rule in all_rules() for answer in rule.answers}
+    if any(rule.on_refusal for rule in all_rules()):
+        answers.add(tag_of(Refused))
+    return frozenset(answers)
+
+
+def tries_allowed(tag: str, timers: Timers) -> int:
+    """The most tries any wait gives a request named ``tag`` on the wire."""
+    tries = [rule.tries_for(timers) for rule in all_rules() if tag_of(rule.request) == tag]
+    return max(tries, default=timers.tries)
+
+
+def retry_interval(tag: str, timers: Timers) -> float:
+    """The time between two tries of a request named ``tag`` on the wire."""
+    timeouts = [rule.timeout_for(timers) for rule in all_rules() if tag_of(rule.request) == tag]
+    return max(timeouts, default=timers.ack_timeout)
+
+
+def longest_wait(timers: Timers) -> float:
+    """The longest any one wait lasts, all its tries included."""
+    return max(rule.tries_for(timers) * rule.timeout_for(timers) for rule in all_rules())
+
+
+_TIMES = "\u00d7"  # the multiplication sign
+
+
+def wait_table_markdown(timers: Timers = Timers()) -> str:
+    """The README's table of waits, made from the rows."""
+    lines = [f"| wait | tries {_TIMES} timeout | when it runs out |", "|---|---|---|"]
+    for rule in all_rules():
+        timeout_ms = round(rule.timeout_for(timers) * 1000)
+        lines.append(
+            f"| {rule.what} | {rule.tries_for(timers)} {_TIMES} {timeout_ms} ms | {rule.gives_up} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,348 @@
+"""Recorders: where a node reports what it does, and the ones that write traces.
+
+``NullRecorder`` when not tracing; ``JsonlRecorder`` writes a file without
+making the event loop wait on the disk; ``MemoryRecorder`` keeps the trace in
+memory (the replay records its run with it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import msgspec
+import trio
+
+from chatapp.protocol.changes import ClientRecord
+from chatapp.protocol.common import Received, Timers
+from chatapp.protocol.inputs import ClientInput
+from chatapp.trace.format import (
+    FORMAT,
+    VERSION,
+    Event,
+    Header,
+    Trace,
+    dump_line,
+    input_line,
+    raw_text,
+)
+from chatapp.wire import Address, Message, StoredItem, fmt_addr
+
+
+class Recorder(Protocol):
+    """Where a node reports what it does (``NullRecorder`` when not tracing)."""
+
+    def node_started(self, node: str, role: str, argv: list[str], local: Address) -> None:
+        return None
+
+    def sent(
+        self, node: str, local: Address, peer: Address, data: bytes, msg: Message | None
+    ) -> None:
+        """A datagram the node hands to the network (``msg``: the message it is, if any)."""
+        return None
+
+    def received(
+        self, node: str, local: Address, peer: Address, data: bytes, seen: Received
+    ) -> None:
+        """A datagram that arrived, and what the node made of it."""
+        return None
+
+    def typed(self, node: str, item: ClientInput) -> None:
+        return None
+
+    def shown(self, node: str, line: str) -> None:
+        return None
+
+    def node_exited(self, node: str, status: int) -> None:
+        return None
+
+    def restored(
+        self, node: str, clients: list[ClientRecord], mailbox: Mapping[str, list[StoredItem]]
+    ) -> None:
+        """What a server read from its database before it started."""
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class NullRecorder(Recorder):
+    """Records nothing."""
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """argv with the program's own path cut to its name: a trace is shared, a home
+    directory is not its business."""
+    if not argv:
+        return []
+    # An argument that is not UTF-8 arrives with surrogates that JSON cannot carry.
+    text = [arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for arg in argv]
+    return [os.path.basename(text[0]), *text[1:]]
+
+
+class TraceRecorder(Recorder):
+    """Builds the trace's records and hands each to ``sink``: a dict per line, or a
+    line already encoded (``bytes``, ending in a newline: a datagram's).
+
+    The header is handed over with the first event, so that a node recording
+    alone has its command line and address in it.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[dict[str, Any] | bytes], None],
+        *,
+        timers: Timers,
+        nodes: Mapping[str, Mapping[str, object]] | None = None,
+        started: float | None = None,
+        clock: str = "real",
+        source: str = "",
+        scenario: str = "",
+    ) -> None:
+        self._sink = sink
+        self._clock = trio.lowlevel.current_clock()  # the run's clock, as _t0 comes from
+        self._t0 = trio.current_time()
+        self._seq = 0
+        self._addresses: dict[Address, str] = {}  # "ip:port" of recent peers, made once
+        self.header: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "started": time.time() if started is None else started,
+            "timers": {"ack_timeout": timers.ack_timeout, "tries": timers.tries},
+            "nodes": {name: dict(info) for name, info in (nodes or {}).items()},
+            "clock": clock,
+        }
+        if source:
+            self.header["source"] = source
+        if scenario:
+            self.header["scenario"] = scenario
+        self._header_written = False
+
+    def _write_header(self) -> None:
+        self._header_written = True
+        self._sink(self.header)
+
+    def _event(self, node: str, ev: str, **fields: object) -> None:
+        if not self._header_written:
+            self._write_header()
+        self._seq += 1
+        t = round(trio.current_time() - self._t0, 6)
+        self._sink({"seq": self._seq, "t": t, "node": node, "ev": ev, **fields})
+
+    def node_started(self, node: str, role: str, argv: list[str], local: Address) -> None:
+        argv = public_argv(argv)
+        self.header["nodes"][node] = {"role": role, "argv": argv, "address": fmt_addr(local)}
+        self._event(node, "start", role=role, local=fmt_addr(local), argv=argv)
+
+    def sent(
+        self, node: str, local: Address, peer: Address, data: bytes, msg: Message | None
+    ) -> None:
+        self._datagram(node, "send", local, peer, data, msg, None)
+
+    def received(
+        self, node: str, local: Address, peer: Address, data: bytes, seen: Received
+    ) -> None:
+        self._datagram(node, "recv", local, peer, data, seen.message, seen.error)
+
+    def _datagram(
+        self,
+        node: str,
+        direction: str,
+        local: Address,
+        peer: Address,
+        data: bytes,
+        message: Message | None,
+        error: str | None,
+    ) -> None:
+        # Built as one struct that msgspec encodes with the message inside it: no dicts
+        # per datagram. A traced server spent more on building those dicts than on the
+        # datagram itself.
+        if not self._header_written:
+            self._write_header()
+        self._seq += 1
+        raw, raw_b64 = raw_text(data)
+        # To the microsecond, as round(t, 6) (which costs as much as the rest of the time
+        # stamp); the two differ at most in a tie's last digit.
+        t = int((self._clock.current_time() - self._t0) * 1e6 + 0.5) / 1e6
+        local_text, peer_text = self._address(local), self._address(peer)
+        line = _DatagramLine(
+            self._seq, t, node, direction, local_text, peer_text, message, error, raw, raw_b64
+        )
+        # Encoded here, not in a writer thread: the thread then needs the GIL only for a
+        # moment per write, instead of taking it from the event loop for every record.
+        self._sink(dump_line(line))
+
+    def _address(self, addr: Address) -> str:
+        text = self._addresses.get(addr)
+        if text is None:
+            if len(self._addresses) >= 4096:  # bounded: a server may hear from many peers
+                self._addresses.clear()
+            text = self._addresses[addr] = fmt_addr(addr)
+        return text
+
+    def typed(self, node: str, item: ClientInput) -> None:
+        self._event(node, "input", line=input_line(item))
+
+    def shown(self, node: str, line: str) -> None:
+        self._event(node, "show", line=line)
+
+    def node_exited(self, node: str, status: int) -> None:
+        self._event(node, "exit", status=status)
+
+    def restored(
+        self, node: str, clients: list[ClientRecord], mailbox: Mapping[str, list[StoredItem]]
+    ) -> None:
+        if not clients and not any(mailbox.values()):
+            return  # a fresh database: nothing to say
+        rows = [[r.name, r.addr[0], r.addr[1], r.token, r.presence.value] for r in clients]
+        boxes = {
+            name: [msgspec.to_builtins(item) for item in items]
+            for name, items in mailbox.items()
+            if items
+        }
+        self._event(node, "restore", clients=rows, mailbox=boxes)
+
+    def close(self) -> None:
+        if not self._header_written:
+            self._write_header()
+
+
+class _FileWriter:
+    """Writes lines to a file from a thread, so that the event loop never waits on the disk.
+
+    The event loop only appends a record to a deque; the thread wakes every
+    ``FLUSH_INTERVAL`` seconds, encodes what has gathered, and writes it. (Waking
+    the thread for each record, as a queue does, costs more than the record: the
+    two threads then trade the GIL on every datagram.) ``close`` (also run at
+    interpreter exit) writes what is pending, so a node stopped by Ctrl-C, or one that
+    crashed with an exception, loses none of its last events. Each batch is one
+    ``write`` to a file opened for appending, so several processes can record
+    into one file without tearing each other's lines.
+    """
+
+    #: Seconds between writes: what a SIGKILL may lose (any other exit loses nothing).
+    FLUSH_INTERVAL = 0.01
+
+    def __init__(self, path: str, *, append: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        self.path = path
+        self._fd = os.open(path, flags, 0o644)
+        self._pending: collections.deque[dict[str, Any] | bytes] = collections.deque()
+        self._closing = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="chatapp-trace", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def __call__(self, record: dict[str, Any] | bytes) -> None:
+        """Queue a record, or a line already encoded (``bytes``, ending in a newline)."""
+        if not self._closed:
+            self._pending.append(record)
+
+    def _run(self) -> None:
+        pending = self._pending
+        done = False
+        while not done:
+            done = self._closing.wait(self.FLUSH_INTERVAL)
+            batch = []
+            while pending:  # deque.popleft is atomic: the event loop may append meanwhile
+                batch.append(pending.popleft())
+            if not batch:
+                continue
+            lines = b"".join(
+                record if isinstance(record, bytes) else dump_line(record) for record in batch
+            )
+            try:
+                _write_all(self._fd, lines)
+            except OSError:
+                return  # a full disk must not stop the node; the trace just ends here
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._thread.join(timeout=10)
+        os.close(self._fd)
+        atexit.unregister(self.close)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class JsonlRecorder(TraceRecorder):
+    """A trace written to a JSONL file without blocking the event loop."""
+
+    def __init__(self, writer: _FileWriter, *, timers: Timers, **kwargs: Any) -> None:
+        super().__init__(writer, timers=timers, **kwargs)
+        self._writer = writer
+
+    @classmethod
+    def open(
+        cls, path: str, *, timers: Timers, append: bool = True, **kwargs: Any
+    ) -> JsonlRecorder:
+        """Record into ``path``. By default the file is appended to, so that several
+        nodes (processes) started with the same ``--trace`` file share it."""
+        return cls(_FileWriter(path, append=append), timers=timers, **kwargs)
+
+    @property
+    def path(self) -> str:
+        return self._writer.path
+
+    def close(self) -> None:
+        super().close()
+        self._writer.close()
+
+
+class _DatagramLine(msgspec.Struct, omit_defaults=True, gc=False):
+    """A send or recv event as ``TraceRecorder`` writes it (the fields of the format).
+    Encoded as soon as it is made, so never in a cycle: kept out of the GC's counts."""
+
+    seq: int
+    t: float
+    node: str
+    ev: str
+    local: str
+    peer: str
+    msg: Message | None = None
+    error: str | None = None
+    raw: str | None = None
+    raw_b64: str | None = None
+
+
+class MemoryRecorder(TraceRecorder):
+    """A trace kept in memory (replay); ``on_event`` is told of each event as it happens."""
+
+    def __init__(
+        self, *, timers: Timers, on_event: Callable[[Event], None] | None = None, **kwargs: Any
+    ) -> None:
+        self.events: list[Event] = []
+        self._on_event = on_event
+        super().__init__(self._keep, timers=timers, **kwargs)
+
+    def _keep(self, record: dict[str, Any] | bytes) -> None:
+        if isinstance(record, bytes):
+            event: Event = _event_decoder.decode(record)
+        elif "seq" in record:
+            event = msgspec.convert(record, Event)
+        else:
+            return  # the header: kept in ``self.header``
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def trace(self) -> Trace:
+        header = msgspec.convert(self.header, Header)
+        return Trace(header, list(self.events))
+
+
+_event_decoder = msgspec.json.Decoder(Event)

@@ -1,0 +1,35 @@
+"""A datagram in a few words, for timelines and reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def describe(msg: Mapping[str, Any] | None) -> str:
+    """A datagram in a few words, for timelines and diffs: ``table v2``, ``chat "hi"``."""
+    if not msg:
+        return "(undecodable)"
+    kind = str(msg.get("t", "?"))
+    if kind == "table":
+        return f"table v{msg.get('version')}"
+    if kind in ("chat", "channel", "send_all", "save"):
+        text = str(msg.get("text", ""))
+        if len(text) > 24:
+            text = text[:21] + "..."
+        to = f" to {msg['to']}" if kind == "save" else ""
+        return f'{kind}{to} "{text}"'
+    if kind == "mailbox":
+        return f"mailbox ({len(msg.get('items', []))} stored)"
+    if kind == "saved":
+        return f"saved ({msg.get('outcome')})"
+    if kind in ("register", "dereg", "reg", "lookup"):
+        return f"{kind} {msg.get('name', '')}".rstrip()
+    return kind
+
+
+def is_content(line: str) -> bool:
+    """Whether a shown line is a content line: what a person typed to another, as the
+    receiver shows it (``screen.chat``, ``screen.channel_message``), not a bracketed
+    status line."""
+    return " : " in line and not line.startswith("[")

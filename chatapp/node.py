@@ -85,8 +85,7 @@ class Node:
         self._receive_nowait: Callable[[], tuple[bytes, Address]] | None = (
             receive_nowait if self.store.durable else None
         )
-        self._timer_changed = trio.Event()
-        self._armed_deadline = math.inf
+        self._timer = trio.CancelScope()  # the timer task sleeps in it until its deadline
         self._cancel_scope: trio.CancelScope | None = None
 
     # --- running ------------------------------------------------------------------
@@ -171,23 +170,27 @@ class Node:
     async def _timer_loop(self) -> None:
         while True:
             deadline = self.protocol.next_deadline()
-            self._armed_deadline = math.inf if deadline is None else deadline
-            with trio.move_on_at(self._armed_deadline):
-                await self._timer_changed.wait()
-                self._timer_changed = trio.Event()
-                continue
+            self._timer = trio.CancelScope(deadline=math.inf if deadline is None else deadline)
+            with self._timer:
+                await trio.sleep_forever()
             await self._handle(self.protocol.handle_timer)
 
     async def _input_loop(self, inputs: trio.MemoryReceiveChannel[Input]) -> None:
-        client = self.protocol
-        assert isinstance(client, ClientProtocol)
         async with inputs:
             async for item in inputs:
-                self.recorder.typed(self.name, item)
-                if self.screen is not None and not isinstance(item, Signal):
-                    self.screen.typed()
-                await self._handle(client.handle_input, item)
-        await self._handle(client.handle_input, Signal.HANG_UP)
+                await self.take_input(item)
+        await self.take_input(Signal.HANG_UP)
+
+    async def take_input(self, item: Input) -> None:
+        """A client's input, handled now in the caller's task. The input channel comes
+        here; the terminal's input line calls it directly, so that a typed line goes out
+        without a trip through the scheduler (docs/terminal.md)."""
+        client = self.protocol
+        assert isinstance(client, ClientProtocol)
+        self.recorder.typed(self.name, item)
+        if self.screen is not None and not isinstance(item, Signal):
+            self.screen.typed()
+        await self._handle(client.handle_input, item)
 
     # --- carrying out effects ---------------------------------------------------------
 
@@ -231,8 +234,9 @@ class Node:
         if changes:
             await self._commit(changes)
         deadline = self.protocol.next_deadline()
-        if deadline is not None and deadline < self._armed_deadline:
-            self._timer_changed.set()
+        if deadline is not None and deadline < self._timer.deadline:
+            # moved, not woken: the timer task sleeps on until the new deadline
+            self._timer.deadline = deadline
 
     async def _commit(self, changes: list[Change]) -> bool:
         """Commit ``changes``; False if the database failed, and then nothing that depends

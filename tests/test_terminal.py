@@ -20,7 +20,6 @@ from chatapp.terminal import (
     Mode,
     history_path,
     open_history,
-    table_names,
     terminal_mode,
 )
 
@@ -102,13 +101,6 @@ def test_tab_completes_commands_then_names() -> None:
     assert completions("send user1 hel", names) == []  # the message is free text
     assert completions("send_all u", names) == []
     assert completions("", names) == sorted(COMMANDS)
-
-
-def test_the_completer_reads_a_copy_of_the_table() -> None:
-    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001)
-    assert table_names(client.table) == []
-    table = {"user2": None, "user1": None}
-    assert sorted(table_names(table)) == ["user1", "user2"]
 
 
 def shown(client: ClientProtocol, line: str) -> list[str]:

@@ -262,6 +262,7 @@ class InputLine:
         # After Enter: when the held output goes out and the history file is written,
         # unless the answer came first (a deadline, so that setting it wakes no task)
         self._after_enter = trio.CancelScope()
+        self._accepted: list[str] = []  # Enter was pressed on these: not drawn yet
         self._keys: list[KeyPress | str] = []  # str: characters typed, no key among them
         self._closed = False
         self._output.write(view.start())
@@ -289,13 +290,20 @@ class InputLine:
 
     # --- the node's screen ----------------------------------------------------------------
 
+    def _screen(self) -> View:
+        """The view, once the lines accepted since it last drew are drawn: as typed, each
+        on a line of its own (held: see Output)."""
+        while self._accepted:
+            self._output.hold(self._view.accept(self._accepted.pop(0)))
+        return self._view
+
     def show(self, line: str) -> None:
         if self._closed:  # the input line has ended
             with contextlib.suppress(OSError, ValueError):
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
             return
-        self._output.write(self._view.show(line, *self._editor.view()))
+        self._output.write(self._screen().show(line, *self._editor.view()))
 
     def typed(self) -> None:
         pass  # the typed line is on the screen already
@@ -306,7 +314,7 @@ class InputLine:
             return
         self._closed = True
         try:
-            self._output.write(self._view.finish(self._editor.text))
+            self._output.write(self._screen().finish(self._editor.text))
             self._output.close(CLOSE_SECONDS)
         finally:
             self._terminal.restore()
@@ -356,6 +364,7 @@ class InputLine:
                         self._keys += _typed_keys(text)  # nothing to parse
                     else:
                         parser.feed(text)
+                self._screen()
                 self._output.release()  # what was held goes before the echo of these keys
                 await self._handle_keys()
         except trio.ClosedResourceError:
@@ -372,12 +381,12 @@ class InputLine:
                 await self._act(outcome)
                 if self._closed:
                     return
-        self._output.write(self._view.draw(*self._editor.view()))
+        self._output.write(self._screen().draw(*self._editor.view()))
 
     async def _act(self, outcome: Outcome) -> None:
         if isinstance(outcome, Accepted):
-            # Held, not written: the line goes out before the terminal is woken (Output).
-            self._output.hold(self._view.accept(outcome.line))
+            # Drawn (and held) once the line has gone out: see _screen and Output.
+            self._accepted.append(outcome.line)
             await self._deliver(_typed_input(outcome))
             if outcome.remember:
                 self._to_remember.append(outcome.line)
@@ -386,15 +395,15 @@ class InputLine:
         elif isinstance(outcome, EndOfInput):
             await self._deliver(Signal.HANG_UP)
         elif isinstance(outcome, Choices):
-            self._output.write(self._view.choices(outcome.items, *self._editor.view()))
+            self._output.write(self._screen().choices(outcome.items, *self._editor.view()))
         else:
-            self._output.write(self._view.clear(*self._editor.view()))
+            self._output.write(self._screen().clear(*self._editor.view()))
 
     async def _follow_resizes(self) -> None:
         with trio.open_signal_receiver(signal.SIGWINCH) as resizes:
             async for _ in resizes:
                 width = self._terminal.columns()
-                self._output.write(self._view.resize(width, *self._editor.view()))
+                self._output.write(self._screen().resize(width, *self._editor.view()))
 
     # --- the history file -----------------------------------------------------------------
 
@@ -415,6 +424,7 @@ class InputLine:
             self._after_enter = trio.CancelScope()
             with self._after_enter:
                 await trio.sleep_forever()
+            self._screen()
             self._output.release()
             lines, self._to_remember = self._to_remember, []
             if lines:

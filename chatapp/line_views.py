@@ -66,6 +66,14 @@ def layout(prompt: str, text: str, cursor: int, width: int) -> tuple[str, int, i
     return "".join(parts), cursor_row, cursor_column, row, column
 
 
+def _shared_start(one: str, other: str) -> int:
+    """How many characters ``one`` and ``other`` begin with alike."""
+    for index, (a, b) in enumerate(zip(one, other, strict=False)):
+        if a != b:
+            return index
+    return min(len(one), len(other))
+
+
 def _up(rows: int) -> str:
     return f"\x1b[{rows}A" if rows > 0 else ""
 
@@ -171,10 +179,10 @@ class DumbView:
         if line is None or new == line:
             return ""
         self._line = new
-        if new.startswith(line):
-            return new[len(line) :]
-        if line.startswith(new):
-            return "\b \b" * (len(line) - len(new))
+        kept = _shared_start(line, new)
+        if kept >= len(screen.PROMPT) and (len(line) - 1) // self.width == kept // self.width:
+            # what changed is on the last row: rubbed out, and written again
+            return "\b \b" * (len(line) - kept) + new[kept:]
         return "\n" + new
 
     def accept(self, text: str) -> str:

@@ -1,14 +1,17 @@
 """The Trio layer: runs a protocol state machine against an endpoint.
 
 One nursery per node runs its receive task, its timer task and (for a
-client) its input task. Every handler call and the effects it returns are
+client) its input task; the terminal's input line hands typed lines to
+``take_input`` from its own task instead. Every handler call and the effects it returns are
 carried out under one lock, so effects leave in the order the state machine
 produced them, and a change (``chatapp.protocol.changes``) is committed before
 anything after it is sent.
 
-The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
-earliest ACK deadline the state machine has: every retry and give-up of every
-pending request is driven from there.
+The timer task sleeps in a cancel scope whose deadline is the earliest ACK
+deadline the state machine has: every retry and give-up of every pending
+request is driven from there. A request that needs an earlier deadline moves
+the scope's deadline rather than waking the task (a wake would cost CPU just
+as the request's datagram leaves).
 """
 
 from __future__ import annotations

@@ -201,9 +201,14 @@ def decode(data: bytes) -> Message:
         raise WireError(f"datagram of {len(data)} bytes is over the {MAX_DATAGRAM}-byte limit")
     try:
         message: Message = _decoder.decode(data)
-        return message
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None
+    except RecursionError:
+        # msgspec bounds nesting by Python's recursion limit: JSON nested that deep (a
+        # value it skips while it looks for the tag) is no message of ours, whose deepest
+        # field is four levels down.
+        raise WireError("JSON nested too deeply") from None
+    return message
 
 
 def tag_of(message_type: type[Message] | Message) -> str:

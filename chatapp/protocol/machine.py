@@ -43,6 +43,9 @@ class Machine(Generic[W]):
         self.timers = timers
         self.codec: Codec = codec if codec is not None else PLAIN
         self._retry: RetryQueue[W] = RetryQueue()
+        #: Datagrams dropped because they did not decode (the log lines about them are
+        #: rate-limited; this count is not).
+        self.undecodable = 0
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         raise NotImplementedError
@@ -52,8 +55,13 @@ class Machine(Generic[W]):
         The first effect is always a ``Received``."""
         try:
             message = self.codec.decode(data)
-        except WireError as exc:
-            return [Received(None, str(exc)), bad_datagram(addr, exc)]
+        except Exception as exc:
+            # Decoding is total: whatever the bytes (and whatever a codec's own checks
+            # miss: a limit such as RecursionError or MemoryError, a bug), the datagram is
+            # dropped here and nothing else happens.
+            self.undecodable += 1
+            error = exc if isinstance(exc, WireError) else WireError(_unexpected(exc))
+            return [Received(None, str(error)), bad_datagram(addr, error)]
         effects: list[Effect] = [Received(message)]
         effects += self.handle_message(message, addr, now)
         return effects
@@ -98,3 +106,7 @@ class Machine(Generic[W]):
     def _may_give_up(self, pending: Pending[W]) -> bool:
         """Whether a wait that ran out still matters (a machine that exited: no)."""
         return True
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"undecodable ({type(exc).__name__}: {exc})"[:200]

@@ -8,6 +8,7 @@ in-memory network of ``chatapp.testing`` is the other.
 from __future__ import annotations
 
 import socket as _stdlib_socket
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -16,8 +17,12 @@ from chatapp.wire import MAX_DATAGRAM, Address
 
 #: Read buffer: larger than any datagram we accept, so oversized ones are seen whole and dropped.
 RECEIVE_BUFFER = 65536
-#: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF).
-RECEIVE_SOCKET_BUFFER = 4 * 1024 * 1024
+#: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF): asked
+#: for, and granted up to the kernel's limit (Linux: net.core.rmem_max).
+RECEIVE_SOCKET_BUFFER = 8 * 1024 * 1024
+
+#: ``admit(data, source, now)``: whether a datagram just read is handled or dropped.
+Admit = Callable[[bytes, Address, float], bool]
 
 
 class Endpoint(Protocol):
@@ -49,15 +54,19 @@ class UdpEndpoint:
         self._raw = raw
         host, port = sock.getsockname()[:2]
         self._local: Address = (host, port)
+        #: What the kernel granted for SO_RCVBUF (Linux reports twice what it counts as
+        #: room for data, for its own bookkeeping).
+        self.receive_buffer: int = sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF)
 
     @classmethod
     async def bind(cls, host: str, port: int) -> UdpEndpoint:
         raw = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_DGRAM)
         sock = trio.socket.from_stdlib_socket(raw)
         try:
-            # A fan-out to a thousand clients brings a thousand ACKs back at once: with the
-            # default buffer (~200 datagrams) the kernel drops most of them and the server
-            # marks live clients offline. The kernel caps this at net.core.rmem_max.
+            # A fan-out to a thousand clients brings a thousand ACKs back at once, and a
+            # flood from one sender should not push others' datagrams out: with the
+            # default buffer (~200 datagrams) the kernel drops most of them. The kernel
+            # caps this at net.core.rmem_max (what an operator can raise).
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
             await sock.bind((host, port))
         except BaseException:
@@ -103,6 +112,39 @@ class UdpEndpoint:
             # datagrams cannot starve the node's timer and input tasks.
             await trio.lowlevel.checkpoint()
         return data, (addr[0], addr[1])
+
+    async def receive_batch(self, admit: Admit, limit: int) -> list[tuple[bytes, Address]]:
+        """Wait until a datagram is queued, then read up to ``limit`` of those queued
+        without waiting again, keeping those that ``admit`` takes: a flood is dropped as
+        fast as the system call returns, and the caller yields once per batch (so that
+        timers and input still run). May return none (all dropped)."""
+        raw = self._raw
+        if raw is None or raw.fileno() == -1:
+            data, addr = await self.receive()
+            return [(data, addr)] if admit(data, addr, trio.current_time()) else []
+        batch: list[tuple[bytes, Address]] = []
+        now = trio.current_time()
+        waited = False
+        read = 0
+        while read < limit:
+            try:
+                data, addr = raw.recvfrom(RECEIVE_BUFFER)
+            except BlockingIOError:
+                if read:
+                    break
+                await trio.lowlevel.wait_readable(raw)
+                waited = True
+                now = trio.current_time()
+                continue
+            except OSError:  # e.g. an ICMP "port unreachable" reported on a later read
+                read += 1
+                continue
+            read += 1
+            if admit(data, addr, now):
+                batch.append((data, addr))
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return batch
 
     def receive_nowait(self) -> tuple[bytes, Address]:
         """A datagram that is already queued, without waiting; ``trio.WouldBlock`` if none."""

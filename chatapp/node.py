@@ -13,6 +13,7 @@ pending request is driven from there.
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import time
@@ -22,7 +23,8 @@ from typing import ClassVar, Protocol, TextIO
 import trio
 
 from chatapp import screen
-from chatapp.net import Endpoint
+from chatapp.net import Admit, Endpoint
+from chatapp.protocol.admission import Admission
 from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
@@ -116,7 +118,7 @@ class LogSink:
     def __call__(self, entry: Log) -> None:
         if self._out is None or self.LEVELS.get(entry.level, 20) < self._threshold:
             return
-        if entry.level == "warning" and not self._admit():
+        if entry.level == "warning" and not entry.summary and not self._admit():
             return
         second = int(time.time())
         if second != self._stamp_second:  # strftime once a second, not once per line
@@ -124,7 +126,7 @@ class LogSink:
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         stamp = self._stamp
         suffix = ""
-        if self.suppressed and entry.level == "warning":
+        if self.suppressed and entry.level == "warning" and not entry.summary:
             suffix = f" ({self.suppressed} similar lines suppressed)"
             self.suppressed = 0
         try:
@@ -158,12 +160,18 @@ class LogSink:
 AnyProtocol = ClientProtocol | ServerProtocol
 
 
+def _admit_all(data: bytes, addr: Address, now: float) -> bool:
+    return True
+
+
 class Node:
     """One client or server: a state machine, an endpoint, and the tasks that drive them."""
 
     #: Most datagrams handled under one commit: bounds how long the first one's answer
     #: waits for the others' handling.
     GROUP_COMMIT_LIMIT = 64
+    #: Most datagrams read from the socket between two turns of the other tasks.
+    RECEIVE_BATCH = 256
 
     def __init__(
         self,
@@ -175,7 +183,9 @@ class Node:
         log: Callable[[Log], None] | None = None,
         recorder: Recorder | None = None,
         store: Store | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        """``admission`` decides, before decoding, which datagrams are handled at all."""
         self.name = name
         self.protocol = protocol
         self.endpoint = endpoint
@@ -183,6 +193,8 @@ class Node:
         self.log = log or (lambda entry: None)
         self.recorder = recorder or NullRecorder()
         self.store: Store = store or MemoryStore()
+        self.admission = admission
+        self._admit: Admit = admission.admit if admission is not None else _admit_all
         self.exit_status: int | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
@@ -191,6 +203,8 @@ class Node:
         self._receive_nowait: Callable[[], tuple[bytes, Address]] | None = (
             receive_nowait if self.store.durable else None
         )
+        #: Datagrams read and admitted, not yet handled.
+        self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -229,14 +243,31 @@ class Node:
             self._cancel_scope.cancel()
 
     async def _receive_loop(self) -> None:
+        receive_batch = getattr(self.endpoint, "receive_batch", None)
         while True:
-            try:
-                data, addr = await self.endpoint.receive()
-            except OSError as exc:
-                # e.g. an ICMP "port unreachable" reported on a later read: not fatal
-                self.log(Log(f"receive failed: {exc}", "debug"))
-                continue
-            await self._handle(self._take_first, data, addr)
+            if receive_batch is not None:
+                batch = await receive_batch(self._admit, self.RECEIVE_BATCH)
+            else:
+                batch = await self._receive_one()
+            queued = self._queued
+            queued.extend(batch)
+            while queued:  # group commit (``_gather``) may take some of them first
+                data, addr = queued.popleft()
+                await self._handle(self._take_first, data, addr)
+            if self.admission is not None and self.admission.dropped:
+                line = self.admission.report(trio.current_time())
+                if line is not None:
+                    self.log(Log(line, "warning", summary=True))
+
+    async def _receive_one(self) -> list[tuple[bytes, Address]]:
+        """From an endpoint that reads one datagram at a time (the in-memory network)."""
+        try:
+            data, addr = await self.endpoint.receive()
+        except OSError as exc:
+            # e.g. an ICMP "port unreachable" reported on a later read: not fatal
+            self.log(Log(f"receive failed: {exc}", "debug"))
+            return []
+        return [(data, addr)] if self._admit(data, addr, trio.current_time()) else []
 
     def _take_first(self, data: bytes, addr: Address, now: float) -> list[Effect]:
         effects = self._take(data, addr, now)
@@ -261,15 +292,22 @@ class Node:
         is the point (the disk, not the protocol, limits a durable server)."""
         assert self._receive_nowait is not None
         gathered = list(effects)
-        handled = 1
-        while handled < self.GROUP_COMMIT_LIMIT:
-            try:
-                data, addr = self._receive_nowait()
-            except (trio.WouldBlock, OSError):
-                break
-            gathered += self._take(data, addr, trio.current_time())
-            handled += 1
-        if handled == 1:
+        read = taken = 1
+        now = trio.current_time()
+        while read < self.GROUP_COMMIT_LIMIT:
+            read += 1
+            if self._queued:
+                data, addr = self._queued.popleft()  # read and admitted already
+            else:
+                try:
+                    data, addr = self._receive_nowait()
+                except (trio.WouldBlock, OSError):
+                    break
+                if not self._admit(data, addr, now):
+                    continue
+            gathered += self._take(data, addr, now)
+            taken += 1
+        if taken == 1:
             return effects
         changes: list[Effect] = [e for e in gathered if isinstance(e, Change)]
         return changes + [e for e in gathered if not isinstance(e, Change)]

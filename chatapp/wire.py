@@ -211,6 +211,19 @@ def decode(data: bytes) -> Message:
     return message
 
 
+_REGISTRATION_TAG = b'"register"'
+_ESCAPE = b"\\u"
+
+
+def may_be_registration(data: bytes) -> bool:
+    """Whether ``data`` could be a ``register``, judged before decoding and cheaply (two
+    searches in C). Never wrong about a registration: its tag is a JSON string wherever
+    it stands, written plainly (inside another string the quotes would be escaped) or
+    with ``\\u`` escapes. Seldom wrong the other way: a name ``register``, or a text
+    with a control character, in some other message."""
+    return _REGISTRATION_TAG in data or _ESCAPE in data
+
+
 def tag_of(message_type: type[Message] | Message) -> str:
     """A message type's name on the wire (its ``t``: ``chat``, ``ack``, ...)."""
     cls = message_type if isinstance(message_type, type) else type(message_type)

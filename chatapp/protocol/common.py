@@ -41,6 +41,9 @@ class Log:
 
     text: str
     level: str = "info"  # "info" | "debug" | "warning"
+    #: Limited at its source already (a summary at most once a second): the log's own
+    #: limit on warnings, which would hide it in the flood it sums up, does not apply.
+    summary: bool = False
 
 
 @dataclass(frozen=True, slots=True)

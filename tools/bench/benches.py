@@ -395,9 +395,9 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     echo_worker = stack.enter_context(Worker("echo"))
     started = stack.enter_context(
         chatapp_servers(
-            {"mailbox_limit": limit},
-            {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
-            {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
+            {"mailbox_limit": limit, "unlimited": True},
+            {"mailbox_limit": limit, "unlimited": True, "trace": str(scratch / "trace.jsonl")},
+            {"mailbox_limit": limit, "unlimited": True, "db": str(scratch / "server.sqlite3")},
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))

@@ -205,6 +205,7 @@ class Node:
         )
         #: Datagrams read and admitted, not yet handled.
         self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._store_trouble: str | None = None  # why the last commit failed, if it did
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -349,18 +350,13 @@ class Node:
             self._lock.release()
 
     async def _apply_locked(self, effects: list[Effect]) -> None:
-        changes: list[Change] = []
+        # One transaction for every change of the handling, before anything it sends: a
+        # channel message stored for a hundred offline clients is one commit, and no
+        # answer leaves before the change it reports is on disk.
+        changes = [effect for effect in effects if isinstance(effect, Change)]
+        if changes and not await self._commit(changes):
+            effects = self._roll_back()
         for effect in effects:
-            if isinstance(effect, Change):
-                changes.append(effect)
-                continue
-            # Log lines leave nothing outside the node: one transaction covers every change
-            # up to the next datagram or screen line (a channel message stored for a hundred
-            # offline clients is one commit, not a hundred).
-            if changes and not isinstance(effect, Log):
-                if not await self._commit(changes):
-                    break
-                changes = []
             if isinstance(effect, Send):
                 await self._send(effect)
             elif isinstance(effect, Show):
@@ -372,26 +368,39 @@ class Node:
             elif isinstance(effect, Exit):
                 self.exit_status = effect.status
                 self.stop()
-        if changes:
-            await self._commit(changes)
+        self.protocol.checkpoint()
         deadline = self.protocol.next_deadline()
         if deadline is not None and deadline < self._armed_deadline:
             self._timer_changed.set()
 
     async def _commit(self, changes: list[Change]) -> bool:
-        """Commit ``changes``; False if the database failed, and then nothing that depends
-        on them (an ACK above all) may leave: the sender retries, or is told it failed."""
+        """Commit ``changes``; False if the database failed."""
         try:
             await self.store.commit(changes)
         except Exception as exc:  # sqlite3.Error, OSError (disk full): any failure to persist
-            self.log(
-                Log(
-                    f"database write failed ({exc}): the answers that needed it were held back",
-                    "warning",
-                )
-            )
+            reason = str(exc) or type(exc).__name__
+            line = f"database write failed: {reason}. Nothing that needed it was acknowledged"
+            # A new reason is always said; the same one again is a warning like any other.
+            self.log(Log(line, "warning", summary=reason != self._store_trouble))
+            self._store_trouble = reason
             return False
+        if self._store_trouble is not None:
+            self._store_trouble = None
+            self.log(Log("database writes work again"))
         return True
+
+    def _roll_back(self) -> list[Effect]:
+        """After a failed commit: none of the handling's effects leave, and the server's
+        state machine goes back to what the database holds (only a server has changes)."""
+        protocol = self.protocol
+        assert isinstance(protocol, ServerProtocol)
+        try:
+            clients, mailbox = self.store.load()
+        except Exception as exc:  # a database that can be neither written nor read
+            self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
+            self.stop()
+            return []
+        return protocol.rollback(clients, mailbox, trio.current_time())
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address

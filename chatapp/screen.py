@@ -68,6 +68,7 @@ STILL_JOINING = "[Still waiting for the server to accept the registration. Try a
 BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
 REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
 EMPTY_TABLE = "[The client table is empty.]"
+CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; try again later.]"
 
 
 def unknown_command(word: str) -> str:

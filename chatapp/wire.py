@@ -91,11 +91,14 @@ class Registered(_Message, tag="registered", frozen=True):
     token: Token
 
 
-class Refused(_Message, tag="refused", frozen=True):
-    """Answer to any request the server will not carry out; ``reason`` is for people."""
+class Refused(_Message, tag="refused", frozen=True, omit_defaults=True):
+    """Answer to any request the server will not carry out; ``reason`` is for people.
+    ``cause`` ``storage``: the server could not store the change the request asked for
+    (its database failed); nothing was done, and the same request may succeed later."""
 
     id: MsgId
     reason: Annotated[str, msgspec.Meta(max_length=512)]
+    cause: Literal["storage"] | None = None
 
 
 class Saved(_Message, tag="saved", frozen=True):

@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import test_durability
 import test_protocol_client
 import test_virtual
 from _harness import first_only
@@ -856,10 +857,14 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         ),
     ),
     "bad_input": ("test_a_client_node_on_a_terminal", ("not UTF-8",)),
+    "CANNOT_STORE": (
+        "test_while_the_database_fails_no_one_is_told_done_and_nothing_half_happens",
+        (),
+    ),
 }
 
 #: The modules whose tests SCREEN_COVERAGE names.
-_COVERING_MODULES = (test_protocol_client, test_virtual)
+_COVERING_MODULES = (test_protocol_client, test_virtual, test_durability)
 
 
 def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:

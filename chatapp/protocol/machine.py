@@ -46,6 +46,7 @@ class Machine(Generic[W]):
         #: Datagrams dropped because they did not decode (the log lines about them are
         #: rate-limited; this count is not).
         self.undecodable = 0
+        self._started: list[Hashable] = []  # waits started since the last checkpoint
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         raise NotImplementedError
@@ -72,12 +73,23 @@ class Machine(Generic[W]):
     def next_deadline(self) -> float | None:
         return self._retry.next_deadline()
 
+    def checkpoint(self) -> None:
+        """Everything handled so far stands: the runtime carried out its effects (and
+        committed its changes). A rollback goes back to here."""
+        self._started.clear()
+
+    def _end_waits_since_checkpoint(self) -> None:
+        for key in self._started:
+            self._retry.end(key)
+        self._started.clear()
+
     # --- pending requests -------------------------------------------------------------
 
     def _wait(self, key: Hashable, effect: Send, now: float, waiting: W) -> Send:
         """Send ``effect`` and wait for its answer, as ``waiting``'s row says."""
         rule = waiting.kind.rule
         tries, timeout = rule.tries_for(self.timers), rule.timeout_for(self.timers)
+        self._started.append(key)
         return self._retry.start(key, effect, now, waiting, tries=tries, timeout=timeout)
 
     def _answered(self, key: Hashable, message: Message, addr: Address, now: float) -> list[Effect]:

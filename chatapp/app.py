@@ -100,24 +100,31 @@ async def _stop_on_signals(
 
 
 async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
-    """Lines from standard input. Read with os.read in a thread: the terminal stays
-    blocking (so stdout does too), and no Python-level lock is held at exit."""
+    """Lines from standard input, until its end or until the node stops taking them (it
+    exited with lines still unread: ``exit`` in the middle of a piped script)."""
     async with inputs:
-        pending = b""
-        while True:
-            chunk = await trio.to_thread.run_sync(_read_fd0, abandon_on_cancel=True)
-            if not chunk:
-                if pending:
-                    await inputs.send(_decode_line(pending))
-                await inputs.send(Signal.HANG_UP)
-                return
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                await inputs.send(_decode_line(line))
-            if len(pending) > MAX_LINE_BYTES:
-                await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))
-                pending = await _after_this_line()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await _send_lines(inputs)
+
+
+async def _send_lines(inputs: trio.MemorySendChannel[Input]) -> None:
+    """Read with os.read in a thread: the terminal stays blocking (so stdout does too),
+    and no Python-level lock is held at exit."""
+    pending = b""
+    while True:
+        chunk = await trio.to_thread.run_sync(_read_fd0, abandon_on_cancel=True)
+        if not chunk:
+            if pending:
+                await inputs.send(_decode_line(pending))
+            await inputs.send(Signal.HANG_UP)
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            await inputs.send(_decode_line(line))
+        if len(pending) > MAX_LINE_BYTES:
+            await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))
+            pending = await _after_this_line()
 
 
 async def _after_this_line() -> bytes:

@@ -206,6 +206,7 @@ class Node:
         #: Datagrams read and admitted, not yet handled.
         self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
         self._store_trouble: str | None = None  # why the last commit failed, if it did
+        self._trace_failure_said = False
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -369,9 +370,19 @@ class Node:
                 self.exit_status = effect.status
                 self.stop()
         self.protocol.checkpoint()
+        if not self._trace_failure_said and (why := self.recorder.failure()) is not None:
+            self._say_trace_stopped(why)
         deadline = self.protocol.next_deadline()
         if deadline is not None and deadline < self._armed_deadline:
             self._timer_changed.set()
+
+    def _say_trace_stopped(self, why: str) -> None:
+        """Once: the trace file could not be written (the node itself goes on)."""
+        self._trace_failure_said = True
+        if self.screen is not None:
+            self.screen.show(screen.trace_stopped(why))
+        else:
+            self.log(Log(f"trace not written ({why}): recording stopped", "warning", True))
 
     async def _commit(self, changes: list[Change]) -> bool:
         """Commit ``changes``; False if the database failed."""

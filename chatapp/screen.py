@@ -117,5 +117,9 @@ def table_lines(rows: Iterable[tuple[str, str, int, bool]]) -> list[str]:
     return lines or [EMPTY_TABLE]
 
 
+def trace_stopped(reason: str) -> str:
+    return f"[The trace could not be written ({reason}). Recording stopped; the chat goes on.]"
+
+
 def bad_input(detail: str) -> str:
     return f"[Could not read that line: {detail}. Nothing was sent.]"

@@ -316,3 +316,26 @@ def test_a_client_record_saved_before_a_failure_is_what_the_server_goes_back_to(
     server.handle_message(Register("r3", "user1", X[1]), X, 0.0)  # user1 again: a new token
     server.rollback(*store.load(), 0.0)
     assert {name: c.token for name, c in server.clients.items()} == {"user1": "t1"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["wrong-typed row", "another application"])
+def test_chatapp_serve_refuses_such_a_file_in_one_line(tmp_path: Path, kind: str) -> None:
+    from _harness import Proc, chatapp_env, free_udp_ports, serve_args
+
+    path = tmp_path / "db.sqlite3"
+    if kind == "wrong-typed row":
+        SqliteStore(str(path)).close()
+        statement = "INSERT INTO mailbox VALUES (1, 'user1', 'm1', 'direct', 'user2', 'hi', 'x')"
+    else:
+        statement = "CREATE TABLE notes (body TEXT)"
+    db = sqlite3.connect(path)
+    db.execute(statement)
+    db.commit()
+    db.close()
+    (port,) = free_udp_ports(1)
+    server = Proc(serve_args(port, db=path), chatapp_env(tmp_path))
+    assert server.popen.wait(20) == 1
+    server.stop()
+    assert server.lines() == [server.lines()[0]] and "listening" not in server.output
+    assert server.lines()[0].startswith(f"chatapp: error: cannot open the database {path}: ")

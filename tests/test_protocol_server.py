@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import test_clean_ends
 import test_durability
 import test_protocol_client
 import test_virtual
@@ -857,6 +858,10 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         ),
     ),
     "bad_input": ("test_a_client_node_on_a_terminal", ("not UTF-8",)),
+    "trace_stopped": (
+        "test_a_trace_on_a_full_disk_gets_one_line_and_the_chat_goes_on",
+        ("No space left on device",),
+    ),
     "CANNOT_STORE": (
         "test_while_the_database_fails_no_one_is_told_done_and_nothing_half_happens",
         (),
@@ -864,7 +869,7 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
 }
 
 #: The modules whose tests SCREEN_COVERAGE names.
-_COVERING_MODULES = (test_protocol_client, test_virtual, test_durability)
+_COVERING_MODULES = (test_protocol_client, test_virtual, test_durability, test_clean_ends)
 
 
 def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:

@@ -18,8 +18,10 @@ from chatapp.wire import MAX_DATAGRAM, Address
 #: Read buffer: larger than any datagram we accept, so oversized ones are seen whole and dropped.
 RECEIVE_BUFFER = 65536
 #: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF): asked
-#: for, and granted up to the kernel's limit (Linux: net.core.rmem_max).
-RECEIVE_SOCKET_BUFFER = 8 * 1024 * 1024
+#: for, and granted up to the kernel's limit (Linux: net.core.rmem_max) unless the process
+#: may go past it (SO_RCVBUFFORCE, with CAP_NET_ADMIN). A flood is drained at a few
+#: microseconds a datagram, so even a full buffer is a short wait for the others.
+RECEIVE_SOCKET_BUFFER = 16 * 1024 * 1024
 
 #: ``admit(data, source, now)``: whether a datagram just read is handled or dropped.
 Admit = Callable[[bytes, Address, float], bool]
@@ -67,7 +69,7 @@ class UdpEndpoint:
             # flood from one sender should not push others' datagrams out: with the
             # default buffer (~200 datagrams) the kernel drops most of them. The kernel
             # caps this at net.core.rmem_max (what an operator can raise).
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
+            _ask_for_receive_buffer(raw)
             await sock.bind((host, port))
         except BaseException:
             sock.close()
@@ -159,6 +161,17 @@ class UdpEndpoint:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _ask_for_receive_buffer(raw: _stdlib_socket.socket) -> None:
+    force = getattr(_stdlib_socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            raw.setsockopt(_stdlib_socket.SOL_SOCKET, force, RECEIVE_SOCKET_BUFFER)
+            return
+        except OSError:  # not allowed: as much as net.core.rmem_max allows
+            pass
+    raw.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
 
 
 class UdpNetwork:

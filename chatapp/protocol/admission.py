@@ -27,10 +27,11 @@ class Limits:
     #: unasked in bursts is ACKs (of table parts, mailbox batches, channel messages).
     per_address_rate: float = 500.0
     per_address_burst: float = 1000.0
-    #: Registrations per source IP: 400 at once (a class of 200 joining, each with a
-    #: retry), then 400 a minute.
-    registrations_per_ip_rate: float = 400 / 60
-    registrations_per_ip_burst: float = 400.0
+    #: Registrations per source IP: 250 at once (a class of 200 joining together, and
+    #: room for retries), then 250 a minute. Each costs every online client a table, so
+    #: this also bounds how long a storm of them keeps the server busy.
+    registrations_per_ip_rate: float = 250 / 60
+    registrations_per_ip_burst: float = 250.0
     #: Sources remembered; past that the oldest is forgotten (and starts again full).
     tracked_sources: int = 65536
 

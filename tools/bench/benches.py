@@ -47,6 +47,7 @@ from chatapp.wire import (
     encode,
 )
 
+from .flood import bench_flood
 from .loadgen import (
     HOST,
     LoadResult,
@@ -94,9 +95,11 @@ class Sizes:
     mailbox_messages: int
     rounds: int  # capacity: the loads take turns this many times; the best round counts
     bursts: int  # capacity: bursts of BURST saves per round (the saturated figures)
+    flood_junk: int  # flood: junk datagrams from one address
+    flood_registrations: int  # flood: registrations from one address
 
 
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1)
+TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, 20_000, 1_000)
 QUICK = Sizes(
     300,
     0.5,
@@ -108,6 +111,8 @@ QUICK = Sizes(
     10_000,
     2,
     4,
+    200_000,
+    5_000,
 )
 FULL = Sizes(
     2000,
@@ -120,6 +125,8 @@ FULL = Sizes(
     10_000,
     3,
     15,
+    1_000_000,
+    20_000,
 )
 
 
@@ -909,6 +916,12 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_floods(sizes: Sizes) -> list[Figure]:
+    with _scratch() as scratch:
+        short = sizes.flood_junk < 100_000
+        return bench_flood(sizes.flood_junk, sizes.flood_registrations, scratch, short=short)
+
+
 BENCHMARKS = {
     "rtt": bench_round_trip,
     "capacity": bench_capacity,
@@ -916,4 +929,5 @@ BENCHMARKS = {
     "memory": bench_memory,
     "mailbox": bench_mailbox,
     "replay": bench_replay,
+    "flood": bench_floods,
 }

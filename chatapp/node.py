@@ -3,8 +3,13 @@
 One nursery per node runs its receive task, its timer task and (for a
 client) its input task. Every handler call and the effects it returns are
 carried out under one lock, so effects leave in the order the state machine
-produced them, and a change (``chatapp.protocol.changes``) is committed before
-anything after it is sent.
+produced them, and the changes (``chatapp.protocol.changes``) of a handling are
+committed, in one transaction, before anything of it is sent. If the commit fails,
+nothing of it is sent and the server's state machine rolls back to what the
+database holds.
+
+The receive task reads the socket in batches and asks the node's admission policy
+(``chatapp.protocol.admission``) about each datagram before it is decoded.
 
 The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
 earliest ACK deadline the state machine has: every retry and give-up of every
@@ -294,7 +299,7 @@ class Node:
         is the point (the disk, not the protocol, limits a durable server)."""
         assert self._receive_nowait is not None
         gathered = list(effects)
-        read = taken = 1
+        read = 1
         now = trio.current_time()
         while read < self.GROUP_COMMIT_LIMIT:
             read += 1
@@ -308,11 +313,7 @@ class Node:
                 if not self._admit(data, addr, now):
                     continue
             gathered += self._take(data, addr, now)
-            taken += 1
-        if taken == 1:
-            return effects
-        changes: list[Effect] = [e for e in gathered if isinstance(e, Change)]
-        return changes + [e for e in gathered if not isinstance(e, Change)]
+        return gathered  # their changes are committed first, together (``_apply_locked``)
 
     async def _timer_loop(self) -> None:
         while True:

@@ -174,7 +174,7 @@ def test_a_full_disk_never_loses_a_message_the_sender_was_told_was_stored(
         # ...and a direct message, handed to the server after no ACK.
         sent.append("direct while full")
         _send(y, f"send user1 {sent[-1]}", sent)
-        assert "database write failed" in server.output
+        server.wait_for(lambda lines: any("database write failed" in x for x in lines), 5, "")
         server.kill()  # SIGKILL: only what is on disk counts
 
         answers = dict(zip(sent, _answers(y), strict=True))
@@ -258,7 +258,11 @@ def test_a_database_deleted_under_the_server_stops_every_acknowledgement(tmp_pat
         # was refused is nowhere either.
         restarted = serve(int(run.server.args[1]), chatapp_env(tmp_path), db=db)
         run.procs.append(restarted)
-        assert "(0 known clients, 0 stored messages)" in restarted.output
+        restarted.wait_for(
+            lambda lines: any("(0 known clients, 0 stored messages)" in x for x in lines),
+            5,
+            "an empty database",
+        )
 
 
 def test_a_database_replaced_under_the_server_is_not_written_behind_the_new_file(
@@ -274,7 +278,13 @@ def test_a_database_replaced_under_the_server_is_not_written_behind_the_new_file
         os.replace(backup, db)
         sent.append("after")
         assert _send(run.y, "send user1 after", sent) == screen.CANNOT_STORE
-        assert "was replaced by another file while the server ran" in run.server.output
+        run.server.wait_for(
+            lambda lines: any(
+                "was replaced by another file while the server ran" in x for x in lines
+            ),
+            5,
+            "the line about the replaced file",
+        )
         run.server.kill()
         restarted = serve(int(run.server.args[1]), chatapp_env(tmp_path), db=db)
         run.procs.append(restarted)

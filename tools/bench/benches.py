@@ -922,8 +922,15 @@ def bench_floods(sizes: Sizes) -> list[Figure]:
         return bench_flood(sizes.flood_junk, sizes.flood_registrations, scratch, short=short)
 
 
+def bench_pty(sizes: Sizes) -> list[Figure]:
+    from .pty_latency import bench_pty_latency
+
+    return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
+
+
 BENCHMARKS = {
     "rtt": bench_round_trip,
+    "pty": bench_pty,
     "capacity": bench_capacity,
     "fanout": bench_fanout,
     "memory": bench_memory,

@@ -160,7 +160,7 @@ def _limits(rate: int, joins: int) -> Limits | None:
     unlimited = math.inf
     return Limits(
         per_address_rate=rate or unlimited,
-        per_address_burst=2 * rate or unlimited,
+        per_address_burst=rate or unlimited,
         registrations_per_ip_rate=joins / 60 or unlimited,
         registrations_per_ip_burst=joins or unlimited,
     )
@@ -200,7 +200,7 @@ RateLimitOption = Annotated[
     int,
     typer.Option(
         metavar="N",
-        help="Datagrams per second one address (IP and port) may send, twice that at once;"
+        help="Datagrams per second one address (IP and port) may send, as many at once;"
         " the excess is dropped unread. 0: no limit.",
     ),
 ]

@@ -7,8 +7,13 @@ in-memory network of ``chatapp.testing`` is the other.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ipaddress
 import socket as _stdlib_socket
-from collections.abc import Callable
+import struct
+import sys
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import trio
@@ -148,6 +153,21 @@ class UdpEndpoint:
             await trio.lowlevel.checkpoint()
         return batch
 
+    def shut_out(self, addresses: Collection[Address]) -> None:
+        """Have the kernel drop, unread, every datagram from ``addresses`` (replacing the
+        addresses given before; none: every datagram is let through again). OSError where
+        that cannot be done (not Linux)."""
+        if self._raw is None or not sys.platform.startswith("linux"):
+            raise OSError("socket filters are a Linux feature")
+        if not addresses:
+            with contextlib.suppress(OSError):  # none attached: nothing to take off
+                self._raw.setsockopt(_stdlib_socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+            return
+        program = _drop_from(sorted(addresses))
+        code = ctypes.create_string_buffer(program)
+        fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(code))
+        self._raw.setsockopt(_stdlib_socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
     def receive_nowait(self) -> tuple[bytes, Address]:
         """A datagram that is already queued, without waiting; ``trio.WouldBlock`` if none."""
         raw = self._raw
@@ -172,6 +192,31 @@ def _ask_for_receive_buffer(raw: _stdlib_socket.socket) -> None:
         except OSError:  # not allowed: as much as net.core.rmem_max allows
             pass
     raw.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
+
+
+# Classic BPF, as Linux runs it on a socket (linux/filter.h): for a UDP socket the
+# packet starts at the UDP header, and the IP header is reached at SKF_NET_OFF.
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+_SKF_NET_OFF = -0x100000
+_LD_HALF, _LD_WORD = 0x28, 0x20  # BPF_LD | BPF_H / BPF_W | BPF_ABS
+_JEQ, _RET = 0x15, 0x06  # BPF_JMP | BPF_JEQ | BPF_K; BPF_RET | BPF_K
+
+
+def _instruction(code: int, true: int, false: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, true, false, k & 0xFFFFFFFF)
+
+
+def _drop_from(addresses: list[Address]) -> bytes:
+    """A program that drops a datagram from any of ``addresses`` and keeps the rest: for
+    each address, compare the source port, then the source IP; a match jumps to the end."""
+    program = b""
+    for index, (ip, port) in enumerate(addresses):
+        to_drop = 4 * (len(addresses) - 1 - index) + 1  # past the blocks after, and "keep"
+        program += _instruction(_LD_HALF, 0, 0, 0)  # the UDP source port
+        program += _instruction(_JEQ, 0, 2, port)
+        program += _instruction(_LD_WORD, 0, 0, _SKF_NET_OFF + 12)  # the IPv4 source
+        program += _instruction(_JEQ, to_drop, 0, int(ipaddress.IPv4Address(ip)))
+    return program + _instruction(_RET, 0, 0, 0xFFFFFFFF) + _instruction(_RET, 0, 0, 0)
 
 
 class UdpNetwork:

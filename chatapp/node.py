@@ -107,6 +107,7 @@ class Node:
         self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
         self._store_trouble: str | None = None  # why the last commit failed, if it did
         self._trace_failure_said = False
+        self._can_shut_out = True
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -157,9 +158,23 @@ class Node:
                 data, addr = queued.popleft()
                 await self._handle(self._take_first, data, addr)
             if self.admission is not None and self.admission.dropped:
-                line = self.admission.report(trio.current_time())
-                if line is not None:
-                    self.log(Log(line, "warning", summary=True))
+                self._admission_report(self.admission, trio.current_time())
+
+    def _admission_report(self, admission: Admission, now: float) -> None:
+        """What was dropped (once a second), and the floods the kernel is to drop."""
+        line = admission.report(now)
+        if line is not None:
+            self.log(Log(line, "warning", summary=True))
+        addresses = admission.shut_out_changed(now)
+        shut_out = getattr(self.endpoint, "shut_out", None)
+        if addresses is None or shut_out is None or not self._can_shut_out:
+            return
+        try:
+            shut_out(addresses)
+        except OSError as exc:
+            self._can_shut_out = False
+            line = f"floods cannot be shut out at the socket ({exc}): they are read and dropped"
+            self.log(Log(line, "warning", summary=True))
 
     async def _receive_one(self) -> list[tuple[bytes, Address]]:
         """From an endpoint that reads one datagram at a time (the in-memory network)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,73 @@ def test_floods_from_one_address_lose_nothing_and_are_reported(tmp_path: Path) -
     assert "over the rate limit: dropped" in server.output
     registered = len(re.findall(r"registered name\d+ at", server.output))
     assert 0 < registered <= Limits().registrations_per_ip_burst + 60  # ~10 s at 400 a minute
+
+
+def test_the_summary_of_a_flood_is_not_lost_in_the_flood_it_sums_up() -> None:
+    """The warnings of a flood are rate-limited by the log; the admission's summary,
+    limited at its source to one a second, is always written, and says nothing of the
+    warnings left out (they are not like it)."""
+    import logging
+    from io import StringIO
+
+    from chatapp.logs import LogSink
+    from chatapp.protocol.common import Log
+
+    clock = [0.0]
+    out = StringIO()
+    log = LogSink("chatapp.test.summary", now=lambda: clock[0], handler=logging.StreamHandler(out))
+    for _ in range(1000):
+        clock[0] += 0.0001
+        log(Log("dropped a bad datagram", "warning"))
+    log(Log("over the rate limit: dropped 5000 datagrams", "warning", summary=True))
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith("over the rate limit: dropped 5000 datagrams")
+
+
+def test_a_flood_is_shut_out_for_a_while_and_let_in_again() -> None:
+    admission = Admission()
+    limits = Limits()
+    t = 100.0
+    assert admission.shut_out_changed(t) is None  # nothing dropped: nothing to do
+    for i in range(5000):  # 0.05 s at 100,000 a second: over the burst, then dropped
+        admission.admit(JUNK, A, t + i * 1e-5)
+    for i in range(20):  # a slow sender over its rate is not a flood
+        admission.admit(JUNK, B, t + i * 0.01)
+    t += 0.2
+    assert admission.shut_out_changed(t) == {A}
+    assert admission.shut_out_changed(t + 0.1) is None  # said once
+    assert "shut out for 10 s: 10.0.0.7:40000" in (admission.report(t + 1) or "")
+    assert admission.shut_out_changed(t + limits.shut_out_seconds + 0.01) == frozenset()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters are Linux's")
+async def test_a_shut_out_address_is_dropped_by_the_kernel_and_let_in_again() -> None:
+    import trio
+
+    from chatapp.net import UdpEndpoint
+
+    server = await UdpEndpoint.bind("127.0.0.1", 0)
+    flooder, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    try:
+        for sock in (flooder, other):
+            sock.bind(("127.0.0.1", 0))
+        to = server.local_address
+
+        async def received(count: int) -> set[bytes]:
+            got = set()
+            with trio.move_on_after(0.3):
+                while len(got) < count:
+                    got.add((await server.receive())[0])
+            return got
+
+        server.shut_out([flooder.getsockname(), ("127.0.0.9", 40000)])
+        flooder.sendto(b"flood", to)
+        other.sendto(b"other", to)
+        assert await received(2) == {b"other"}
+        server.shut_out([])
+        flooder.sendto(b"flood again", to)
+        assert await received(1) == {b"flood again"}
+    finally:
+        server.close()
+        flooder.close()
+        other.close()

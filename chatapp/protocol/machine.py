@@ -75,7 +75,9 @@ class Machine(Generic[W]):
 
     def checkpoint(self) -> None:
         """Everything handled so far stands: the runtime carried out its effects (and
-        committed its changes). A rollback goes back to here."""
+        committed its changes). A rollback goes back to here. A runtime calls it after the
+        effects of each handling (or of a group of them); until then the machine keeps a
+        note of what a rollback would undo."""
         self._started.clear()
 
     def _end_waits_since_checkpoint(self) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from chatapp.protocol.changes import ClientRecord, Presence
 from chatapp.protocol.packing import split
-from chatapp.wire import Address, Table
+from chatapp.wire import Address, Table, TableEntry
 
 
 class Roster:
@@ -18,11 +18,29 @@ class Roster:
         self.version = 0
         self.changed = False  # changed since the last table was made
         self.latest: list[Table] = []  # the parts of the newest table
+        self._settled: tuple[int, list[Table], bool] = (0, [], False)
 
     def restore(self, records: Iterable[ClientRecord]) -> None:
         for record in records:
             self.clients[record.name] = record
             self._by_addr[record.addr] = record.name
+
+    def checkpoint(self) -> None:
+        """The tables made so far went out."""
+        self._settled = (self.version, self.latest, self.changed)
+
+    def reload(self, records: Iterable[ClientRecord]) -> None:
+        """Every record as ``records`` have them (the database's); the tables made since
+        the checkpoint never went out, and a new one is made only if the clients' last
+        table is not the database's."""
+        self.version, self.latest, changed = self._settled
+        self.clients, self._by_addr = {}, {}
+        self.restore(records)
+        sent = [entry for part in self.latest for entry in part.entries]
+        self.changed = changed or self._entries() != sent
+
+    def _entries(self) -> list[TableEntry]:
+        return [record.entry() for record in sorted(self.clients.values(), key=_by_name)]
 
     def name_at(self, addr: Address) -> str | None:
         return self._by_addr.get(addr)
@@ -55,8 +73,7 @@ class Roster:
             return []
         self.changed = False
         self.version += 1
-        entries = [record.entry() for record in sorted(self.clients.values(), key=_by_name)]
-        parts = split(entries)
+        parts = split(self._entries())
         self.latest = [
             Table(new_id(), self.epoch, self.version, index, len(parts), part)
             for index, part in enumerate(parts)

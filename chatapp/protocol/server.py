@@ -9,28 +9,14 @@ each pending request is in its row of ``chatapp.protocol.waits.ServerWait``.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import msgspec
 
 from chatapp.protocol.changes import ClientRecord, ClientSaved, MessageStored, Presence
-from chatapp.protocol.common import (
-    Codec,
-    Effect,
-    IdFactory,
-    Log,
-    Pending,
-    RecentAnswers,
-    Send,
-    Timers,
-    dropped,
-)
-from chatapp.protocol.machine import Machine
-from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
-from chatapp.protocol.roster import Roster
+from chatapp.protocol.common import Effect, Log, Pending, Send, dropped
+from chatapp.protocol.server_state import ServerState, Waiting
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -55,59 +41,8 @@ from chatapp.wire import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """A pending request: its row in the table of waits, and what its handlers need."""
-
-    kind: ServerWait
-    recipient: str
-    item: StoredItem | None = None  # CHANNEL and DELIVER: what to store if it is not ACKed
-    reply_to: Address | None = None  # DELIVER and CLAIM: who waits on the outcome
-    item_ids: tuple[str, ...] = ()  # MAILBOX: the items in the batch
-    claim: Register | None = None  # CLAIM: the registration waiting on the answer
-
-
-class ServerProtocol(Machine[Waiting]):
-    def __init__(
-        self,
-        *,
-        timers: Timers = Timers(),
-        id_prefix: str = "s",
-        epoch: int = 0,
-        wall_offset: float = 0.0,
-        token_factory: Callable[[], str] = lambda: secrets.token_hex(8),
-        mailbox_limit: int = DEFAULT_MAILBOX_LIMIT,
-        codec: Codec | None = None,
-    ) -> None:
-        """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
-        ``epoch`` orders tables across restarts (a larger one on every start)."""
-        super().__init__(timers, codec)
-        self.roster = Roster(epoch)
-        self.wall_offset = wall_offset
-        self.mailboxes = Mailboxes(mailbox_limit)
-        self._new_id = IdFactory(id_prefix)
-        self._new_token = token_factory
-        self._recent = RecentAnswers()
-        self._table_waits: dict[str, list[tuple[Address, str]]] = {}
-        self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
-
-    # --- restoring from the database --------------------------------------------------
-
-    def restore(
-        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
-    ) -> None:
-        self.roster.restore(clients)
-        self.mailboxes.restore(mailbox)
-
-    @property
-    def clients(self) -> dict[str, ClientRecord]:
-        """Every client's record, by name."""
-        return self.roster.clients
-
-    @property
-    def mailbox(self) -> dict[str, list[StoredItem]]:
-        """The stored messages, by recipient, oldest first."""
-        return self.mailboxes.boxes
+class ServerProtocol(ServerState):
+    """The server's rules (what it holds: ``ServerState``)."""
 
     def start(self, now: float) -> list[Effect]:
         """After a restart, tell the clients that were online (they may have missed tables)."""
@@ -461,19 +396,12 @@ class ServerProtocol(Machine[Waiting]):
         """The record of the client at ``addr`` if ``token`` is its token (and ``name``
         its name); else the refusal."""
         record = self.roster.authenticated(name, token, addr)
-        if record is None:
-            who = name or "a client"
-            reason = (
-                f"{who} is not registered from {fmt_addr(addr)}. Restart the client to join again."
-            )
-            return None, [
-                Log(
-                    f"refused a request for {who} from {fmt_addr(addr)}: wrong address or token",
-                    "warning",
-                ),
-                self.send(Refused(request_id, reason), addr),
-            ]
-        return record, []
+        if record is not None:
+            return record, []
+        who, where = name or "a client", fmt_addr(addr)
+        reason = f"{who} is not registered from {where}. Restart the client to join again."
+        log = Log(f"refused a request for {who} from {where}: wrong address or token", "warning")
+        return None, [log, self.send(Refused(request_id, reason), addr)]
 
     def _refuse(self, key: tuple[Address, str], reason: str) -> list[Effect]:
         answer = self.send(Refused(key[1], reason), key[0])

@@ -47,6 +47,7 @@ from chatapp.wire import (
     encode,
 )
 
+from .flood import bench_flood
 from .loadgen import (
     HOST,
     LoadResult,
@@ -94,9 +95,11 @@ class Sizes:
     mailbox_messages: int
     rounds: int  # capacity: the loads take turns this many times; the best round counts
     bursts: int  # capacity: bursts of BURST saves per round (the saturated figures)
+    flood_junk: int  # flood: junk datagrams from one address
+    flood_registrations: int  # flood: registrations from one address
 
 
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1)
+TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, 20_000, 1_000)
 QUICK = Sizes(
     300,
     0.5,
@@ -108,6 +111,8 @@ QUICK = Sizes(
     10_000,
     2,
     4,
+    200_000,
+    5_000,
 )
 FULL = Sizes(
     2000,
@@ -120,6 +125,8 @@ FULL = Sizes(
     10_000,
     3,
     15,
+    1_000_000,
+    20_000,
 )
 
 
@@ -395,9 +402,9 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     echo_worker = stack.enter_context(Worker("echo"))
     started = stack.enter_context(
         chatapp_servers(
-            {"mailbox_limit": limit},
-            {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
-            {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
+            {"mailbox_limit": limit, "unlimited": True},
+            {"mailbox_limit": limit, "unlimited": True, "trace": str(scratch / "trace.jsonl")},
+            {"mailbox_limit": limit, "unlimited": True, "db": str(scratch / "server.sqlite3")},
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
@@ -909,6 +916,12 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_floods(sizes: Sizes) -> list[Figure]:
+    with _scratch() as scratch:
+        short = sizes.flood_junk < 100_000
+        return bench_flood(sizes.flood_junk, sizes.flood_registrations, scratch, short=short)
+
+
 def bench_pty(sizes: Sizes) -> list[Figure]:
     from .pty_latency import bench_pty_latency
 
@@ -923,4 +936,5 @@ BENCHMARKS = {
     "memory": bench_memory,
     "mailbox": bench_mailbox,
     "replay": bench_replay,
+    "flood": bench_floods,
 }

@@ -235,10 +235,12 @@ def serve(
     db: Annotated[
         str | None,
         typer.Option(
-            metavar="PATH",
+            metavar="PATH|URL",
             help=(
                 "SQLite file for the table and the mailbox (default: one per port under"
-                " the user's data directory); ':memory:' keeps nothing."
+                " the user's data directory); ':memory:' keeps nothing;"
+                " postgresql://USER@HOST:PORT/DB: a PostgreSQL database that several"
+                " servers share."
             ),
         ),
     ] = None,
@@ -296,6 +298,17 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
+    server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--server",
+            metavar="IP:PORT",
+            help=(
+                "Another server sharing the first one's database (repeatable): the client"
+                " moves to the next when its server stops answering."
+            ),
+        ),
+    ] = None,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
@@ -312,8 +325,17 @@ def join(
         trace=_trace_path(trace),
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
+        other_servers=tuple(_server_address(value) for value in server or ()),
     )
     _run(run_client, options, sys.argv, command="join")
+
+
+def _server_address(value: str) -> tuple[str, int]:
+    """``--server IP:PORT``."""
+    ip, colon, port = value.rpartition(":")
+    if not colon:
+        raise BadArgument(f"--server takes IP:PORT, such as 127.0.0.1:8002, not {value!r}")
+    return _ipv4(ip), _port(port, "the port of --server")
 
 
 @app.command(cls=WordsCommand)

@@ -11,11 +11,13 @@ chance (message ids, tokens, the epoch, the wall clock).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,6 +30,9 @@ from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+
+if TYPE_CHECKING:
+    from chatapp.pg_store import PgStore
 
 
 class StartupError(Exception):
@@ -64,12 +69,16 @@ class ClientOptions:
     verbose: bool = False
     timers: Timers = Timers()
     id_prefix: str | None = None  # None: the name and a random part
+    #: Servers sharing the first one's database, moved to in turn when it stops answering.
+    other_servers: tuple[tuple[str, int], ...] = ()
 
 
 Options = ServerOptions | ClientOptions
 
 
 def open_store(db: str | None, port: int) -> Store:
+    """The store ``--db`` names (SQLite or memory: a shared PostgreSQL database is opened
+    by ``run_node``, off the event loop)."""
     if db == ":memory:":
         return MemoryStore()
     from chatapp.sqlite_store import SqliteStore, default_db_path
@@ -110,16 +119,63 @@ async def run_node(
         if recorder is None:
             recorder = _open_recorder(options)
             resources.callback(recorder.close)
+        shared: PgStore | None = None
         if isinstance(options, ServerOptions):
-            if store is None:
+            if store is None and options.db is not None and _is_postgres_url(options.db):
+                store = shared = await _open_shared(options.db, endpoint.local_address[1])
+                resources.push_async_callback(shared.aclose)
+            elif store is None:
                 store = open_store(options.db, options.port)
                 resources.callback(store.close)
             node = _server_node(options, endpoint, store, recorder, log)
         else:
             node = _client_node(options, endpoint, recorder, screen, make_screen, log)
         argv = argv if argv is not None else _argv(options, endpoint)
+        if shared is not None:
+            return await _run_shared(node, shared, inputs, argv, log, task_status)
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status
+
+
+def _is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+async def _open_shared(url: str, port: int) -> PgStore:
+    """A PostgreSQL database shared with other servers: connected, migrated, read."""
+    # Imported here: a client, or a server on SQLite, never loads psycopg.
+    from chatapp.pg_store import PgStore, server_id
+
+    store = PgStore(url, server_id(port))
+    try:
+        await trio.to_thread.run_sync(store.open)
+    except Exception as exc:  # psycopg.Error, OSError: any reason the database cannot be used
+        line = str(exc).strip().replace("\n", " ")
+        raise StartupError(f"cannot use the database {_without_password(url)}: {line}") from None
+    return store
+
+
+async def _run_shared(
+    node: Node,
+    store: PgStore,
+    inputs: trio.MemoryReceiveChannel[Input] | None,
+    argv: list[str],
+    log: Callable[[Log], None],
+    task_status: trio.TaskStatus[Node],
+) -> int:
+    """A server node with the tasks that keep it in step with the other servers."""
+    from chatapp.shared import SharedLink
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(SharedLink(store, node, log).run)
+        status = await node.run(inputs, argv=argv, task_status=task_status)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+def _without_password(url: str) -> str:
+    """``url`` as a log line may show it."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _ignore(entry: Log) -> None:
@@ -166,8 +222,8 @@ def _server_node(
         token_factory=(IdFactory(options.token_prefix) if options.token_prefix else _random_token),
         mailbox_limit=options.mailbox_limit,
     )
-    clients, mailbox = store.load()
-    protocol.restore(clients, mailbox)
+    clients, mailbox = store.load()  # a shared store read its tables when it opened
+    protocol.restore(clients, mailbox, getattr(store, "elsewhere", ()))
     recorder.restored(options.name, clients, mailbox)  # a replay starts from the same state
     waiting = sum(len(items) for items in mailbox.values())
     log(
@@ -211,6 +267,7 @@ def _client_node(
         endpoint.local_address[1],
         timers=options.timers,
         id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
+        other_servers=options.other_servers,
     )
     node = Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
     if make_screen is not None:

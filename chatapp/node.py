@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import trio
 
 from chatapp import screen
 from chatapp.net import Admit, Endpoint
 from chatapp.protocol.admission import Admission
-from chatapp.protocol.changes import Change
+from chatapp.protocol.changes import Change, ClientRecord
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import NullRecorder, Recorder
-from chatapp.wire import Address
+from chatapp.wire import Address, StoredItem
 
 #: What a client's input channel carries (``chatapp.protocol.inputs``).
 Input = ClientInput
@@ -61,6 +61,8 @@ class Screen(Protocol):
 
 
 AnyProtocol = ClientProtocol | ServerProtocol
+T = TypeVar("T")
+Disk = tuple[list[ClientRecord], dict[str, list[StoredItem]]]
 
 
 def _admit_all(data: bytes, addr: Address, now: float) -> bool:
@@ -252,6 +254,16 @@ class Node:
             self.screen.typed()
         await self._handle(client.handle_input, item)
 
+    async def handle_outside(
+        self, read: Callable[[], Awaitable[T]], handler: Callable[[T, float], list[Effect]]
+    ) -> None:
+        """What came from elsewhere than the node's socket (another server's changes to a
+        shared database): ``read`` it, then hand it to ``handler``, both under the node's
+        lock, so that none of the node's own handlings runs in between."""
+        async with self._lock:
+            value = await read()
+            await self._apply_locked(handler(value, trio.current_time()))
+
     # --- carrying out effects ---------------------------------------------------------
 
     async def _handle(self, handler: Callable[..., list[Effect]], *args: object) -> None:
@@ -273,7 +285,7 @@ class Node:
         # answer leaves before the change it reports is on disk.
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and not await self._commit(changes):
-            effects = self._roll_back()
+            effects = await self._roll_back()
         for effect in effects:
             if isinstance(effect, Send):
                 await self._send(effect)
@@ -318,18 +330,22 @@ class Node:
             self.log(Log("database writes work again"))
         return True
 
-    def _roll_back(self) -> list[Effect]:
+    async def _roll_back(self) -> list[Effect]:
         """After a failed commit: none of the handling's effects leave, and the server's
         state machine goes back to what the database holds (only a server has changes)."""
         protocol = self.protocol
         assert isinstance(protocol, ServerProtocol)
+        # A store across a network reads without blocking the loop (``load_async``).
+        load_async: Callable[[], Awaitable[Disk]] | None = getattr(self.store, "load_async", None)
         try:
-            clients, mailbox = self.store.load()
+            clients, mailbox = await load_async() if load_async else self.store.load()
         except Exception as exc:  # a database that can be neither written nor read
             self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
             self.stop()
             return []
-        return protocol.rollback(clients, mailbox, trio.current_time())
+        # A shared store also says whose table other servers push.
+        elsewhere = getattr(self.store, "elsewhere", None)
+        return protocol.rollback(clients, mailbox, trio.current_time(), elsewhere)
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address

@@ -16,6 +16,7 @@ import test_clean_ends
 import test_durability
 import test_input_line
 import test_protocol_client
+import test_protocol_shared
 import test_terminal
 import test_virtual
 from _harness import first_only
@@ -771,6 +772,10 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         ("hi\n[Client Table Updated]\x1b[2J",),
     ),
     "PROMPT": ("test_a_half_typed_line_survives_an_incoming_message", ()),
+    "moving_server": (
+        "test_a_client_moves_to_the_next_server_when_its_server_stops_answering",
+        ("10.0.9.1:8001", "10.0.9.2:8002"),
+    ),
     "TABLE_UPDATED": ("test_join_shows_table_updated_and_keeps_the_whole_table", ()),
     "YOU_ARE_OFFLINE": ("test_dereg_goes_offline_and_the_others_get_the_table", ()),
     "YOU_HAVE_MESSAGE": ("test_reg_shows_stored_messages_oldest_first_interleaved", ()),
@@ -878,6 +883,7 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
 #: The modules whose tests SCREEN_COVERAGE names.
 _COVERING_MODULES = (
     test_protocol_client,
+    test_protocol_shared,
     test_virtual,
     test_terminal,
     test_input_line,

@@ -84,6 +84,7 @@ class Waiting:
     kind: ClientWait
     to: str = ""
     text: str = ""
+    moves: int = 0  # the other servers this request was sent to after the first
 
 
 # Room left in a datagram for the envelope of the largest message that carries text.
@@ -100,10 +101,14 @@ class ClientProtocol(Machine[Waiting]):
         timers: Timers = Timers(),
         id_prefix: str = "c",
         codec: Codec | None = None,
+        other_servers: tuple[Address, ...] = (),
     ) -> None:
+        """``other_servers``: servers sharing the first one's database, moved to in turn
+        when the current one stops answering."""
         super().__init__(timers, codec)
         self.name = name
         self.server = server
+        self.servers = [server, *(s for s in other_servers if s != server)]
         self.port = port
         self.state = ClientState.JOINING
         self.table: dict[str, TableEntry] = {}
@@ -331,6 +336,23 @@ class ClientProtocol(Machine[Waiting]):
         return [Show(screen.request_refused(answer.reason))]
 
     # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------
+
+    def _give_up(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        """A request to a server that is not answered goes to the next server, if there is
+        one it was not sent to; the row's handler runs once none is left."""
+        waiting = pending.context
+        if waiting.kind is ClientWait.DIRECT or waiting.moves + 1 >= len(self.servers):
+            return super()._give_up(pending, now)
+        effects: list[Effect] = []
+        if pending.send.addr == self.server:  # the current server stopped answering
+            old = self.server
+            self.server = self.servers[(self.servers.index(old) + 1) % len(self.servers)]
+            # The next server's tables are numbered on its own: take the first that comes.
+            self._table_version, self._table_parts = (-1, -1), {}
+            effects.append(Show(screen.moving_server(fmt_addr(old), fmt_addr(self.server))))
+        moved = Waiting(waiting.kind, waiting.to, waiting.text, waiting.moves + 1)
+        send = self.send(pending.send.message, self.server)
+        return [*effects, self._wait(pending.key, send, now, moved)]
 
     def _hand_to_server(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         """No ACK from the peer: the server delivers the message or stores it (same id)."""

@@ -47,6 +47,15 @@ class Mailboxes:
         box.append(item)
         return [MessageStored(recipient, item), Log(f"stored a message for {recipient}")]
 
+    def adopt(self, recipient: str, item: StoredItem) -> bool:
+        """Hold ``item``, which another server stored for ``recipient`` (its limit was
+        checked there); False if it is held already."""
+        box = self.boxes.setdefault(recipient, [])
+        if any(stored.id == item.id for stored in box):
+            return False
+        box.append(item)
+        return True
+
     def next_batch(self, recipient: str) -> list[StoredItem]:
         """The oldest messages for ``recipient`` that fit in one datagram."""
         box = self.boxes[recipient]

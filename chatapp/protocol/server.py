@@ -14,7 +14,12 @@ from typing import ClassVar
 
 import msgspec
 
-from chatapp.protocol.changes import ClientRecord, ClientSaved, MessageStored, Presence
+from chatapp.protocol.changes import (
+    ClientRecord,
+    ClientSaved,
+    MessageStored,
+    Presence,
+)
 from chatapp.protocol.common import Effect, Log, Pending, Send, dropped
 from chatapp.protocol.server_state import ServerState, Waiting
 from chatapp.protocol.waits import ServerWait
@@ -77,6 +82,9 @@ class ServerProtocol(ServerState):
     def _on_register(self, message: Register, addr: Address, now: float) -> list[Effect]:
         holder = self.clients.get(message.name)
         if holder is not None and holder.online and holder.addr != addr:
+            if holder.name in self.elsewhere:
+                # Another server's client: its server checks on it; this one cannot.
+                return self._refuse_claim(holder, message, addr)
             return self._challenge_holder(holder, message, addr, now)
         return self._register(message, addr, now)
 
@@ -111,14 +119,14 @@ class ServerProtocol(ServerState):
             if old.online:
                 self._set_presence(old, Presence.SILENT)
             # Stored too: after a restart the displaced name must not come back online here.
-            persist_displaced.append(ClientSaved.of(old))
+            persist_displaced.append(self._saved(old))
         record = ClientRecord(message.name, addr, self._new_token())
         self.roster.add(record)
         registered = self.send(Registered(message.id, record.token), addr)
         self._recent.remember((addr, message.id), [registered])
         return [
             *persist_displaced,
-            ClientSaved.of(record),
+            self._saved(record),
             Log(f"registered {record.name} at {fmt_addr(addr)}"),
             registered,
             *self._start_mailbox(record, now),
@@ -133,7 +141,7 @@ class ServerProtocol(ServerState):
         if record.presence is Presence.DEREGISTERED:
             return [ack]
         self._set_presence(record, Presence.DEREGISTERED)
-        return [ClientSaved.of(record), Log(f"{record.name} deregistered"), ack]
+        return [self._saved(record), Log(f"{record.name} deregistered"), ack]
 
     def _on_reregister(self, message: Reregister, addr: Address, now: float) -> list[Effect]:
         record, refusal = self._authenticate(message.name, message.token, message.id, addr)
@@ -142,7 +150,7 @@ class ServerProtocol(ServerState):
         effects: list[Effect] = []
         if not record.online:
             self._set_presence(record, Presence.ONLINE)
-            effects += [ClientSaved.of(record), Log(f"{record.name} is back online")]
+            effects += [self._saved(record), Log(f"{record.name} is back online")]
         ack = self.send(Ack(message.id), addr)
         self._recent.remember((addr, message.id), [ack])
         effects.append(ack)
@@ -200,7 +208,7 @@ class ServerProtocol(ServerState):
         for record in self.clients.values():
             if record.name == sender.name:
                 continue
-            if record.online:
+            if record.online and record.name not in self.elsewhere:
                 waiting = Waiting(ServerWait.CHANNEL, record.name, item)
                 effect = Send(delivery, delivery_data, record.addr)
                 sent.append(self._wait((record.addr, message.id), effect, now, waiting))
@@ -267,7 +275,7 @@ class ServerProtocol(ServerState):
             self._set_presence(holder, Presence.SILENT)
             effects += [
                 Log(f"no ACK from {holder.name} (claim): marked offline", "warning"),
-                ClientSaved.of(holder),
+                self._saved(holder),
             ]
         current = self.clients.get(waiting.claim.name)
         if current is not None and current.online and current.addr != waiting.reply_to:
@@ -283,7 +291,7 @@ class ServerProtocol(ServerState):
         self._probes.add(record.name)
         return [
             Log(f"no ACK from {record.name} ({pending.context.kind}): marked offline", "warning"),
-            ClientSaved.of(record),
+            self._saved(record),
         ]
 
     def _store_late(
@@ -345,8 +353,9 @@ class ServerProtocol(ServerState):
         for record in self.clients.values():
             # A client just marked offline for not ACKing gets the table too: if it is
             # alive after all (a lost datagram), its ACK brings it back by contact.
-            if not record.online and not (
-                record.name in probes and record.presence is Presence.SILENT
+            if record.name in self.elsewhere or (
+                not record.online
+                and not (record.name in probes and record.presence is Presence.SILENT)
             ):
                 continue
             recipients += 1
@@ -360,10 +369,6 @@ class ServerProtocol(ServerState):
         version = self.roster.version
         effects.insert(0, Log(f"table version {version} sent to {recipients} clients", "debug"))
         return effects
-
-    def _cancel_table_waits(self, name: str) -> None:
-        for key in self._table_waits.pop(name, []):
-            self._retry.end(key)
 
     # --- presence ---------------------------------------------------------------------
 
@@ -379,14 +384,23 @@ class ServerProtocol(ServerState):
         if name is None or isinstance(message, (Register, Deregister)):
             return []  # a registration speaks for itself; a dereg is not a return
         record = self.clients[name]
-        if record.presence is not Presence.SILENT:
+        if record.presence is Presence.SILENT:
+            line = f"heard from {name} again: back online"
+        elif name in self.elsewhere and record.online:
+            line = f"{name} moved here from another server"
+        else:
             return []
         self._set_presence(record, Presence.ONLINE)
         return [
-            Log(f"heard from {name} again: back online"),
-            ClientSaved.of(record),
+            Log(line),
+            self._saved(record),
             *self._start_mailbox(record, now),
         ]
+
+    def _saved(self, record: ClientRecord) -> ClientSaved:
+        """The change that saves ``record``: from now on this server pushes its table."""
+        self.elsewhere.discard(record.name)
+        return ClientSaved.of(record)
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """What the server holds: its client table, its mailboxes, the answers it remembers and
-its pending requests; restored from the database at start, and rolled back to what the
-database holds when a commit fails. The rules are in ``chatapp.protocol.server``.
+its pending requests; restored from the database at start, rolled back to what the
+database holds when a commit fails, and kept in step with the other servers that share
+the database (their changes, ``handle_shared``). The rules are in
+``chatapp.protocol.server``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,13 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from chatapp.protocol.changes import ClientRecord
+from chatapp.protocol.changes import (
+    Change,
+    ClientRecord,
+    ClientSaved,
+    MessagesRemoved,
+    MessageStored,
+)
 from chatapp.protocol.common import Codec, Effect, IdFactory, Log, RecentAnswers, Send, Timers
 from chatapp.protocol.machine import Machine
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
@@ -59,14 +67,21 @@ class ServerState(Machine[Waiting]):
         self._recent = RecentAnswers()
         self._table_waits: dict[str, list[tuple[Address, str]]] = {}
         self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
+        #: Names whose record another server sharing the database saved last: that server
+        #: pushes their table and delivers to them (``chatapp.pg_store``; none otherwise).
+        self.elsewhere: set[str] = set()
 
     # --- restoring from the database --------------------------------------------------
 
     def restore(
-        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
+        self,
+        clients: Iterable[ClientRecord],
+        mailbox: dict[str, list[StoredItem]],
+        elsewhere: Iterable[str] = (),
     ) -> None:
         self.roster.restore(clients)
         self.mailboxes.restore(mailbox)
+        self.elsewhere = set(elsewhere)
 
     @property
     def clients(self) -> dict[str, ClientRecord]:
@@ -84,7 +99,11 @@ class ServerState(Machine[Waiting]):
         self.roster.checkpoint()
 
     def rollback(
-        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]], now: float
+        self,
+        clients: Iterable[ClientRecord],
+        mailbox: dict[str, list[StoredItem]],
+        now: float,
+        elsewhere: Iterable[str] | None = None,
     ) -> list[Effect]:
         """The database did not take the changes made since the last checkpoint, and none
         of their effects went out: forget them, go back to what the database holds, and
@@ -92,6 +111,8 @@ class ServerState(Machine[Waiting]):
         self._end_waits_since_checkpoint()
         self._probes.clear()
         self.roster.reload(clients)
+        if elsewhere is not None:
+            self.elsewhere = set(elsewhere)
         delivering = {p.context.recipient for p in self._retry.values() if p.context.item_ids}
         self.mailboxes.reload(mailbox, delivering=delivering)  # the others start on reg
         answers = self._recent.forget_since_checkpoint(self._storage_refusal)
@@ -111,6 +132,68 @@ class ServerState(Machine[Waiting]):
     def _flush_table(self, now: float) -> list[Effect]:
         """The table to every online client, if it changed (``ServerProtocol``'s rule)."""
         raise NotImplementedError
+
+    def _start_mailbox(self, record: ClientRecord, now: float) -> list[Effect]:
+        """The stored messages to ``record``'s client (``ServerProtocol``'s rule)."""
+        raise NotImplementedError
+
+    def _cancel_table_waits(self, name: str) -> None:
+        for key in self._table_waits.pop(name, []):
+            self._retry.end(key)
+
+    # --- changes made by other servers (a shared database) ------------------------------
+
+    def handle_shared(self, changes: list[Change], now: float) -> list[Effect]:
+        """Another server committed ``changes`` to the database this server shares: hold
+        them too, and tell this server's own clients what concerns them."""
+        effects: list[Effect] = []
+        arrived: set[str] = set()
+        for change in changes:
+            if isinstance(change, ClientSaved):
+                self._take_record(change.record())
+            elif isinstance(change, MessageStored):
+                if self.mailboxes.adopt(change.recipient, change.item):
+                    arrived.add(change.recipient)
+            elif isinstance(change, MessagesRemoved):
+                self.mailboxes.remove(change.recipient, change.ids)
+        for name in sorted(arrived):
+            record = self.clients.get(name)
+            if record is not None and record.online and name not in self.elsewhere:
+                effects += self._start_mailbox(record, now)
+        return effects + self._flush_table(now)
+
+    def handle_reload(
+        self,
+        clients: list[ClientRecord],
+        mailbox: dict[str, list[StoredItem]],
+        elsewhere: set[str],
+        now: float,
+    ) -> list[Effect]:
+        """The shared database as it is now (this server may have missed changes): what
+        differs is taken as other servers' changes."""
+        changes: list[Change] = [ClientSaved.of(r) for r in clients if r.name in elsewhere]
+        for name, box in self.mailbox.items():
+            kept = {item.id for item in mailbox.get(name, [])}
+            gone = tuple(item.id for item in box if item.id not in kept)
+            if gone:
+                changes.append(MessagesRemoved(name, gone))
+        changes += [MessageStored(name, item) for name, box in mailbox.items() for item in box]
+        return self.handle_shared(changes, now)
+
+    def _take_record(self, record: ClientRecord) -> None:
+        """``record`` as another server saved it: that server pushes its table now."""
+        self.elsewhere.add(record.name)
+        held = self.clients.get(record.name)
+        if held is not None:
+            if (held.addr, held.token, held.presence) == (
+                record.addr,
+                record.token,
+                record.presence,
+            ):
+                return
+            self._cancel_table_waits(record.name)
+            self.mailboxes.in_flight.pop(record.name, None)
+        self.roster.add(record)
 
 
 def _stands(answer: Message) -> bool:

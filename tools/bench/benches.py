@@ -928,6 +928,14 @@ def bench_pty(sizes: Sizes) -> list[Figure]:
     return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
 
 
+def bench_pg(sizes: Sizes) -> list[Figure]:
+    from .postgres import bench_postgres
+
+    return bench_postgres(
+        sizes.load_seconds, sizes.load_clients, sizes.window, sizes.rounds, sizes.rtt_rounds // 4
+    )
+
+
 BENCHMARKS = {
     "rtt": bench_round_trip,
     "pty": bench_pty,
@@ -937,4 +945,5 @@ BENCHMARKS = {
     "mailbox": bench_mailbox,
     "replay": bench_replay,
     "flood": bench_floods,
+    "postgres": bench_pg,
 }

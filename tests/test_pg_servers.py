@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from _harness import Proc, chatapp_env, free_udp_ports, join, serve
 
 from chatapp import screen
+from chatapp.pg_store import HEARTBEAT_TIMEOUT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -95,9 +97,9 @@ def test_the_seeds_test_2_on_a_postgresql_server_ends_as_it_always_did(
     server_port, x_port, y_port = free_udp_ports(3)
     server = serve(server_port, env, db=pg_url)
     x = join("user1", server_port, x_port, env)
+    x.expect(screen.TABLE_UPDATED)  # as in the seed: one joins after the other
     y = join("user2", server_port, y_port, env)
     try:
-        x.expect(screen.TABLE_UPDATED)
         y.expect(screen.TABLE_UPDATED)
         x.expect(screen.TABLE_UPDATED, count=2)
         y.type("dereg user2")
@@ -118,3 +120,37 @@ def test_the_seeds_test_2_on_a_postgresql_server_ends_as_it_always_did(
         screen.SERVER_SHUT_DOWN,
         screen.EXITING,
     ]
+
+
+def test_the_clients_of_a_stopped_server_go_offline_after_the_heartbeat_timeout(
+    tmp_path: Path, pg_url: str
+) -> None:
+    env = chatapp_env(tmp_path)
+    a_port, b_port, x_port, z_port = free_udp_ports(4)
+    procs: list[Proc] = []
+    try:
+        a = serve(a_port, env, db=pg_url)
+        b = serve(b_port, env, db=pg_url)
+        procs += [a, b]
+        x = join("user1", a_port, x_port, env)
+        procs.append(x)
+        x.expect(screen.TABLE_UPDATED)
+        z = join("user3", b_port, z_port, env)
+        procs.append(z)
+        z.expect(screen.TABLE_UPDATED)
+        x.expect(screen.TABLE_UPDATED, count=2)
+        a.kill()
+        killed = time.monotonic()
+        z.expect(screen.TABLE_UPDATED, count=2, timeout=HEARTBEAT_TIMEOUT + 10)
+        waited = time.monotonic() - killed
+        z.type("table")
+        z.wait_for(lambda lines: any(_offline("user1", line) for line in lines), 5, "offline")
+        assert HEARTBEAT_TIMEOUT - 1 <= waited <= HEARTBEAT_TIMEOUT + 5, waited
+        assert "marked offline 1 clients of servers whose heartbeat stopped" in b.output
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def _offline(name: str, line: str) -> bool:
+    return line.startswith(f"[{name} ") and line.rstrip("]").endswith("offline")

@@ -135,3 +135,78 @@ def test_seed_test_2_across_two_servers(start: Start, pg_url: str) -> None:
     assert y.exit_status() == 0
     stop_server(b)
     assert_no_noise(a, b, x, y)
+
+
+def test_seed_test_3_across_two_servers(start: Start, pg_url: str) -> None:
+    a_port, b_port, *ports = free_udp_ports(5)
+    a = shared_server(start, a_port, pg_url)
+    b = start(*serve_args(b_port, "--verbose", db=pg_url))
+    b.shows_pattern(r"listening on UDP 127\.0\.0\.1:\d+")
+    x = join(start, "user1", a_port, ports[0])
+    x.shows(TABLE)
+    y = join(start, "user2", b_port, ports[1])  # the other server's client
+    for client in (x, y):
+        client.shows(TABLE)
+    z = join(start, "user3", a_port, ports[2])
+    for client in (x, y, z):
+        client.shows(TABLE)
+
+    x.type("send_all hello guys")
+    x.shows("[Message received by the server.]")
+    y.shows("Channel_Message user1 : hello guys")
+    z.shows("Channel_Message user1 : hello guys")
+    y.interrupt()
+    y.shows("Caught keyboard interrupt. Exiting")
+    assert y.exit_status() == 0
+
+    x.type("send_all hi")
+    x.shows("[Message received by the server.]")
+    z.shows("Channel_Message user1 : hi")
+    # B waits 500 ms for user2's ACK, marks it offline; A learns it and tells its clients
+    x.shows(TABLE)
+    z.shows(TABLE)
+    b.shows_pattern(r"no ACK from user2.*marked offline")
+
+    x.drain()
+    z.drain()
+    assert_screen(
+        x,
+        """
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> send_all hello guys
+>>> [Message received by the server.]
+>>> send_all hi
+>>> [Message received by the server.]
+>>> [Client Table Updated]
+>>>
+""",
+    )
+    assert_screen(
+        y,
+        """
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> Channel_Message user1 : hello guys
+>>> Caught keyboard interrupt. Exiting
+""",
+    )
+    assert_screen(
+        z,
+        """
+>>> [Client Table Updated]
+>>> Channel_Message user1 : hello guys
+>>> Channel_Message user1 : hi
+>>> [Client Table Updated]
+>>>
+""",
+    )
+    assert_seed_lines(3, {"user1": x, "user2": y, "user3": z})
+    for client in (x, z):
+        client.interrupt()
+        client.shows("Caught keyboard interrupt. Exiting")
+        assert client.exit_status() == 0
+    stop_server(a)
+    stop_server(b)
+    assert_no_noise(a, b, x, y, z)

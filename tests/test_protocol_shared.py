@@ -18,6 +18,7 @@ from chatapp.protocol.common import Effect, Send, Show
 from chatapp.protocol.server import ServerProtocol
 from chatapp.wire import (
     Ack,
+    ChannelDelivery,
     ChannelPost,
     Mailbox,
     Refused,
@@ -99,6 +100,26 @@ def test_a_message_stored_elsewhere_for_a_client_here_is_delivered_here() -> Non
     assert batch.message.items == [item]
     # The same message announced again (a reload) is not held twice.
     server.handle_shared([MessageStored("user1", item)], 0.0)
+    assert server.mailbox["user1"] == [item]
+
+
+def test_a_channel_message_stored_elsewhere_for_a_client_here_goes_live() -> None:
+    server = server_with_two_clients()
+    item = StoredItem("c1", "channel", "user2", "hello guys", 1.0)
+    effects = server.handle_shared([MessageStored("user1", item)], 0.0)
+    (live,) = sends(effects)
+    assert live.message == ChannelDelivery("c1", "user2", "hello guys") and live.addr == HERE
+    effects = server.handle_datagram(encode(Ack("c1")), HERE, 0.1)
+    assert changes(effects) == [MessagesRemoved("user1", ("c1",))]
+    assert not server.mailbox.get("user1")
+
+
+def test_a_channel_message_relayed_but_not_acked_stays_stored() -> None:
+    server = server_with_two_clients()
+    item = StoredItem("c1", "channel", "user2", "hello guys", 1.0)
+    server.handle_shared([MessageStored("user1", item)], 0.0)
+    effects = server.handle_timer(0.6)
+    assert changes(effects) == [ClientSaved("user1", *HERE, "t1", Presence.SILENT)]
     assert server.mailbox["user1"] == [item]
 
 

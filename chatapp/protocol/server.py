@@ -232,6 +232,8 @@ class ServerProtocol(ServerState):
         return []
 
     def _channel_delivered(self, pending: Pending[Waiting], ack: Ack, now: float) -> list[Effect]:
+        if pending.context.item_ids:  # stored already (by another server): delivered now
+            return [self.mailboxes.remove(pending.context.recipient, pending.context.item_ids)]
         return []
 
     def _delivered(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
@@ -255,6 +257,8 @@ class ServerProtocol(ServerState):
     def _channel_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
         marked = self._no_ack_from(record, pending)
+        if pending.context.item_ids:  # stored already: it stays
+            return marked
         return marked + self._store_late(record, pending.context, now, enforce_limit=True)
 
     def _undelivered(self, pending: Pending[Waiting], now: float) -> list[Effect]:
@@ -320,6 +324,11 @@ class ServerProtocol(ServerState):
             Log(f"delivering {len(self.mailbox[record.name])} stored messages to {record.name}"),
             self._send_batch(record, delivery, now),
         ]
+
+    def _relay_channel(self, record: ClientRecord, item: StoredItem, now: float) -> list[Effect]:
+        delivery = ChannelDelivery(item.id, item.sender, item.text)
+        waiting = Waiting(ServerWait.CHANNEL, record.name, item, item_ids=(item.id,))
+        return [self._wait((record.addr, item.id), self.send(delivery, record.addr), now, waiting)]
 
     def _send_batch(self, record: ClientRecord, delivery: str, now: float) -> Effect:
         items = self.mailboxes.next_batch(record.name)

@@ -21,7 +21,7 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore
-from chatapp.wire import MAX_DATAGRAM, Address, Message, TableEntry, encode
+from chatapp.wire import MAX_DATAGRAM, Address, Message, Table, TableDelta, TableEntry, encode
 
 SERVER: Address = ("10.0.0.1", 8001)
 SERVER_TEXT = "10.0.0.1:8001"
@@ -30,6 +30,8 @@ WALL = 1_648_153_596.0
 CLIENT_IP = "10.0.0.2"
 
 TU = screen.TABLE_UPDATED
+#: What carries the table: a part of the whole table, or of a delta.
+TABLES = (Table, TableDelta)
 
 Rule = Callable[[Address, Send], bool]
 #: A message type, or several (``Sim`` has a method named ``type``, so say it here).

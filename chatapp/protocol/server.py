@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import msgspec
 
-from chatapp.protocol.changes import ClientRecord, ClientSaved, MessageStored, Presence
+from chatapp.protocol.changes import (
+    ClientRecord,
+    ClientSaved,
+    MessageStored,
+    Presence,
+)
 from chatapp.protocol.common import (
     Codec,
     Effect,
-    IdFactory,
     Log,
     Pending,
     RecentAnswers,
@@ -28,9 +31,8 @@ from chatapp.protocol.common import (
     Timers,
     dropped,
 )
-from chatapp.protocol.machine import Machine
-from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
-from chatapp.protocol.roster import Roster
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
+from chatapp.protocol.presence import ServerPresence, Waiting
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -50,24 +52,13 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     StoredItem,
-    Table,
+    TableAck,
+    TableDelta,
     fmt_addr,
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """A pending request: its row in the table of waits, and what its handlers need."""
-
-    kind: ServerWait
-    recipient: str
-    item: StoredItem | None = None  # CHANNEL and DELIVER: what to store if it is not ACKed
-    reply_to: Address | None = None  # DELIVER and CLAIM: who waits on the outcome
-    item_ids: tuple[str, ...] = ()  # MAILBOX: the items in the batch
-    claim: Register | None = None  # CLAIM: the registration waiting on the answer
-
-
-class ServerProtocol(Machine[Waiting]):
+class ServerProtocol(ServerPresence):
     def __init__(
         self,
         *,
@@ -81,15 +72,12 @@ class ServerProtocol(Machine[Waiting]):
     ) -> None:
         """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
         ``epoch`` orders tables across restarts (a larger one on every start)."""
-        super().__init__(timers, codec)
-        self.roster = Roster(epoch)
+        super().__init__(
+            timers, codec, epoch=epoch, id_prefix=id_prefix, mailbox_limit=mailbox_limit
+        )
         self.wall_offset = wall_offset
-        self.mailboxes = Mailboxes(mailbox_limit)
-        self._new_id = IdFactory(id_prefix)
         self._new_token = token_factory
         self._recent = RecentAnswers()
-        self._table_waits: dict[str, list[tuple[Address, str]]] = {}
-        self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
 
     # --- restoring from the database --------------------------------------------------
 
@@ -99,29 +87,16 @@ class ServerProtocol(Machine[Waiting]):
         self.roster.restore(clients)
         self.mailboxes.restore(mailbox)
 
-    @property
-    def clients(self) -> dict[str, ClientRecord]:
-        """Every client's record, by name."""
-        return self.roster.clients
-
-    @property
-    def mailbox(self) -> dict[str, list[StoredItem]]:
-        """The stored messages, by recipient, oldest first."""
-        return self.mailboxes.boxes
-
-    def start(self, now: float) -> list[Effect]:
-        """After a restart, tell the clients that were online (they may have missed tables)."""
-        if any(record.online for record in self.clients.values()):
-            self.roster.changed = True
-        return self._flush_table(now)
-
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
         return self._expired(now) + self._flush_table(now)
 
     def _may_give_up(self, pending: Pending[Waiting]) -> bool:
-        return pending.context.recipient in self.clients
+        # A registration undone meanwhile: nothing is left to do for that name, except
+        # answering a sender who waits on a message's fate.
+        waiting = pending.context
+        return waiting.recipient in self.clients or waiting.kind is ServerWait.DELIVER
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         handler = self._handlers.get(type(message))
@@ -150,12 +125,11 @@ class ServerProtocol(Machine[Waiting]):
     ) -> list[Effect]:
         """Someone else asks for an online name. Its holder may have left without a word
         (Ctrl-C) and be about to come back from another port: ask the holder first, with a
-        table it already has (ACKed, not shown), and refuse the claim only if it answers."""
-        if not self.roster.latest:
-            return self._refuse_claim(holder, claim, addr)
+        delta that changes nothing (ACKed, not shown), and refuse the claim only if it
+        answers."""
         self._recent.remember((addr, claim.id), None)  # the claim's retries wait for the answer
-        part = self.roster.latest[0]
-        probe = Table(self._new_id(), part.epoch, part.version, part.part, part.parts, part.entries)
+        version = self.roster.version
+        probe = TableDelta(self._new_id(), self.roster.epoch, version, version, 0, 1, [], [])
         waiting = Waiting(ServerWait.CLAIM, holder.name, reply_to=addr, claim=claim)
         return [
             Log(f"{claim.name} asked for from {fmt_addr(addr)}: checking on its holder", "debug"),
@@ -170,19 +144,18 @@ class ServerProtocol(Machine[Waiting]):
 
     def _register(self, message: Register, addr: Address, now: float) -> list[Effect]:
         displaced = self.roster.name_at(addr)
-        persist_displaced: list[Effect] = []
+        effects: list[Effect] = []
         if displaced is not None and displaced != message.name:
-            old = self.clients[displaced]
-            if old.online:
-                self._set_presence(old, Presence.SILENT)
-            # Stored too: after a restart the displaced name must not come back online here.
-            persist_displaced.append(ClientSaved.of(old))
+            effects += self._displace(self.clients[displaced])
+        # New: unknown, or brought by a registration that has not completed either.
+        new = message.name not in self.clients or self.followers.joined_new(message.name)
         record = ClientRecord(message.name, addr, self._new_token())
         self.roster.add(record)
+        self._end_waits(self.followers.joined(record.name, new=new))
         registered = self.send(Registered(message.id, record.token), addr)
         self._recent.remember((addr, message.id), [registered])
         return [
-            *persist_displaced,
+            *effects,
             ClientSaved.of(record),
             Log(f"registered {record.name} at {fmt_addr(addr)}"),
             registered,
@@ -279,14 +252,8 @@ class ServerProtocol(Machine[Waiting]):
 
     # --- ACKs: the ``on_answer`` handlers of ServerWait ----------------------------------
 
-    def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
+    def _on_ack(self, message: Ack | TableAck, addr: Address, now: float) -> list[Effect]:
         return self._answered((addr, message.id), message, addr, now)
-
-    def _table_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
-        waits = self._table_waits.get(pending.context.recipient, [])
-        if pending.key in waits:
-            waits.remove(pending.key)
-        return []
 
     def _channel_delivered(self, pending: Pending[Waiting], ack: Ack, now: float) -> list[Effect]:
         return []
@@ -306,9 +273,6 @@ class ServerProtocol(Machine[Waiting]):
 
     # --- giving up: the ``on_give_up`` handlers of ServerWait ---------------------------
 
-    def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        return self._no_ack_from(self.clients[pending.context.recipient], pending)
-
     def _channel_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
         marked = self._no_ack_from(record, pending)
@@ -317,7 +281,12 @@ class ServerProtocol(Machine[Waiting]):
     def _undelivered(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         """A saved message the server could not deliver itself: stored, and the sender
         told so."""
-        record = self.clients[pending.context.recipient]
+        record = self.clients.get(pending.context.recipient)
+        if record is None:  # the recipient's registration was undone meanwhile
+            waiting = pending.context
+            assert waiting.item is not None and waiting.reply_to is not None
+            reason = f"there is no user named {waiting.recipient}."
+            return self._refuse((waiting.reply_to, waiting.item.id), reason)
         marked = self._no_ack_from(record, pending)
         stored = self._store_late(record, pending.context, now, enforce_limit=False)
         return [*marked, *stored, self._answer_saved(pending.context, "stored")]
@@ -338,18 +307,6 @@ class ServerProtocol(Machine[Waiting]):
         if current is not None and current.online and current.addr != waiting.reply_to:
             return effects + self._refuse_claim(current, waiting.claim, waiting.reply_to)
         return effects + self._register(waiting.claim, waiting.reply_to, now)
-
-    def _no_ack_from(self, record: ClientRecord, pending: Pending[Waiting]) -> list[Effect]:
-        """A client that did not ACK at its address is offline (and gets the next table as
-        a probe: a lost datagram should not keep a live client offline)."""
-        if pending.send.addr != record.addr or not record.online:
-            return []
-        self._set_presence(record, Presence.SILENT)
-        self._probes.add(record.name)
-        return [
-            Log(f"no ACK from {record.name} ({pending.context.kind}): marked offline", "warning"),
-            ClientSaved.of(record),
-        ]
 
     def _store_late(
         self, record: ClientRecord, waiting: Waiting, now: float, *, enforce_limit: bool
@@ -396,47 +353,7 @@ class ServerProtocol(Machine[Waiting]):
             self.mailboxes.delivered_all(name)
         return effects
 
-    # --- the table --------------------------------------------------------------------
-
-    def _flush_table(self, now: float) -> list[Effect]:
-        """Send the table to every online client, once for all the changes of one event."""
-        messages = self.roster.next_table(self._new_id)
-        if not messages:
-            return []
-        encoded = [(message, self.codec.encode(message)) for message in messages]  # once for all
-        effects: list[Effect] = []
-        recipients = 0
-        probes, self._probes = self._probes, set()
-        for record in self.clients.values():
-            # A client just marked offline for not ACKing gets the table too: if it is
-            # alive after all (a lost datagram), its ACK brings it back by contact.
-            if not record.online and not (
-                record.name in probes and record.presence is Presence.SILENT
-            ):
-                continue
-            recipients += 1
-            self._cancel_table_waits(record.name)
-            keys = self._table_waits.setdefault(record.name, [])
-            for message, data in encoded:
-                key = (record.addr, message.id)
-                keys.append(key)
-                waiting = Waiting(ServerWait.TABLE, record.name)
-                effects.append(self._wait(key, Send(message, data, record.addr), now, waiting))
-        version = self.roster.version
-        effects.insert(0, Log(f"table version {version} sent to {recipients} clients", "debug"))
-        return effects
-
-    def _cancel_table_waits(self, name: str) -> None:
-        for key in self._table_waits.pop(name, []):
-            self._retry.end(key)
-
     # --- presence ---------------------------------------------------------------------
-
-    def _set_presence(self, record: ClientRecord, presence: Presence) -> None:
-        self.roster.set_presence(record, presence)
-        if presence is not Presence.ONLINE:
-            self._cancel_table_waits(record.name)
-            self.mailboxes.in_flight.pop(record.name, None)
 
     def _presence_by_contact(self, message: Message, addr: Address, now: float) -> list[Effect]:
         """A client marked offline because it stopped ACKing is online again once it speaks."""
@@ -491,6 +408,7 @@ class ServerProtocol(Machine[Waiting]):
         SaveMessage: _on_save,
         ChannelPost: _on_channel_post,
         Ack: _on_ack,
+        TableAck: _on_ack,
     }
 
 

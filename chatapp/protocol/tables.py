@@ -1,0 +1,243 @@
+"""Keeping every client's copy of the table up to date, as roster versioning does
+(XMPP's XEP-0237): a client gets the whole table once, and then only what changed.
+
+``Followers`` is the server's side: for each online client, the version of the
+table it holds (as its ACKs said), the one update in flight to it, and whether
+it needs another. ``TableCopy`` is the client's side: its copy, the version it
+holds, and the parts of a table or a delta it is still putting together.
+
+The rules (the server's ``roster`` makes the versions and the messages):
+
+- The table has an epoch (one per server start) and a version (+1 for every
+  event that changed it).
+- A client with no table of this epoch gets the whole table, in parts; any
+  other gets a delta from the version it holds, or the whole table when the
+  server's history does not reach back that far.
+- One update in flight per client: changes meanwhile wait for its ACK and then
+  go together in the next one.
+- The client ACKs every part with the version it holds after taking it; one
+  that cannot place a delta (a gap, another epoch) says what it has, and the
+  server sends what brings it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from chatapp.protocol.changes import ClientRecord
+from chatapp.protocol.roster import Roster
+from chatapp.wire import Table, TableDelta, TableEntry
+
+K = TypeVar("K", tuple[int, int, int], tuple[int, int, int, int])
+P = TypeVar("P", Table, TableDelta)
+
+# --- the server's side ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Flight:
+    """The update in flight to a client."""
+
+    to: int  # the version it brings
+    whole: bool  # the whole table (else a delta)
+    waits: set[Hashable] = field(default_factory=set)  # its parts' waits not answered yet
+    held: int | None = None  # the highest version of this epoch its ACKs said, if any
+
+
+class Followers:
+    """What the server knows of each client's copy of the table.
+
+    A client is in at most one of: in flight (an update waits for its ACKs), due
+    (it needs an update at the next flush) or idle (it holds the current version).
+    A client that is offline is in none of them (unless it is sent a probe)."""
+
+    def __init__(self) -> None:
+        self._version = 0  # the roster's version at the last flush
+        #: name -> the version of this epoch it holds (absent: none; it needs the whole table)
+        self.held: dict[str, int] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._due: dict[str, None] = {}  # ordered sets
+        self._idle: dict[str, None] = {}
+        #: registered, its first whole table not ACKed yet -> whether the name was new then
+        self._joining: dict[str, bool] = {}
+
+    def joined(self, name: str, *, new: bool) -> set[Hashable]:
+        """``name`` registered (again): it holds nothing yet. Returns the waits to end."""
+        waits = self.offline(name)
+        self.held.pop(name, None)
+        self._joining[name] = new
+        self._due[name] = None
+        return waits
+
+    def online(self, name: str) -> None:
+        """``name`` is back online: it gets an update (unless one is in flight)."""
+        if name not in self._flights:
+            self._idle.pop(name, None)
+            self._due[name] = None
+
+    def offline(self, name: str) -> set[Hashable]:
+        """``name`` went offline: nothing more is sent to it. Returns the waits to end."""
+        self._due.pop(name, None)
+        self._idle.pop(name, None)
+        flight = self._flights.pop(name, None)
+        return flight.waits if flight else set()
+
+    def probe(self, name: str) -> None:
+        """``name`` was just marked offline for not ACKing: it gets one more update, so
+        that a live client whose ACKs were lost comes back by contact."""
+        self._due[name] = None
+
+    def removed(self, name: str) -> set[Hashable]:
+        """``name`` left the table. Returns the waits to end."""
+        self.held.pop(name, None)
+        self._joining.pop(name, None)
+        return self.offline(name)
+
+    def updates(
+        self, roster: Roster, new_id: Callable[[], str]
+    ) -> list[tuple[ClientRecord, Table | TableDelta]]:
+        """At the end of an event (the roster has made its version): what to send now.
+        Each client that needs an update and has none in flight gets what brings it from
+        the version it holds to the current one; it waits on ``(its address, id)`` of
+        each part."""
+        if roster.version != self._version:  # every client that held the last one is behind
+            self._version = roster.version
+            self._due.update(self._idle)
+            self._idle.clear()
+        sends: list[tuple[ClientRecord, Table | TableDelta]] = []
+        due, self._due = self._due, {}
+        for name in due:
+            record = roster.clients.get(name)
+            held = self.held.get(name)
+            if record is None:
+                continue
+            if held == self._version:
+                self._idle[name] = None
+                continue
+            update = roster.update_for(held, new_id)
+            waits: set[Hashable] = {(record.addr, part.id) for part in update}
+            self._flights[name] = _Flight(self._version, isinstance(update[0], Table), waits)
+            sends += [(record, part) for part in update]
+        return sends
+
+    def acked(self, name: str, wait: Hashable, version: int | None) -> None:
+        """``wait``, a part of ``name``'s update, was ACKed: the client holds ``version``
+        of this epoch (None: no table of this epoch). Once every part is answered, the
+        client is idle, or due if it is still behind (changes meanwhile, or a delta it
+        could not place: it gets what brings it from the version it holds)."""
+        flight = self._flights.get(name)
+        if flight is None or wait not in flight.waits:
+            return  # a late ACK of an update that is over: the next says more
+        flight.waits.discard(wait)
+        if version is not None and (flight.held is None or version > flight.held):
+            flight.held = version
+        if flight.waits:
+            return
+        del self._flights[name]
+        if flight.held is None:
+            self.held.pop(name, None)
+        else:
+            self.held[name] = flight.held
+            self._joining.pop(name, None)
+        refused = flight.whole and (flight.held is None or flight.held < flight.to)
+        if self.held.get(name) == self._version or refused:
+            # A whole table the client did not take is not sent again at once (that
+            # could go on for ever): the next version tries again.
+            self._idle[name] = None
+        else:
+            self._due[name] = None
+
+    def lost(self, name: str, wait: Hashable) -> None:
+        """``wait`` ran out of tries: if it carried ``name``'s update, that is over."""
+        flight = self._flights.get(name)
+        if flight is not None and wait in flight.waits:
+            del self._flights[name]
+
+    def is_joining(self, name: str) -> bool:
+        return name in self._joining
+
+    def joined_new(self, name: str) -> bool:
+        """Whether ``name`` was new at a registration that has not completed."""
+        return self._joining.get(name, False)
+
+    def give_up_joining(self, name: str) -> bool:
+        """``name``'s registration will not complete: whether the name was new at it."""
+        return self._joining.pop(name, False)
+
+
+# --- the client's side ------------------------------------------------------------
+
+#: Tables and deltas a client puts together at once (older ones are dropped first).
+MAX_ASSEMBLIES = 8
+
+
+class TableCopy:
+    """A client's copy of the server's table and the version it holds."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, TableEntry] = {}
+        self.epoch = -1
+        self.version = -1  # -1: no table yet
+        self._wholes: dict[tuple[int, int, int], dict[int, Table]] = {}
+        self._deltas: dict[tuple[int, int, int, int], dict[int, TableDelta]] = {}
+
+    def take(self, message: Table | TableDelta) -> bool:
+        """Take one part; True if it completed a table or a delta that was applied
+        (the copy moved forward). A repeat, a part of an older version or a delta that
+        does not start at or below the version held changes nothing."""
+        if message.part >= message.parts:
+            return False
+        if isinstance(message, Table):
+            return self._take_whole(message)
+        return self._take_delta(message)
+
+    def _take_whole(self, part: Table) -> bool:
+        # Epochs are not ordered (a server's boot id): a table of another epoch always
+        # replaces the copy; one of this epoch only if it is newer.
+        if part.epoch == self.epoch and part.version <= self.version:
+            return False
+        parts = _collect(self._wholes, (part.epoch, part.version, part.parts), part)
+        if len(parts) < part.parts:
+            return False
+        self.entries = {entry.name: entry for p in parts.values() for entry in p.entries}
+        self._moved_to(part.epoch, part.version)
+        return True
+
+    def _take_delta(self, part: TableDelta) -> bool:
+        if not self._places(part):
+            return False
+        key = (part.epoch, part.from_, part.to, part.parts)
+        parts = _collect(self._deltas, key, part)
+        if len(parts) < part.parts:
+            return False
+        del self._deltas[key]
+        for p in parts.values():
+            for entry in p.entries:
+                self.entries[entry.name] = entry
+            for name in p.gone:
+                self.entries.pop(name, None)
+        self._moved_to(part.epoch, part.to)
+        return True
+
+    def _places(self, delta: TableDelta) -> bool:
+        """Whether ``delta`` applies to the version held: same epoch, starting at or below
+        it (its entries are their state at ``to``, so taking one again is harmless) and
+        ending above it."""
+        return delta.epoch == self.epoch and delta.from_ <= self.version < delta.to
+
+    def _moved_to(self, epoch: int, version: int) -> None:
+        """Now at ``version`` of ``epoch``: only what could still move it forward is kept."""
+        self.epoch, self.version = epoch, version
+        self._wholes = {k: v for k, v in self._wholes.items() if k[0] == epoch and k[1] > version}
+        self._deltas = {k: v for k, v in self._deltas.items() if k[0] == epoch and k[2] > version}
+
+
+def _collect(assemblies: dict[K, dict[int, P]], key: K, part: P) -> dict[int, P]:
+    """Add ``part`` to the assembly ``key``; its parts so far."""
+    parts = assemblies.setdefault(key, {})
+    parts[part.part] = part
+    while len(assemblies) > MAX_ASSEMBLIES:  # the oldest go first
+        del assemblies[min(assemblies)]
+    return parts

@@ -69,6 +69,12 @@ class UdpEndpoint:
     def local_address(self) -> Address:
         return self._local
 
+    @property
+    def receive_buffer(self) -> int:
+        """The bytes the kernel queues for this socket before it drops datagrams (what
+        SO_RCVBUF granted: the kernel doubles the request, capped by net.core.rmem_max)."""
+        return int(self._sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF))
+
     async def send(self, data: bytes, addr: Address) -> None:
         # Trio's sendto costs a trip through the scheduler and an address check per
         # datagram, about as much as the system call; a UDP send almost never blocks, so

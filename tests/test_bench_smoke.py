@@ -34,6 +34,9 @@ def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
         "reg_delivery",
         "memory_2000",
         "replay_virtual",
+        "registration_n50",
+        "registration_bytes_n50",
+        "storm_n50",
     ):
         assert expected in keys
     assert any(key.startswith("fanout_") for key in keys)

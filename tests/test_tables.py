@@ -155,28 +155,57 @@ def ids() -> Callable[[], str]:
     return lambda: f"s.{next(counter)}"
 
 
-def test_a_delta_holds_every_name_changed_since_the_base_once_as_it_is_now() -> None:
+def update_for(roster: Roster, held: int | None) -> list[Table | TableDelta]:
+    """The parts of the update for a client that holds ``held`` (each also encoded: the
+    bytes are those of the part)."""
+    update = roster.update_for(held, ids(), encode)
+    assert all(data == encode(part) for part, data in update)
+    return [part for part, _ in update]
+
+
+def test_a_delta_holds_every_change_since_its_base_in_order() -> None:
     roster = roster_with("a", "b", "c")  # versions 1, 2, 3
     roster.set_presence(roster.clients["a"], Presence.DEREGISTERED)
     roster.set_presence(roster.clients["b"], Presence.SILENT)
     roster.close_version()  # 4
     roster.set_presence(roster.clients["a"], Presence.ONLINE)
     roster.close_version()  # 5
-    (update,) = roster.update_for(2, ids())
+    (update,) = update_for(roster, 2)
     assert isinstance(update, TableDelta)
     assert (update.epoch, update.from_, update.to) == (5, 2, 5)
-    assert [e.name for e in update.entries] == ["c", "b", "a"]  # oldest change first
-    assert {e.name: e.online for e in update.entries} == {"c": True, "b": False, "a": True}
-    (update,) = roster.update_for(4, ids())
-    assert [e.name for e in update.entries] == ["a"]
+    # each name once, as it is now, in the order they first changed
+    assert [(e.name, e.online) for e in update.entries] == [
+        ("c", True),
+        ("a", True),
+        ("b", False),
+    ]
+    (update,) = update_for(roster, 4)
+    assert [e.name for e in update.entries] == ["a"]  # type: ignore[union-attr]
+
+
+def test_the_history_is_compacted_to_each_names_last_change() -> None:
+    roster = roster_with("a", "b")  # versions 1, 2
+    for _ in range(1500):  # 3,000 changes, far past twice the table: compacted on the way
+        roster.set_presence(roster.clients["a"], Presence.SILENT)
+        roster.close_version()
+        roster.set_presence(roster.clients["a"], Presence.ONLINE)
+        roster.close_version()
+    parts = update_for(roster, 1)
+    entries = [e for part in parts for e in part.entries]
+    assert entries == [entry("b", 1001), entry("a", 1000)]
+    copy = TableCopy()
+    copy.take(whole(5, 1, entry("a", 1000)))
+    for part in parts:
+        copy.take(part)
+    assert (copy.version, copy.entries) == (3002, {"a": entry("a", 1000), "b": entry("b", 1001)})
 
 
 def test_a_client_with_no_table_of_this_epoch_gets_the_whole_table() -> None:
     roster = roster_with("a", "b")
-    parts = roster.update_for(None, ids())
+    parts = update_for(roster, None)
     assert [type(p) for p in parts] == [Table]
     assert [e.name for e in parts[0].entries] == ["a", "b"]
-    assert roster.whole(ids()) is roster.whole(ids())  # made once
+    assert roster.whole(ids(), encode) is roster.whole(ids(), encode)  # made once
 
 
 def test_removals_travel_in_deltas_and_a_forgotten_one_sends_the_whole_table(
@@ -187,34 +216,47 @@ def test_removals_travel_in_deltas_and_a_forgotten_one_sends_the_whole_table(
     for name in ("a", "b", "c"):  # versions 5, 6, 7; "a" is forgotten when "c" leaves
         roster.remove(name)
         roster.close_version()
-    (update,) = roster.update_for(5, ids())
+    (update,) = update_for(roster, 5)
     assert isinstance(update, TableDelta) and update.gone == ["b", "c"]
-    (update,) = roster.update_for(4, ids())
+    (update,) = update_for(roster, 4)
     assert isinstance(update, Table)  # "a" left after 4 and is no longer remembered
     assert [e.name for e in update.entries] == ["d"]
+
+
+def test_a_name_that_left_and_came_back_is_not_listed_as_gone() -> None:
+    roster = roster_with("a", "b")
+    roster.remove("a")
+    roster.close_version()
+    roster.add(ClientRecord("a", (CLIENT_IP, 4242), "t"))
+    roster.close_version()
+    (update,) = update_for(roster, 2)
+    assert isinstance(update, TableDelta) and update.gone == []
+    assert update.entries == [entry("a", 4242)]
 
 
 def test_big_tables_and_deltas_are_split_and_every_part_fits() -> None:
     names = [f"a_rather_long_name_for_peer_{n:04d}" for n in range(600)]
     roster = roster_with("first", *names)
-    parts = roster.update_for(None, ids())
+    parts = update_for(roster, None)
     assert len(parts) > 1 and {p.parts for p in parts} == {len(parts)}
     assert sum(len(p.entries) for p in parts) == 601
-    parts = roster.update_for(1, ids())
+    parts = update_for(roster, 1)
     assert len(parts) > 1 and all(isinstance(p, TableDelta) for p in parts)
     assert sum(len(p.entries) for p in parts) == 600
     assert all(len(encode(p)) <= MAX_DATAGRAM for p in parts)
+    # the parts are well filled: about as few as the bytes allow
+    assert len(parts) <= 1 + sum(len(encode(p)) for p in parts) // (MAX_DATAGRAM - 1024)
 
 
 def test_a_name_keeps_its_part_and_a_name_that_left_makes_room() -> None:
     names = [f"a_rather_long_name_for_peer_{n:04d}" for n in range(600)]
     roster = roster_with(*names)
-    before = [[e.name for e in p.entries] for p in roster.whole(ids())]
+    before = [[e.name for e in p.entries] for p, _ in roster.whole(ids(), encode)]
     roster.set_presence(roster.clients[names[5]], Presence.SILENT)
     roster.remove(names[6])
     roster.add(ClientRecord("newcomer", (CLIENT_IP, 9), "t"))
     roster.close_version()
-    after = [[e.name for e in p.entries] for p in roster.whole(ids())]
+    after = [[e.name for e in p.entries] for p, _ in roster.whole(ids(), encode)]
     # names[5] changed in place, names[6] left its part, the newcomer joined the last
     assert after[0] == [name for name in before[0] if name != names[6]]
     assert after[1:-1] == before[1:-1]

@@ -19,7 +19,7 @@ from chatapp.protocol.common import Codec, Effect, IdFactory, Log, Pending, Send
 from chatapp.protocol.machine import Machine
 from chatapp.protocol.mailbox import Mailboxes
 from chatapp.protocol.roster import Roster
-from chatapp.protocol.tables import Followers
+from chatapp.protocol.tables import Followers, Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import Address, Register, StoredItem, Table, TableAck
 
@@ -38,14 +38,20 @@ class Waiting:
 
 class ServerPresence(Machine[Waiting]):
     def __init__(
-        self, timers: Timers, codec: Codec | None, *, epoch: int, id_prefix: str, mailbox_limit: int
+        self,
+        timers: Timers,
+        codec: Codec | None,
+        *,
+        epoch: int,
+        id_prefix: str,
+        mailbox_limit: int,
+        table_window: Window,
     ) -> None:
         super().__init__(timers, codec)
         self.roster = Roster(epoch)
-        self.followers = Followers()  # who holds which version of the table
+        self.followers = Followers(table_window)  # who holds which version of the table
         self.mailboxes = Mailboxes(mailbox_limit)
         self._new_id = IdFactory(id_prefix)
-        self._encoded: dict[str, bytes] = {}  # the current version's updates, encoded once
 
     @property
     def clients(self) -> dict[str, ClientRecord]:
@@ -71,14 +77,12 @@ class ServerPresence(Machine[Waiting]):
         """End the version this event made (if it changed anything) and send each client
         that needs an update, and has none in flight, what brings it from the version it
         holds to this one (changes made while an update is in flight go in the next)."""
-        if self.roster.close_version():
-            self._encoded = {}
+        self.roster.close_version()
         effects: list[Effect] = []
         clients: set[str] = set()
-        for record, part in self.followers.updates(self.roster, self._new_id):
-            data = self._encoded.get(part.id) or self._encoded.setdefault(
-                part.id, self.codec.encode(part)
-            )
+        for record, part, data in self.followers.updates(
+            self.roster, self._new_id, self.codec.encode
+        ):
             kind = ServerWait.TABLE if isinstance(part, Table) else ServerWait.DELTA
             send, key = Send(part, data, record.addr), (record.addr, part.id)
             effects.append(self._wait(key, send, now, Waiting(kind, record.name)))
@@ -113,7 +117,7 @@ class ServerPresence(Machine[Waiting]):
 
     def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
-        self.followers.lost(record.name, pending.key)
+        self._end_waits(self.followers.lost(record.name, pending.key))
         silent = record.presence is Presence.SILENT and pending.send.addr == record.addr
         if silent and self.followers.is_joining(record.name):
             return self._undo_registration(record)  # the update sent once more: no ACK

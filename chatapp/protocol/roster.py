@@ -1,20 +1,23 @@
 """The server's client table: every client's record, by name and by address; the
-table's versions and their history; and the messages that bring a client's copy
-from the version it holds to the current one (``chatapp.protocol.tables`` says
-who holds what).
+table's versions and their history; and the parts that bring a client's copy from
+the version it holds to the current one (``chatapp.protocol.tables`` says who
+holds what).
 
-Every change to a record goes through the roster, which notes the name as
-changed in the version being made; ``close_version`` ends that version (once
-per event that changed something). The history is the version at which each
-name last changed, plus the names that left the table (the most recent
-``MAX_REMOVED`` of them): a delta from version v is every name changed after v.
-A client that holds a version older than a removal that was forgotten gets the
-whole table instead.
+Every change to a record goes through the roster, which logs the entry as it now
+is under the version being made; ``close_version`` ends that version (once per
+event that changed something). A delta from version v is the log after v (each
+name once, as it is now) and the names that left the table after v. The log is
+compacted when it grows past twice the table; the names that left are kept for
+the last ``MAX_REMOVED`` of them, and a client that holds a version older than a
+removal that was forgotten gets the whole table instead.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import msgspec
 
@@ -26,23 +29,31 @@ from chatapp.wire import MAX_DATAGRAM, Address, Table, TableDelta, TableEntry
 MAX_REMOVED = 4096
 #: Bytes of entries (and names that left) in one part of a table or a delta.
 PART_BUDGET = MAX_DATAGRAM - ENVELOPE_ALLOWANCE
+#: Deltas to the current version kept made (by the version they start from): after one
+#: change every client starts from the same one; in a storm few share.
+CACHED_DELTAS = 64
 
-Update = list[Table] | list[TableDelta]
+Part = Table | TableDelta
+#: The parts of an update, each with its encoding (made once, whoever it goes to).
+Update = list[tuple[Part, bytes]]
+Encode = Callable[[Part], bytes]
 
 
 class Roster:
     def __init__(self, epoch: int) -> None:
-        self.epoch = epoch  # orders tables across restarts
+        self.epoch = epoch  # tells one start's tables from another's
         self.version = 0  # the last version made (0: none yet)
         self.clients: dict[str, ClientRecord] = {}
         self._by_addr: dict[Address, str] = {}  # the client registered last at each address
         self._pages = _Pages()
-        self._changed: dict[str, int] = {}  # name -> version of its last change, oldest first
+        self._log_versions: list[int] = []  # the log: each change's version, in order ...
+        self._log: list[TableEntry] = []  # ... and the entry as it was then
+        self._next = 1  # the version being made (one int for every change in it)
         self._removed: dict[str, int] = {}  # name -> version it left the table, oldest first
         self._floor = 0  # deltas can start from this version or a later one
         self._pending = False  # changed since the last version was made
-        self._whole: list[Table] | None = None  # the current version's parts, once made
-        self._deltas: dict[int, list[TableDelta]] = {}  # base -> delta to the current version
+        self._whole: Update | None = None  # the current version's parts, once made
+        self._deltas: OrderedDict[int, Update] = OrderedDict()  # base -> delta to current
 
     def restore(self, records: Iterable[ClientRecord]) -> None:
         for record in records:
@@ -83,8 +94,7 @@ class Roster:
         if self._by_addr.get(record.addr) == name:
             del self._by_addr[record.addr]
         self._pages.drop(name)
-        self._changed.pop(name, None)
-        self._removed[name] = self.version + 1
+        self._removed[name] = self._next
         self._pending = True
         if len(self._removed) > MAX_REMOVED:
             oldest = next(iter(self._removed))
@@ -95,11 +105,11 @@ class Roster:
         self._pending = True
 
     def _note(self, record: ClientRecord) -> None:
-        name = record.name
-        self._changed.pop(name, None)  # to the end: the history stays in version order
-        self._changed[name] = self.version + 1
-        self._removed.pop(name, None)
-        self._pages.put(record.entry())
+        entry = record.entry()
+        self._pages.put(entry)
+        self._log_versions.append(self._next)
+        self._log.append(entry)
+        self._removed.pop(record.name, None)
         self._pending = True
 
     def close_version(self) -> bool:
@@ -107,53 +117,70 @@ class Roster:
         if not self._pending:
             return False
         self._pending = False
-        self.version += 1
+        self.version = self._next
+        self._next = self.version + 1
         self._whole = None
-        self._deltas = {}
+        self._deltas.clear()
+        if len(self._log) > 2 * len(self.clients) + 1024:
+            self._compact()
         return True
+
+    def _compact(self) -> None:
+        """Keep each name's last entry only (the names that left, none), in log order."""
+        last: dict[str, int] = {entry.name: index for index, entry in enumerate(self._log)}
+        keep = sorted(index for name, index in last.items() if name in self.clients)
+        self._log_versions = [self._log_versions[index] for index in keep]
+        self._log = [self._log[index] for index in keep]
 
     # --- updates ----------------------------------------------------------------------
 
-    def update_for(self, held: int | None, new_id: Callable[[], str]) -> Update:
+    def update_for(self, held: int | None, new_id: Callable[[], str], encode: Encode) -> Update:
         """The parts that bring a client holding version ``held`` of this epoch (None:
-        none) to the current version: a delta, or the whole table when the history does
-        not reach back to ``held``. Made once per version and base, for every client."""
+        none) to the current version, encoded: a delta, or the whole table when the
+        history does not reach back to ``held``. Made once per version and base."""
         if held is not None and held >= self._floor:
-            return self._delta(held, new_id)
-        return self.whole(new_id)
+            return self._delta(held, new_id, encode)
+        return self.whole(new_id, encode)
 
-    def whole(self, new_id: Callable[[], str]) -> list[Table]:
+    def whole(self, new_id: Callable[[], str], encode: Encode) -> Update:
         if self._whole is None:
             parts = self._pages.parts()
-            self._whole = [
+            tables = [
                 Table(new_id(), self.epoch, self.version, index, len(parts), entries)
                 for index, entries in enumerate(parts)
             ]
+            self._whole = [(table, encode(table)) for table in tables]
         return self._whole
 
-    def _delta(self, base: int, new_id: Callable[[], str]) -> list[TableDelta]:
+    def _delta(self, base: int, new_id: Callable[[], str], encode: Encode) -> Update:
         delta = self._deltas.get(base)
         if delta is not None:
+            self._deltas.move_to_end(base)
             return delta
-        # oldest change first, as they happened
-        entries = [self._pages.get(name) for name in _since(self._changed, base)][::-1]
-        gone = list(_since(self._removed, base))[::-1]
+        since = self._log[bisect.bisect_right(self._log_versions, base) :]
+        entries = list({entry.name: entry for entry in since}.values())  # each name's last
+        gone = _left_since(self._removed, base)
         parts = _split(entries, gone)
-        delta = [
+        deltas = [
             TableDelta(new_id(), self.epoch, base, self.version, index, len(parts), *part)
             for index, part in enumerate(parts)
         ]
+        delta = [(part, encode(part)) for part in deltas]
         self._deltas[base] = delta
+        if len(self._deltas) > CACHED_DELTAS:
+            self._deltas.popitem(last=False)
         return delta
 
 
-def _since(history: dict[str, int], base: int) -> Iterable[str]:
-    """The names in ``history`` (in version order) changed after version ``base``, newest
-    first: the walk stops at the first older one, so it costs what it finds."""
-    for name, version in reversed(history.items()):
+def _left_since(removed: dict[str, int], base: int) -> list[str]:
+    """The names that left the table after version ``base``, in the order they left (the
+    walk back stops at the first older one, so it costs what it finds)."""
+    found = []
+    for name, version in reversed(removed.items()):
         if version <= base:
-            return
-        yield name
+            break
+        found.append(name)
+    return found[::-1]
 
 
 _encoder = msgspec.json.Encoder()
@@ -165,20 +192,30 @@ def _size(item: TableEntry | str) -> int:
 
 def _split(entries: list[TableEntry], gone: list[str]) -> list[tuple[list[TableEntry], list[str]]]:
     """A delta's entries and names in parts that each fit in one datagram (at least one)."""
-    parts: list[tuple[list[TableEntry], list[str]]] = [([], [])]
-    used = 0
-    items: list[TableEntry | str] = [*entries, *gone]
-    for item in items:
-        size = _size(item)
-        if used + size > PART_BUDGET and used:
-            parts.append(([], []))
-            used = 0
-        used += size
-        if isinstance(item, str):
-            parts[-1][1].append(item)
-        else:
-            parts[-1][0].append(item)
-    return parts
+    if len(_encoder.encode(entries)) + len(_encoder.encode(gone)) <= PART_BUDGET:
+        return [(entries, gone)]
+    return [(run, []) for run in _runs(entries)] + [([], run) for run in _runs(gone)]
+
+
+T = TypeVar("T", TableEntry, str)
+
+
+def _runs(items: list[T]) -> list[list[T]]:
+    """``items`` in runs that each encode within ``PART_BUDGET``: cut evenly by the size
+    of the whole (encoding is cheap, measuring item by item is not), and a run that is
+    still too big is cut in two."""
+    if not items:
+        return []
+    size = len(_encoder.encode(items))
+    if size <= PART_BUDGET or len(items) == 1:
+        return [items]
+    count = -(-size * 20 // (PART_BUDGET * 19))  # parts filled to about 95 %
+    step = -(-len(items) // count)
+    if step >= len(items):
+        step = len(items) // 2
+    return [
+        run for start in range(0, len(items), step) for run in _runs(items[start : start + step])
+    ]
 
 
 class _Pages:
@@ -189,9 +226,6 @@ class _Pages:
         self._pages: list[dict[str, TableEntry]] = []
         self._sizes: list[int] = []
         self._page_of: dict[str, int] = {}
-
-    def get(self, name: str) -> TableEntry:
-        return self._pages[self._page_of[name]][name]
 
     def put(self, entry: TableEntry) -> None:
         size = _size(entry)

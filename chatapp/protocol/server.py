@@ -33,6 +33,7 @@ from chatapp.protocol.common import (
 )
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.presence import ServerPresence, Waiting
+from chatapp.protocol.tables import Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -68,12 +69,20 @@ class ServerProtocol(ServerPresence):
         wall_offset: float = 0.0,
         token_factory: Callable[[], str] = lambda: secrets.token_hex(8),
         mailbox_limit: int = DEFAULT_MAILBOX_LIMIT,
+        table_window: Window = Window(),
         codec: Codec | None = None,
     ) -> None:
         """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
-        ``epoch`` orders tables across restarts (a larger one on every start)."""
+        ``epoch`` tells tables of one start from another's (a new one on every start);
+        ``table_window`` bounds the table's updates unanswered at once (their ACKs must
+        fit in the socket's receive buffer)."""
         super().__init__(
-            timers, codec, epoch=epoch, id_prefix=id_prefix, mailbox_limit=mailbox_limit
+            timers,
+            codec,
+            epoch=epoch,
+            id_prefix=id_prefix,
+            mailbox_limit=mailbox_limit,
+            table_window=table_window,
         )
         self.wall_offset = wall_offset
         self._new_token = token_factory

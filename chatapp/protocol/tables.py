@@ -14,7 +14,10 @@ The rules (the server's ``roster`` makes the versions and the messages):
   other gets a delta from the version it holds, or the whole table when the
   server's history does not reach back that far.
 - One update in flight per client: changes meanwhile wait for its ACK and then
-  go together in the next one.
+  go together in the next one. And at most ``window`` parts unanswered in all:
+  every part brings an ACK back, and a burst of ACKs larger than the server's
+  receive buffer would be dropped, retried, and dropped again. Clients beyond
+  the window wait their turn, in order.
 - The client ACKs every part with the version it holds after taking it; one
   that cannot place a delta (a gap, another epoch) says what it has, and the
   server sends what brings it from there.
@@ -22,12 +25,13 @@ The rules (the server's ``roster`` makes the versions and the messages):
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from chatapp.protocol.changes import ClientRecord
-from chatapp.protocol.roster import Roster
+from chatapp.protocol.roster import Encode, Roster
 from chatapp.wire import Table, TableDelta, TableEntry
 
 K = TypeVar("K", tuple[int, int, int], tuple[int, int, int, int])
@@ -42,8 +46,23 @@ class _Flight:
 
     to: int  # the version it brings
     whole: bool  # the whole table (else a delta)
-    waits: set[Hashable] = field(default_factory=set)  # its parts' waits not answered yet
+    waits: dict[Hashable, int] = field(default_factory=dict)  # unanswered part -> its bytes
     held: int | None = None  # the highest version of this epoch its ACKs said, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """How much of the table's updates may be unanswered at once, all clients together.
+    ``parts``: their ACKs must fit in the server's receive buffer with room to spare;
+    ``bytes``: the receivers must be able to take it all and answer well within one
+    ACK timeout (a burst that takes longer is sent again, and again)."""
+
+    parts: int = 4096
+    bytes: int = 1 << 20
+
+
+#: A datagram to send: who to, the message, and its bytes (encoded once for everyone).
+Outgoing = tuple[ClientRecord, Table | TableDelta, bytes]
 
 
 class Followers:
@@ -53,12 +72,15 @@ class Followers:
     (it needs an update at the next flush) or idle (it holds the current version).
     A client that is offline is in none of them (unless it is sent a probe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: Window = Window()) -> None:
+        self.window = window
+        self._parts_out = 0  # unanswered, all clients together
+        self._bytes_out = 0
         self._version = 0  # the roster's version at the last flush
         #: name -> the version of this epoch it holds (absent: none; it needs the whole table)
         self.held: dict[str, int] = {}
         self._flights: dict[str, _Flight] = {}
-        self._due: dict[str, None] = {}  # ordered sets
+        self._due: OrderedDict[str, None] = OrderedDict()  # (ordered sets) first come first
         self._idle: dict[str, None] = {}
         #: registered, its first whole table not ACKed yet -> whether the name was new then
         self._joining: dict[str, bool] = {}
@@ -81,8 +103,16 @@ class Followers:
         """``name`` went offline: nothing more is sent to it. Returns the waits to end."""
         self._due.pop(name, None)
         self._idle.pop(name, None)
+        return self._land(name)
+
+    def _land(self, name: str) -> set[Hashable]:
+        """``name``'s update is over: the waits it still had."""
         flight = self._flights.pop(name, None)
-        return flight.waits if flight else set()
+        if flight is None:
+            return set()
+        self._parts_out -= len(flight.waits)
+        self._bytes_out -= sum(flight.waits.values())
+        return set(flight.waits)
 
     def probe(self, name: str) -> None:
         """``name`` was just marked offline for not ACKing: it gets one more update, so
@@ -95,31 +125,34 @@ class Followers:
         self._joining.pop(name, None)
         return self.offline(name)
 
-    def updates(
-        self, roster: Roster, new_id: Callable[[], str]
-    ) -> list[tuple[ClientRecord, Table | TableDelta]]:
+    def updates(self, roster: Roster, new_id: Callable[[], str], encode: Encode) -> list[Outgoing]:
         """At the end of an event (the roster has made its version): what to send now.
         Each client that needs an update and has none in flight gets what brings it from
-        the version it holds to the current one; it waits on ``(its address, id)`` of
-        each part."""
+        the version it holds to the current one, first come first, while the window has
+        room (it may go past by one update); it waits on ``(its address, id)`` of each
+        part."""
         if roster.version != self._version:  # every client that held the last one is behind
             self._version = roster.version
             self._due.update(self._idle)
             self._idle.clear()
-        sends: list[tuple[ClientRecord, Table | TableDelta]] = []
-        due, self._due = self._due, {}
-        for name in due:
+        sends: list[Outgoing] = []
+        window = self.window
+        while self._due and self._parts_out < window.parts and self._bytes_out < window.bytes:
+            name, _ = self._due.popitem(last=False)
             record = roster.clients.get(name)
             held = self.held.get(name)
-            if record is None:
+            if record is None or held == self._version:
+                if record is not None:
+                    self._idle[name] = None
                 continue
-            if held == self._version:
-                self._idle[name] = None
-                continue
-            update = roster.update_for(held, new_id)
-            waits: set[Hashable] = {(record.addr, part.id) for part in update}
-            self._flights[name] = _Flight(self._version, isinstance(update[0], Table), waits)
-            sends += [(record, part) for part in update]
+            update = roster.update_for(held, new_id, encode)
+            flight = _Flight(self._version, isinstance(update[0][0], Table))
+            for part, data in update:
+                flight.waits[(record.addr, part.id)] = len(data)
+                sends.append((record, part, data))
+            self._flights[name] = flight
+            self._parts_out += len(flight.waits)
+            self._bytes_out += sum(flight.waits.values())
         return sends
 
     def acked(self, name: str, wait: Hashable, version: int | None) -> None:
@@ -130,7 +163,8 @@ class Followers:
         flight = self._flights.get(name)
         if flight is None or wait not in flight.waits:
             return  # a late ACK of an update that is over: the next says more
-        flight.waits.discard(wait)
+        self._parts_out -= 1
+        self._bytes_out -= flight.waits.pop(wait)
         if version is not None and (flight.held is None or version > flight.held):
             flight.held = version
         if flight.waits:
@@ -149,11 +183,13 @@ class Followers:
         else:
             self._due[name] = None
 
-    def lost(self, name: str, wait: Hashable) -> None:
-        """``wait`` ran out of tries: if it carried ``name``'s update, that is over."""
+    def lost(self, name: str, wait: Hashable) -> set[Hashable]:
+        """``wait`` ran out of tries: if it carried ``name``'s update, that is over.
+        Returns the waits to end (the update's other parts)."""
         flight = self._flights.get(name)
-        if flight is not None and wait in flight.waits:
-            del self._flights[name]
+        if flight is None or wait not in flight.waits:
+            return set()
+        return self._land(name)
 
     def is_joining(self, name: str) -> bool:
         return name in self._joining

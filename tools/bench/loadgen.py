@@ -60,6 +60,7 @@ class SimClient:
     token: str = ""
     outstanding: dict[str, float] = field(default_factory=dict)
     counter: int = 0
+    datagrams: int = 0  # exchanged with the server, both ways (requests, answers, ACKs)
 
     @property
     def port(self) -> int:
@@ -151,12 +152,14 @@ def _answers(client: SimClient) -> Iterator[Head]:
             data, addr = sock.recvfrom(65536)
         except BlockingIOError:
             return
+        client.datagrams += 1
         try:
             head = decode_head(data)
         except msgspec.DecodeError:
             continue
         if head.t in ("table", "delta", "mailbox"):
             sock.sendto(ack_for(head) or b"", addr)
+            client.datagrams += 1
         elif client.outstanding.pop(head.id, None) is not None:
             if head.token:
                 client.token = head.token
@@ -166,6 +169,7 @@ def _answers(client: SimClient) -> Iterator[Head]:
 def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
     msg_id = client.next_id()
     client.outstanding[msg_id] = now
+    client.datagrams += 1
     client.sock.sendto(request(client, msg_id), server)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from _harness import first_only
 from _sim import CLIENT_IP, SERVER, TABLES, TU, Sim, between, entry, trio_of_clients
 
 from chatapp.protocol import roster as roster_module
 from chatapp.protocol.changes import ClientRecord, ClientRemoved, ClientSaved, Presence
 from chatapp.protocol.common import Effect, Send
 from chatapp.protocol.roster import Roster
-from chatapp.protocol.tables import TableCopy
+from chatapp.protocol.tables import TableCopy, Window
 from chatapp.wire import (
     MAX_DATAGRAM,
     Register,
@@ -375,6 +376,57 @@ def test_a_storm_of_joins_costs_each_client_a_bounded_number_of_deltas() -> None
         assert set(sim.clients[name].table) == set(sim.server.clients)
         assert sim.clients[name].copy.version == sim.server.roster.version
     assert len(sim.lines("user1")) <= 3 + 3
+
+
+def test_at_most_a_window_of_parts_is_unanswered_and_the_others_follow_in_turn() -> None:
+    sim = Sim(table_window=Window(parts=3))
+    for n in range(8):
+        sim.join(f"user{n}")
+    assert all(sim.clients[f"user{n}"].copy.version == 8 for n in range(8))
+    sim.run(1.0)
+    held = between(sim, "user0", "server", TableAck)  # user0 answers late: 0.5 s
+    sim.drop.append(first_only(held))
+    mark = len(sim.sent)
+    sim.join("user8")  # the whole table to user8, then a delta to user0 .. user7
+    first = [sim.label_of(d.dst) for d in sim.sent[mark:] if isinstance(d.message, TABLES)]
+    # the newcomer first; user0's unanswered delta holds one place until its retry, and
+    # the others pass through the two left, one after another
+    assert first[0] == "user8" and sorted(first[1:]) == [f"user{n}" for n in range(8)]
+    assert all(sim.clients[f"user{n}"].copy.version == 9 for n in range(9))
+    held = sim.server.followers.held
+    assert held["user0"] == 8 and all(held[f"user{n}"] == 9 for n in range(1, 9))
+    sim.run(0.5)  # the retry, answered
+    assert held["user0"] == 9
+
+
+def test_a_full_window_holds_the_others_back_until_parts_are_answered() -> None:
+    sim = Sim(table_window=Window(parts=2))
+    for n in range(6):
+        sim.join(f"user{n}")
+    sim.run(1.0)
+    sim.drop.append(lambda src, send: isinstance(send.message, TableAck))  # nobody answers
+    mark = len(sim.sent)
+    sim.join("user6")
+    updates = [d for d in sim.sent[mark:] if isinstance(d.message, TABLES)]
+    assert len(updates) == 2  # the window: the newcomer's table and one delta
+    sim.drop.clear()
+    sim.run(0.5)  # the two are sent again and answered: the others follow, two at a time
+    sim.settle()
+    assert {sim.clients[f"user{n}"].copy.version for n in range(7)} == {7}
+    assert all(record.online for record in sim.server.clients.values())
+
+
+def test_the_window_counts_bytes_too() -> None:
+    sim = Sim(table_window=Window(parts=1000, bytes=800))  # a small table and a few deltas
+    for n in range(10):
+        sim.join(f"user{n}")
+    sim.run(1.0)
+    sim.drop.append(lambda src, send: isinstance(send.message, TableAck))
+    mark = len(sim.sent)
+    sim.join("user10")
+    updates = [d for d in sim.sent[mark:] if isinstance(d.message, TABLES)]
+    assert 2 <= len(updates) <= 5
+    assert sum(len(d.send.data) for d in updates[:-1]) < 800
 
 
 class AckingPeer:

@@ -147,15 +147,17 @@ def _one_registration(crowd: Crowd, newcomer: Member, online: list[Member]) -> S
     )
 
 
-def _fanout_floor(crowd: Crowd, members: list[Member], datagrams: list[bytes]) -> float:
+def _fanout_floor(
+    crowd: Crowd, members: list[Member], datagrams: list[bytes], tries: int = 3
+) -> float:
     """Seconds for a bare Trio fan-out to get ``datagrams`` to every one of ``members``
-    (each ACKs them, as it would the server's)."""
+    (each ACKs them, as it would the server's): the best of ``tries``."""
     ports = [m.sock.getsockname()[1] for m in members]
     with Worker("fanout") as worker:
         worker.command(f'{{"targets": {ports}}}')
         target = (HOST, worker.ready["port"])
         best = float("inf")
-        for _ in range(3):
+        for _ in range(tries):
             crowd.quiet(0.05, 2.0)
             crowd.counts.reset()
             start = time.monotonic()
@@ -233,7 +235,7 @@ def measure_storm(count: int) -> Storm:
         crowd = Crowd(count + 1, address, prefix="s")
         members = crowd.members[:count]
         try:
-            floor = _fanout_floor(crowd, members, table)
+            floor = _fanout_floor(crowd, members, table, tries=2)
             for member in members:  # the floor's table is not the server's
                 member.epoch, member.version, member.whole_at, member.parts = -1, -1, 0.0, {}
             rss_empty, drops = rss_bytes(pid), kernel_udp_drops()

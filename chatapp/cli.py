@@ -59,7 +59,13 @@ from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
 from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
-from chatapp.typer_support import UsageError, new_app, usage_error_line  # noqa: E402
+from chatapp.typer_support import (  # noqa: E402
+    UsageError,
+    WordsCommand,
+    new_app,
+    usage_error_line,
+    version_option,
+)
 from chatapp.wire import NAME_PATTERN  # noqa: E402
 
 PROG = "chatapp"
@@ -152,21 +158,8 @@ def _trace_path(value: str | None) -> str | None:
     return value or os.environ.get("CHATAPP_TRACE") or None
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"{PROG} {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Show the version and exit."
-        ),
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, version_option(PROG)] = False) -> None:
     pass
 
 
@@ -182,11 +175,21 @@ AckTimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for an AC
 TriesOption = Annotated[int, typer.Option(help="Tries of a request to the server.", hidden=True)]
 
 
-@app.command()
+#: ``chatapp serve`` alone listens here (SPEC: ``chatapp serve [PORT]``).
+DEFAULT_PORT = "8001"
+
+
+@app.command(cls=WordsCommand)
 def serve(
+    ctx: typer.Context,
     port: Annotated[
-        str, typer.Argument(metavar="PORT", help="UDP port, 1024-65535.", show_default=True)
-    ] = "8001",
+        str | None,
+        typer.Argument(
+            metavar="PORT",
+            help=f"UDP port, 1024-65535 (default: {DEFAULT_PORT}).",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[
         str, typer.Option(metavar="ADDRESS", help="IPv4 address to listen on.")
     ] = "0.0.0.0",
@@ -213,8 +216,12 @@ def serve(
     from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
+    if port is None and ctx.obj == SEED_SPELLING:
+        # `chatapp -s` names its port, as the seed does; alone, it is more likely a slip
+        # than a wish for the default.
+        raise BadArgument(f"-s needs a PORT, as in: chatapp -s {DEFAULT_PORT}")
     options = ServerOptions(
-        port=_port(port, "PORT"),
+        port=_port(DEFAULT_PORT if port is None else port, "PORT"),
         host=_listen_address(host),
         db=db,
         trace=_trace_path(trace),
@@ -225,7 +232,7 @@ def serve(
     _run(run_server, options, sys.argv, command="serve")
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def join(
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Your nickname: 1-32 letters, digits, _ - .")
@@ -267,7 +274,7 @@ def join(
     _run(run_client, options, sys.argv, command="join")
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def demo(
     test: Annotated[
         int | None, typer.Option("--test", min=1, max=3, help="Play only this seed test (1-3).")
@@ -343,19 +350,23 @@ def _quiet_stdout() -> None:
 
 
 _SEED_SPELLING = {"-s": "serve", "-c": "join"}
+#: ``ctx.obj`` of a command given in the seed's spelling.
+SEED_SPELLING = "seed spelling"
 #: What Typer returns when Ctrl-C interrupts it while it reads the arguments.
 _TYPER_INTERRUPTED = INTERRUPTED_EXIT
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in _SEED_SPELLING:
+    seed_spelling = bool(args) and args[0] in _SEED_SPELLING
+    if seed_spelling:
         args[0] = _SEED_SPELLING[args[0]]
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
         # Trio takes Ctrl-C over only from Python's own handler
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = app(args=args, prog_name=PROG, standalone_mode=False)
+        obj = SEED_SPELLING if seed_spelling else None
+        result = app(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
         if result == _TYPER_INTERRUPTED:
             _leave_interrupted(args[0] if args else None)
     except typer.Exit as done:

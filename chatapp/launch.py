@@ -86,7 +86,7 @@ async def run_node(
     store: Store | None = None,
     recorder: Recorder | None = None,
     screen: Screen | None = None,
-    make_screen: Callable[[], Screen] | None = None,
+    make_screen: Callable[[ClientProtocol], Screen] | None = None,
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
@@ -96,9 +96,10 @@ async def run_node(
 
     ``store`` (a server's) and ``recorder`` default to what the options name, and
     what is opened here is closed here; the endpoint is always closed at the end.
-    A client shows its lines on ``screen``, or on the one ``make_screen`` builds once
-    the endpoint is bound (a terminal shows its prompt when it is built), and reads
-    ``inputs``. ``argv`` is what the trace says started the node.
+    A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
+    its state machine once the endpoint is bound (a terminal's input line starts then,
+    and completes names from the machine's table), and reads ``inputs``. ``argv`` is
+    what the trace says started the node.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -113,9 +114,7 @@ async def run_node(
                 resources.callback(store.close)
             node = _server_node(options, endpoint, store, recorder, log)
         else:
-            if make_screen is not None:
-                screen = make_screen()
-            node = _client_node(options, endpoint, recorder, screen, log)
+            node = _client_node(options, endpoint, recorder, screen, make_screen, log)
         argv = argv if argv is not None else _argv(options, endpoint)
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status
@@ -204,6 +203,7 @@ def _client_node(
     endpoint: Endpoint,
     recorder: Recorder,
     screen: Screen | None,
+    make_screen: Callable[[ClientProtocol], Screen] | None,
     log: Callable[[Log], None],
 ) -> Node:
     protocol = ClientProtocol(
@@ -213,6 +213,8 @@ def _client_node(
         timers=options.timers,
         id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
     )
+    if make_screen is not None:
+        screen = make_screen(protocol)
     return Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
 
 

@@ -14,14 +14,11 @@ pending request is driven from there.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable
-from typing import ClassVar, Protocol, TextIO
+from typing import Protocol
 
 import trio
 
-from chatapp import screen
 from chatapp.net import Endpoint
 from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
@@ -38,11 +35,9 @@ Input = ClientInput
 __all__ = [
     "BadInput",
     "Input",
-    "LogSink",
     "Node",
     "Screen",
     "Signal",
-    "TerminalScreen",
 ]
 
 
@@ -52,107 +47,6 @@ class Screen(Protocol):
     def typed(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class TerminalScreen:
-    """The client's terminal: every line is shown behind the prompt, and the prompt
-    is shown again whenever the client waits for input."""
-
-    def __init__(self, out: TextIO | None = None) -> None:
-        self._out = out if out is not None else sys.stdout
-        self._at_prompt = False
-        self._write(screen.PROMPT)
-        self._at_prompt = True
-
-    def _write(self, text: str) -> None:
-        try:
-            self._out.write(text)
-            self._out.flush()
-        except (OSError, ValueError):
-            pass  # the terminal is gone; the node exits on the hang-up that follows
-
-    def show(self, line: str) -> None:
-        if line == screen.KEYBOARD_INTERRUPT:
-            self._write(line + "\n")
-            self._at_prompt = False
-            return
-        self._write(line + "\n" + screen.PROMPT)
-        self._at_prompt = True
-
-    def typed(self) -> None:
-        self._write(screen.PROMPT)
-        self._at_prompt = True
-
-    def close(self) -> None:
-        if self._at_prompt:
-            self._write("\n")
-            self._at_prompt = False
-
-
-class LogSink:
-    """A node's log: one timestamped line per event, rate-limited for warnings
-    so that a flood of bad datagrams cannot fill the screen or the disk."""
-
-    LEVELS: ClassVar[dict[str, int]] = {"debug": 10, "info": 20, "warning": 30}
-
-    def __init__(
-        self,
-        out: TextIO | None,
-        *,
-        level: str = "info",
-        warnings_per_second: float = 5.0,
-        now: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._out = out
-        self._threshold = self.LEVELS[level]
-        self._rate = warnings_per_second
-        self._allowance = warnings_per_second
-        self._last = now()
-        self._now = now
-        self.suppressed = 0
-        self._stamp_second = -1
-        self._stamp = ""
-
-    def __call__(self, entry: Log) -> None:
-        if self._out is None or self.LEVELS.get(entry.level, 20) < self._threshold:
-            return
-        if entry.level == "warning" and not self._admit():
-            return
-        second = int(time.time())
-        if second != self._stamp_second:  # strftime once a second, not once per line
-            self._stamp_second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        stamp = self._stamp
-        suffix = ""
-        if self.suppressed and entry.level == "warning":
-            suffix = f" ({self.suppressed} similar lines suppressed)"
-            self.suppressed = 0
-        try:
-            self._out.write(f"{stamp} {entry.text}{suffix}\n")
-            self._out.flush()
-        except (OSError, ValueError):
-            pass
-
-    def end_line(self) -> None:
-        """End the line the terminal left open (its echo of ``^C``) before the next entry."""
-        if self._out is None:
-            return
-        try:
-            if self._out.isatty():
-                self._out.write("\n")
-                self._out.flush()
-        except (OSError, ValueError):
-            pass
-
-    def _admit(self) -> bool:
-        now = self._now()
-        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
-        self._last = now
-        if self._allowance >= 1:
-            self._allowance -= 1
-            return True
-        self.suppressed += 1
-        return False
 
 
 AnyProtocol = ClientProtocol | ServerProtocol

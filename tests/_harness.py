@@ -233,12 +233,18 @@ def chatapp_command() -> list[str]:
     return [sys.executable, "-m", "chatapp"]
 
 
-def chatapp_env(data_home: Path, *, show_warnings: bool = False) -> dict[str, str]:
-    """The environment for a chatapp process: its data directory inside the test's, and
-    no ``CHATAPP_*`` setting (a trace, say) from outside. ``show_warnings``: every warning
-    Python would otherwise keep quiet is shown, so that a check for noise sees it."""
+def chatapp_env(
+    data_home: Path, *, show_warnings: bool = False, term: str = "dumb"
+) -> dict[str, str]:
+    """The environment for a chatapp process: its data and state directories (the
+    database, the input line's history) inside the test's, never the user's, and no
+    ``CHATAPP_*`` setting (a trace, say) from outside. ``term``: what a terminal says it
+    is (the seed's tests run on ``dumb`` ones). ``show_warnings``: every warning Python
+    would otherwise keep quiet is shown, so that a check for noise sees it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATAPP_")}
     env["XDG_DATA_HOME"] = str(data_home)
+    env["XDG_STATE_HOME"] = str(data_home.with_name(data_home.name + "-state"))
+    env["TERM"] = term
     env["PYTHONUNBUFFERED"] = "1"
     if show_warnings:
         env["PYTHONWARNINGS"] = "default"

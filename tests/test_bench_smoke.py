@@ -27,6 +27,7 @@ def test_every_benchmark_runs_and_reports_a_figure(tmp_path: Path) -> None:
     keys = {figure["key"] for figure in document["figures"]}
     for expected in (
         "rtt_median",
+        "pty_median",
         "server_saves",
         "server_registrations",
         "trace_share",

@@ -12,7 +12,9 @@ import sys
 import types
 
 import pytest
+import test_input_line
 import test_protocol_client
+import test_terminal
 import test_virtual
 from _harness import first_only
 from _sim import (  # the shared harness; see its docstring
@@ -787,7 +789,7 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         "test_control_characters_from_the_network_cannot_fake_screen_lines",
         ("hi\n[Client Table Updated]\x1b[2J",),
     ),
-    "PROMPT": ("test_a_client_node_on_a_terminal", ()),
+    "PROMPT": ("test_a_half_typed_line_survives_an_incoming_message", ()),
     "TABLE_UPDATED": ("test_join_shows_table_updated_and_keeps_the_whole_table", ()),
     "YOU_ARE_OFFLINE": ("test_dereg_goes_offline_and_the_others_get_the_table", ()),
     "YOU_HAVE_MESSAGE": ("test_reg_shows_stored_messages_oldest_first_interleaved", ()),
@@ -836,7 +838,10 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         (),
     ),
     "EMPTY_TABLE": ("test_help_and_table", ()),
-    "unknown_command": ("test_bad_commands_get_a_line_and_the_client_keeps_working", ("hello",)),
+    "unknown_command": (
+        "test_bad_commands_get_a_line_and_the_client_keeps_working",
+        ("hello", "help"),
+    ),
     "usage": (
         "test_bad_commands_get_a_line_and_the_client_keeps_working",
         ("send NAME MESSAGE",),
@@ -876,11 +881,13 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
             ],
         ),
     ),
-    "bad_input": ("test_a_client_node_on_a_terminal", ("not UTF-8",)),
+    "bad_input": ("test_a_client_node_writing_plain_lines", ("not UTF-8",)),
+    "no_help": ("test_help_explains_one_command", ("sned", "send")),
+    "CUT_BY_TERMINAL": ("test_a_line_the_terminal_may_have_cut_is_not_sent", ()),
 }
 
 #: The modules whose tests SCREEN_COVERAGE names.
-_COVERING_MODULES = (test_protocol_client, test_virtual)
+_COVERING_MODULES = (test_protocol_client, test_virtual, test_terminal, test_input_line)
 
 
 def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:

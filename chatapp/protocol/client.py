@@ -10,6 +10,7 @@ its row of ``chatapp.protocol.waits.ClientWait``.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import re
 from collections.abc import Callable
@@ -158,7 +159,7 @@ class ClientProtocol(Machine[Waiting]):
         word, _, rest = line.partition(" ")
         handler = self._command_handlers.get(word)
         if handler is None:
-            return [Show(screen.unknown_command(word))]
+            return [Show(screen.unknown_command(word, nearest_command(word)))]
         return handler(self, rest.strip(), now)
 
     # --- commands ---------------------------------------------------------------------
@@ -220,7 +221,12 @@ class ClientProtocol(Machine[Waiting]):
         return [Show(line) for line in screen.table_lines(rows)]
 
     def _cmd_help(self, rest: str, now: float) -> list[Effect]:
-        return [Show(screen.HELP)]
+        if not rest:
+            return [Show(screen.HELP)]
+        word = rest.split()[0]
+        if word in screen.COMMAND_HELP:
+            return [Show(screen.COMMAND_HELP[word])]
+        return [Show(screen.no_help(word, nearest_command(word)))]
 
     def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
         return self._exit(0, screen.EXITING)
@@ -418,3 +424,13 @@ class ClientProtocol(Machine[Waiting]):
         Table: _on_table,
         TableDelta: _on_table,
     }
+
+
+#: The commands typed at the client's prompt (for completion and suggestions).
+COMMANDS: tuple[str, ...] = tuple(ClientProtocol._command_handlers)
+
+
+def nearest_command(word: str) -> str | None:
+    """The command ``word`` was most likely meant to be (a typo), if any is close."""
+    matches = difflib.get_close_matches(word, COMMANDS, n=1)
+    return matches[0] if matches else None

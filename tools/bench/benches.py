@@ -923,6 +923,12 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_pty(sizes: Sizes) -> list[Figure]:
+    from .pty_latency import bench_pty_latency
+
+    return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
+
+
 def bench_registrations(sizes: Sizes) -> list[Figure]:
     levels = registrations.measure_levels(sizes.online, sizes.samples)
     storm = registrations.measure_storm(sizes.storm)
@@ -934,6 +940,7 @@ def bench_registrations(sizes: Sizes) -> list[Figure]:
 
 BENCHMARKS = {
     "rtt": bench_round_trip,
+    "pty": bench_pty,
     "capacity": bench_capacity,
     "fanout": bench_fanout,
     "memory": bench_memory,

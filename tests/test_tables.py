@@ -429,6 +429,27 @@ def test_the_window_counts_bytes_too() -> None:
     assert sum(len(d.send.data) for d in updates[:-1]) < 800
 
 
+def test_parts_sent_again_halve_the_window_and_answered_updates_grow_it_back() -> None:
+    sim = Sim(table_window=Window(parts=8, least=2))
+    for n in range(12):
+        sim.join(f"user{n}")
+    sim.run(1.0)
+    followers = sim.server.followers
+    assert followers.allowed == 8
+    sim.drop.append(lambda src, send: isinstance(send.message, TableAck))  # late, all
+    sim.join("user12")
+    sim.run(0.5)  # the 8 parts out are sent again: half as many at once from now on
+    assert followers.allowed == 4
+    sim.run(0.4)  # another retry within one timeout of the cut: the same signal
+    assert followers.allowed == 4
+    sim.run(0.1)
+    assert followers.allowed == 2  # the next timeout: halved again, not below 2
+    sim.drop.clear()
+    sim.settle()
+    assert {sim.clients[f"user{n}"].copy.version for n in range(13)} == {13}
+    assert 2 < followers.allowed <= 8  # every window of answered updates gives one back
+
+
 class AckingPeer:
     """A client that ACKs every part with the version it brings (a client that applies
     everything)."""

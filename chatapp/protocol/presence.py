@@ -21,7 +21,7 @@ from chatapp.protocol.mailbox import Mailboxes
 from chatapp.protocol.roster import Roster
 from chatapp.protocol.tables import Followers, Window
 from chatapp.protocol.waits import ServerWait
-from chatapp.wire import Address, Register, StoredItem, Table, TableAck
+from chatapp.wire import Address, Register, StoredItem, Table, TableAck, TableDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,13 @@ class ServerPresence(Machine[Waiting]):
                 0, Log(f"table version {version} sent to {len(clients)} clients", "debug")
             )
         return effects
+
+    def _slow_down_if_resent(self, effects: list[Effect], now: float) -> None:
+        """A part of the table sent again: fewer at once (``Followers.resent``)."""
+        for effect in effects:
+            if isinstance(effect, Send) and isinstance(effect.message, Table | TableDelta):
+                self.followers.resent(now, self.timers.ack_timeout)
+                return
 
     def _end_waits(self, keys: Iterable[Hashable]) -> None:
         for key in keys:

@@ -99,7 +99,9 @@ class ServerProtocol(ServerPresence):
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
-        return self._expired(now) + self._flush_table(now)
+        effects = self._expired(now)
+        self._slow_down_if_resent(effects, now)
+        return effects + self._flush_table(now)
 
     def _may_give_up(self, pending: Pending[Waiting]) -> bool:
         # A registration undone meanwhile: nothing is left to do for that name, except

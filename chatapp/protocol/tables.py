@@ -55,10 +55,15 @@ class Window:
     """How much of the table's updates may be unanswered at once, all clients together.
     ``parts``: their ACKs must fit in the server's receive buffer with room to spare;
     ``bytes``: the receivers must be able to take it all and answer well within one
-    ACK timeout (a burst that takes longer is sent again, and again)."""
+    ACK timeout (a burst that takes longer is sent again, and again). These are the
+    most: a part sent again because its ACK was late halves what is allowed (once per
+    ACK timeout), and every window's worth of updates ACKed whole gives one part back,
+    as TCP's congestion window does: a server short of CPU sends no faster than it can
+    hear back."""
 
     parts: int = 4096
     bytes: int = 1 << 20
+    least: int = 32  # parts: what halving never goes below
 
 
 #: A datagram to send: who to, the message, and its bytes (encoded once for everyone).
@@ -74,6 +79,8 @@ class Followers:
 
     def __init__(self, window: Window = Window()) -> None:
         self.window = window
+        self._allowed = float(window.parts)  # parts unanswered at once, for now
+        self._cut_at = float("-inf")  # when it was last halved
         self._parts_out = 0  # unanswered, all clients together
         self._bytes_out = 0
         self._version = 0  # the roster's version at the last flush
@@ -136,8 +143,7 @@ class Followers:
             self._due.update(self._idle)
             self._idle.clear()
         sends: list[Outgoing] = []
-        window = self.window
-        while self._due and self._parts_out < window.parts and self._bytes_out < window.bytes:
+        while self._due and self._parts_out < self._allowed and self._bytes_out < self.window.bytes:
             name, _ = self._due.popitem(last=False)
             record = roster.clients.get(name)
             held = self.held.get(name)
@@ -170,6 +176,7 @@ class Followers:
         if flight.waits:
             return
         del self._flights[name]
+        self._allowed = min(self._allowed + 1 / self._allowed, self.window.parts)
         if flight.held is None:
             self.held.pop(name, None)
         else:
@@ -182,6 +189,18 @@ class Followers:
             self._idle[name] = None
         else:
             self._due[name] = None
+
+    @property
+    def allowed(self) -> int:
+        """The parts that may be unanswered at once, for now."""
+        return int(self._allowed)
+
+    def resent(self, now: float, timeout: float) -> None:
+        """Parts were sent again (their ACKs were late, or lost): send less at once, by
+        half, at most once per ``timeout`` (one burst's retries are one signal)."""
+        if now - self._cut_at >= timeout:
+            self._cut_at = now
+            self._allowed = max(self._allowed / 2, self.window.least)
 
     def lost(self, name: str, wait: Hashable) -> set[Hashable]:
         """``wait`` ran out of tries: if it carried ``name``'s update, that is over.

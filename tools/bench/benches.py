@@ -934,6 +934,7 @@ def bench_registrations(sizes: Sizes) -> list[Figure]:
     storm = registrations.measure_storm(sizes.storm)
     return [
         *(figure for level in levels for figure in registrations.level_figures(level)),
+        registrations.memory_figure(levels[-1]),
         *registrations.storm_figures(storm),
     ]
 

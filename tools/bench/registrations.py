@@ -20,6 +20,7 @@ floor for a storm: each client must get every entry once).
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -272,6 +273,36 @@ def measure_storm(count: int) -> Storm:
 
 def _per_client(rss: int | None, empty: int | None, clients: int) -> float | None:
     return None if rss is None or empty is None else (rss - empty) / clients
+
+
+def _plain_bytes_per_client(count: int) -> float:
+    """Python memory per client of a plain dict name -> (address, token): the floor the
+    memory benchmark uses too."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = {f"m{i}": ((HOST, 20000 + i), f"{i:016x}") for i in range(count)}
+        used = tracemalloc.get_traced_memory()[0] - before
+        del kept
+    finally:
+        tracemalloc.stop()
+    return used / count
+
+
+def memory_figure(level: Level) -> Figure:
+    n = level.online
+    return Figure(
+        f"registration_memory_n{n}",
+        f"server RSS per client, {n:,} online (all tables held)",
+        _per_client(level.rss, level.rss_empty, n),
+        "B",
+        _plain_bytes_per_client(n),
+        "dict name -> (addr, token)",
+        "lower",
+        goal="< 1 KiB" if n >= 1000 else "",  # a few pages of RSS say nothing for fewer
+        goal_on="value" if n >= 1000 else "",
+        goal_limit=1024 if n >= 1000 else None,
+    )
 
 
 def level_figures(level: Level) -> list[Figure]:

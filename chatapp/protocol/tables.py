@@ -56,14 +56,16 @@ class Window:
     ``parts``: their ACKs must fit in the server's receive buffer with room to spare;
     ``bytes``: the receivers must be able to take it all and answer well within one
     ACK timeout (a burst that takes longer is sent again, and again). These are the
-    most: a part sent again because its ACK was late halves what is allowed (once per
-    ACK timeout), and every window's worth of updates ACKed whole gives one part back,
-    as TCP's congestion window does: a server short of CPU sends no faster than it can
-    hear back."""
+    most; what is allowed moves as TCP's congestion window does, so that a server
+    short of CPU sends no faster than it hears back: it starts at ``least`` parts and
+    grows by one for every update ACKed whole (doubling with every window's worth),
+    until a part must be sent again because its ACK was late; then it is halved (once
+    per ACK timeout: one burst's retries are one signal) and grows by one part per
+    window's worth of updates ACKed."""
 
     parts: int = 4096
     bytes: int = 1 << 20
-    least: int = 32  # parts: what halving never goes below
+    least: int = 32  # parts: where it starts, and what halving never goes below
 
 
 #: A datagram to send: who to, the message, and its bytes (encoded once for everyone).
@@ -79,8 +81,8 @@ class Followers:
 
     def __init__(self, window: Window = Window()) -> None:
         self.window = window
-        self._allowed = float(window.parts)  # parts unanswered at once, for now
-        self._cut_at = float("-inf")  # when it was last halved
+        self._allowed = float(min(window.least, window.parts))  # parts at once, for now
+        self._cut_at = float("-inf")  # when it was last halved (never: it grows fast)
         self._parts_out = 0  # unanswered, all clients together
         self._bytes_out = 0
         self._version = 0  # the roster's version at the last flush
@@ -176,7 +178,8 @@ class Followers:
         if flight.waits:
             return
         del self._flights[name]
-        self._allowed = min(self._allowed + 1 / self._allowed, self.window.parts)
+        growth = 1.0 if self._cut_at == float("-inf") else 1 / self._allowed
+        self._allowed = min(self._allowed + growth, self.window.parts)
         if flight.held is None:
             self.held.pop(name, None)
         else:

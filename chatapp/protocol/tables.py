@@ -14,10 +14,10 @@ The rules (the server's ``roster`` makes the versions and the messages):
   other gets a delta from the version it holds, or the whole table when the
   server's history does not reach back that far.
 - One update in flight per client: changes meanwhile wait for its ACK and then
-  go together in the next one. And at most ``window`` parts unanswered in all:
+  go together in the next one. And a window of parts unanswered in all (``Window``:
   every part brings an ACK back, and a burst of ACKs larger than the server's
-  receive buffer would be dropped, retried, and dropped again. Clients beyond
-  the window wait their turn, in order.
+  receive buffer, or than it can read within one ACK timeout, would be dropped or
+  late, sent again, and again); clients beyond it wait their turn, in order.
 - The client ACKs every part with the version it holds after taking it; one
   that cannot place a delta (a gap, another epoch) says what it has, and the
   server sends what brings it from there.

@@ -46,6 +46,7 @@ if _started_as_program():
 
 import contextlib  # noqa: E402
 import ipaddress  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -57,6 +58,7 @@ import typer  # noqa: E402
 
 from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
+from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
 from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
 from chatapp.typer_support import (  # noqa: E402
@@ -145,6 +147,25 @@ def _mailbox_limit(value: int) -> int:
     return value
 
 
+DEFAULT_RATE = int(Limits().per_address_rate)
+DEFAULT_JOINS = int(Limits().registrations_per_ip_burst)
+
+
+def _limits(rate: int, joins: int) -> Limits | None:
+    for value, option in ((rate, "--rate-limit"), (joins, "--join-limit")):
+        if not 0 <= value <= 10_000_000:
+            raise BadArgument(f"{option} must be from 0 (no limit) to 10000000, not {value}")
+    if rate == 0 and joins == 0:
+        return None
+    unlimited = math.inf
+    return Limits(
+        per_address_rate=rate or unlimited,
+        per_address_burst=rate or unlimited,
+        registrations_per_ip_rate=joins / 60 or unlimited,
+        registrations_per_ip_burst=joins or unlimited,
+    )
+
+
 def _timers(ack_timeout: float, tries: int) -> Timers:
     if not 0.01 <= ack_timeout <= 60:
         raise BadArgument(f"--ack-timeout must be from 0.01 to 60 seconds, not {ack_timeout}")
@@ -173,6 +194,24 @@ TraceOption = Annotated[
 ]
 AckTimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for an ACK.", hidden=True)]
 TriesOption = Annotated[int, typer.Option(help="Tries of a request to the server.", hidden=True)]
+
+
+RateLimitOption = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Datagrams per second one address (IP and port) may send, as many at once;"
+        " the excess is dropped unread. 0: no limit.",
+    ),
+]
+JoinLimitOption = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Registrations per minute from one IP address (all at once if need be); the"
+        " excess is dropped unread. 0: no limit.",
+    ),
+]
 
 
 #: ``chatapp serve`` alone listens here (SPEC: ``chatapp serve [PORT]``).
@@ -209,6 +248,8 @@ def serve(
     mailbox_limit: Annotated[
         int, typer.Option(metavar="N", help="Stored messages kept per client.")
     ] = 1000,
+    rate_limit: RateLimitOption = DEFAULT_RATE,
+    join_limit: JoinLimitOption = DEFAULT_JOINS,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
@@ -227,6 +268,7 @@ def serve(
         trace=_trace_path(trace),
         log_level="warning" if quiet else "debug" if verbose else "info",
         mailbox_limit=_mailbox_limit(mailbox_limit),
+        limits=_limits(rate_limit, join_limit),
         timers=_timers(ack_timeout, tries),
     )
     _run(run_server, options, sys.argv, command="serve")

@@ -21,6 +21,7 @@ import trio
 
 from chatapp.net import UDP, Endpoint, Network
 from chatapp.node import Input, Node, Screen
+from chatapp.protocol.admission import Admission, Limits
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import IdFactory, Log, Timers
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
@@ -42,6 +43,8 @@ class ServerOptions:
     trace: str | None = None
     log_level: str = "info"
     mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
+    #: What one sender may send before the excess is dropped unread; None: no limit.
+    limits: Limits | None = Limits()
     timers: Timers = Timers()
     name: str = "server"  # the node's name in traces
     # What a real run leaves to chance or to the clock (None); tests and replays fix them.
@@ -175,7 +178,21 @@ def _server_node(
             f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
         )
     )
-    return Node(options.name, protocol, endpoint, log=log, recorder=recorder, store=store)
+    buffer = getattr(endpoint, "receive_buffer", None)
+    if buffer is not None:
+        log(
+            Log(f"socket receive buffer: {buffer // 1024} KiB (net.core.rmem_max caps it)", "debug")
+        )
+    admission = Admission(options.limits) if options.limits is not None else None
+    return Node(
+        options.name,
+        protocol,
+        endpoint,
+        log=log,
+        recorder=recorder,
+        store=store,
+        admission=admission,
+    )
 
 
 #: Bytes of receive buffer a small datagram takes (the kernel's bookkeeping: about 830

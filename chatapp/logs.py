@@ -36,8 +36,8 @@ class WarningRateLimit(logging.Filter):
         self.suppressed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
+        if record.levelno != logging.WARNING or getattr(record, "summary", False):
+            return True  # a summary (``Log.summary``) is limited at its source already
         now = self._now()
         self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
         self._last = now
@@ -120,7 +120,10 @@ class LogSink:
             # A record made here, not by Logger.log: that one looks up the caller's file
             # and line on every call, which a busy server would pay once per datagram.
             logger = self.logger
-            logger.handle(logger.makeRecord(logger.name, level, "", 0, entry.text, (), None))
+            record = logger.makeRecord(logger.name, level, "", 0, entry.text, (), None)
+            if entry.summary:
+                record.summary = True
+            logger.handle(record)
 
 
 def end_log_line() -> None:

@@ -3,8 +3,13 @@
 One nursery per node runs its receive task, its timer task and (for a
 client) its input task. Every handler call and the effects it returns are
 carried out under one lock, so effects leave in the order the state machine
-produced them, and a change (``chatapp.protocol.changes``) is committed before
-anything after it is sent.
+produced them, and the changes (``chatapp.protocol.changes``) of a handling are
+committed, in one transaction, before anything of it is sent. If the commit fails,
+nothing of it is sent and the server's state machine rolls back to what the
+database holds.
+
+The receive task reads the socket in batches and asks the node's admission policy
+(``chatapp.protocol.admission``) about each datagram before it is decoded.
 
 The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
 earliest ACK deadline the state machine has: every retry and give-up of every
@@ -13,13 +18,16 @@ pending request is driven from there.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
-from chatapp.net import Endpoint
+from chatapp import screen
+from chatapp.net import Admit, Endpoint
+from chatapp.protocol.admission import Admission
 from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
@@ -52,12 +60,18 @@ class Screen(Protocol):
 AnyProtocol = ClientProtocol | ServerProtocol
 
 
+def _admit_all(data: bytes, addr: Address, now: float) -> bool:
+    return True
+
+
 class Node:
     """One client or server: a state machine, an endpoint, and the tasks that drive them."""
 
     #: Most datagrams handled under one commit: bounds how long the first one's answer
     #: waits for the others' handling.
     GROUP_COMMIT_LIMIT = 64
+    #: Most datagrams read from the socket between two turns of the other tasks.
+    RECEIVE_BATCH = 256
 
     def __init__(
         self,
@@ -69,7 +83,9 @@ class Node:
         log: Callable[[Log], None] | None = None,
         recorder: Recorder | None = None,
         store: Store | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        """``admission`` decides, before decoding, which datagrams are handled at all."""
         self.name = name
         self.protocol = protocol
         self.endpoint = endpoint
@@ -77,6 +93,8 @@ class Node:
         self.log = log or (lambda entry: None)
         self.recorder = recorder or NullRecorder()
         self.store: Store = store or MemoryStore()
+        self.admission = admission
+        self._admit: Admit = admission.admit if admission is not None else _admit_all
         self.exit_status: int | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
@@ -85,6 +103,11 @@ class Node:
         self._receive_nowait: Callable[[], tuple[bytes, Address]] | None = (
             receive_nowait if self.store.durable else None
         )
+        #: Datagrams read and admitted, not yet handled.
+        self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._store_trouble: str | None = None  # why the last commit failed, if it did
+        self._trace_failure_said = False
+        self._can_shut_out = True
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -123,14 +146,45 @@ class Node:
             self._cancel_scope.cancel()
 
     async def _receive_loop(self) -> None:
+        receive_batch = getattr(self.endpoint, "receive_batch", None)
         while True:
-            try:
-                data, addr = await self.endpoint.receive()
-            except OSError as exc:
-                # e.g. an ICMP "port unreachable" reported on a later read: not fatal
-                self.log(Log(f"receive failed: {exc}", "debug"))
-                continue
-            await self._handle(self._take_first, data, addr)
+            if receive_batch is not None:
+                batch = await receive_batch(self._admit, self.RECEIVE_BATCH)
+            else:
+                batch = await self._receive_one()
+            queued = self._queued
+            queued.extend(batch)
+            while queued:  # group commit (``_gather``) may take some of them first
+                data, addr = queued.popleft()
+                await self._handle(self._take_first, data, addr)
+            if self.admission is not None and self.admission.dropped:
+                self._admission_report(self.admission, trio.current_time())
+
+    def _admission_report(self, admission: Admission, now: float) -> None:
+        """What was dropped (once a second), and the floods the kernel is to drop."""
+        line = admission.report(now)
+        if line is not None:
+            self.log(Log(line, "warning", summary=True))
+        addresses = admission.shut_out_changed(now)
+        shut_out = getattr(self.endpoint, "shut_out", None)
+        if addresses is None or shut_out is None or not self._can_shut_out:
+            return
+        try:
+            shut_out(addresses)
+        except OSError as exc:
+            self._can_shut_out = False
+            line = f"floods cannot be shut out at the socket ({exc}): they are read and dropped"
+            self.log(Log(line, "warning", summary=True))
+
+    async def _receive_one(self) -> list[tuple[bytes, Address]]:
+        """From an endpoint that reads one datagram at a time (the in-memory network)."""
+        try:
+            data, addr = await self.endpoint.receive()
+        except OSError as exc:
+            # e.g. an ICMP "port unreachable" reported on a later read: not fatal
+            self.log(Log(f"receive failed: {exc}", "debug"))
+            return []
+        return [(data, addr)] if self._admit(data, addr, trio.current_time()) else []
 
     def _take_first(self, data: bytes, addr: Address, now: float) -> list[Effect]:
         effects = self._take(data, addr, now)
@@ -155,18 +209,21 @@ class Node:
         is the point (the disk, not the protocol, limits a durable server)."""
         assert self._receive_nowait is not None
         gathered = list(effects)
-        handled = 1
-        while handled < self.GROUP_COMMIT_LIMIT:
-            try:
-                data, addr = self._receive_nowait()
-            except (trio.WouldBlock, OSError):
-                break
-            gathered += self._take(data, addr, trio.current_time())
-            handled += 1
-        if handled == 1:
-            return effects
-        changes: list[Effect] = [e for e in gathered if isinstance(e, Change)]
-        return changes + [e for e in gathered if not isinstance(e, Change)]
+        read = 1
+        now = trio.current_time()
+        while read < self.GROUP_COMMIT_LIMIT:
+            read += 1
+            if self._queued:
+                data, addr = self._queued.popleft()  # read and admitted already
+            else:
+                try:
+                    data, addr = self._receive_nowait()
+                except (trio.WouldBlock, OSError):
+                    break
+                if not self._admit(data, addr, now):
+                    continue
+            gathered += self._take(data, addr, now)
+        return gathered  # their changes are committed first, together (``_apply_locked``)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -205,18 +262,13 @@ class Node:
             self._lock.release()
 
     async def _apply_locked(self, effects: list[Effect]) -> None:
-        changes: list[Change] = []
+        # One transaction for every change of the handling, before anything it sends: a
+        # channel message stored for a hundred offline clients is one commit, and no
+        # answer leaves before the change it reports is on disk.
+        changes = [effect for effect in effects if isinstance(effect, Change)]
+        if changes and not await self._commit(changes):
+            effects = self._roll_back()
         for effect in effects:
-            if isinstance(effect, Change):
-                changes.append(effect)
-                continue
-            # Log lines leave nothing outside the node: one transaction covers every change
-            # up to the next datagram or screen line (a channel message stored for a hundred
-            # offline clients is one commit, not a hundred).
-            if changes and not isinstance(effect, Log):
-                if not await self._commit(changes):
-                    break
-                changes = []
             if isinstance(effect, Send):
                 await self._send(effect)
             elif isinstance(effect, Show):
@@ -228,26 +280,49 @@ class Node:
             elif isinstance(effect, Exit):
                 self.exit_status = effect.status
                 self.stop()
-        if changes:
-            await self._commit(changes)
+        self.protocol.checkpoint()
+        if not self._trace_failure_said and (why := self.recorder.failure()) is not None:
+            self._say_trace_stopped(why)
         deadline = self.protocol.next_deadline()
         if deadline is not None and deadline < self._armed_deadline:
             self._timer_changed.set()
 
+    def _say_trace_stopped(self, why: str) -> None:
+        """Once: the trace file could not be written (the node itself goes on)."""
+        self._trace_failure_said = True
+        if self.screen is not None:
+            self.screen.show(screen.trace_stopped(why))
+        else:
+            self.log(Log(f"trace not written ({why}): recording stopped", "warning", True))
+
     async def _commit(self, changes: list[Change]) -> bool:
-        """Commit ``changes``; False if the database failed, and then nothing that depends
-        on them (an ACK above all) may leave: the sender retries, or is told it failed."""
+        """Commit ``changes``; False if the database failed."""
         try:
             await self.store.commit(changes)
         except Exception as exc:  # sqlite3.Error, OSError (disk full): any failure to persist
-            self.log(
-                Log(
-                    f"database write failed ({exc}): the answers that needed it were held back",
-                    "warning",
-                )
-            )
+            reason = str(exc) or type(exc).__name__
+            line = f"database write failed: {reason}. Nothing that needed it was acknowledged"
+            # A new reason is always said; the same one again is a warning like any other.
+            self.log(Log(line, "warning", summary=reason != self._store_trouble))
+            self._store_trouble = reason
             return False
+        if self._store_trouble is not None:
+            self._store_trouble = None
+            self.log(Log("database writes work again"))
         return True
+
+    def _roll_back(self) -> list[Effect]:
+        """After a failed commit: none of the handling's effects leave, and the server's
+        state machine goes back to what the database holds (only a server has changes)."""
+        protocol = self.protocol
+        assert isinstance(protocol, ServerProtocol)
+        try:
+            clients, mailbox = self.store.load()
+        except Exception as exc:  # a database that can be neither written nor read
+            self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
+            self.stop()
+            return []
+        return protocol.rollback(clients, mailbox, trio.current_time())
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address

@@ -69,6 +69,7 @@ STILL_JOINING = "[Still waiting for the server to accept the registration. Try a
 BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
 REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
 EMPTY_TABLE = "[The client table is empty.]"
+CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; try again later.]"
 
 
 #: ``help COMMAND``: one line on each command (aliases share their command's line).
@@ -152,6 +153,10 @@ def table_lines(rows: Iterable[tuple[str, str, int, bool]]) -> list[str]:
         for name, ip, port, online in rows
     ]
     return lines or [EMPTY_TABLE]
+
+
+def trace_stopped(reason: str) -> str:
+    return f"[The trace could not be written ({reason}). Recording stopped; the chat goes on.]"
 
 
 def bad_input(detail: str) -> str:

@@ -9,15 +9,27 @@ exclusive lock from open to close, so a second server pointed at the same
 file stops at start with a clear error instead of keeping a second, diverging
 copy of the table. The lock dies with the process, so a server restarted
 after SIGKILL opens the file (and recovers the WAL) at once.
+
+What is not chatapp's is refused at start, in one line: a SQLite file of another
+application (chatapp marks its files with ``PRAGMA application_id``; files of the
+versions before the mark are known by their tables), and rows this chatapp never
+wrote (every row is checked against the types of the wire at start). Before each
+commit the store checks that its file (and its WAL) are still the ones it opened: a
+file deleted or replaced under a running server makes every later commit fail, so
+that nothing more is acknowledged as saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Literal, TypeVar
 
+import msgspec
 import trio
 
 from chatapp.protocol.changes import (
@@ -30,7 +42,7 @@ from chatapp.protocol.changes import (
     Presence,
     apply_changes,
 )
-from chatapp.wire import StoredItem
+from chatapp.wire import MsgId, Name, Port, StoredItem, Text, Token
 
 SCHEMA_VERSION = 2
 
@@ -68,9 +80,56 @@ MIGRATIONS: dict[int, str] = {
 #: How long opening waits for another process's lock before giving up.
 LOCK_TIMEOUT = 1.0
 
+#: ``PRAGMA application_id`` of a chatapp database ("CHAT").
+APPLICATION_ID = 0x43484154
+
 
 class StoreError(sqlite3.DatabaseError):
     """The database cannot be used by this server (said in one line)."""
+
+
+class _ClientRow(msgspec.Struct):
+    """A row of ``clients`` as chatapp writes it."""
+
+    name: Name
+    ip: str
+    port: Port
+    token: Token
+    presence: Literal["online", "deregistered", "silent"]
+
+
+class _MailboxRow(msgspec.Struct):
+    """A row of ``mailbox`` as chatapp writes it (a recipient and a ``StoredItem``)."""
+
+    recipient: Name
+    id: MsgId
+    kind: Literal["direct", "channel"]
+    sender: Name
+    text: Text
+    stored_at: float
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, list[str]]:
+    """Every table of ``db`` (SQLite's own left out) with its columns, in order."""
+    names = [
+        name
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        if not name.startswith("sqlite_")
+    ]
+    return {name: [row[1] for row in db.execute(f'PRAGMA table_info("{name}")')] for name in names}
+
+
+def _schema_of(version: int) -> dict[str, list[str]]:
+    """The tables and columns of a chatapp database of schema ``version``."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for target in range(1, version + 1):
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return _tables(db)
+    finally:
+        db.close()
 
 
 def default_db_path(port: int) -> str:
@@ -95,6 +154,7 @@ class SqliteStore:
             # Exclusive before WAL: SQLite then keeps the WAL index in this process's
             # memory and no other process can open the file while we run.
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._check_owner()  # before anything is written: a file not ours stays as it was
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("BEGIN IMMEDIATE")  # take the lock now, not at the first save
@@ -113,6 +173,25 @@ class SqliteStore:
         except BaseException:
             self._db.close()
             raise
+        #: Why commits fail from now on (the file was deleted or replaced), if they do.
+        self.broken: str | None = None
+        self._files = self._identities()
+
+    def _check_owner(self) -> None:
+        """Refuse a file that is not chatapp's; a chatapp file from before the mark (or a
+        new, empty one) gets the mark in its first migration."""
+        owner = self._db.execute("PRAGMA application_id").fetchone()[0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if owner == APPLICATION_ID:
+            return
+        if owner != 0:
+            raise StoreError(f"it belongs to another application (application_id {owner:#x})")
+        tables = _tables(self._db)
+        if version == 0 and not tables:
+            return  # an empty file: ours from now on
+        if not 1 <= version <= SCHEMA_VERSION or tables != _schema_of(version):
+            held = ", ".join(sorted(tables)) or "no tables"
+            raise StoreError(f"it is not a chatapp database (schema version {version}, {held})")
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -128,27 +207,77 @@ class SqliteStore:
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={target}")
+                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if self._db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")  # an up-to-date file
+
+    # --- the file under the store ---------------------------------------------------------
+
+    def _identities(self) -> dict[str, tuple[int, int] | None]:
+        """(device, inode) of the file and of its WAL (None: not there), as they are now."""
+        if self.path == ":memory:":
+            return {}
+        found: dict[str, tuple[int, int] | None] = {}
+        for name in (self.path, self.path + "-wal"):
+            try:
+                stat = os.stat(name)
+                found[name] = (stat.st_dev, stat.st_ino)
+            except FileNotFoundError:
+                found[name] = None
+        return found
+
+    def _check_files(self) -> None:
+        """Fail (for good) if the file or its WAL is no longer the one this store opened:
+        a commit would go to a file nobody will open again."""
+        if self.broken is None:
+            now = self._identities()
+            for name, opened in self._files.items():
+                if opened is not None and now[name] != opened:
+                    what = "deleted" if now[name] is None else "replaced by another file"
+                    self.broken = f"the database file {name} was {what} while the server ran"
+                    if name != self.path and now[self.path] == self._files[self.path]:
+                        self._rescue()
+                    break
+            else:
+                self._files = now  # a WAL made since, say
+        if self.broken is not None:
+            raise StoreError(f"{self.broken}; nothing can be saved until it restarts")
+
+    def _rescue(self) -> None:
+        """A WAL deleted under the store still holds the last commits, open here: copy them
+        into the database file, which is still the one the store opened."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _read(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        try:
-            clients = [
-                ClientRecord(name, (ip, port), token, Presence(presence))
-                for name, ip, port, token, presence in self._db.execute(
-                    "SELECT name, ip, port, token, presence FROM clients ORDER BY changed, rowid"
+        """Every row, checked against the types chatapp writes (a row of the wrong type
+        would otherwise surface later, as an error in the middle of serving)."""
+        clients = []
+        for values in self._db.execute(
+            "SELECT name, ip, port, token, presence FROM clients ORDER BY changed, rowid"
+        ):
+            row = _checked(values, _ClientRow, "clients")
+            try:
+                ipaddress.IPv4Address(row.ip)
+            except ValueError:
+                raise StoreError(f"a row of clients has {row.ip!r} for an IPv4 address") from None
+            clients.append(
+                ClientRecord(row.name, (row.ip, row.port), row.token, Presence(row.presence))
+            )
+        mailbox: dict[str, list[StoredItem]] = {}
+        for recipient, *item in self._db.execute(
+            "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
+        ):
+            checked = _checked((recipient, *item), _MailboxRow, "mailbox")
+            mailbox.setdefault(checked.recipient, []).append(
+                StoredItem(
+                    checked.id, checked.kind, checked.sender, checked.text, checked.stored_at
                 )
-            ]
-            mailbox: dict[str, list[StoredItem]] = {}
-            for recipient, msg_id, kind, sender, text, stored_at in self._db.execute(
-                "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
-            ):
-                item = StoredItem(msg_id, kind, sender, text, stored_at)
-                mailbox.setdefault(recipient, []).append(item)
-        except ValueError as exc:  # a presence or a row that this chatapp never wrote
-            raise StoreError(f"the database holds a row chatapp cannot read: {exc}") from None
+            )
         return clients, mailbox
 
     def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
@@ -162,13 +291,18 @@ class SqliteStore:
 
     def _commit(self, changes: list[Change]) -> None:
         with self._guard:
+            self._check_files()
             db = self._db
             db.execute("BEGIN")
             try:
                 apply_changes(changes, _Transaction(db))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk); the first error is
+                # the one to report.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
 
     def pragma(self, name: str) -> object:
@@ -179,6 +313,18 @@ class SqliteStore:
     def close(self) -> None:
         with self._guard:
             self._db.close()
+
+
+T = TypeVar("T")
+
+
+def _checked(values: tuple[object, ...], kind: type[T], table: str) -> T:
+    """``values`` (a row, in the order of ``kind``'s fields) as a ``kind``."""
+    fields = msgspec.structs.fields(kind)  # type: ignore[arg-type]
+    try:
+        return msgspec.convert(dict(zip((f.name for f in fields), values, strict=True)), kind)
+    except msgspec.ValidationError as exc:
+        raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
 
 
 class _Transaction:

@@ -91,11 +91,14 @@ class Registered(_Message, tag="registered", frozen=True):
     token: Token
 
 
-class Refused(_Message, tag="refused", frozen=True):
-    """Answer to any request the server will not carry out; ``reason`` is for people."""
+class Refused(_Message, tag="refused", frozen=True, omit_defaults=True):
+    """Answer to any request the server will not carry out; ``reason`` is for people.
+    ``cause`` ``storage``: the server could not store the change the request asked for
+    (its database failed); nothing was done, and the same request may succeed later."""
 
     id: MsgId
     reason: Annotated[str, msgspec.Meta(max_length=512)]
+    cause: Literal["storage"] | None = None
 
 
 class Saved(_Message, tag="saved", frozen=True):
@@ -235,9 +238,27 @@ def decode(data: bytes) -> Message:
         raise WireError(f"datagram of {len(data)} bytes is over the {MAX_DATAGRAM}-byte limit")
     try:
         message: Message = _decoder.decode(data)
-        return message
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None
+    except RecursionError:
+        # msgspec bounds nesting by Python's recursion limit: JSON nested that deep (a
+        # value it skips while it looks for the tag) is no message of ours, whose deepest
+        # field is four levels down.
+        raise WireError("JSON nested too deeply") from None
+    return message
+
+
+_REGISTRATION_TAG = b'"register"'
+_ESCAPE = b"\\u"
+
+
+def may_be_registration(data: bytes) -> bool:
+    """Whether ``data`` could be a ``register``, judged before decoding and cheaply (two
+    searches in C). Never wrong about a registration: its tag is a JSON string wherever
+    it stands, written plainly (inside another string the quotes would be escaped) or
+    with ``\\u`` escapes. Seldom wrong the other way: a name ``register``, or a text
+    with a control character, in some other message."""
+    return _REGISTRATION_TAG in data or _ESCAPE in data
 
 
 def tag_of(message_type: type[Message] | Message) -> str:

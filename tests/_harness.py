@@ -278,15 +278,25 @@ def join_args(
 class Proc:
     """A ``chatapp`` process with its stdin a pipe and its output collected by a thread."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str],
+        *,
+        prefix: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """``prefix``: a command that runs chatapp (``nsenter ...``); ``preexec_fn``: run
+        in the child before chatapp starts (a resource limit, say)."""
         self.args = list(args)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "chatapp", *args],
+            [*prefix, sys.executable, "-m", "chatapp", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # a Ctrl-C meant for pytest does not reach it
+            preexec_fn=preexec_fn,
         )
         self._out = bytearray()
         self._changed = threading.Condition()

@@ -12,6 +12,8 @@ import sys
 import types
 
 import pytest
+import test_clean_ends
+import test_durability
 import test_input_line
 import test_protocol_client
 import test_terminal
@@ -884,10 +886,25 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
     "bad_input": ("test_a_client_node_writing_plain_lines", ("not UTF-8",)),
     "no_help": ("test_help_explains_one_command", ("sned", "send")),
     "CUT_BY_TERMINAL": ("test_a_line_the_terminal_may_have_cut_is_not_sent", ()),
+    "trace_stopped": (
+        "test_a_trace_on_a_full_disk_gets_one_line_and_the_chat_goes_on",
+        ("No space left on device",),
+    ),
+    "CANNOT_STORE": (
+        "test_while_the_database_fails_no_one_is_told_done_and_nothing_half_happens",
+        (),
+    ),
 }
 
 #: The modules whose tests SCREEN_COVERAGE names.
-_COVERING_MODULES = (test_protocol_client, test_virtual, test_terminal, test_input_line)
+_COVERING_MODULES = (
+    test_protocol_client,
+    test_virtual,
+    test_terminal,
+    test_input_line,
+    test_durability,
+    test_clean_ends,
+)
 
 
 def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:

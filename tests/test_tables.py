@@ -235,6 +235,30 @@ def test_a_name_that_left_and_came_back_is_not_listed_as_gone() -> None:
     assert update.entries == [entry("a", 4242)]
 
 
+def test_a_name_that_changed_and_then_left_is_only_listed_as_gone() -> None:
+    # Were it also among the entries, a delta in parts applied gone-part first (parts
+    # are put together in the order they arrive) would bring it back.
+    names = [f"a_rather_long_name_for_peer_{n:04d}" for n in range(600)]
+    roster = roster_with("a", *names)
+    base = roster.version
+    roster.set_presence(roster.clients["a"], Presence.SILENT)
+    for name in names:
+        roster.set_presence(roster.clients[name], Presence.SILENT)
+    roster.close_version()
+    roster.remove("a")
+    roster.close_version()
+    parts = update_for(roster, base)
+    assert len(parts) > 1
+    assert all(isinstance(part, TableDelta) for part in parts)
+    assert [name for part in parts for name in part.gone] == ["a"]  # type: ignore[union-attr]
+    assert "a" not in {e.name for part in parts for e in part.entries}
+    copy = TableCopy()
+    copy.take(whole(5, base, *(r.entry() for r in roster_with("a", *names).clients.values())))
+    for part in reversed(parts):
+        copy.take(part)
+    assert copy.version == roster.version and "a" not in copy.entries
+
+
 def test_big_tables_and_deltas_are_split_and_every_part_fits() -> None:
     names = [f"a_rather_long_name_for_peer_{n:04d}" for n in range(600)]
     roster = roster_with("first", *names)

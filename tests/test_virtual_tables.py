@@ -1,12 +1,15 @@
 """Table deltas on the Trio runtime, in virtual time, over the in-memory network:
-a storm of joins, a server restart (a new epoch), and a property test where, with
-10% loss, duplication and reordering, every client ends with the server's table.
+a storm of joins, a server restart (a new epoch), and property tests where, with
+10% loss, duplication and reordering (and, in one, a database whose commits fail at
+random), every client ends with the server's table.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 import trio
 import trio.testing
@@ -15,11 +18,12 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from chatapp import screen
-from chatapp.protocol.changes import Presence
+from chatapp.protocol.changes import Change, Presence
 from chatapp.protocol.client import ClientState
 from chatapp.store import MemoryStore
 from chatapp.testing import Faults, MemoryNetwork
-from chatapp.wire import TableEntry
+from chatapp.trace import NullRecorder
+from chatapp.wire import Address, Table, TableDelta, TableEntry
 
 SERVER = ("127.0.0.1", 8001)
 TU = screen.TABLE_UPDATED
@@ -128,14 +132,62 @@ churns = st.integers(3, 7).flatmap(
 )
 
 
-async def _churn(churn: Churn) -> tuple[VirtualServer, list[VirtualClient], set[str]]:
+class FlakyStore(MemoryStore):
+    """A store whose commits fail at random (one in four) until it is ``steady``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.random = random.Random(seed)
+        self.steady = False
+        self.failed = 0
+
+    async def commit(self, changes: list[Change]) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self.steady and self.random.random() < 0.25:
+            self.failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await super().commit(changes)
+
+    def table(self) -> dict[str, TableEntry]:
+        return {record.name: record.entry() for record in self.load()[0]}
+
+
+@dataclass
+class TableWatch(NullRecorder):
+    """Sees every datagram the server sends: each part of a table or a delta, the first
+    time it goes to an address, must say what the database holds (never a change that
+    was rolled back). A retry repeats what was true when it was first sent."""
+
+    store: FlakyStore
+    seen: set[tuple[Address, str]] = field(default_factory=set)
+    wrong: list[str] = field(default_factory=list)
+
+    def sent(self, node: str, local: Address, to: Address, data: bytes, message: object) -> None:
+        if not isinstance(message, Table | TableDelta) or (to, message.id) in self.seen:
+            return
+        self.seen.add((to, message.id))
+        held = self.store.table()
+        for entry in message.entries:
+            if held.get(entry.name) != entry:
+                self.wrong.append(f"{message!r} to {to}: {entry} (database: {held})")
+        for name in message.gone if isinstance(message, TableDelta) else []:
+            if name in held:
+                self.wrong.append(f"{message!r} to {to}: {name} gone (database: {held})")
+
+
+async def _churn(
+    churn: Churn, store: FlakyStore | None = None
+) -> tuple[VirtualServer, list[VirtualClient], set[str]]:
     """Clients join, go offline and back, and leave without a word, on a network that
-    loses 10% of datagrams, duplicates 10% and delays (so reorders) them; then the
-    loss stops and every running client speaks to the server once."""
+    loses 10% of datagrams, duplicates 10% and delays (so reorders) them, and with
+    ``store`` whose commits may fail; then the loss (and the failures) stop and every
+    running client speaks to the server once."""
     network = MemoryNetwork(Faults(loss=0.1, duplicate=0.1, max_delay=0.05), seed=churn.seed)
     clients: list[VirtualClient] = []
     async with trio.open_nursery() as nursery:
-        server = await start_server(nursery, network, SERVER)
+        server = await start_server(nursery, network, SERVER, store=store)
+        if store is not None:
+            server.node.recorder = TableWatch(store)
 
         async def join(index: int) -> None:
             name = f"u{index}"
@@ -160,6 +212,8 @@ async def _churn(churn: Churn) -> tuple[VirtualServer, list[VirtualClient], set[
                     verb = "reg" if state is ClientState.OFFLINE else "dereg"
                     await client.type(f"{verb} {client.name}")
         network.faults = Faults()
+        if store is not None:
+            store.steady = True
         await trio.sleep(30)  # every retry and probe runs its course
         for client in clients:
             await client.idle()
@@ -205,3 +259,28 @@ def test_with_loss_duplication_and_reordering_every_client_ends_with_the_servers
         )
         # every update shown once: never more lines than versions made
         assert client.lines.count(TU) <= server.protocol.roster.version
+
+
+churns_with_failures = st.builds(
+    lambda churn, seed: (churn, seed), churns, st.integers(0, 2**32 - 1)
+)
+
+
+@_settings()
+@given(churns_with_failures)
+def test_with_commits_failing_at_random_no_client_hears_of_a_change_that_was_rolled_back(
+    case: tuple[Churn, int],
+) -> None:
+    churn, seed = case
+    note(f"failing churn: {churn!r}, store seed {seed}")
+    store = FlakyStore(seed)
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    server, clients, running = trio.run(_churn, churn, store, clock=clock)
+    watch = server.node.recorder
+    assert isinstance(watch, TableWatch)
+    assert watch.wrong == []
+    assert server_table(server) == store.table()  # the server holds what the database does
+    for client in clients:
+        note(f"{client.name}: {client.lines}")
+        if client.name in running:
+            assert holds_the_servers_table(client, server), (client.name, client.protocol.table)

@@ -289,6 +289,8 @@ class ClientProtocol(Machine[Waiting]):
         return []
 
     def _join_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        if answer.cause == "storage":
+            return self._exit(1, screen.CANNOT_STORE, screen.EXITING)
         return self._exit(1, screen.refused(answer.reason))
 
     def _direct_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
@@ -330,6 +332,8 @@ class ClientProtocol(Machine[Waiting]):
         return [self._send_direct(answer.entry, waiting.text, now)]
 
     def _refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        if answer.cause == "storage":  # the database failed: nothing was done
+            return [Show(screen.CANNOT_STORE)]
         return [Show(screen.request_refused(answer.reason))]
 
     # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------

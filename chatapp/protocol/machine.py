@@ -43,6 +43,10 @@ class Machine(Generic[W]):
         self.timers = timers
         self.codec: Codec = codec if codec is not None else PLAIN
         self._retry: RetryQueue[W] = RetryQueue()
+        #: Datagrams dropped because they did not decode (the log lines about them are
+        #: rate-limited; this count is not).
+        self.undecodable = 0
+        self._started: list[Hashable] = []  # waits started since the last checkpoint
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         raise NotImplementedError
@@ -52,8 +56,13 @@ class Machine(Generic[W]):
         The first effect is always a ``Received``."""
         try:
             message = self.codec.decode(data)
-        except WireError as exc:
-            return [Received(None, str(exc)), bad_datagram(addr, exc)]
+        except Exception as exc:
+            # Decoding is total: whatever the bytes (and whatever a codec's own checks
+            # miss: a limit such as RecursionError or MemoryError, a bug), the datagram is
+            # dropped here and nothing else happens.
+            self.undecodable += 1
+            error = exc if isinstance(exc, WireError) else WireError(_unexpected(exc))
+            return [Received(None, str(error)), bad_datagram(addr, error)]
         effects: list[Effect] = [Received(message)]
         effects += self.handle_message(message, addr, now)
         return effects
@@ -64,12 +73,29 @@ class Machine(Generic[W]):
     def next_deadline(self) -> float | None:
         return self._retry.next_deadline()
 
+    def checkpoint(self) -> None:
+        """Everything handled so far stands: the runtime carried out its effects (and
+        committed its changes). A rollback goes back to here. A runtime calls it after the
+        effects of each handling (or of a group of them); until then the machine keeps a
+        note of what a rollback would undo."""
+        self._started.clear()
+
+    def _end_waits_since_checkpoint(self) -> set[Hashable]:
+        """End the waits started since the last checkpoint (their datagrams never went
+        out); which they were."""
+        ended = set(self._started)
+        for key in ended:
+            self._retry.end(key)
+        self._started.clear()
+        return ended
+
     # --- pending requests -------------------------------------------------------------
 
     def _wait(self, key: Hashable, effect: Send, now: float, waiting: W) -> Send:
         """Send ``effect`` and wait for its answer, as ``waiting``'s row says."""
         rule = waiting.kind.rule
         tries, timeout = rule.tries_for(self.timers), rule.timeout_for(self.timers)
+        self._started.append(key)
         return self._retry.start(key, effect, now, waiting, tries=tries, timeout=timeout)
 
     def _answered(self, key: Hashable, message: Message, addr: Address, now: float) -> list[Effect]:
@@ -98,3 +124,7 @@ class Machine(Generic[W]):
     def _may_give_up(self, pending: Pending[W]) -> bool:
         """Whether a wait that ran out still matters (a machine that exited: no)."""
         return True
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"undecodable ({type(exc).__name__}: {exc})"[:200]

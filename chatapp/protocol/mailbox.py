@@ -27,6 +27,12 @@ class Mailboxes:
     def restore(self, boxes: dict[str, list[StoredItem]]) -> None:
         self.boxes = {name: list(items) for name, items in boxes.items() if items}
 
+    def reload(self, boxes: dict[str, list[StoredItem]], *, delivering: set[str]) -> None:
+        """The messages as ``boxes`` have them (the database's); a delivery goes on only to
+        the recipients ``delivering`` names (a batch of theirs is still waited on)."""
+        self.restore(boxes)
+        self.in_flight = {name: d for name, d in self.in_flight.items() if name in delivering}
+
     def is_full(self, recipient: str) -> bool:
         return len(self.boxes.get(recipient, [])) >= self.limit
 

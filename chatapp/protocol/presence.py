@@ -2,9 +2,10 @@
 of the table: the presence rules, the table updates (one in flight per client,
 ``chatapp.protocol.tables``), and registrations that never complete.
 
-``ServerProtocol`` (``chatapp.protocol.server``) builds on it with the requests'
-rules. A client that stops ACKing is marked offline (silent) and sent its update
-once more, so that a live client whose ACKs were lost comes back by contact; a
+It builds on what the server holds (``chatapp.protocol.server_state``), and
+``ServerProtocol`` (``chatapp.protocol.server``) on it with the requests' rules.
+A client that stops ACKing is marked offline (silent) and sent its update once
+more, so that a live client whose ACKs were lost comes back by contact; a
 registration whose first table is never ACKed, that time either, is undone: a
 name it brought leaves the table and the database.
 """
@@ -12,56 +13,17 @@ name it brought leaves the table and the database.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
 
 from chatapp.protocol.changes import ClientRecord, ClientRemoved, ClientSaved, Presence
-from chatapp.protocol.common import Codec, Effect, IdFactory, Log, Pending, Send, Timers
-from chatapp.protocol.machine import Machine
-from chatapp.protocol.mailbox import Mailboxes
-from chatapp.protocol.roster import Roster
-from chatapp.protocol.tables import Followers, Window
+from chatapp.protocol.common import Effect, Log, Pending, Send
+from chatapp.protocol.server_state import ServerState, Waiting
 from chatapp.protocol.waits import ServerWait
-from chatapp.wire import Address, Register, StoredItem, Table, TableAck, TableDelta
+from chatapp.wire import Table, TableAck, TableDelta
 
 
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """A pending request: its row in the table of waits, and what its handlers need."""
-
-    kind: ServerWait
-    recipient: str
-    item: StoredItem | None = None  # CHANNEL and DELIVER: what to store if it is not ACKed
-    reply_to: Address | None = None  # DELIVER and CLAIM: who waits on the outcome
-    item_ids: tuple[str, ...] = ()  # MAILBOX: the items in the batch
-    claim: Register | None = None  # CLAIM: the registration waiting on the answer
-
-
-class ServerPresence(Machine[Waiting]):
-    def __init__(
-        self,
-        timers: Timers,
-        codec: Codec | None,
-        *,
-        epoch: int,
-        id_prefix: str,
-        mailbox_limit: int,
-        table_window: Window,
-    ) -> None:
-        super().__init__(timers, codec)
-        self.roster = Roster(epoch)
-        self.followers = Followers(table_window)  # who holds which version of the table
-        self.mailboxes = Mailboxes(mailbox_limit)
-        self._new_id = IdFactory(id_prefix)
-
-    @property
-    def clients(self) -> dict[str, ClientRecord]:
-        """Every client's record, by name."""
-        return self.roster.clients
-
-    @property
-    def mailbox(self) -> dict[str, list[StoredItem]]:
-        """The stored messages, by recipient, oldest first."""
-        return self.mailboxes.boxes
+class ServerPresence(ServerState):
+    """Who is online, and every client's copy of the table (what the server holds:
+    ``ServerState``; the requests' rules: ``ServerProtocol``)."""
 
     def start(self, now: float) -> list[Effect]:
         """After a restart, a new epoch: the clients that were online get the whole table."""

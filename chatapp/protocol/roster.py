@@ -9,7 +9,9 @@ event that changed something). A delta from version v is the log after v (each
 name once, as it is now) and the names that left the table after v. The log is
 compacted when it grows past twice the table; the names that left are kept for
 the last ``MAX_REMOVED`` of them, and a client that holds a version older than a
-removal that was forgotten gets the whole table instead.
+removal that was forgotten gets the whole table instead. When a commit fails,
+``reload`` takes the table back to what went out at the last ``checkpoint`` and
+makes a new version only of what the database holds otherwise.
 """
 
 from __future__ import annotations
@@ -54,12 +56,57 @@ class Roster:
         self._pending = False  # changed since the last version was made
         self._whole: Update | None = None  # the current version's parts, once made
         self._deltas: OrderedDict[int, Update] = OrderedDict()  # base -> delta to current
+        # What a rollback goes back to: the version and the log's length at the last
+        # checkpoint, and each name changed since, as it was then (entry, left at).
+        self._compactions = 0
+        self._settled = (0, 0, 0)
+        self._touched: dict[str, tuple[TableEntry | None, int | None]] = {}
 
     def restore(self, records: Iterable[ClientRecord]) -> None:
         for record in records:
             self.clients[record.name] = record
             self._by_addr[record.addr] = record.name
             self._pages.put(record.entry())
+
+    def checkpoint(self) -> None:
+        """What was made so far went out (the runtime carried out the effects)."""
+        self._settled = (self.version, len(self._log), self._compactions)
+        self._touched.clear()
+
+    def reload(self, records: Iterable[ClientRecord]) -> None:
+        """Every record as ``records`` have them (the database's), after a commit failed:
+        nothing made since the last checkpoint went out. The table goes back to what it
+        was then (its version, its log, each name changed since); a record the database
+        has otherwise than that (or a name it does not have) makes a new version."""
+        stored = {record.name: record for record in records}
+        version, logged, compactions = self._settled
+        if compactions == self._compactions:  # what was logged since is the log's tail
+            del self._log[logged:], self._log_versions[logged:]
+            self.version, self._next, self._pending = version, version + 1, False
+            self._whole, self._deltas = None, OrderedDict()
+            for name, (entry, left_at) in self._touched.items():
+                if entry is None:
+                    self._pages.drop(name)
+                else:
+                    self._pages.put(entry)
+                self._removed.pop(name, None)
+                if left_at is not None:
+                    self._removed[name] = left_at
+            self._removed = dict(sorted(self._removed.items(), key=lambda item: item[1]))
+        self._touched.clear()
+        for name in [name for name in self._pages.names() if name not in stored]:
+            self._leave(name)
+        self.clients, self._by_addr = {}, {}
+        for record in stored.values():  # oldest change first: the last owns its address
+            self.clients[record.name] = record
+            self._by_addr[record.addr] = record.name
+            if self._pages.entry(record.name) != record.entry():
+                self._note(record)
+
+    def _touch(self, name: str) -> None:
+        """``name`` changes: how it was at the checkpoint is kept, once, for a rollback."""
+        if name not in self._touched:
+            self._touched[name] = (self._pages.entry(name), self._removed.get(name))
 
     def name_at(self, addr: Address) -> str | None:
         return self._by_addr.get(addr)
@@ -93,6 +140,11 @@ class Roster:
         record = self.clients.pop(name)
         if self._by_addr.get(record.addr) == name:
             del self._by_addr[record.addr]
+        self._leave(name)
+
+    def _leave(self, name: str) -> None:
+        """``name`` is not in the table from the version being made."""
+        self._touch(name)
         self._pages.drop(name)
         self._removed[name] = self._next
         self._pending = True
@@ -105,6 +157,7 @@ class Roster:
         self._pending = True
 
     def _note(self, record: ClientRecord) -> None:
+        self._touch(record.name)
         entry = record.entry()
         self._pages.put(entry)
         self._log_versions.append(self._next)
@@ -127,6 +180,7 @@ class Roster:
 
     def _compact(self) -> None:
         """Keep each name's last entry only (the names that left, none), in log order."""
+        self._compactions += 1
         last: dict[str, int] = {entry.name: index for index, entry in enumerate(self._log)}
         keep = sorted(index for name, index in last.items() if name in self.clients)
         self._log_versions = [self._log_versions[index] for index in keep]
@@ -158,8 +212,10 @@ class Roster:
             self._deltas.move_to_end(base)
             return delta
         since = self._log[bisect.bisect_right(self._log_versions, base) :]
-        entries = list({entry.name: entry for entry in since}.values())  # each name's last
         gone = _left_since(self._removed, base)
+        left = set(gone)  # a name that changed and then left is only gone (in any order)
+        last = {entry.name: entry for entry in since}  # each name's last
+        entries = [entry for name, entry in last.items() if name not in left]
         parts = _split(entries, gone)
         deltas = [
             TableDelta(new_id(), self.epoch, base, self.version, index, len(parts), *part)
@@ -226,6 +282,13 @@ class _Pages:
         self._pages: list[dict[str, TableEntry]] = []
         self._sizes: list[int] = []
         self._page_of: dict[str, int] = {}
+
+    def names(self) -> list[str]:
+        return list(self._page_of)
+
+    def entry(self, name: str) -> TableEntry | None:
+        index = self._page_of.get(name)
+        return None if index is None else self._pages[index][name]
 
     def put(self, entry: TableEntry) -> None:
         size = _size(entry)

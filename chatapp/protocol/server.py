@@ -9,31 +9,15 @@ each pending request is in its row of ``chatapp.protocol.waits.ServerWait``.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import ClassVar
 
 import msgspec
 
-from chatapp.protocol.changes import (
-    ClientRecord,
-    ClientSaved,
-    MessageStored,
-    Presence,
-)
-from chatapp.protocol.common import (
-    Codec,
-    Effect,
-    Log,
-    Pending,
-    RecentAnswers,
-    Send,
-    Timers,
-    dropped,
-)
-from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
-from chatapp.protocol.presence import ServerPresence, Waiting
-from chatapp.protocol.tables import Window
+from chatapp.protocol.changes import ClientRecord, ClientSaved, MessageStored, Presence
+from chatapp.protocol.common import Effect, Log, Pending, Send, dropped
+from chatapp.protocol.presence import ServerPresence
+from chatapp.protocol.server_state import Waiting
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -60,41 +44,8 @@ from chatapp.wire import (
 
 
 class ServerProtocol(ServerPresence):
-    def __init__(
-        self,
-        *,
-        timers: Timers = Timers(),
-        id_prefix: str = "s",
-        epoch: int = 0,
-        wall_offset: float = 0.0,
-        token_factory: Callable[[], str] = lambda: secrets.token_hex(8),
-        mailbox_limit: int = DEFAULT_MAILBOX_LIMIT,
-        table_window: Window = Window(),
-        codec: Codec | None = None,
-    ) -> None:
-        """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
-        ``epoch`` tells tables of one start from another's (a new one on every start);
-        ``table_window`` bounds the table's updates unanswered at once (their ACKs must
-        fit in the socket's receive buffer)."""
-        super().__init__(
-            timers,
-            codec,
-            epoch=epoch,
-            id_prefix=id_prefix,
-            mailbox_limit=mailbox_limit,
-            table_window=table_window,
-        )
-        self.wall_offset = wall_offset
-        self._new_token = token_factory
-        self._recent = RecentAnswers()
-
-    # --- restoring from the database --------------------------------------------------
-
-    def restore(
-        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
-    ) -> None:
-        self.roster.restore(clients)
-        self.mailboxes.restore(mailbox)
+    """The server's rules: the requests' (what it holds: ``ServerState``; who is online
+    and every client's copy of the table: ``ServerPresence``)."""
 
     # --- entry points -----------------------------------------------------------------
 
@@ -389,19 +340,12 @@ class ServerProtocol(ServerPresence):
         """The record of the client at ``addr`` if ``token`` is its token (and ``name``
         its name); else the refusal."""
         record = self.roster.authenticated(name, token, addr)
-        if record is None:
-            who = name or "a client"
-            reason = (
-                f"{who} is not registered from {fmt_addr(addr)}. Restart the client to join again."
-            )
-            return None, [
-                Log(
-                    f"refused a request for {who} from {fmt_addr(addr)}: wrong address or token",
-                    "warning",
-                ),
-                self.send(Refused(request_id, reason), addr),
-            ]
-        return record, []
+        if record is not None:
+            return record, []
+        who, where = name or "a client", fmt_addr(addr)
+        reason = f"{who} is not registered from {where}. Restart the client to join again."
+        log = Log(f"refused a request for {who} from {where}: wrong address or token", "warning")
+        return None, [log, self.send(Refused(request_id, reason), addr)]
 
     def _refuse(self, key: tuple[Address, str], reason: str) -> list[Effect]:
         answer = self.send(Refused(key[1], reason), key[0])

@@ -21,12 +21,15 @@ The rules (the server's ``roster`` makes the versions and the messages):
 - The client ACKs every part with the version it holds after taking it; one
   that cannot place a delta (a gap, another epoch) says what it has, and the
   server sends what brings it from there.
+- A commit that fails drops the updates made since the last checkpoint (none went
+  out) and gives back what the handling forgot of a client's copy; what ACKs said
+  stands (``Followers.reload``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -93,9 +96,23 @@ class Followers:
         self._idle: dict[str, None] = {}
         #: registered, its first whole table not ACKed yet -> whether the name was new then
         self._joining: dict[str, bool] = {}
+        #: What a rollback gives back: each name forgotten since the last checkpoint (by a
+        #: registration, a removal, an undone registration), as it was then: (held, joining).
+        self._forgotten: dict[str, tuple[int | None, bool | None]] = {}
+
+    def checkpoint(self) -> None:
+        """What was sent so far went out: a rollback does not go back before it."""
+        self._forgotten.clear()
+
+    def _forget(self, name: str) -> None:
+        """``name``'s version held and registration are about to be forgotten: how they
+        were at the checkpoint is kept, once, for a rollback."""
+        if name not in self._forgotten:
+            self._forgotten[name] = (self.held.get(name), self._joining.get(name))
 
     def joined(self, name: str, *, new: bool) -> set[Hashable]:
         """``name`` registered (again): it holds nothing yet. Returns the waits to end."""
+        self._forget(name)
         waits = self.offline(name)
         self.held.pop(name, None)
         self._joining[name] = new
@@ -130,6 +147,7 @@ class Followers:
 
     def removed(self, name: str) -> set[Hashable]:
         """``name`` left the table. Returns the waits to end."""
+        self._forget(name)
         self.held.pop(name, None)
         self._joining.pop(name, None)
         return self.offline(name)
@@ -205,6 +223,41 @@ class Followers:
             self._cut_at = now
             self._allowed = max(self._allowed / 2, self.window.least)
 
+    def reload(
+        self, online: set[str], known: Collection[str], ended: set[Hashable]
+    ) -> set[Hashable]:
+        """After a rollback (a commit failed; the roster is the database's again): the
+        waits ``ended`` never went out (an update left with none is over); a name
+        forgotten since the checkpoint and ``known`` again holds what it held and is
+        joining as it was; the names not ``known`` are gone; and each client ``online``
+        with no update in flight is due (it gets what brings it from the version it
+        holds, if anything). What ACKs said meanwhile stands: it is what clients hold.
+        Returns the waits to end."""
+        for name, flight in list(self._flights.items()):
+            for wait in flight.waits.keys() & ended:
+                self._parts_out -= 1
+                self._bytes_out -= flight.waits.pop(wait)
+            if not flight.waits:
+                del self._flights[name]
+        for name, (held, joining) in self._forgotten.items():
+            if name in known:
+                _put(self.held, name, held)
+                _put(self._joining, name, joining)
+        waits: set[Hashable] = set()
+        for name in {*self.held, *self._joining, *self._flights, *self._due, *self._idle}:
+            if name not in known:
+                waits |= self.removed(name)
+        self._forgotten.clear()
+        self._due = OrderedDict((name, None) for name in self._due if name in online)
+        self._idle = {name: None for name in self._idle if name in online}
+        for name in online:
+            if name not in self._flights and name not in self._idle:
+                self._due[name] = None
+        # The roster's version went back and may be made again with other changes: the
+        # next flush looks at every idle client again.
+        self._version = -1
+        return waits
+
     def lost(self, name: str, wait: Hashable) -> set[Hashable]:
         """``wait`` ran out of tries: if it carried ``name``'s update, that is over.
         Returns the waits to end (the update's other parts)."""
@@ -222,7 +275,19 @@ class Followers:
 
     def give_up_joining(self, name: str) -> bool:
         """``name``'s registration will not complete: whether the name was new at it."""
+        self._forget(name)
         return self._joining.pop(name, False)
+
+
+V = TypeVar("V")
+
+
+def _put(values: dict[str, V], name: str, value: V | None) -> None:
+    """``values[name] = value``, or no value for ``name`` if ``value`` is None."""
+    if value is None:
+        values.pop(name, None)
+    else:
+        values[name] = value
 
 
 # --- the client's side ------------------------------------------------------------

@@ -48,6 +48,7 @@ from chatapp.wire import (
 )
 
 from . import registrations
+from .flood import bench_flood
 from .loadgen import (
     HOST,
     LoadResult,
@@ -98,9 +99,11 @@ class Sizes:
     online: tuple[int, ...]  # registrations: the N one registration is measured at
     samples: int  # registrations: how many at each N
     storm: int  # registrations: how many at once
+    flood_junk: int  # flood: junk datagrams from one address
+    flood_registrations: int  # flood: registrations from one address
 
 
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, (50,), 3, 50)
+TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, (50,), 3, 50, 20_000, 1_000)
 QUICK = Sizes(
     300,
     0.5,
@@ -115,6 +118,8 @@ QUICK = Sizes(
     (1000, 5000),
     3,
     5000,
+    200_000,
+    5_000,
 )
 FULL = Sizes(
     2000,
@@ -130,6 +135,8 @@ FULL = Sizes(
     (1000, 5000, 10_000),
     10,
     10_000,
+    1_000_000,
+    20_000,
 )
 
 
@@ -409,9 +416,9 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     echo_worker = stack.enter_context(Worker("echo"))
     started = stack.enter_context(
         chatapp_servers(
-            {"mailbox_limit": limit},
-            {"mailbox_limit": limit, "trace": str(scratch / "trace.jsonl")},
-            {"mailbox_limit": limit, "db": str(scratch / "server.sqlite3")},
+            {"mailbox_limit": limit, "unlimited": True},
+            {"mailbox_limit": limit, "unlimited": True, "trace": str(scratch / "trace.jsonl")},
+            {"mailbox_limit": limit, "unlimited": True, "db": str(scratch / "server.sqlite3")},
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
@@ -937,6 +944,12 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_floods(sizes: Sizes) -> list[Figure]:
+    with _scratch() as scratch:
+        short = sizes.flood_junk < 100_000
+        return bench_flood(sizes.flood_junk, sizes.flood_registrations, scratch, short=short)
+
+
 def bench_pty(sizes: Sizes) -> list[Figure]:
     from .pty_latency import bench_pty_latency
 
@@ -961,5 +974,6 @@ BENCHMARKS = {
     "memory": bench_memory,
     "mailbox": bench_mailbox,
     "replay": bench_replay,
+    "flood": bench_floods,
     "registrations": bench_registrations,
 }

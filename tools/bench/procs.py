@@ -75,9 +75,12 @@ def wait_for_server(port: int, timeout: float = 15.0) -> None:
 def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]]:
     """Real ``chatapp serve`` processes on 127.0.0.1, started together; yields (port, pid)s.
 
-    Each settings dict may give ``db`` (default ``:memory:``), ``trace`` and
-    ``mailbox_limit``. A server logs as it does for a user, to stderr: a file here,
-    never a pipe nobody reads while it runs (a full pipe would stop the server).
+    Each settings dict may give ``db`` (default ``:memory:``), ``trace``,
+    ``mailbox_limit`` and ``unlimited`` (no per-sender rate limits: the capacity loads
+    send thousands of requests a second from each address, to measure the server's work
+    per request rather than its admission policy). A server logs as it does for a user,
+    to stderr: a file here, never a pipe nobody reads while it runs (a full pipe would
+    stop the server).
     """
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     logs: list[Any] = []
@@ -97,6 +100,8 @@ def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]
                 "--mailbox-limit",
                 str(options.get("mailbox_limit", 1000)),
             ]
+            if options.get("unlimited"):
+                argv += ["--rate-limit", "0", "--join-limit", "0"]
             if options.get("trace"):
                 argv += ["--trace", options["trace"]]
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below

@@ -10,6 +10,8 @@ Modes:
   with ``reply_size`` it answers every datagram with that many bytes instead.
 * ``fanout``: a bare Trio fan-out: every datagram from a non-target is sent on
   to every target (the floor for a channel broadcast).
+* ``flood``: on each command, sends a flood (junk, or registrations with new names) to
+  a server from one socket as fast as it goes, and says how many and how long.
 * ``receivers``: many raw sockets that act as clients: they ACK whatever the
   server sends (tables, mailbox batches, channel messages) and record when.
   The ``dead`` ones do too until told to ``die``; then they answer nothing
@@ -19,6 +21,7 @@ Modes:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import selectors
 import socket
@@ -30,7 +33,7 @@ import msgspec
 import trio
 
 from chatapp.net import RECEIVE_SOCKET_BUFFER
-from chatapp.wire import Ack, encode
+from chatapp.wire import Ack, Lookup, Register, encode
 
 from .loadgen import HOST, ack_for, decode_head
 
@@ -213,6 +216,48 @@ class _Receivers:
                     self.on_datagram(s, key.data, data, addr)
 
 
+# --- a flood --------------------------------------------------------------------------
+
+
+def _junk() -> list[bytes]:
+    """Datagrams no server takes: random bytes, deep nesting, a lookup with a made-up
+    token, an ACK of nothing."""
+    return [
+        os.urandom(64),
+        os.urandom(900),
+        b'{"x":' + b"[" * 3000 + b"]" * 3000 + b',"t":"ack","id":"a"}',
+        encode(Lookup("flood.1", "nobody", "not-a-token")),
+        encode(Ack("flood.2")),
+    ]
+
+
+def _flood(command: dict[str, Any]) -> dict[str, Any]:
+    """Send ``count`` datagrams of ``kind`` (``junk`` or ``registrations``, each a new
+    name) to ``port`` from one socket, as fast as it goes, for at most ``seconds``."""
+    target = (HOST, int(command["port"]))
+    count, kind = int(command["count"]), command["kind"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        me = sock.getsockname()[1]
+        junk = _junk()
+        sent = 0
+        start = time.monotonic()
+        deadline = start + float(command["seconds"])
+        for i in range(count):
+            if kind == "junk":
+                data = junk[i % len(junk)]
+            else:
+                data = encode(Register(f"flood.{i}", f"flood{i}", me))
+            try:
+                sock.sendto(data, target)
+                sent += 1
+            except OSError:  # no buffer room for a moment: that datagram is not sent
+                pass
+            if i % 1024 == 0 and time.monotonic() > deadline:
+                break
+    return {"sent": sent, "seconds": time.monotonic() - start}
+
+
 def main() -> None:
     mode = sys.argv[1]
     settings = json.loads(sys.stdin.readline())
@@ -220,6 +265,10 @@ def main() -> None:
         trio.run(_echo, settings)
     elif mode == "fanout":
         trio.run(_fanout, settings)
+    elif mode == "flood":
+        _answer({"ready": True})
+        for line in sys.stdin:
+            _answer(_flood(json.loads(line)))
     elif mode == "receivers":
         _Receivers(int(settings["live"]), int(settings["dead"])).run(settings["max_seconds"])
     else:

@@ -89,7 +89,7 @@ async def run_node(
     store: Store | None = None,
     recorder: Recorder | None = None,
     screen: Screen | None = None,
-    make_screen: Callable[[ClientProtocol], Screen] | None = None,
+    make_screen: Callable[[Node], Screen] | None = None,
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
@@ -100,9 +100,9 @@ async def run_node(
     ``store`` (a server's) and ``recorder`` default to what the options name, and
     what is opened here is closed here; the endpoint is always closed at the end.
     A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
-    its state machine once the endpoint is bound (a terminal's input line starts then,
-    and completes names from the machine's table), and reads ``inputs``. ``argv`` is
-    what the trace says started the node.
+    the node once the endpoint is bound (a terminal's input line starts then, completes
+    names from the state machine's table and hands typed lines to ``Node.take_input``),
+    and reads ``inputs``. ``argv`` is what the trace says started the node.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -220,7 +220,7 @@ def _client_node(
     endpoint: Endpoint,
     recorder: Recorder,
     screen: Screen | None,
-    make_screen: Callable[[ClientProtocol], Screen] | None,
+    make_screen: Callable[[Node], Screen] | None,
     log: Callable[[Log], None],
 ) -> Node:
     protocol = ClientProtocol(
@@ -230,9 +230,10 @@ def _client_node(
         timers=options.timers,
         id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
     )
+    node = Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
     if make_screen is not None:
-        screen = make_screen(protocol)
-    return Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
+        node.screen = make_screen(node)
+    return node
 
 
 def _argv(options: Options, endpoint: Endpoint) -> list[str]:

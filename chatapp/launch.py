@@ -28,6 +28,7 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import IdFactory, Log, Timers
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.tables import Window
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
 
@@ -221,6 +222,7 @@ def _server_node(
         ),
         token_factory=(IdFactory(options.token_prefix) if options.token_prefix else _random_token),
         mailbox_limit=options.mailbox_limit,
+        table_window=table_window(endpoint),
     )
     clients, mailbox = store.load()  # a shared store read its tables when it opened
     protocol.restore(clients, mailbox, getattr(store, "elsewhere", ()))
@@ -247,6 +249,22 @@ def _server_node(
         store=store,
         admission=admission,
     )
+
+
+#: Bytes of receive buffer a small datagram takes (the kernel's bookkeeping: about 830
+#: on Linux for an ACK of 60 bytes), with room to spare.
+DATAGRAM_FOOTPRINT = 1024
+
+
+def table_window(endpoint: Endpoint) -> Window:
+    """How much of the table's updates the server may have unanswered at once: their ACKs
+    may fill half the socket's receive buffer (the rest is for everything else). A
+    buffer too small for a burst turns ACKs into drops, retries and clients marked
+    offline."""
+    size = getattr(endpoint, "receive_buffer", None)
+    if not isinstance(size, int):
+        return Window()  # an endpoint that does not say (the in-memory network)
+    return Window(parts=max(64, size // 2 // DATAGRAM_FOOTPRINT))
 
 
 def _random_token() -> str:

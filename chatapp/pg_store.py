@@ -34,6 +34,7 @@ from chatapp.pg_pool import TrioPool, connect
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -144,7 +145,7 @@ def _checked(values: tuple[Any, ...], kind: type[R], table: str) -> R:
 # --- the changes, as changelog holds them ---------------------------------------------------
 
 _KINDS: dict[str, type[Change]] = {
-    kind.__name__: kind for kind in (ClientSaved, MessageStored, MessagesRemoved)
+    kind.__name__: kind for kind in (ClientSaved, ClientRemoved, MessageStored, MessagesRemoved)
 }
 
 
@@ -384,6 +385,9 @@ class _Transaction:
             " changed = excluded.changed, home = excluded.home",
             (change.name, change.ip, change.port, change.token, change.presence.value, self._me),
         )
+
+    def remove_client(self, change: ClientRemoved) -> None:
+        self._conn.execute("DELETE FROM clients WHERE name = %s", (change.name,))
 
     def store_message(self, change: MessageStored) -> None:
         item = change.item

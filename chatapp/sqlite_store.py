@@ -35,6 +35,7 @@ import trio
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -340,6 +341,9 @@ class _Transaction:
             " token=excluded.token, presence=excluded.presence, changed=excluded.changed",
             (change.name, change.ip, change.port, change.token, change.presence.value),
         )
+
+    def remove_client(self, change: ClientRemoved) -> None:
+        self._db.execute("DELETE FROM clients WHERE name = ?", (change.name,))
 
     def store_message(self, change: MessageStored) -> None:
         item = change.item

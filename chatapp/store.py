@@ -16,6 +16,7 @@ from typing import Protocol
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -70,6 +71,9 @@ class MemoryStore:
     def save_client(self, change: ClientSaved) -> None:
         self._clients.pop(change.name, None)  # saved last: last in the order of changes
         self._clients[change.name] = change
+
+    def remove_client(self, change: ClientRemoved) -> None:
+        self._clients.pop(change.name, None)
 
     def store_message(self, change: MessageStored) -> None:
         self._mailbox.setdefault(change.recipient, {}).setdefault(change.item.id, change.item)

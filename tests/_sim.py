@@ -20,8 +20,9 @@ from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.tables import Window
 from chatapp.store import MemoryStore
-from chatapp.wire import MAX_DATAGRAM, Address, Message, TableEntry, encode
+from chatapp.wire import MAX_DATAGRAM, Address, Message, Table, TableDelta, TableEntry, encode
 
 SERVER: Address = ("10.0.0.1", 8001)
 SERVER_TEXT = "10.0.0.1:8001"
@@ -30,6 +31,8 @@ WALL = 1_648_153_596.0
 CLIENT_IP = "10.0.0.2"
 
 TU = screen.TABLE_UPDATED
+#: What carries the table: a part of the whole table, or of a delta.
+TABLES = (Table, TableDelta)
 
 Rule = Callable[[Address, Send], bool]
 #: A message type, or several (``Sim`` has a method named ``type``, so say it here).
@@ -66,6 +69,7 @@ class Sim:
     wall_offset: float = WALL
     timers: Timers = field(default_factory=Timers)
     mailbox_limit: int = 1000
+    table_window: Window = field(default_factory=Window)
     now: float = 0.0
     #: A datagram for which any rule returns True is lost.
     drop: list[Rule] = field(default_factory=list)
@@ -80,6 +84,7 @@ class Sim:
             wall_offset=self.wall_offset,
             token_factory=lambda: f"tok{next(tokens)}",
             mailbox_limit=self.mailbox_limit,
+            table_window=self.table_window,
         )
         self.nodes: dict[Address, AnyNode] = {SERVER: self.server}
         self.addr: dict[str, Address] = {"server": SERVER}

@@ -34,6 +34,7 @@ from chatapp.wire import (
     Register,
     Registered,
     Table,
+    TableAck,
     TableEntry,
     WireError,
     decode,
@@ -219,7 +220,7 @@ def test_a_real_client_keeps_serving_whatever_its_server_and_strangers_send(tmp_
             assert isinstance(register, Register)
             fake_server.sendto(encode(Registered(register.id, "t.1")), at)
             entry = TableEntry("user1", "127.0.0.1", client_port, True)
-            _exchange(fake_server, encode(Table("s.0", 1, 1, 0, 1, [entry])), at, Ack)
+            _exchange(fake_server, encode(Table("s.0", 1, 1, 0, 1, [entry])), at, TableAck)
             client.expect(screen.TABLE_UPDATED)
 
             @FUZZ_REAL

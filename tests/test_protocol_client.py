@@ -10,6 +10,7 @@ from _sim import (
     CLIENT_IP,
     SERVER,
     SERVER_TEXT,
+    TABLES,
     TU,
     WALL,
     Sim,
@@ -38,6 +39,8 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     Table,
+    TableAck,
+    TableDelta,
     encode,
 )
 
@@ -145,21 +148,22 @@ def test_a_table_replaces_the_old_one_and_each_arrival_is_shown() -> None:
 
 def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
     sim = Sim()
-    sim.duplicate.append(lambda src, send: isinstance(send.message, Table))
-    sim.join("user1")
-    sim.join("user2")
+    sim.duplicate.append(lambda src, send: isinstance(send.message, TABLES))
+    sim.join("user1")  # the whole table, version 1
+    sim.join("user2")  # to user1: a delta from 1 to 2
     assert sim.lines("user1") == [TU, TU]
     assert sim.lines("user2") == [TU]
-    # every copy is ACKed
-    assert len(sim.datagrams(Ack, src="user1", dst="server")) == 4
+    # every copy is ACKed, with the version held
+    acks = [d.message for d in sim.datagrams(TableAck, src="user1", dst="server")]
+    assert [(a.epoch, a.version) for a in acks] == [(0, 1), (0, 1), (0, 2), (0, 2)]  # type: ignore[union-attr]
 
-    # the ACK of the next table is lost: the server re-sends it 500 ms later
-    sim.drop.append(first_only(between(sim, "user2", "server", Ack)))
+    # the ACK of the next delta is lost: the server re-sends it 500 ms later
+    sim.drop.append(first_only(between(sim, "user2", "server", TableAck)))
     sim.duplicate.clear()
     sim.join("user3")
-    mark = len(sim.datagrams(Table, dst="user2"))
+    mark = len(sim.datagrams(TableDelta, dst="user2"))
     sim.run(0.5)
-    assert len(sim.datagrams(Table, dst="user2")) == mark + 1
+    assert len(sim.datagrams(TableDelta, dst="user2")) == mark + 1
     assert sim.lines("user2") == [TU, TU]
     sim.settle()
     assert sim.server.next_deadline() is None
@@ -172,7 +176,7 @@ def test_an_older_table_arriving_late_does_not_replace_a_newer_one() -> None:
     assert isinstance(old, Table) and old.entries == [entry("user1", 9001)]
     mark = len(sim.lines("user1"))
     effects = sim.inject(SERVER, old, sim.addr["user1"])
-    assert [e.message for e in effects if isinstance(e, Send)] == [Ack(old.id)]
+    assert [e.message for e in effects if isinstance(e, Send)] == [TableAck(old.id, 0, 3)]
     assert len(user1.table) == 3
     assert sim.lines_since("user1", mark) == []
 

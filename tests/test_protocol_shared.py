@@ -26,6 +26,8 @@ from chatapp.wire import (
     Registered,
     StoredItem,
     Table,
+    TableAck,
+    TableDelta,
     decode,
     encode,
 )
@@ -43,25 +45,33 @@ def changes(effects: list[Effect]) -> list[Change]:
 
 
 def server_with_two_clients() -> ServerProtocol:
-    """user1 online here; user2 online at another server."""
+    """user1 online here (it holds the table); user2 online at another server."""
     server = ServerProtocol(id_prefix="s", epoch=1)
     server.restore(
         [ClientRecord("user1", HERE, "t1"), ClientRecord("user2", THERE, "t2")],
         {},
         elsewhere={"user2"},
     )
+    (table,) = sends(server.start(0.0))  # the whole table, to user1 only
+    assert table.addr == HERE and isinstance(table.message, Table)
+    ack = TableAck(table.message.id, table.message.epoch, table.message.version)
+    server.handle_datagram(encode(ack), HERE, 0.0)
     return server
+
+
+def updates(effects: list[Effect]) -> list[Send]:
+    """The table's updates (a whole table or a delta) among ``effects``."""
+    return [s for s in sends(effects) if isinstance(s.message, Table | TableDelta)]
 
 
 def test_another_servers_client_is_in_the_table_but_gets_it_from_its_own_server() -> None:
     server = server_with_two_clients()
     joined = ClientSaved("user3", "10.0.0.3", 9003, "t3", Presence.ONLINE)
     effects = server.handle_shared([joined], 0.0)
-    tables = [send for send in sends(effects) if isinstance(send.message, Table)]
-    assert [send.addr for send in tables] == [HERE]  # not THERE, not user3's address
-    table = tables[0].message
-    assert isinstance(table, Table)
-    assert [entry.name for entry in table.entries] == ["user1", "user2", "user3"]
+    (delta,) = updates(effects)
+    assert delta.addr == HERE  # not THERE, not user3's address
+    assert isinstance(delta.message, TableDelta)
+    assert [entry.name for entry in delta.message.entries] == ["user3"]
     assert server.elsewhere == {"user2", "user3"}
     assert not changes(effects)  # committed by the other server already
 
@@ -88,7 +98,7 @@ def test_another_servers_client_that_speaks_here_moves_here() -> None:
     assert ClientSaved("user2", *THERE, "t2", Presence.ONLINE) in changes(effects)
     assert "user2" not in server.elsewhere
     addressed = {(type(send.message), send.addr) for send in sends(effects)}
-    assert (Ack, THERE) in addressed and (Table, THERE) in addressed
+    assert (Ack, THERE) in addressed and (Table, THERE) in addressed  # its first table here
 
 
 def test_a_message_stored_elsewhere_for_a_client_here_is_delivered_here() -> None:
@@ -141,10 +151,10 @@ def test_a_reload_takes_what_differs_as_the_other_servers_changes() -> None:
     )
     assert server.clients["user2"].presence is Presence.SILENT
     assert server.mailbox["user2"] == [kept]
-    (table,) = sends(effects)
-    assert table.addr == HERE
-    decoded = decode(table.data)
-    assert isinstance(decoded, Table) and not decoded.entries[1].online
+    (delta,) = updates(effects)
+    assert delta.addr == HERE
+    decoded = decode(delta.data)
+    assert isinstance(decoded, TableDelta) and not decoded.entries[0].online
 
 
 def test_a_registration_here_takes_the_name_back_from_the_other_servers_view() -> None:

@@ -22,7 +22,7 @@ from chatapp_tools.replay.traces import read_trace
 from chatapp.node import Node
 from chatapp.protocol.common import Timers
 from chatapp.protocol.waits import WaitRule
-from chatapp.wire import Table
+from chatapp.wire import TableDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -189,7 +189,7 @@ def test_a_build_that_skips_a_table_broadcast_fails_at_it(
 
     async def skip_fourth_table(self: Node, effect: object) -> None:
         message = getattr(effect, "message", None)
-        if isinstance(message, Table) and message.version == 4 and not getattr(self, "_skipped", 0):
+        if isinstance(message, TableDelta) and message.to == 4 and not getattr(self, "_skipped", 0):
             self._skipped = 1  # type: ignore[attr-defined]
             return
         await original(self, effect)  # type: ignore[arg-type]
@@ -198,7 +198,7 @@ def test_a_build_that_skips_a_table_broadcast_fails_at_it(
     code, out = chat_replay(capsys, trace_path("test1"))
     assert code == 1
     assert "First divergence: datagrams server sent to user" in out
-    assert "table v4" in out
+    assert "delta v3->v4" in out
 
 
 def test_an_unreadable_trace_is_one_line_and_status_2(

@@ -3,6 +3,7 @@
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -20,6 +21,7 @@ __all__ = [
     "ClientInput",
     "ClientProtocol",
     "ClientRecord",
+    "ClientRemoved",
     "ClientSaved",
     "ClientState",
     "ClientWait",

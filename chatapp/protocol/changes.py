@@ -64,6 +64,13 @@ class ClientSaved(Change):
 
 
 @dataclass(frozen=True, slots=True)
+class ClientRemoved(Change):
+    """The record of ``name`` is gone (a registration that never completed is undone)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageStored(Change):
     """A message kept for ``recipient`` (once: the same id again changes nothing)."""
 
@@ -84,6 +91,8 @@ class ChangeSink(Protocol):
 
     def save_client(self, change: ClientSaved) -> None: ...
 
+    def remove_client(self, change: ClientRemoved) -> None: ...
+
     def store_message(self, change: MessageStored) -> None: ...
 
     def remove_messages(self, change: MessagesRemoved) -> None: ...
@@ -94,6 +103,8 @@ def apply_changes(changes: Iterable[Change], sink: ChangeSink) -> None:
     for change in changes:
         if isinstance(change, ClientSaved):
             sink.save_client(change)
+        elif isinstance(change, ClientRemoved):
+            sink.remove_client(change)
         elif isinstance(change, MessageStored):
             sink.store_message(change)
         elif isinstance(change, MessagesRemoved):

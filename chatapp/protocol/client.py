@@ -32,6 +32,7 @@ from chatapp.protocol.common import (
 )
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.machine import Machine
+from chatapp.protocol.tables import TableCopy
 from chatapp.protocol.waits import ClientWait
 from chatapp.wire import (
     MAX_DATAGRAM,
@@ -53,6 +54,8 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     Table,
+    TableAck,
+    TableDelta,
     TableEntry,
     fmt_addr,
     tag_of,
@@ -111,13 +114,16 @@ class ClientProtocol(Machine[Waiting]):
         self.servers = [server, *(s for s in other_servers if s != server)]
         self.port = port
         self.state = ClientState.JOINING
-        self.table: dict[str, TableEntry] = {}
+        self.copy = TableCopy()  # the server's table as this client has it
         self.token = ""
         self._new_id = IdFactory(id_prefix)
         self._seen = SeenIds()
         self._deliveries_shown = SeenIds(capacity=1024)
-        self._table_version: tuple[int, int] = (-1, -1)
-        self._table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]] = {}
+
+    @property
+    def table(self) -> dict[str, TableEntry]:
+        """The client table, by name."""
+        return self.copy.entries
 
     # --- entry points -----------------------------------------------------------------
 
@@ -347,8 +353,9 @@ class ClientProtocol(Machine[Waiting]):
         if pending.send.addr == self.server:  # the current server stopped answering
             old = self.server
             self.server = self.servers[(self.servers.index(old) + 1) % len(self.servers)]
-            # The next server's tables are numbered on its own: take the first that comes.
-            self._table_version, self._table_parts = (-1, -1), {}
+            # The next server's tables are numbered on its own: its first whole table
+            # replaces this copy, whatever its version (the entries serve until then).
+            self.copy.epoch, self.copy.version = -1, -1
             effects.append(Show(screen.moving_server(fmt_addr(old), fmt_addr(self.server))))
         moved = Waiting(waiting.kind, waiting.to, waiting.text, waiting.moves + 1)
         send = self.send(pending.send.message, self.server)
@@ -413,21 +420,16 @@ class ClientProtocol(Machine[Waiting]):
             effects.append(Show(format_line(item.stored_at, item.sender, item.text)))
         return effects
 
-    def _on_table(self, message: Table, addr: Address, now: float) -> list[Effect]:
+    def _on_table(self, message: Table | TableDelta, addr: Address, now: float) -> list[Effect]:
+        """A part of the whole table or of a delta: ACKed with the version held after
+        taking it; shown once when it completes an update that was applied."""
         if refusal := self._refuse_unless_from_server(message, addr):
             return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        version = (message.epoch, message.version)
-        if version <= self._table_version or message.part >= message.parts:
-            return effects
-        parts = self._table_parts.setdefault(version, {})
-        parts[message.part] = message.entries
-        if len(parts) < message.parts:
-            return effects
-        self.table = {entry.name: entry for part in parts.values() for entry in part}
-        self._table_version = version
-        self._table_parts = {v: p for v, p in self._table_parts.items() if v > version}
-        effects.append(Show(screen.TABLE_UPDATED))
+        applied = self.copy.take(message)
+        ack = TableAck(message.id, self.copy.epoch, self.copy.version)
+        effects: list[Effect] = [self.send(ack, addr)]
+        if applied:
+            effects.append(Show(screen.TABLE_UPDATED))
         return effects
 
     def _refuse_unless_from_server(self, message: Message, addr: Address) -> list[Effect]:
@@ -447,6 +449,7 @@ class ClientProtocol(Machine[Waiting]):
         ChannelDelivery: _on_channel,
         Mailbox: _on_mailbox,
         Table: _on_table,
+        TableDelta: _on_table,
     }
 
 

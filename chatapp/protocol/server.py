@@ -14,14 +14,10 @@ from typing import ClassVar
 
 import msgspec
 
-from chatapp.protocol.changes import (
-    ClientRecord,
-    ClientSaved,
-    MessageStored,
-    Presence,
-)
+from chatapp.protocol.changes import ClientRecord, MessageStored, Presence
 from chatapp.protocol.common import Effect, Log, Pending, Send, dropped
-from chatapp.protocol.server_state import ServerState, Waiting
+from chatapp.protocol.server_state import Waiting
+from chatapp.protocol.sharing import ServerSharing
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -41,27 +37,29 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     StoredItem,
-    Table,
+    TableAck,
+    TableDelta,
     fmt_addr,
 )
 
 
-class ServerProtocol(ServerState):
-    """The server's rules (what it holds: ``ServerState``)."""
-
-    def start(self, now: float) -> list[Effect]:
-        """After a restart, tell the clients that were online (they may have missed tables)."""
-        if any(record.online for record in self.clients.values()):
-            self.roster.changed = True
-        return self._flush_table(now)
+class ServerProtocol(ServerSharing):
+    """The server's rules: the requests' (what it holds: ``ServerState``; who is online
+    and every client's copy of the table: ``ServerPresence``; the changes of other servers
+    sharing its database: ``ServerSharing``)."""
 
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
-        return self._expired(now) + self._flush_table(now)
+        effects = self._expired(now)
+        self._slow_down_if_resent(effects, now)
+        return effects + self._flush_table(now)
 
     def _may_give_up(self, pending: Pending[Waiting]) -> bool:
-        return pending.context.recipient in self.clients
+        # A registration undone meanwhile: nothing is left to do for that name, except
+        # answering a sender who waits on a message's fate.
+        waiting = pending.context
+        return waiting.recipient in self.clients or waiting.kind is ServerWait.DELIVER
 
     def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
         handler = self._handlers.get(type(message))
@@ -83,7 +81,7 @@ class ServerProtocol(ServerState):
         holder = self.clients.get(message.name)
         if holder is not None and holder.online and holder.addr != addr:
             if holder.name in self.elsewhere:
-                # Another server's client: its server checks on it; this one cannot.
+                # Another server's client: that server checks on it; this one cannot.
                 return self._refuse_claim(holder, message, addr)
             return self._challenge_holder(holder, message, addr, now)
         return self._register(message, addr, now)
@@ -93,12 +91,11 @@ class ServerProtocol(ServerState):
     ) -> list[Effect]:
         """Someone else asks for an online name. Its holder may have left without a word
         (Ctrl-C) and be about to come back from another port: ask the holder first, with a
-        table it already has (ACKed, not shown), and refuse the claim only if it answers."""
-        if not self.roster.latest:
-            return self._refuse_claim(holder, claim, addr)
+        delta that changes nothing (ACKed, not shown), and refuse the claim only if it
+        answers."""
         self._recent.remember((addr, claim.id), None)  # the claim's retries wait for the answer
-        part = self.roster.latest[0]
-        probe = Table(self._new_id(), part.epoch, part.version, part.part, part.parts, part.entries)
+        version = self.roster.version
+        probe = TableDelta(self._new_id(), self.roster.epoch, version, version, 0, 1, [], [])
         waiting = Waiting(ServerWait.CLAIM, holder.name, reply_to=addr, claim=claim)
         return [
             Log(f"{claim.name} asked for from {fmt_addr(addr)}: checking on its holder", "debug"),
@@ -113,19 +110,18 @@ class ServerProtocol(ServerState):
 
     def _register(self, message: Register, addr: Address, now: float) -> list[Effect]:
         displaced = self.roster.name_at(addr)
-        persist_displaced: list[Effect] = []
+        effects: list[Effect] = []
         if displaced is not None and displaced != message.name:
-            old = self.clients[displaced]
-            if old.online:
-                self._set_presence(old, Presence.SILENT)
-            # Stored too: after a restart the displaced name must not come back online here.
-            persist_displaced.append(self._saved(old))
+            effects += self._displace(self.clients[displaced])
+        # New: unknown, or brought by a registration that has not completed either.
+        new = message.name not in self.clients or self.followers.joined_new(message.name)
         record = ClientRecord(message.name, addr, self._new_token())
         self.roster.add(record)
+        self._end_waits(self.followers.joined(record.name, new=new))
         registered = self.send(Registered(message.id, record.token), addr)
         self._recent.remember((addr, message.id), [registered])
         return [
-            *persist_displaced,
+            *effects,
             self._saved(record),
             Log(f"registered {record.name} at {fmt_addr(addr)}"),
             registered,
@@ -222,14 +218,8 @@ class ServerProtocol(ServerState):
 
     # --- ACKs: the ``on_answer`` handlers of ServerWait ----------------------------------
 
-    def _on_ack(self, message: Ack, addr: Address, now: float) -> list[Effect]:
+    def _on_ack(self, message: Ack | TableAck, addr: Address, now: float) -> list[Effect]:
         return self._answered((addr, message.id), message, addr, now)
-
-    def _table_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
-        waits = self._table_waits.get(pending.context.recipient, [])
-        if pending.key in waits:
-            waits.remove(pending.key)
-        return []
 
     def _channel_delivered(self, pending: Pending[Waiting], ack: Ack, now: float) -> list[Effect]:
         if pending.context.item_ids:  # stored already (by another server): delivered now
@@ -251,9 +241,6 @@ class ServerProtocol(ServerState):
 
     # --- giving up: the ``on_give_up`` handlers of ServerWait ---------------------------
 
-    def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        return self._no_ack_from(self.clients[pending.context.recipient], pending)
-
     def _channel_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
         marked = self._no_ack_from(record, pending)
@@ -264,7 +251,12 @@ class ServerProtocol(ServerState):
     def _undelivered(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         """A saved message the server could not deliver itself: stored, and the sender
         told so."""
-        record = self.clients[pending.context.recipient]
+        record = self.clients.get(pending.context.recipient)
+        if record is None:  # the recipient's registration was undone meanwhile
+            waiting = pending.context
+            assert waiting.item is not None and waiting.reply_to is not None
+            reason = f"there is no user named {waiting.recipient}."
+            return self._refuse((waiting.reply_to, waiting.item.id), reason)
         marked = self._no_ack_from(record, pending)
         stored = self._store_late(record, pending.context, now, enforce_limit=False)
         return [*marked, *stored, self._answer_saved(pending.context, "stored")]
@@ -285,18 +277,6 @@ class ServerProtocol(ServerState):
         if current is not None and current.online and current.addr != waiting.reply_to:
             return effects + self._refuse_claim(current, waiting.claim, waiting.reply_to)
         return effects + self._register(waiting.claim, waiting.reply_to, now)
-
-    def _no_ack_from(self, record: ClientRecord, pending: Pending[Waiting]) -> list[Effect]:
-        """A client that did not ACK at its address is offline (and gets the next table as
-        a probe: a lost datagram should not keep a live client offline)."""
-        if pending.send.addr != record.addr or not record.online:
-            return []
-        self._set_presence(record, Presence.SILENT)
-        self._probes.add(record.name)
-        return [
-            Log(f"no ACK from {record.name} ({pending.context.kind}): marked offline", "warning"),
-            self._saved(record),
-        ]
 
     def _store_late(
         self, record: ClientRecord, waiting: Waiting, now: float, *, enforce_limit: bool
@@ -348,44 +328,7 @@ class ServerProtocol(ServerState):
             self.mailboxes.delivered_all(name)
         return effects
 
-    # --- the table --------------------------------------------------------------------
-
-    def _flush_table(self, now: float) -> list[Effect]:
-        """Send the table to every online client, once for all the changes of one event."""
-        messages = self.roster.next_table(self._new_id)
-        if not messages:
-            return []
-        encoded = [(message, self.codec.encode(message)) for message in messages]  # once for all
-        effects: list[Effect] = []
-        recipients = 0
-        probes, self._probes = self._probes, set()
-        for record in self.clients.values():
-            # A client just marked offline for not ACKing gets the table too: if it is
-            # alive after all (a lost datagram), its ACK brings it back by contact.
-            if record.name in self.elsewhere or (
-                not record.online
-                and not (record.name in probes and record.presence is Presence.SILENT)
-            ):
-                continue
-            recipients += 1
-            self._cancel_table_waits(record.name)
-            keys = self._table_waits.setdefault(record.name, [])
-            for message, data in encoded:
-                key = (record.addr, message.id)
-                keys.append(key)
-                waiting = Waiting(ServerWait.TABLE, record.name)
-                effects.append(self._wait(key, Send(message, data, record.addr), now, waiting))
-        version = self.roster.version
-        effects.insert(0, Log(f"table version {version} sent to {recipients} clients", "debug"))
-        return effects
-
     # --- presence ---------------------------------------------------------------------
-
-    def _set_presence(self, record: ClientRecord, presence: Presence) -> None:
-        self.roster.set_presence(record, presence)
-        if presence is not Presence.ONLINE:
-            self._cancel_table_waits(record.name)
-            self.mailboxes.in_flight.pop(record.name, None)
 
     def _presence_by_contact(self, message: Message, addr: Address, now: float) -> list[Effect]:
         """A client marked offline because it stopped ACKing is online again once it speaks."""
@@ -405,11 +348,6 @@ class ServerProtocol(ServerState):
             self._saved(record),
             *self._start_mailbox(record, now),
         ]
-
-    def _saved(self, record: ClientRecord) -> ClientSaved:
-        """The change that saves ``record``: from now on this server pushes its table."""
-        self.elsewhere.discard(record.name)
-        return ClientSaved.of(record)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -442,6 +380,7 @@ class ServerProtocol(ServerState):
         SaveMessage: _on_save,
         ChannelPost: _on_channel_post,
         Ack: _on_ack,
+        TableAck: _on_ack,
     }
 
 

@@ -38,6 +38,8 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     Table,
+    TableAck,
+    TableDelta,
     tag_of,
 )
 
@@ -130,8 +132,15 @@ _OFFLINE = "the client is marked offline"
 
 class ServerWait(Wait):
     TABLE = WaitRule(
-        Table, (Ack,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
-        "server: `table` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+        Table, (TableAck,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
+        "server: a part of the whole `table` to a client",
+        f"{_OFFLINE} (stored messages are kept) and sent its update once more; a"
+        " registration whose first table is never ACKed, that time either, is undone"
+        " (a name it brought leaves the table)")  # fmt: skip
+    DELTA = WaitRule(
+        TableDelta, (TableAck,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
+        "server: a `delta` of the table to a client",
+        f"{_OFFLINE} (stored messages are kept) and sent its update once more")  # fmt: skip
     MAILBOX = WaitRule(
         Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_mailbox_acked", None, "_went_silent",
         "server: `mailbox` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
@@ -144,8 +153,8 @@ class ServerWait(Wait):
         "server: delivering a `save` itself (a `chat`)",
         f"{_OFFLINE}, the message stored (`saved`: `stored`), the table to the others")  # fmt: skip
     CLAIM = WaitRule(
-        Table, (Ack,), 1, ACK_TIMEOUT, "_holder_answered", None, "_holder_gone",
-        "server: a `table` to the holder of a name another address asks for",
+        TableDelta, (TableAck,), 1, ACK_TIMEOUT, "_holder_answered", None, "_holder_gone",
+        "server: an empty `delta` to the holder of a name another address asks for",
         "the holder is marked offline and the name goes to the other address"
         " (if it answers: `refused`)")  # fmt: skip
 

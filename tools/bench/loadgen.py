@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from chatapp.wire import Ack, Register, encode
+from chatapp.wire import Ack, Register, TableAck, encode
 
 #: Every socket of the suite (servers, baselines, simulated clients) is on loopback.
 HOST = "127.0.0.1"
@@ -30,9 +30,25 @@ class Head(msgspec.Struct):
     t: str
     id: str = ""
     token: str = ""
+    epoch: int = 0
+    version: int = 0  # a table part's
+    to: int | str = 0  # a delta's version (a save's recipient)
 
 
 decode_head = msgspec.json.Decoder(Head).decode
+
+
+def ack_for(head: Head) -> bytes | None:
+    """The ACK a client sends for a datagram from the server (None: it needs none). A
+    simulated client that keeps no table says it holds what each table part or delta
+    brings: the server then sends it what a client that applies everything needs."""
+    if head.t == "table":
+        return encode(TableAck(head.id, head.epoch, head.version))
+    if head.t == "delta":
+        return encode(TableAck(head.id, head.epoch, int(head.to)))
+    if head.t in ("mailbox", "channel", "chat"):
+        return encode(Ack(head.id))
+    return None
 
 
 @dataclass
@@ -44,6 +60,7 @@ class SimClient:
     token: str = ""
     outstanding: dict[str, float] = field(default_factory=dict)
     counter: int = 0
+    datagrams: int = 0  # exchanged with the server, both ways (requests, answers, ACKs)
 
     @property
     def port(self) -> int:
@@ -135,12 +152,14 @@ def _answers(client: SimClient) -> Iterator[Head]:
             data, addr = sock.recvfrom(65536)
         except BlockingIOError:
             return
+        client.datagrams += 1
         try:
             head = decode_head(data)
         except msgspec.DecodeError:
             continue
-        if head.t == "table" or head.t == "mailbox":
-            sock.sendto(encode(Ack(head.id)), addr)
+        if head.t in ("table", "delta", "mailbox"):
+            sock.sendto(ack_for(head) or b"", addr)
+            client.datagrams += 1
         elif client.outstanding.pop(head.id, None) is not None:
             if head.token:
                 client.token = head.token
@@ -150,6 +169,7 @@ def _answers(client: SimClient) -> Iterator[Head]:
 def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
     msg_id = client.next_id()
     client.outstanding[msg_id] = now
+    client.datagrams += 1
     client.sock.sendto(request(client, msg_id), server)
 
 
@@ -166,8 +186,8 @@ def run_closed_loop(
 ) -> LoadResult:
     """Keep ``window`` requests in flight per client for ``duration`` seconds.
 
-    A request is done when a datagram of any type but ``table`` or ``mailbox``
-    comes back with its id; those two are ACKed, as a client must. Completions during the
+    A request is done when a datagram of any type but ``table``, ``delta`` or ``mailbox``
+    comes back with its id; those are ACKed, as a client must. Completions during the
     first ``warmup`` seconds are not counted. Without ``repeat`` each client
     sends only its first ``window`` requests, and (``until_done``) the run
     ends when they are all answered.

@@ -35,7 +35,7 @@ import trio
 from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.wire import Ack, Lookup, Register, encode
 
-from .loadgen import HOST, decode_head
+from .loadgen import HOST, ack_for, decode_head
 
 
 def _answer(data: object) -> None:
@@ -162,9 +162,10 @@ class _Receivers:
                 entry[0] += 1
                 entry[2] = now
             return
-        if head.id:
-            s.sendto(encode(Ack(head.id)), addr)
-        if head.t == "table" and not dead:
+        ack = ack_for(head)
+        if ack is not None:
+            s.sendto(ack, addr)
+        if head.t in ("table", "delta") and not dead:
             now = time.monotonic()
             self.table_first = self.table_first or now
             self.table_last = now

@@ -43,6 +43,7 @@ class Normaliser:
     id_values: dict[str, str] = field(default_factory=dict)  # label -> latest value
     token_labels: dict[str, str] = field(default_factory=dict)
     token_values: dict[str, str] = field(default_factory=dict)
+    epochs: dict[str, int] = field(default_factory=dict)  # node -> the table epoch it sent last
     scoped: str = ""
     _issued: dict[str, int] = field(default_factory=dict)
     _stream_labels: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -99,6 +100,9 @@ class Normaliser:
                 self.token_labels[token] = f"token@{holder}"
             if isinstance(token, str):
                 self.token_values[self.token_labels[token]] = token
+            epoch = event.msg.get("epoch")
+            if isinstance(epoch, int):
+                self.epochs[sender] = epoch
 
     def _learn_ids(self, msg: Mapping[str, Any], sender: str, receiver: str) -> None:
         for value in _ids_in(msg):

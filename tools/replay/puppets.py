@@ -84,6 +84,8 @@ class Rewriter:
         for key, value in msg.items():
             if key in ("id", "delivery"):
                 result[key] = self._id(value, puppet)
+            elif key == "epoch" and self.under_test == self.server:
+                result[key] = self.live.epochs.get(self.server, value)  # the table it holds
             elif key == "token" and self.under_test == self.server:
                 label = self.recorded.token_labels.get(value)
                 result[key] = self.live.token_values.get(label, value) if label else value

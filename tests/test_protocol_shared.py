@@ -8,6 +8,7 @@ from chatapp import screen
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -207,3 +208,11 @@ def test_with_one_server_a_client_gives_up_as_it_always_did() -> None:
     effects, _ = run_out(client, 0.0)
     shown = [effect.line for effect in effects if isinstance(effect, Show)]
     assert shown == [screen.join_not_answered("10.0.9.1:8001"), screen.EXITING]
+
+
+def test_a_registration_another_server_undid_leaves_this_servers_table_too() -> None:
+    server = server_with_two_clients()
+    effects = server.handle_shared([ClientRemoved("user2")], 0.0)
+    assert "user2" not in server.clients and "user2" not in server.elsewhere
+    (delta,) = updates(effects)
+    assert isinstance(delta.message, TableDelta) and delta.message.gone == ["user2"]

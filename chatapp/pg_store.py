@@ -81,6 +81,7 @@ MIGRATIONS: dict[int, str] = {
             at timestamptz NOT NULL DEFAULT now(),
             changes bytea NOT NULL
         );
+        CREATE INDEX changelog_by_time ON changelog (at);
     """,
 }
 
@@ -92,7 +93,7 @@ HEARTBEAT_INTERVAL = 1.0
 #: clients are marked offline (the README says so).
 HEARTBEAT_TIMEOUT = 10.0
 #: How long a changelog row is kept (a server that missed more reads the tables again).
-CHANGELOG_KEPT = 120.0
+CHANGELOG_KEPT = 30.0
 #: How long a server whose commit failed keeps asking the database for what it holds
 #: (it cannot go on without it: then it stops).
 RELOAD_PATIENCE = 30.0
@@ -102,6 +103,12 @@ _MIGRATION_LOCK = 0x43484154  # "CHAT"
 
 class StoreError(psycopg.DatabaseError):
     """The database cannot be used by this server (said in one line)."""
+
+
+class NameTaken(psycopg.DatabaseError):
+    """A commit would have taken a name that a client of another running server holds
+    online at another address (two servers registering one name at once: the first
+    commit wins, this one is rolled back)."""
 
 
 def server_id(port: int) -> str:
@@ -377,14 +384,23 @@ class _Transaction:
         self._me = me
 
     def save_client(self, change: ClientSaved) -> None:
-        self._conn.execute(
+        # The row is replaced unless another running server's client holds the name
+        # online at another address: then the name is that client's, and this
+        # transaction is rolled back (the row is locked while a concurrent one decides).
+        taken = self._conn.execute(
             "INSERT INTO clients (name, ip, port, token, presence, changed, home)"
             " VALUES (%s, %s, %s, %s, %s, nextval('client_changes'), %s)"
             " ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port,"
             " token = excluded.token, presence = excluded.presence,"
-            " changed = excluded.changed, home = excluded.home",
+            " changed = excluded.changed, home = excluded.home"
+            " WHERE clients.presence <> 'online' OR clients.home IS NOT DISTINCT FROM excluded.home"
+            " OR (clients.ip = excluded.ip AND clients.port = excluded.port)"
+            " OR NOT EXISTS (SELECT 1 FROM servers WHERE id = clients.home)"
+            " RETURNING name",
             (change.name, change.ip, change.port, change.token, change.presence.value, self._me),
-        )
+        ).fetchone()
+        if taken is None:
+            raise NameTaken(f"the name {change.name} is online at another server")
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._conn.execute("DELETE FROM clients WHERE name = %s", (change.name,))
@@ -408,6 +424,7 @@ __all__ = [
     "CHANNEL",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_TIMEOUT",
+    "NameTaken",
     "PgStore",
     "Snapshot",
     "StoreError",

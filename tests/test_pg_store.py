@@ -17,7 +17,14 @@ from _harness import VirtualClient, VirtualServer, chatapp_env, free_udp_ports, 
 from chatapp import screen
 from chatapp.launch import ServerOptions, StartupError, run_node
 from chatapp.node import Node
-from chatapp.pg_store import SCHEMA_VERSION, PgStore, StoreError, decode_changes, encode_changes
+from chatapp.pg_store import (
+    SCHEMA_VERSION,
+    NameTaken,
+    PgStore,
+    StoreError,
+    decode_changes,
+    encode_changes,
+)
 from chatapp.protocol.changes import (
     Change,
     ClientSaved,
@@ -83,6 +90,31 @@ async def test_what_is_committed_is_what_a_memory_store_holds(pg_url: str) -> No
     assert store.load() == MemoryStore(SOME_CHANGES).load()
     (row,) = sql(pg_url, "SELECT server, changes FROM changelog ORDER BY seq DESC LIMIT 1")
     assert row[0] == "a" and decode_changes(bytes(row[1])) == [SOME_CHANGES[-1]]
+
+
+async def test_a_name_online_at_another_running_server_cannot_be_taken(pg_url: str) -> None:
+    a, b = PgStore(pg_url, "a"), PgStore(pg_url, "b")
+    a.open()
+    b.open()
+    here = ClientSaved("user1", "10.0.0.5", 9001, "t1", Presence.ONLINE)
+    there = ClientSaved("user1", "10.0.0.6", 9002, "t2", Presence.ONLINE)
+    async with a.pool, b.pool:
+        await a.commit([here])
+        with pytest.raises(NameTaken):
+            await b.commit(
+                [MessageStored("user1", StoredItem("m", "direct", "x", "y", 1.0)), there]
+            )
+        assert sql(pg_url, "SELECT count(*) FROM mailbox") == [(0,)]  # all rolled back
+        # The same address (the client moved to b), or an offline holder: b takes it.
+        await b.commit([ClientSaved("user1", "10.0.0.5", 9001, "t1", Presence.ONLINE)])
+        await a.commit([ClientSaved("user1", "10.0.0.5", 9001, "t1", Presence.SILENT)])
+        await b.commit([there])
+        with pytest.raises(NameTaken):
+            await a.commit([here])
+        # A holder whose server stopped (its heartbeat row gone) holds nothing.
+        sql(pg_url, "DELETE FROM servers WHERE id = 'b'")
+        await a.commit([here])
+    assert sql(pg_url, "SELECT ip, home FROM clients") == [("10.0.0.5", "a")]
 
 
 def test_a_changelog_row_chatapp_did_not_write_is_refused() -> None:

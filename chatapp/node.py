@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Protocol, TextIO
 
 import trio
@@ -28,7 +28,6 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
-from chatapp.store import MemoryStore, Store
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
 
@@ -158,6 +157,24 @@ class LogSink:
 AnyProtocol = ClientProtocol | ServerProtocol
 
 
+class Committer(Protocol):
+    """Where a node commits its changes: a server's store, a client's state files."""
+
+    #: Whether a commit reaches a disk (worth gathering several changes per commit).
+    durable: bool
+
+    async def commit(self, changes: list[Change]) -> None: ...
+
+
+class _Nowhere:
+    """A node that keeps nothing (a test's): a change is a bug."""
+
+    durable = False
+
+    async def commit(self, changes: list[Change]) -> None:
+        raise RuntimeError(f"this node has nowhere to keep {changes!r}")
+
+
 class Node:
     """One client or server: a state machine, an endpoint, and the tasks that drive them."""
 
@@ -174,15 +191,19 @@ class Node:
         screen: Screen | None = None,
         log: Callable[[Log], None] | None = None,
         recorder: Recorder | None = None,
-        store: Store | None = None,
+        store: Committer | None = None,
+        started: Mapping[str, object] | None = None,
     ) -> None:
+        """``started``: what the trace's start event records besides the node's address
+        (the seed of its randomness, what it read from disk)."""
         self.name = name
         self.protocol = protocol
         self.endpoint = endpoint
         self.screen = screen
         self.log = log or (lambda entry: None)
         self.recorder = recorder or NullRecorder()
-        self.store: Store = store or MemoryStore()
+        self.store: Committer = store or _Nowhere()
+        self.started = started or {}
         self.exit_status: int | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
@@ -207,7 +228,8 @@ class Node:
         """Run until the node exits (returns its status) or is cancelled; started (with
         ``nursery.start``) once its tasks run."""
         role = "client" if isinstance(self.protocol, ClientProtocol) else "server"
-        self.recorder.node_started(self.name, role, argv or [], self.endpoint.local_address)
+        local = self.endpoint.local_address
+        self.recorder.node_started(self.name, role, argv or [], local, self.started)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope

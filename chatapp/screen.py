@@ -60,7 +60,8 @@ def stored_channel(stored_at: float, sender: str, text: str) -> str:
 # --- our lines ------------------------------------------------------------------
 
 HELP = (
-    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table | help | exit]"
+    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table"
+    " | fingerprint [NAME] | help | exit]"
 )
 OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit).]"
 ALREADY_ONLINE = "[You are already online.]"
@@ -118,3 +119,49 @@ def table_lines(rows: Iterable[tuple[str, str, int, bool]]) -> list[str]:
 
 def bad_input(detail: str) -> str:
     return f"[Could not read that line: {detail}. Nothing was sent.]"
+
+
+# --- keys and trust ----------------------------------------------------------------
+
+
+def server_key_changed(server: str, pinned: str, offered: str, pins_file: str) -> str:
+    return (
+        f"[The server at {server} answered with a different key than the one pinned for it:"
+        f" pinned {pinned}, offered {offered}. Someone may be in the middle, or the server's"
+        f" key was changed. If you know it was changed on purpose, remove the line for"
+        f" {server} from {pins_file} and join again.]"
+    )
+
+
+def own_fingerprint(name: str, fingerprint: str) -> str:
+    return f"[Your key ({name}): {fingerprint}]"
+
+
+def peer_fingerprint(name: str, fingerprint: str) -> str:
+    return f"[{name}'s key: {fingerprint}]"
+
+
+def safety_number(name: str, number: str) -> str:
+    return (
+        f"[Safety number with {name}: {number}. Compare it with {name} out of band:"
+        " the same number on both sides means no one is in between.]"
+    )
+
+
+def no_key_for(name: str) -> str:
+    return f"[{name} is not in the client table: no key to show.]"
+
+
+def not_stored(names: list[str], more: int) -> str:
+    who = ", ".join(names) + (f" and {more} more" if more else "")
+    return (
+        f"[Your channel message could not be stored for {who} (mailbox full):"
+        " they will not see it.]"
+    )
+
+
+def bad_key_file(path: str, why: str) -> str:
+    return (
+        f"the key file {path} {why}. It was not changed; fix it (or move it away to make"
+        " a new key, which the server will refuse for a name bound to the old one)"
+    )

@@ -3,40 +3,44 @@
 Feed it datagrams (``handle_datagram``), what the person does (``handle_input``:
 a typed line, Ctrl-C, a hang-up, a line that could not be read) and timer
 expiries (``handle_timer``), each with the current time; it returns the effects
-to carry out (datagrams to send, lines to show, an exit) and says when it next
-needs to wake (``next_deadline``). What happens to each pending request is in
-its row of ``chatapp.protocol.waits.ClientWait``.
+to carry out (datagrams to send, lines to show, changes to write, an exit) and
+says when it next needs to wake (``next_deadline``). What happens to each
+pending request is in its row of ``chatapp.protocol.waits.ClientWait``. This
+module holds the commands, the answers and the table of handlers;
+``client_core`` and ``client_delivery`` the rest.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 from chatapp import screen
-from chatapp.protocol.common import (
-    Codec,
-    Effect,
-    Exit,
-    IdFactory,
-    Log,
-    Pending,
-    SeenIds,
-    Show,
-    Timers,
-    dropped,
+from chatapp.protocol.changes import NO_TAG
+from chatapp.protocol.client_core import ClientState, Waiting
+from chatapp.protocol.client_delivery import ClientDelivery
+from chatapp.protocol.codecs import Sender, Via
+from chatapp.protocol.common import Effect, Pending, SeenIds, Send, Show, Timers, dropped
+from chatapp.protocol.crypto import (
+    CHANNEL_DOMAIN,
+    SIGNATURE_BYTES,
+    BadKey,
+    Entropy,
+    Identity,
+    SystemEntropy,
+    fingerprint,
+    safety_number,
 )
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
-from chatapp.protocol.machine import Machine
+from chatapp.protocol.sealing import PEER_OVERHEAD, SESSION_OVERHEAD
 from chatapp.protocol.waits import ClientWait
 from chatapp.wire import (
     MAX_DATAGRAM,
     NAME_PATTERN,
     Ack,
     Address,
+    Challenge,
     ChannelDelivery,
     ChannelPost,
     Chat,
@@ -45,93 +49,69 @@ from chatapp.wire import (
     LookupResult,
     Mailbox,
     Message,
+    NotStored,
     Refused,
-    Register,
     Registered,
+    Rekey,
+    Relay,
     Reregister,
     Saved,
     SaveMessage,
+    Seq,
+    StoredItem,
     Table,
     TableEntry,
-    fmt_addr,
-    tag_of,
+    encode,
 )
 
+__all__ = ["ClientProtocol", "ClientState", "Waiting"]
 
-class ClientState(enum.Enum):
-    JOINING = "joining"
-    ONLINE = "online"
-    DEREGISTERING = "deregistering"
-    OFFLINE = "offline"
-    REJOINING = "rejoining"
-    EXITED = "exited"
-
-
-#: States in which the client is (or is about to be) online: it shows and ACKs what arrives.
-_LISTENING = {
-    ClientState.JOINING,
-    ClientState.ONLINE,
-    ClientState.DEREGISTERING,
-    ClientState.REJOINING,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """A pending request: its row in the table of waits; ``to`` and ``text`` for messages."""
-
-    kind: ClientWait
-    to: str = ""
-    text: str = ""
-
-
-# Room left in a datagram for the envelope of the largest message that carries text.
+# Room left in a datagram beyond the largest form a message's text travels in.
 _ENVELOPE_ALLOWANCE = 64
+#: Characters that fit in every datagram whatever they are (each JSON-escaped to 6 bytes
+#: at most, then base64 in a save or a batch): no need to work the sizes out.
+_SURELY_FITS = 800
 
 
-class ClientProtocol(Machine[Waiting]):
+class ClientProtocol(ClientDelivery):
     def __init__(
         self,
         name: str,
         server: Address,
         port: int,
         *,
+        identity: Identity,
+        entropy: Entropy | None = None,
+        pinned: bytes | None = None,
+        marks: dict[bytes, dict[str, int]] | None = None,
         timers: Timers = Timers(),
-        id_prefix: str = "c",
-        codec: Codec | None = None,
+        pins_file: str = "known_servers",
     ) -> None:
-        super().__init__(timers, codec)
-        self.name = name
-        self.server = server
-        self.port = port
-        self.state = ClientState.JOINING
-        self.table: dict[str, TableEntry] = {}
-        self.token = ""
-        self._new_id = IdFactory(id_prefix)
-        self._seen = SeenIds()
+        """``pinned``: the key pinned for ``server`` (None: trust on first use); ``marks``:
+        per server key, the highest stored message shown per origin."""
+        super().__init__(
+            name, server, port,
+            identity=identity, entropy=entropy or SystemEntropy(), pinned=pinned,
+            marks=marks if marks is not None else {}, timers=timers, pins_file=pins_file,
+        )  # fmt: skip
         self._deliveries_shown = SeenIds(capacity=1024)
-        self._table_version: tuple[int, int] = (-1, -1)
-        self._table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]] = {}
+        self._table_version = (-1, -1)
+        self._table_parts = {}
 
     # --- entry points -----------------------------------------------------------------
-
-    def start(self, now: float) -> list[Effect]:
-        register = Register(self._new_id(), self.name, self.port)
-        return [self._request(register, now, Waiting(ClientWait.JOIN))]
 
     def handle_timer(self, now: float) -> list[Effect]:
         return self._expired(now)
 
-    def _may_give_up(self, pending: Pending[Waiting]) -> bool:
-        return self.state is not ClientState.EXITED
-
-    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+    def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
         if self.state is ClientState.EXITED:
             return []
-        handler = self._message_handlers.get(type(message))
+        handler = self._message_handlers.get((type(message), sender.via))
         if handler is None:
-            return [dropped(message, addr, "a client does not take it")]
-        return handler(self, message, addr, now)
+            return [
+                dropped(message, sender.addr, f"a client does not take it ({sender.via.value})")
+            ]
+        return handler(self, message, sender, now)
 
     def handle_input(self, item: ClientInput, now: float) -> list[Effect]:
         """A typed line, a signal, or a line that could not be read."""
@@ -172,9 +152,9 @@ class ClientProtocol(Machine[Waiting]):
             # end, 2.5 s later, in a false "server is not responding".
             return [Show(screen.unknown_user(to))]
         if entry is None:
-            lookup = Lookup(self._new_id(), to, self.token)
-            return [self._request(lookup, now, Waiting(ClientWait.LOOKUP, to, text))]
-        return [self._send_direct(entry, text, now)]
+            lookup = Lookup(self.new_id(), to)
+            return self._request(lookup, now, Waiting(ClientWait.LOOKUP, to, text))
+        return self._send_direct(entry, text, now)
 
     def _cmd_send_all(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -183,8 +163,10 @@ class ClientProtocol(Machine[Waiting]):
             return refusal
         if refusal := self._refuse_if_too_long(rest, self.name):
             return refusal
-        post = ChannelPost(self._new_id(), self.name, rest, self.token)
-        return [self._request(post, now, Waiting(ClientWait.CHANNEL, text=rest))]
+        post_id = self.new_id()
+        signed = (self.name.encode(), post_id.encode(), rest.encode())
+        post = ChannelPost(post_id, rest, self.identity.sign(CHANNEL_DOMAIN, *signed))
+        return self._request(post, now, Waiting(ClientWait.CHANNEL, text=rest))
 
     def _cmd_dereg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -194,8 +176,7 @@ class ClientProtocol(Machine[Waiting]):
         if refusal := self._refuse_unless_online():
             return refusal
         self.state = ClientState.DEREGISTERING
-        dereg = Deregister(self._new_id(), self.name, self.token)
-        return [self._request(dereg, now, Waiting(ClientWait.DEREG))]
+        return self._request(Deregister(self.new_id(), self.name), now, Waiting(ClientWait.DEREG))
 
     def _cmd_reg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -205,13 +186,24 @@ class ClientProtocol(Machine[Waiting]):
         if self.state is not ClientState.OFFLINE:
             return [Show(self._busy_line())]
         self.state = ClientState.REJOINING
-        reg = Reregister(self._new_id(), self.name, self.token)
-        return [self._request(reg, now, Waiting(ClientWait.REG))]
+        return self._request(Reregister(self.new_id(), self.name), now, Waiting(ClientWait.REG))
 
     def _cmd_table(self, rest: str, now: float) -> list[Effect]:
         entries = sorted(self.table.values(), key=lambda e: e.name)
         rows = [(e.name, e.ip, e.port, e.online) for e in entries]
         return [Show(line) for line in screen.table_lines(rows)]
+
+    def _cmd_fingerprint(self, rest: str, now: float) -> list[Effect]:
+        own = self.identity.public
+        if not rest or rest == self.name:
+            return [Show(screen.own_fingerprint(self.name, fingerprint(own)))]
+        entry = self.table.get(rest)
+        if entry is None:
+            return [Show(screen.no_key_for(rest))]
+        return [
+            Show(screen.peer_fingerprint(rest, fingerprint(entry.key))),
+            Show(screen.safety_number(rest, safety_number(own, entry.key))),
+        ]
 
     def _cmd_help(self, rest: str, now: float) -> list[Effect]:
         return [Show(screen.HELP)]
@@ -226,6 +218,8 @@ class ClientProtocol(Machine[Waiting]):
         "reg": _cmd_reg,
         "table": _cmd_table,
         "list": _cmd_table,
+        "fingerprint": _cmd_fingerprint,
+        "key": _cmd_fingerprint,
         "help": _cmd_help,
         "exit": _cmd_exit,
         "quit": _cmd_exit,
@@ -244,40 +238,30 @@ class ClientProtocol(Machine[Waiting]):
         }.get(self.state, screen.STILL_JOINING)
 
     def _refuse_if_too_long(self, text: str, to: str) -> list[Effect]:
-        # The save form is the largest datagram that carries a message's text.
-        probe = SaveMessage("x" * 32, self.name, to if len(to) <= 32 else self.name, text, "t" * 32)
-        size = len(self.codec.encode(probe)) + _ENVELOPE_ALLOWANCE
-        if size <= MAX_DATAGRAM:
+        to = to if len(to) <= 32 else self.name
+        if len(text) <= _SURELY_FITS or _fits(text, self.name, to):
             return []
-        limit = MAX_DATAGRAM - (size - len(text.encode()))
-        return [Show(screen.too_long(len(text.encode()), max(limit, 0)))]
+        low, high = 0, len(text.encode())  # the longest plain text that fits, for the line
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if _fits("x" * middle, self.name, to) else (low, middle - 1)
+        return [Show(screen.too_long(len(text.encode()), low))]
 
     # --- sending ----------------------------------------------------------------------
 
-    def _request(self, message: Message, now: float, waiting: Waiting) -> Effect:
-        return self._wait(message.id, self.send(message, self.server), now, waiting)
-
-    def _send_direct(self, entry: TableEntry, text: str, now: float) -> Effect:
-        chat = Chat(self._new_id(), self.name, text)
+    def _send_direct(self, entry: TableEntry, text: str, now: float) -> list[Effect]:
+        chat = Chat(self.new_id(), text, entry.tag if entry.tag else NO_TAG)
+        try:
+            data = self.codec.to_peer(entry.key, chat)
+        except BadKey:
+            return [Show(screen.unknown_user(entry.name))]
         waiting = Waiting(ClientWait.DIRECT, entry.name, text)
-        return self._wait(chat.id, self.send(chat, (entry.ip, entry.port)), now, waiting)
-
-    def _exit(self, status: int, *lines: str) -> list[Effect]:
-        self.state = ClientState.EXITED
-        return [*(Show(line) for line in lines), Exit(status)]
+        return [self._wait(chat.id, Send(chat, data, (entry.ip, entry.port)), now, waiting)]
 
     # --- answers: the ``on_answer`` and ``on_refusal`` handlers of ClientWait ---------------
 
-    def _on_answer(self, message: Message, addr: Address, now: float) -> list[Effect]:
-        return self._answered(message.id, message, addr, now)
-
-    def _joined(self, pending: Pending[Waiting], answer: Registered, now: float) -> list[Effect]:
-        self.token = answer.token
-        self.state = ClientState.ONLINE
-        return []
-
-    def _join_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
-        return self._exit(1, screen.refused(answer.reason))
+    def _on_answer(self, message: Message, sender: Sender, now: float) -> list[Effect]:
+        return self._answered(message.id, message, sender, now)
 
     def _direct_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
         return [Show(screen.received_by(pending.context.to))]
@@ -315,7 +299,7 @@ class ClientProtocol(Machine[Waiting]):
         if answer.entry is None or answer.entry.name != waiting.to:
             return [Show(screen.unknown_user(waiting.to))]
         self.table[waiting.to] = answer.entry
-        return [self._send_direct(answer.entry, waiting.text, now)]
+        return self._send_direct(answer.entry, waiting.text, now)
 
     def _refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
         return [Show(screen.request_refused(answer.reason))]
@@ -323,12 +307,13 @@ class ClientProtocol(Machine[Waiting]):
     # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------
 
     def _hand_to_server(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        """No ACK from the peer: the server delivers the message or stores it (same id)."""
+        """No ACK from the peer: the same sealed datagram goes to the server, which delivers
+        or stores it without being able to read it (same id)."""
         waiting = pending.context
-        save = SaveMessage(str(pending.key), self.name, waiting.to, waiting.text, self.token)
+        save = SaveMessage(str(pending.key), waiting.to, pending.send.data)
         return [
             Show(screen.no_ack(waiting.to)),
-            self._request(save, now, Waiting(ClientWait.SAVE, waiting.to)),
+            *self._request(save, now, Waiting(ClientWait.SAVE, waiting.to)),
         ]
 
     def _save_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
@@ -336,9 +321,6 @@ class ClientProtocol(Machine[Waiting]):
 
     def _dereg_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
-
-    def _join_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        return self._exit(1, screen.join_not_answered(fmt_addr(self.server)), screen.EXITING)
 
     def _post_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
@@ -350,69 +332,41 @@ class ClientProtocol(Machine[Waiting]):
     def _lookup_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return [Show(screen.lookup_not_answered(pending.context.to))]
 
-    # --- what arrives unasked -----------------------------------------------------------
-
-    def _on_chat(self, message: Chat, addr: Address, now: float) -> list[Effect]:
-        if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a message from {message.sender}", "debug")]
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        if self._seen.add(message.id):
-            effects.append(Show(screen.chat(message.sender, message.text)))
-        return effects
-
-    def _on_channel(self, message: ChannelDelivery, addr: Address, now: float) -> list[Effect]:
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        if self._seen.add(message.id):
-            effects.append(Show(screen.channel_message(message.sender, message.text)))
-        return effects
-
-    def _on_mailbox(self, message: Mailbox, addr: Address, now: float) -> list[Effect]:
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        for item in message.items:
-            if not self._seen.add(item.id):
-                continue
-            if self._deliveries_shown.add(message.delivery):
-                effects.append(Show(screen.YOU_HAVE_MESSAGE))
-            format_line = screen.stored_direct if item.kind == "direct" else screen.stored_channel
-            effects.append(Show(format_line(item.stored_at, item.sender, item.text)))
-        return effects
-
-    def _on_table(self, message: Table, addr: Address, now: float) -> list[Effect]:
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        version = (message.epoch, message.version)
-        if version <= self._table_version or message.part >= message.parts:
-            return effects
-        parts = self._table_parts.setdefault(version, {})
-        parts[message.part] = message.entries
-        if len(parts) < message.parts:
-            return effects
-        self.table = {entry.name: entry for part in parts.values() for entry in part}
-        self._table_version = version
-        self._table_parts = {v: p for v, p in self._table_parts.items() if v > version}
-        effects.append(Show(screen.TABLE_UPDATED))
-        return effects
-
-    def _refuse_unless_from_server(self, message: Message, addr: Address) -> list[Effect]:
-        if addr != self.server:
-            return [dropped(message, addr, "it did not come from the server")]
-        if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a {tag_of(message)} from the server", "debug")]
-        return []
-
-    _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
-        Ack: _on_answer,
-        Registered: _on_answer,
-        Refused: _on_answer,
-        Saved: _on_answer,
-        LookupResult: _on_answer,
-        Chat: _on_chat,
-        ChannelDelivery: _on_channel,
-        Mailbox: _on_mailbox,
-        Table: _on_table,
+    #: What a client takes, by message type and how its sender was authenticated:
+    #: anything else is dropped (a table from a peer, a chat in the clear, ...).
+    _message_handlers: ClassVar[dict[tuple[type, Via], Callable[..., list[Effect]]]] = {
+        (Challenge, Via.PLAIN): ClientDelivery._on_challenge,
+        (Registered, Via.SERVER): _on_answer,
+        (Refused, Via.SERVER): _on_answer,
+        (Ack, Via.SERVER): _on_answer,
+        (Saved, Via.SERVER): _on_answer,
+        (LookupResult, Via.SERVER): _on_answer,
+        (Rekey, Via.SERVER): ClientDelivery._on_rekey,
+        (Ack, Via.PEER): ClientDelivery._on_peer_ack,
+        (Chat, Via.PEER): ClientDelivery._on_chat,
+        (ChannelDelivery, Via.SERVER): ClientDelivery._on_channel,
+        (Relay, Via.SERVER): ClientDelivery._on_relay,
+        (Mailbox, Via.SERVER): ClientDelivery._on_mailbox,
+        (NotStored, Via.SERVER): ClientDelivery._on_not_stored,
+        (Table, Via.SERVER): ClientDelivery._on_table,
     }
+
+
+def _fits(text: str, sender: str, to: str) -> bool:
+    return _largest_datagram(text, sender, to) + _ENVELOPE_ALLOWANCE <= MAX_DATAGRAM
+
+
+def _largest_datagram(text: str, sender: str, to: str) -> int:
+    """The largest datagram ``text`` travels in, from ``sender`` to ``to``: a batch of stored
+    messages holding it alone (sealed for a peer, or signed for the channel)."""
+    msg_id = "i" * 16
+    peer = PEER_OVERHEAD + len(sender) + len(encode(Chat(msg_id, text, NO_TAG)))
+    seq = Seq("o" * 16, 10**12)
+    stored_at = 1e9 + 0.123456789
+    direct = StoredItem(seq, msg_id, "direct", sender, stored_at, sealed=b"s" * peer)
+    channel = StoredItem(
+        seq, msg_id, "channel", sender, stored_at, text=text, sig=b"s" * SIGNATURE_BYTES
+    )
+    save = SaveMessage(msg_id, to, b"s" * peer)
+    sizes = [len(encode(Mailbox(msg_id, msg_id, [item]))) for item in (direct, channel)]
+    return SESSION_OVERHEAD + max(*sizes, len(encode(save)))

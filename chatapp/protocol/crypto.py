@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections import OrderedDict
 from typing import Protocol
 
 from nacl import bindings as sodium
@@ -178,23 +177,23 @@ def box_public_key(public: bytes) -> bytes:
 
 class SharedKeys:
     """``Box`` shared keys (``crypto_box_beforenm``) by the other party's Ed25519 key, for
-    one of our own: the expensive step of ``Box`` done once per peer. Bounded (LRU)."""
+    one of our own: the expensive step of ``Box`` done once per peer. Bounded: past
+    ``capacity`` keys the oldest is forgotten (made again if needed)."""
 
     def __init__(self, own: Identity, capacity: int = 1024) -> None:
         self._own = own
         self._capacity = capacity
-        self._keys: OrderedDict[bytes, bytes] = OrderedDict()
+        self._keys: dict[bytes, bytes] = {}  # in the order they were made
 
     def get(self, public: bytes) -> bytes:
         """The shared key with ``public``; ``BadKey`` if it is not a key."""
         shared = self._keys.get(public)
         if shared is not None:
-            self._keys.move_to_end(public)
             return shared
         shared = sodium.crypto_box_beforenm(box_public_key(public), self._own.box_secret)
         self._keys[public] = shared
         if len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
+            del self._keys[next(iter(self._keys))]
         return shared
 
 

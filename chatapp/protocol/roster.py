@@ -3,11 +3,11 @@ the versions of the table it sends them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from chatapp.protocol.changes import ClientRecord, Presence
 from chatapp.protocol.packing import split
-from chatapp.wire import Address, Table
+from chatapp.wire import Address, TableEntry
 
 
 class Roster:
@@ -17,7 +17,6 @@ class Roster:
         self._by_addr: dict[Address, str] = {}  # the client registered last at each address
         self.version = 0
         self.changed = False  # changed since the last table was made
-        self.latest: list[Table] = []  # the parts of the newest table
 
     def restore(self, records: Iterable[ClientRecord]) -> None:
         for record in records:
@@ -30,38 +29,30 @@ class Roster:
     def add(self, record: ClientRecord) -> None:
         """``record`` holds its name and its address from now on."""
         holder = self.clients.get(record.name)
-        if holder is not None:
-            self._by_addr.pop(holder.addr, None)
+        if holder is not None and self._by_addr.get(holder.addr) == holder.name:
+            del self._by_addr[holder.addr]
         self.clients[record.name] = record
         self._by_addr[record.addr] = record.name
+        self.changed = True
+
+    def remove(self, name: str) -> None:
+        record = self.clients.pop(name, None)
+        if record is not None and self._by_addr.get(record.addr) == name:
+            del self._by_addr[record.addr]
         self.changed = True
 
     def set_presence(self, record: ClientRecord, presence: Presence) -> None:
         record.presence = presence
         self.changed = True
 
-    def authenticated(self, name: str | None, token: str, addr: Address) -> ClientRecord | None:
-        """The record of the client at ``addr`` if ``token`` is its token (and ``name``
-        its name)."""
-        registered = self._by_addr.get(addr)
-        record = self.clients.get(registered) if registered else None
-        if record is None or record.token != token or (name is not None and record.name != name):
-            return None
-        return record
-
-    def next_table(self, new_id: Callable[[], str]) -> list[Table]:
-        """The parts of a new version of the table, if it changed (else none)."""
+    def next_table(self) -> list[list[TableEntry]] | None:
+        """The parts of a new version of the table, if it changed (else None)."""
         if not self.changed:
-            return []
+            return None
         self.changed = False
         self.version += 1
         entries = [record.entry() for record in sorted(self.clients.values(), key=_by_name)]
-        parts = split(entries)
-        self.latest = [
-            Table(new_id(), self.epoch, self.version, index, len(parts), part)
-            for index, part in enumerate(parts)
-        ]
-        return self.latest
+        return split(entries)
 
 
 def _by_name(record: ClientRecord) -> str:

@@ -23,17 +23,22 @@ from chatapp import screen
 from chatapp.protocol.common import Timers
 from chatapp.wire import (
     Ack,
+    Challenge,
     ChannelDelivery,
     ChannelPost,
     Chat,
     Deregister,
+    Hello,
     Lookup,
     LookupResult,
     Mailbox,
     Message,
+    NotStored,
     Refused,
     Register,
     Registered,
+    Rekey,
+    Relay,
     Reregister,
     Saved,
     SaveMessage,
@@ -101,11 +106,18 @@ def _exits(*lines: str) -> str:
 
 
 class ClientWait(Wait):
-    JOIN = WaitRule(
-        Register, (Registered,), TRIES, ACK_TIMEOUT, "_joined", "_join_refused", "_join_lost",
-        "`register`", _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING))  # fmt: skip
+    HELLO = WaitRule(
+        Hello, (Challenge,), TRIES, ACK_TIMEOUT, "_challenged", None, "_hello_lost",
+        "`hello` (joining, or after a `rekey`)",
+        _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING)
+        + " (only other keys answered: the changed-key line, exit 1; after a `rekey`:"
+        " the client keeps its session)")  # fmt: skip
+    REGISTER = WaitRule(
+        Register, (Registered, Challenge), TRIES, ACK_TIMEOUT, "_registered", "_join_refused",
+        "_register_lost", "`register` (a stale cookie: a new `challenge`, answered again)",
+        _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING))  # fmt: skip
     DIRECT = WaitRule(
-        Chat, (Ack,), 1, ACK_TIMEOUT, "_direct_acked", "_refused", "_hand_to_server",
+        Chat, (Ack,), 1, ACK_TIMEOUT, "_direct_acked", None, "_hand_to_server",
         "direct `chat` to a peer", _code(screen.no_ack("NAME")) + ", then `save`")  # fmt: skip
     SAVE = WaitRule(
         SaveMessage, (Saved,), TRIES, ACK_TIMEOUT, "_saved", "_refused", "_save_lost",
@@ -133,21 +145,27 @@ class ServerWait(Wait):
         Table, (Ack,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
         "server: `table` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
     MAILBOX = WaitRule(
-        Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_mailbox_acked", None, "_went_silent",
-        "server: `mailbox` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+        Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_batch_acked", None, "_went_silent",
+        "server: `mailbox` (a batch of stored messages) to a client",
+        f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+    RELAY = WaitRule(
+        Relay, (Ack,), 1, ACK_TIMEOUT, "_relay_acked", None, "_relay_lost",
+        "server: `relay` (a `save` for a client that is online, stored first)",
+        f"{_OFFLINE}, the message stays stored (`saved`: `stored`), the table to the"
+        " others")  # fmt: skip
     CHANNEL = WaitRule(
         ChannelDelivery, (Ack,), 1, ACK_TIMEOUT, "_channel_delivered", None, "_channel_lost",
         "server: `channel`",
-        f"{_OFFLINE}, the message stored, the table to the others")  # fmt: skip
-    DELIVER = WaitRule(
-        Chat, (Ack,), 1, ACK_TIMEOUT, "_delivered", None, "_undelivered",
-        "server: delivering a `save` itself (a `chat`)",
-        f"{_OFFLINE}, the message stored (`saved`: `stored`), the table to the others")  # fmt: skip
-    CLAIM = WaitRule(
-        Table, (Ack,), 1, ACK_TIMEOUT, "_holder_answered", None, "_holder_gone",
-        "server: a `table` to the holder of a name another address asks for",
-        "the holder is marked offline and the name goes to the other address"
-        " (if it answers: `refused`)")  # fmt: skip
+        f"{_OFFLINE}, the message stored (if its mailbox is full: `not_stored` to the"
+        " sender), the table to the others")  # fmt: skip
+    NOTICE = WaitRule(
+        NotStored, (Ack,), TRIES, ACK_TIMEOUT, "_notice_acked", None, "_went_silent",
+        "server: `not_stored` (a channel message some mailboxes had no room for)",
+        _OFFLINE)  # fmt: skip
+    REKEY = WaitRule(
+        Rekey, (), TRIES, ACK_TIMEOUT, "_rekeyed", None, "_rekey_lost",
+        "server: `rekey` to each client online before a restart (ended by its"
+        " registration)", f"{_OFFLINE} (silently)")  # fmt: skip
 
 
 ROLES: dict[str, type[Wait]] = {"client": ClientWait, "server": ServerWait}

@@ -9,8 +9,9 @@ import time
 import traceback
 from typing import TextIO
 
-from .benches import BENCHMARKS, FULL, QUICK, TINY
+from .benches import BENCHMARKS
 from .report import Figure, machine_info, render_table, unavailable, write_json
+from .sizes import FULL, QUICK, TINY
 
 PROG = "chatapp-bench"
 

@@ -10,14 +10,16 @@ Modes:
   with ``reply_size`` it answers every datagram with that many bytes instead.
 * ``fanout``: a bare Trio fan-out: every datagram from a non-target is sent on
   to every target (the floor for a channel broadcast).
-* ``receivers``: many raw sockets that act as clients: they ACK whatever the
-  server sends (tables, mailbox batches, channel messages) and record when.
-  The ``dead`` ones do too until told to ``die``; then they answer nothing
-  (a crashed client) until told to ``revive``.
+* ``receivers``: many raw sockets that act as clients, each with a key of its
+  own (``bench_identity``): told to ``register``, they do the handshake; they
+  ACK whatever the server sends (tables, mailbox batches, channel messages) and
+  record when. The ``dead`` ones do too until told to ``die``; then they answer
+  nothing (a crashed client) until told to ``revive``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import selectors
@@ -30,7 +32,19 @@ import msgspec
 import trio
 
 from chatapp.net import RECEIVE_SOCKET_BUFFER
-from chatapp.wire import Ack, encode
+from chatapp.protocol.crypto import Identity, blake2b
+from chatapp.testing.raw import RawClient
+from chatapp.wire import (
+    Ack,
+    Challenge,
+    ChannelDelivery,
+    Mailbox,
+    NotStored,
+    Registered,
+    Rekey,
+    Table,
+    encode,
+)
 
 from .loadgen import HOST, decode_head
 
@@ -106,6 +120,22 @@ async def _fanout(settings: dict[str, Any]) -> None:
 # --- simulated clients ---------------------------------------------------------------
 
 
+def bench_identity(name: str) -> Identity:
+    """A simulated client's key, from its name: the bench binds it in the databases it
+    prepares, and the receivers register with it."""
+    return Identity(blake2b(name.encode(), 32, person=b"chatapp-bench"))
+
+
+class _Receiver:
+    """One receiving client: its socket, and its keys and session."""
+
+    def __init__(self, sock: socket.socket, name: str, dead: bool) -> None:
+        self.sock = sock
+        self.dead = dead
+        self.raw = RawClient(name, int(sock.getsockname()[1]), bench_identity(name))
+        self.server: tuple[str, int] | None = None  # set when it registers
+
+
 class _Receivers:
     def __init__(self, live: int, dead: int) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -113,21 +143,22 @@ class _Receivers:
         if soft < wanted:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
         self.selector = selectors.DefaultSelector()
-        self.live = [self._bind(False) for _ in range(live)]
-        self.dead = [self._bind(True) for _ in range(dead)]
+        self.live = [self._bind(f"live{i}", False) for i in range(live)]
+        self.dead = [self._bind(f"dead{i}", True) for i in range(dead)]
         self.dying = False  # the dead sockets answer nothing while this is set
         self.reset()
 
-    def _bind(self, dead: bool) -> socket.socket:
+    def _bind(self, name: str, dead: bool) -> _Receiver:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.bind((HOST, 0))
         s.setblocking(False)
-        self.selector.register(s, selectors.EVENT_READ, dead)
-        return s
+        receiver = _Receiver(s, name, dead)
+        self.selector.register(s, selectors.EVENT_READ, receiver)
+        return receiver
 
     def reset(self) -> None:
-        self.acks: dict[str, list[float]] = {}  # id -> [count, first, last]
+        self.acks: dict[str, list[float]] = {}  # post id -> [count, first, last]
         self.table_first = 0.0
         self.table_last = 0.0
         self.tables = 0
@@ -140,76 +171,108 @@ class _Receivers:
             "tables": self.tables,
         }
 
-    def on_datagram(self, s: socket.socket, dead: bool, data: bytes, addr: Any) -> None:
-        if dead and self.dying:
+    def _counted(self, post: str) -> None:
+        now = time.monotonic()
+        entry = self.acks.get(post)
+        if entry is None:
+            self.acks[post] = [1, now, now]
+        else:
+            entry[0] += 1
+            entry[2] = now
+
+    def on_datagram(self, receiver: _Receiver, data: bytes, addr: Any) -> None:
+        if receiver.dead and self.dying:
             return
-        try:
-            head = decode_head(data)
-        except msgspec.DecodeError:
+        if data[:1] == b"{" and b'"channel"' in data:  # the bare fan-out's plaintext
+            with contextlib.suppress(msgspec.DecodeError):
+                head = decode_head(data)
+                receiver.sock.sendto(encode(Ack(head.id)), addr)
+                if not receiver.dead:
+                    self._counted(head.id)
             return
-        if head.t == "channel":
-            s.sendto(encode(Ack(head.id)), addr)
-            if dead:
-                return
-            now = time.monotonic()
-            entry = self.acks.get(head.id)
-            if entry is None:
-                self.acks[head.id] = [1, now, now]
-            else:
-                entry[0] += 1
-                entry[2] = now
+        raw = receiver.raw
+        message = raw.open(data)
+        reply = raw.answer(data) if isinstance(message, Challenge | Registered) else None
+        if reply is not None and receiver.server is not None:
+            receiver.sock.sendto(reply, receiver.server)
+        if isinstance(message, Rekey) and receiver.server is not None:
+            raw.codec.session = None
+            receiver.sock.sendto(raw.hello(), receiver.server)
+        if not isinstance(message, ChannelDelivery | Table | Mailbox | NotStored):
             return
-        if head.id:
-            s.sendto(encode(Ack(head.id)), addr)
-        if head.t == "table" and not dead:
+        receiver.sock.sendto(raw.ack(message.id), addr)
+        if isinstance(message, ChannelDelivery) and not receiver.dead:
+            self._counted(message.post)
+        if isinstance(message, Table) and not receiver.dead:
             now = time.monotonic()
             self.table_first = self.table_first or now
             self.table_last = now
             self.tables += 1
 
+    def register(self, port: int, live: int, dead: int) -> dict[str, Any]:
+        """The first ``live`` and ``dead`` receivers register (the rest stay quiet)."""
+        chosen = self.live[:live] + self.dead[:dead]
+        for receiver in chosen:
+            receiver.server = (HOST, port)
+            receiver.raw.codec.session = None
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            waiting = [r for r in chosen if not r.raw.registered]
+            if not waiting:
+                return {"registered": len(chosen)}
+            for receiver in waiting:  # a hello each half second until it is registered
+                receiver.sock.sendto(receiver.raw.hello(), receiver.server)  # type: ignore[arg-type]
+            self._serve(time.monotonic() + 0.5, stdin=False)
+        return {"error": f"{sum(not r.raw.registered for r in chosen)} did not register"}
+
     def command(self, command: dict[str, Any]) -> dict[str, Any]:
-        if command.get("do") == "report":
+        do = command.get("do")
+        if do == "report":
             return self.report()
-        if command.get("do") == "reset":
+        if do == "reset":
             self.reset()
             return {"ok": True}
-        if command.get("do") == "die":
+        if do == "die":
             self.dying = True
             return {"ok": True}
-        if command.get("do") == "revive":
-            # Any word from a client the server marked offline brings it back online.
+        if do == "revive":
             self.dying = False
-            server = (HOST, int(command["port"]))
-            for s in self.dead[: int(command["count"])]:
-                s.sendto(encode(Ack("revive")), server)
             return {"ok": True}
+        if do == "register":
+            return self.register(int(command["port"]), int(command["live"]), int(command["dead"]))
         return {"error": f"unknown command {command!r}"}
+
+    def _serve(self, until: float, stdin: bool = True) -> bool:
+        """Answer datagrams (and, with ``stdin``, commands) until ``until``; False at the
+        end of input."""
+        while time.monotonic() < until:
+            for key, _ in self.selector.select(min(0.5, max(until - time.monotonic(), 0))):
+                if key.data is None:  # standard input: a command
+                    if not stdin:
+                        continue
+                    line = sys.stdin.readline()
+                    if not line:
+                        return False
+                    _answer(self.command(json.loads(line)))
+                    continue
+                receiver = key.data
+                while True:
+                    try:
+                        data, addr = receiver.sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    self.on_datagram(receiver, data, addr)
+        return True
 
     def run(self, max_seconds: float) -> None:
         self.selector.register(sys.stdin, selectors.EVENT_READ, None)
         _answer(
             {
-                "live": [s.getsockname()[1] for s in self.live],
-                "dead": [s.getsockname()[1] for s in self.dead],
+                "live": [r.raw.port for r in self.live],
+                "dead": [r.raw.port for r in self.dead],
             }
         )
-        deadline = time.monotonic() + max_seconds
-        while time.monotonic() < deadline:
-            for key, _ in self.selector.select(0.5):
-                if key.data is None:  # standard input: a command
-                    line = sys.stdin.readline()
-                    if not line:
-                        return
-                    _answer(self.command(json.loads(line)))
-                    continue
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
-                while True:
-                    try:
-                        data, addr = s.recvfrom(65536)
-                    except BlockingIOError:
-                        break
-                    self.on_datagram(s, key.data, data, addr)
+        self._serve(time.monotonic() + max_seconds)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from chatapp.protocol.common import (
     bad_datagram,
     dropped,
 )
+from chatapp.protocol.sealing import Replayed
 from chatapp.protocol.waits import Wait
 from chatapp.wire import Address, Message, WireError, fmt_addr, tag_of
 
@@ -68,6 +69,8 @@ class Machine(Generic[W]):
         return effects
 
     def _undecodable(self, error: WireError, addr: Address, now: float) -> list[Effect]:
+        if isinstance(error, Replayed):  # a network may duplicate: not worth a warning
+            return [Log(f"dropped a copy from {fmt_addr(addr)}: {error}", "debug")]
         return [bad_datagram(addr, error)]
 
     def next_deadline(self) -> float | None:

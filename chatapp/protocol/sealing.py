@@ -57,6 +57,11 @@ _NONCE_PAD = bytes(24 - 1 - 8)
 # --- sessions ----------------------------------------------------------------------------
 
 
+class Replayed(WireError):
+    """A session datagram whose counter was seen before (or is too old): a copy, from
+    the network (which may duplicate) or from someone replaying it."""
+
+
 class Session:
     """One registration's session on either side: its id, its key, the counter of what
     this side sealed, and a replay window over what it opened (as DTLS and WireGuard):
@@ -92,7 +97,7 @@ class Session:
             raise WireError(f"a session datagram of {len(data)} bytes")
         counter = int.from_bytes(data[1 + SID_BYTES : 1 + SID_BYTES + 8], "big")
         if not self._fresh(counter):
-            raise WireError(f"session counter {counter} was seen before or is too old")
+            raise Replayed(f"session counter {counter} was seen before or is too old")
         nonce = bytes((direction,)) + data[1 + SID_BYTES : 1 + SID_BYTES + 8] + _NONCE_PAD
         try:
             sealed = data[1 + SID_BYTES + 8 :]

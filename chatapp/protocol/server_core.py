@@ -22,7 +22,6 @@ from chatapp.protocol.common import (
     Send,
     Timers,
     TokenBucket,
-    bad_datagram,
 )
 from chatapp.protocol.crypto import (
     KEY_BYTES,
@@ -146,7 +145,7 @@ class ServerCore(Machine[Waiting]):
         to register again, in a rekey signed by the server's key (rate-limited: a
         signature costs more than a forged datagram)."""
         if not isinstance(error, UnknownSession) or not self._rekeys.take(now):
-            return [bad_datagram(addr, error)]
+            return super()._undecodable(error, addr, now)
         sig = self.identity.sign(REKEY_DOMAIN, error.sid, self.boot)
         rekey = Rekey(self.new_id(), error.sid, self.boot, sig)
         log = Log(f"{error} from {fmt_addr(addr)}: asked it to rekey", "debug")

@@ -11,7 +11,7 @@ from _sim import TU, Sim, between, trio_of_clients
 from chatapp import screen
 from chatapp.protocol.changes import DeliveryMarked, MessagesRemoved, MessageStored
 from chatapp.protocol.common import Send
-from chatapp.wire import Ack, Chat, Mailbox, NotStored, Relay, Saved
+from chatapp.wire import Ack, Chat, Mailbox, NotStored, Rekey, Relay, Saved
 
 
 def _stored_lines(lines: list[str]) -> list[str]:
@@ -229,3 +229,31 @@ def test_a_relay_acked_is_removed_and_the_sender_told_delivered() -> None:
     assert [type(p) for p in sim.persisted[-2:]] == [MessageStored, MessagesRemoved]
     (saved,) = sim.datagrams(Saved)
     assert saved.message.outcome == "delivered"  # type: ignore[union-attr]
+
+
+def test_a_sender_who_joined_while_the_client_was_offline_is_opened_with_the_batchs_key() -> None:
+    # A deregistered client takes no tables: user4 is in none it has. The batch names
+    # each sender's key, as the server has it bound.
+    sim = trio_of_clients()
+    sim.type("user1", "dereg user1")
+    sim.join("user4")
+    sim.type("user4", "send user1 hello from a newcomer")
+    sim.run(1.0)
+    assert "user4" not in sim.clients["user1"].table
+    sim.type("user1", "reg user1")
+    assert _stored_lines(sim.lines("user1")) == ["hello from a newcomer"]
+    (batch,) = sim.datagrams(Mailbox, dst="user1")
+    assert isinstance(batch.message, Mailbox)
+    assert batch.message.keys == {"user4": sim.server.clients["user4"].key}
+
+
+def test_after_a_restart_the_table_goes_once_every_client_is_back() -> None:
+    sim = trio_of_clients()
+    before = {name: len(sim.lines(name)) for name in ("user1", "user2", "user3")}
+    sim.drop.append(lambda src, send: isinstance(send.message, Rekey) and send.addr[1] == 9201)
+    sim.restart_server(from_database=True)  # user3 does not get its rekey: it is late
+    assert sim.lines("user1")[before["user1"] :] == []  # no table yet: one is missing
+    sim.drop.clear()
+    sim.run(0.5)  # the rekey's second try brings user3 back: now the one table
+    for name in ("user1", "user2", "user3"):
+        assert sim.lines(name)[before[name] :] == [TU], name

@@ -29,7 +29,7 @@ from chatapp.protocol.crypto import (
     fingerprint,
     safety_number,
 )
-from chatapp.protocol.sealing import TO_CLIENT, Session, seal_peer
+from chatapp.protocol.sealing import TO_CLIENT, TO_SERVER, Session, seal_peer
 from chatapp.wire import (
     Ack,
     Address,
@@ -330,3 +330,26 @@ def test_a_client_accepts_nothing_meant_for_a_peer_from_the_server_and_vice_vers
     # an ACK in the clear is nobody's
     effects = user2.handle_message(Ack("x.2"), Sender(Via.PLAIN, FORGER), sim.now)
     assert [type(e) for e in effects] == [Log]
+
+
+def test_rekeys_for_unknown_sessions_are_rate_limited() -> None:
+    # A datagram of a session the server does not know draws a signed rekey: a forger
+    # could make the server sign for every junk datagram, so it signs at most so many.
+    sim = Sim()
+    sim.join("user1")
+    sent = 0
+    for n in range(500):
+        junk = Session(n.to_bytes(8, "big"), b"k" * 32).seal(TO_SERVER, Ack("x"))
+        effects = sim.server.handle_datagram(junk, FORGER, sim.now)
+        sent += sum(isinstance(e, Send) and isinstance(e.message, Rekey) for e in effects)
+    assert sent == 100  # the burst; then 100 a second
+    later = Session(b"z" * 8, b"k" * 32).seal(TO_SERVER, Ack("x"))
+    effects = sim.server.handle_datagram(later, FORGER, sim.now + 0.05)
+    assert sum(isinstance(e, Send) for e in effects) == 1
+
+
+def test_the_quick_size_check_is_safe_for_the_worst_text() -> None:
+    from chatapp.protocol.client import _SURELY_FITS, _fits
+
+    # every character escaped to six bytes of JSON, then base64: it still fits
+    assert _fits("\u0001" * _SURELY_FITS, "n" * 32, "m" * 32)

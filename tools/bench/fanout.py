@@ -163,10 +163,13 @@ def _trials(
     seen after them: there should be none)."""
     results = []
     with chatapp_server(db=str(db)) as port:
-        # the restarted server asks every client to register again (then one table)
-        register = {"do": "register", "port": port, "live": n, "dead": d}
-        receivers.command(json.dumps(register))
+        # The restarted server asks every client to register again, and sends the table
+        # once they all have (or 2.5 s passed): the sender first, then the receivers.
         register_all([sender], (HOST, port))
+        register = {"do": "register", "port": port, "live": n, "dead": d}
+        answer = receivers.command(json.dumps(register))
+        if "error" in answer:
+            raise BenchError(f"the receivers did not register: {answer['error']}")
         _wait_quiet(receivers, sender)
         if d:
             receivers.command('{"do": "die"}')

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from chatapp import screen as screen_lines
+from chatapp import terminal
 from chatapp.launch import ClientOptions, ServerOptions, StartupError, run_node
-from chatapp.node import BadInput, Input, LogSink, Signal, TerminalScreen
+from chatapp.logs import LogSink, end_log_line
+from chatapp.node import BadInput, Input, Screen, Signal
+from chatapp.prompt_console import PromptConsole
+from chatapp.protocol.client import COMMANDS, ClientProtocol
 from chatapp.protocol.common import Log
 
 #: A typed line longer than this is refused whole rather than read into memory.
@@ -30,7 +34,7 @@ async def run_server(options: ServerOptions, argv: list[str]) -> int:
 
 
 async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
-    log = LogSink(sys.stdout, level=options.log_level)
+    log = LogSink("chatapp.server", level=options.log_level)
     stopped_by: list[int] = []
     listened = True
     try:
@@ -49,7 +53,7 @@ async def _run_server(options: ServerOptions, argv: list[str], signals: AsyncIte
             nursery.cancel_scope.cancel()
     finally:
         if stopped_by and stopped_by[0] == signal.SIGINT:
-            log.end_line()  # the terminal echoed ^C where the next log line would start
+            end_log_line()  # the terminal echoed ^C where the next log line would start
         reason = f" ({_SIGNAL_NAMES.get(stopped_by[0], 'signal')})" if stopped_by else ""
         if listened:
             log(Log(f"server stopped{reason}"))
@@ -62,16 +66,39 @@ async def run_client(options: ClientOptions, argv: list[str]) -> int:
 
 
 async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIterator[int]) -> int:
-    log = LogSink(sys.stderr if options.verbose else None, level="debug")
+    log = LogSink(f"chatapp.client.{options.name}", level="debug" if options.verbose else "off")
     send_input, receive_input = trio.open_memory_channel[Input](16)
+    mode = terminal.terminal_mode()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_stdin, send_input.clone())
+
+        def open_terminal(protocol: ClientProtocol) -> Screen:
+            # once the endpoint is bound: a port in use is said before any prompt shows
+            screen, read_input = _open_terminal(mode, protocol)
+            nursery.start_soon(read_input, send_input.clone())
+            return screen
+
         nursery.start_soon(_stop_on_signals, signals, None, send_input)
         status = await run_node(
-            options, make_screen=TerminalScreen, log=log, inputs=receive_input, argv=argv
+            options, make_screen=open_terminal, log=log, inputs=receive_input, argv=argv
         )
         nursery.cancel_scope.cancel()
     return status
+
+
+def _open_terminal(
+    mode: terminal.Mode, protocol: ClientProtocol
+) -> tuple[Screen, Callable[[trio.MemorySendChannel[Input]], Awaitable[None]]]:
+    """The screen and the input: the input line on a terminal, plain lines otherwise
+    (see chatapp.terminal)."""
+    if mode is terminal.Mode.PLAIN:
+        return terminal.PlainScreen(), _read_stdin
+    console = PromptConsole(
+        COMMANDS,
+        lambda: terminal.table_names(protocol.table),
+        dumb=mode is terminal.Mode.DUMB,
+        history=terminal.open_history(),
+    )
+    return console, console.read_input
 
 
 _SIGNAL_NAMES: dict[int, str] = {
@@ -102,6 +129,25 @@ async def _stop_on_signals(
 async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
     """Lines from standard input. Read with os.read in a thread: the terminal stays
     blocking (so stdout does too), and no Python-level lock is held at exit."""
+    # The client may exit before its input ends (`exit`, a refused name): what is still
+    # coming then has nowhere to go, and that is not an error.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await _read_lines(inputs, cut_at=_CANONICAL_LINE_MAX if _stdin_is_a_terminal() else None)
+
+
+#: A terminal in canonical mode (the kernel's line editing) passes at most this many
+#: bytes of a line, newline included, and silently drops the rest (Linux's N_TTY).
+_CANONICAL_LINE_MAX = 4096
+
+
+def _stdin_is_a_terminal() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
+async def _read_lines(inputs: trio.MemorySendChannel[Input], cut_at: int | None) -> None:
     async with inputs:
         pending = b""
         while True:
@@ -114,6 +160,11 @@ async def _read_stdin(inputs: trio.MemorySendChannel[Input]) -> None:
             pending += chunk
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
+                if cut_at is not None and len(line) >= cut_at - 1:
+                    # as long as the terminal allows: it may have been cut, and a cut
+                    # message is never sent
+                    await inputs.send(BadInput(screen_lines.CUT_BY_TERMINAL))
+                    continue
                 await inputs.send(_decode_line(line))
             if len(pending) > MAX_LINE_BYTES:
                 await inputs.send(BadInput(f"the line is longer than {MAX_LINE_BYTES} bytes"))

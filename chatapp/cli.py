@@ -46,6 +46,7 @@ if _started_as_program():
 
 import contextlib  # noqa: E402
 import ipaddress  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -57,9 +58,16 @@ import typer  # noqa: E402
 
 from chatapp import __version__  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
+from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
 from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
-from chatapp.typer_support import UsageError, new_app, usage_error_line  # noqa: E402
+from chatapp.typer_support import (  # noqa: E402
+    UsageError,
+    WordsCommand,
+    new_app,
+    usage_error_line,
+    version_option,
+)
 from chatapp.wire import NAME_PATTERN  # noqa: E402
 
 PROG = "chatapp"
@@ -139,6 +147,27 @@ def _mailbox_limit(value: int) -> int:
     return value
 
 
+DEFAULT_RATE = int(Limits().per_address_rate)
+#: A registration is two handshake steps (a hello, a register).
+STEPS_PER_JOIN = 2
+DEFAULT_JOINS = int(Limits().handshakes_per_ip_burst) // STEPS_PER_JOIN
+
+
+def _limits(rate: int, joins: int) -> Limits | None:
+    for value, option in ((rate, "--rate-limit"), (joins, "--join-limit")):
+        if not 0 <= value <= 10_000_000:
+            raise BadArgument(f"{option} must be from 0 (no limit) to 10000000, not {value}")
+    if rate == 0 and joins == 0:
+        return None
+    unlimited = math.inf
+    return Limits(
+        per_address_rate=rate or unlimited,
+        per_address_burst=rate or unlimited,
+        handshakes_per_ip_rate=joins * STEPS_PER_JOIN / 60 or unlimited,
+        handshakes_per_ip_burst=joins * STEPS_PER_JOIN or unlimited,
+    )
+
+
 def _timers(ack_timeout: float, tries: int) -> Timers:
     if not 0.01 <= ack_timeout <= 60:
         raise BadArgument(f"--ack-timeout must be from 0.01 to 60 seconds, not {ack_timeout}")
@@ -152,21 +181,8 @@ def _trace_path(value: str | None) -> str | None:
     return value or os.environ.get("CHATAPP_TRACE") or None
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"{PROG} {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Show the version and exit."
-        ),
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, version_option(PROG)] = False) -> None:
     pass
 
 
@@ -182,11 +198,39 @@ AckTimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for an AC
 TriesOption = Annotated[int, typer.Option(help="Tries of a request to the server.", hidden=True)]
 
 
-@app.command()
+RateLimitOption = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Datagrams per second one address (IP and port) may send, as many at once;"
+        " the excess is dropped unread. 0: no limit.",
+    ),
+]
+JoinLimitOption = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Registrations per minute from one IP address (all at once if need be), each"
+        " two handshake datagrams; the excess is dropped unread. 0: no limit.",
+    ),
+]
+
+
+#: ``chatapp serve`` alone listens here (SPEC: ``chatapp serve [PORT]``).
+DEFAULT_PORT = "8001"
+
+
+@app.command(cls=WordsCommand)
 def serve(
+    ctx: typer.Context,
     port: Annotated[
-        str, typer.Argument(metavar="PORT", help="UDP port, 1024-65535.", show_default=True)
-    ] = "8001",
+        str | None,
+        typer.Argument(
+            metavar="PORT",
+            help=f"UDP port, 1024-65535 (default: {DEFAULT_PORT}).",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[
         str, typer.Option(metavar="ADDRESS", help="IPv4 address to listen on.")
     ] = "0.0.0.0",
@@ -206,6 +250,8 @@ def serve(
     mailbox_limit: Annotated[
         int, typer.Option(metavar="N", help="Stored messages kept per client.")
     ] = 1000,
+    rate_limit: RateLimitOption = DEFAULT_RATE,
+    join_limit: JoinLimitOption = DEFAULT_JOINS,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
@@ -213,19 +259,24 @@ def serve(
     from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
+    if port is None and ctx.obj == SEED_SPELLING:
+        # `chatapp -s` names its port, as the seed does; alone, it is more likely a slip
+        # than a wish for the default.
+        raise BadArgument(f"-s needs a PORT, as in: chatapp -s {DEFAULT_PORT}")
     options = ServerOptions(
-        port=_port(port, "PORT"),
+        port=_port(DEFAULT_PORT if port is None else port, "PORT"),
         host=_listen_address(host),
         db=db,
         trace=_trace_path(trace),
         log_level="warning" if quiet else "debug" if verbose else "info",
         mailbox_limit=_mailbox_limit(mailbox_limit),
+        limits=_limits(rate_limit, join_limit),
         timers=_timers(ack_timeout, tries),
     )
     _run(run_server, options, sys.argv, command="serve")
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def join(
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Your nickname: 1-32 letters, digits, _ - .")
@@ -278,7 +329,7 @@ def join(
     _run(run_client, options, sys.argv, command="join")
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def release(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The name to release.")],
     db: Annotated[
@@ -303,7 +354,7 @@ def _default_db(port: int) -> str:
     return default_db_path(port)
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def demo(
     test: Annotated[
         int | None, typer.Option("--test", min=1, max=3, help="Play only this seed test (1-3).")
@@ -379,19 +430,23 @@ def _quiet_stdout() -> None:
 
 
 _SEED_SPELLING = {"-s": "serve", "-c": "join"}
+#: ``ctx.obj`` of a command given in the seed's spelling.
+SEED_SPELLING = "seed spelling"
 #: What Typer returns when Ctrl-C interrupts it while it reads the arguments.
 _TYPER_INTERRUPTED = INTERRUPTED_EXIT
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in _SEED_SPELLING:
+    seed_spelling = bool(args) and args[0] in _SEED_SPELLING
+    if seed_spelling:
         args[0] = _SEED_SPELLING[args[0]]
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
         # Trio takes Ctrl-C over only from Python's own handler
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = app(args=args, prog_name=PROG, standalone_mode=False)
+        obj = SEED_SPELLING if seed_spelling else None
+        result = app(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
         if result == _TYPER_INTERRUPTED:
             _leave_interrupted(args[0] if args else None)
     except typer.Exit as done:

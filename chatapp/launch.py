@@ -27,6 +27,7 @@ import trio
 
 from chatapp.net import UDP, Endpoint, Network
 from chatapp.node import Input, Node, Screen
+from chatapp.protocol.admission import Admission, Limits
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.crypto import (
@@ -65,6 +66,8 @@ class ServerOptions:
     trace: str | None = None
     log_level: str = "info"
     mailbox_limit: int = DEFAULT_MAILBOX_LIMIT
+    #: What one sender may send before the excess is dropped unread; None: no limit.
+    limits: Limits | None = Limits()
     timers: Timers = Timers()
     name: str = "server"  # the node's name in traces
     # What a real run leaves to chance or to the clock (None); tests and replays fix them.
@@ -120,7 +123,7 @@ async def run_node(
     store: Store | None = None,
     recorder: Recorder | None = None,
     screen: Screen | None = None,
-    make_screen: Callable[[], Screen] | None = None,
+    make_screen: Callable[[ClientProtocol], Screen] | None = None,
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
@@ -130,9 +133,10 @@ async def run_node(
 
     ``store`` (a server's) and ``recorder`` default to what the options name, and
     what is opened here is closed here; the endpoint is always closed at the end.
-    A client shows its lines on ``screen``, or on the one ``make_screen`` builds once
-    the endpoint is bound (a terminal shows its prompt when it is built), and reads
-    ``inputs``. ``argv`` is what the trace says started the node.
+    A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
+    its state machine once the endpoint is bound (a terminal's input line starts then,
+    and completes names from the machine's table), and reads ``inputs``. ``argv`` is
+    what the trace says started the node.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -150,7 +154,8 @@ async def run_node(
         else:
             node = _client_node(options, endpoint, recorder, log, entropy, seed)
             if make_screen is not None:
-                screen = make_screen()
+                assert isinstance(node.protocol, ClientProtocol)
+                screen = make_screen(node.protocol)
             node.screen = screen
         argv = argv if argv is not None else _argv(options, endpoint)
         status = await node.run(inputs, argv=argv, task_status=task_status)
@@ -226,9 +231,22 @@ def _server_node(
             f" key {fingerprint(identity.public)}); Ctrl-C stops it"
         )
     )
+    buffer = getattr(endpoint, "receive_buffer", None)
+    if buffer is not None:
+        log(
+            Log(f"socket receive buffer: {buffer // 1024} KiB (net.core.rmem_max caps it)", "debug")
+        )
+    admission = Admission(options.limits) if options.limits is not None else None
     started = {"seed": b64(seed)} if seed is not None else {}
     return Node(
-        options.name, protocol, endpoint, log=log, recorder=recorder, store=store, started=started
+        options.name,
+        protocol,
+        endpoint,
+        log=log,
+        recorder=recorder,
+        store=store,
+        admission=admission,
+        started=started,
     )
 
 

@@ -7,7 +7,13 @@ in-memory network of ``chatapp.testing`` is the other.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ipaddress
 import socket as _stdlib_socket
+import struct
+import sys
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import trio
@@ -16,8 +22,14 @@ from chatapp.wire import MAX_DATAGRAM, Address
 
 #: Read buffer: larger than any datagram we accept, so oversized ones are seen whole and dropped.
 RECEIVE_BUFFER = 65536
-#: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF).
-RECEIVE_SOCKET_BUFFER = 4 * 1024 * 1024
+#: Bytes the kernel may queue for a socket before it drops datagrams (SO_RCVBUF): asked
+#: for, and granted up to the kernel's limit (Linux: net.core.rmem_max) unless the process
+#: may go past it (SO_RCVBUFFORCE, with CAP_NET_ADMIN). A flood is drained at a few
+#: microseconds a datagram, so even a full buffer is a short wait for the others.
+RECEIVE_SOCKET_BUFFER = 16 * 1024 * 1024
+
+#: ``admit(data, source, now)``: whether a datagram just read is handled or dropped.
+Admit = Callable[[bytes, Address, float], bool]
 
 
 class Endpoint(Protocol):
@@ -49,16 +61,20 @@ class UdpEndpoint:
         self._raw = raw
         host, port = sock.getsockname()[:2]
         self._local: Address = (host, port)
+        #: What the kernel granted for SO_RCVBUF (Linux reports twice what it counts as
+        #: room for data, for its own bookkeeping).
+        self.receive_buffer: int = sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF)
 
     @classmethod
     async def bind(cls, host: str, port: int) -> UdpEndpoint:
         raw = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_DGRAM)
         sock = trio.socket.from_stdlib_socket(raw)
         try:
-            # A fan-out to a thousand clients brings a thousand ACKs back at once: with the
-            # default buffer (~200 datagrams) the kernel drops most of them and the server
-            # marks live clients offline. The kernel caps this at net.core.rmem_max.
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
+            # A fan-out to a thousand clients brings a thousand ACKs back at once, and a
+            # flood from one sender should not push others' datagrams out: with the
+            # default buffer (~200 datagrams) the kernel drops most of them. The kernel
+            # caps this at net.core.rmem_max (what an operator can raise).
+            _ask_for_receive_buffer(raw)
             await sock.bind((host, port))
         except BaseException:
             sock.close()
@@ -104,6 +120,54 @@ class UdpEndpoint:
             await trio.lowlevel.checkpoint()
         return data, (addr[0], addr[1])
 
+    async def receive_batch(self, admit: Admit, limit: int) -> list[tuple[bytes, Address]]:
+        """Wait until a datagram is queued, then read up to ``limit`` of those queued
+        without waiting again, keeping those that ``admit`` takes: a flood is dropped as
+        fast as the system call returns, and the caller yields once per batch (so that
+        timers and input still run). May return none (all dropped)."""
+        raw = self._raw
+        if raw is None or raw.fileno() == -1:
+            data, addr = await self.receive()
+            return [(data, addr)] if admit(data, addr, trio.current_time()) else []
+        batch: list[tuple[bytes, Address]] = []
+        now = trio.current_time()
+        waited = False
+        read = 0
+        while read < limit:
+            try:
+                data, addr = raw.recvfrom(RECEIVE_BUFFER)
+            except BlockingIOError:
+                if read:
+                    break
+                await trio.lowlevel.wait_readable(raw)
+                waited = True
+                now = trio.current_time()
+                continue
+            except OSError:  # e.g. an ICMP "port unreachable" reported on a later read
+                read += 1
+                continue
+            read += 1
+            if admit(data, addr, now):
+                batch.append((data, addr))
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return batch
+
+    def shut_out(self, addresses: Collection[Address]) -> None:
+        """Have the kernel drop, unread, every datagram from ``addresses`` (replacing the
+        addresses given before; none: every datagram is let through again). OSError where
+        that cannot be done (not Linux)."""
+        if self._raw is None or not sys.platform.startswith("linux"):
+            raise OSError("socket filters are a Linux feature")
+        if not addresses:
+            with contextlib.suppress(OSError):  # none attached: nothing to take off
+                self._raw.setsockopt(_stdlib_socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+            return
+        program = _drop_from(sorted(addresses))
+        code = ctypes.create_string_buffer(program)
+        fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(code))
+        self._raw.setsockopt(_stdlib_socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
     def receive_nowait(self) -> tuple[bytes, Address]:
         """A datagram that is already queued, without waiting; ``trio.WouldBlock`` if none."""
         raw = self._raw
@@ -117,6 +181,42 @@ class UdpEndpoint:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _ask_for_receive_buffer(raw: _stdlib_socket.socket) -> None:
+    force = getattr(_stdlib_socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            raw.setsockopt(_stdlib_socket.SOL_SOCKET, force, RECEIVE_SOCKET_BUFFER)
+            return
+        except OSError:  # not allowed: as much as net.core.rmem_max allows
+            pass
+    raw.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_RCVBUF, RECEIVE_SOCKET_BUFFER)
+
+
+# Classic BPF, as Linux runs it on a socket (linux/filter.h): for a UDP socket the
+# packet starts at the UDP header, and the IP header is reached at SKF_NET_OFF.
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+_SKF_NET_OFF = -0x100000
+_LD_HALF, _LD_WORD = 0x28, 0x20  # BPF_LD | BPF_H / BPF_W | BPF_ABS
+_JEQ, _RET = 0x15, 0x06  # BPF_JMP | BPF_JEQ | BPF_K; BPF_RET | BPF_K
+
+
+def _instruction(code: int, true: int, false: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, true, false, k & 0xFFFFFFFF)
+
+
+def _drop_from(addresses: list[Address]) -> bytes:
+    """A program that drops a datagram from any of ``addresses`` and keeps the rest: for
+    each address, compare the source port, then the source IP; a match jumps to the end."""
+    program = b""
+    for index, (ip, port) in enumerate(addresses):
+        to_drop = 4 * (len(addresses) - 1 - index) + 1  # past the blocks after, and "keep"
+        program += _instruction(_LD_HALF, 0, 0, 0)  # the UDP source port
+        program += _instruction(_JEQ, 0, 2, port)
+        program += _instruction(_LD_WORD, 0, 0, _SKF_NET_OFF + 12)  # the IPv4 source
+        program += _instruction(_JEQ, to_drop, 0, int(ipaddress.IPv4Address(ip)))
+    return program + _instruction(_RET, 0, 0, 0xFFFFFFFF) + _instruction(_RET, 0, 0, 0)
 
 
 class UdpNetwork:

@@ -3,8 +3,13 @@
 One nursery per node runs its receive task, its timer task and (for a
 client) its input task. Every handler call and the effects it returns are
 carried out under one lock, so effects leave in the order the state machine
-produced them, and a change (``chatapp.protocol.changes``) is committed before
-anything after it is sent.
+produced them, and the changes (``chatapp.protocol.changes``) of a handling are
+committed, in one transaction, before anything of it is sent. If the commit fails,
+nothing of it is sent and the server's state machine rolls back to what the
+database holds.
+
+The receive task reads the socket in batches and asks the node's admission policy
+(``chatapp.protocol.admission``) about each datagram before it is decoded.
 
 The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
 earliest ACK deadline the state machine has: every retry and give-up of every
@@ -13,21 +18,22 @@ pending request is driven from there.
 
 from __future__ import annotations
 
+import collections
 import math
-import sys
-import time
 from collections.abc import Callable, Mapping
-from typing import ClassVar, Protocol, TextIO
+from typing import Protocol, cast
 
 import trio
 
 from chatapp import screen
-from chatapp.net import Endpoint
+from chatapp.net import Admit, Endpoint
+from chatapp.protocol.admission import Admission
 from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
+from chatapp.store import Store
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
 
@@ -37,11 +43,9 @@ Input = ClientInput
 __all__ = [
     "BadInput",
     "Input",
-    "LogSink",
     "Node",
     "Screen",
     "Signal",
-    "TerminalScreen",
 ]
 
 
@@ -51,107 +55,6 @@ class Screen(Protocol):
     def typed(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class TerminalScreen:
-    """The client's terminal: every line is shown behind the prompt, and the prompt
-    is shown again whenever the client waits for input."""
-
-    def __init__(self, out: TextIO | None = None) -> None:
-        self._out = out if out is not None else sys.stdout
-        self._at_prompt = False
-        self._write(screen.PROMPT)
-        self._at_prompt = True
-
-    def _write(self, text: str) -> None:
-        try:
-            self._out.write(text)
-            self._out.flush()
-        except (OSError, ValueError):
-            pass  # the terminal is gone; the node exits on the hang-up that follows
-
-    def show(self, line: str) -> None:
-        if line == screen.KEYBOARD_INTERRUPT:
-            self._write(line + "\n")
-            self._at_prompt = False
-            return
-        self._write(line + "\n" + screen.PROMPT)
-        self._at_prompt = True
-
-    def typed(self) -> None:
-        self._write(screen.PROMPT)
-        self._at_prompt = True
-
-    def close(self) -> None:
-        if self._at_prompt:
-            self._write("\n")
-            self._at_prompt = False
-
-
-class LogSink:
-    """A node's log: one timestamped line per event, rate-limited for warnings
-    so that a flood of bad datagrams cannot fill the screen or the disk."""
-
-    LEVELS: ClassVar[dict[str, int]] = {"debug": 10, "info": 20, "warning": 30}
-
-    def __init__(
-        self,
-        out: TextIO | None,
-        *,
-        level: str = "info",
-        warnings_per_second: float = 5.0,
-        now: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._out = out
-        self._threshold = self.LEVELS[level]
-        self._rate = warnings_per_second
-        self._allowance = warnings_per_second
-        self._last = now()
-        self._now = now
-        self.suppressed = 0
-        self._stamp_second = -1
-        self._stamp = ""
-
-    def __call__(self, entry: Log) -> None:
-        if self._out is None or self.LEVELS.get(entry.level, 20) < self._threshold:
-            return
-        if entry.level == "warning" and not self._admit():
-            return
-        second = int(time.time())
-        if second != self._stamp_second:  # strftime once a second, not once per line
-            self._stamp_second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        stamp = self._stamp
-        suffix = ""
-        if self.suppressed and entry.level == "warning":
-            suffix = f" ({self.suppressed} similar lines suppressed)"
-            self.suppressed = 0
-        try:
-            self._out.write(f"{stamp} {entry.text}{suffix}\n")
-            self._out.flush()
-        except (OSError, ValueError):
-            pass
-
-    def end_line(self) -> None:
-        """End the line the terminal left open (its echo of ``^C``) before the next entry."""
-        if self._out is None:
-            return
-        try:
-            if self._out.isatty():
-                self._out.write("\n")
-                self._out.flush()
-        except (OSError, ValueError):
-            pass
-
-    def _admit(self) -> bool:
-        now = self._now()
-        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
-        self._last = now
-        if self._allowance >= 1:
-            self._allowance -= 1
-            return True
-        self.suppressed += 1
-        return False
 
 
 AnyProtocol = ClientProtocol | ServerProtocol
@@ -175,12 +78,18 @@ class _Nowhere:
         raise RuntimeError(f"this node has nowhere to keep {changes!r}")
 
 
+def _admit_all(data: bytes, addr: Address, now: float) -> bool:
+    return True
+
+
 class Node:
     """One client or server: a state machine, an endpoint, and the tasks that drive them."""
 
     #: Most datagrams handled under one commit: bounds how long the first one's answer
     #: waits for the others' handling.
     GROUP_COMMIT_LIMIT = 64
+    #: Most datagrams read from the socket between two turns of the other tasks.
+    RECEIVE_BATCH = 256
 
     def __init__(
         self,
@@ -192,9 +101,11 @@ class Node:
         log: Callable[[Log], None] | None = None,
         recorder: Recorder | None = None,
         store: Committer | None = None,
+        admission: Admission | None = None,
         started: Mapping[str, object] | None = None,
     ) -> None:
-        """``started``: what the trace's start event records besides the node's address
+        """``admission`` decides, before decoding, which datagrams are handled at all;
+        ``started``: what the trace's start event records besides the node's address
         (the seed of its randomness, what it read from disk)."""
         self.name = name
         self.protocol = protocol
@@ -204,6 +115,8 @@ class Node:
         self.recorder = recorder or NullRecorder()
         self.store: Committer = store or _Nowhere()
         self.started = started or {}
+        self.admission = admission
+        self._admit: Admit = admission.admit if admission is not None else _admit_all
         self.exit_status: int | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
@@ -212,6 +125,11 @@ class Node:
         self._receive_nowait: Callable[[], tuple[bytes, Address]] | None = (
             receive_nowait if self.store.durable else None
         )
+        #: Datagrams read and admitted, not yet handled.
+        self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._store_trouble: str | None = None  # why the last commit failed, if it did
+        self._trace_failure_said = False
+        self._can_shut_out = True
         self._timer_changed = trio.Event()
         self._armed_deadline = math.inf
         self._cancel_scope: trio.CancelScope | None = None
@@ -251,14 +169,45 @@ class Node:
             self._cancel_scope.cancel()
 
     async def _receive_loop(self) -> None:
+        receive_batch = getattr(self.endpoint, "receive_batch", None)
         while True:
-            try:
-                data, addr = await self.endpoint.receive()
-            except OSError as exc:
-                # e.g. an ICMP "port unreachable" reported on a later read: not fatal
-                self.log(Log(f"receive failed: {exc}", "debug"))
-                continue
-            await self._handle(self._take_first, data, addr)
+            if receive_batch is not None:
+                batch = await receive_batch(self._admit, self.RECEIVE_BATCH)
+            else:
+                batch = await self._receive_one()
+            queued = self._queued
+            queued.extend(batch)
+            while queued:  # group commit (``_gather``) may take some of them first
+                data, addr = queued.popleft()
+                await self._handle(self._take_first, data, addr)
+            if self.admission is not None and self.admission.dropped:
+                self._admission_report(self.admission, trio.current_time())
+
+    def _admission_report(self, admission: Admission, now: float) -> None:
+        """What was dropped (once a second), and the floods the kernel is to drop."""
+        line = admission.report(now)
+        if line is not None:
+            self.log(Log(line, "warning", summary=True))
+        addresses = admission.shut_out_changed(now)
+        shut_out = getattr(self.endpoint, "shut_out", None)
+        if addresses is None or shut_out is None or not self._can_shut_out:
+            return
+        try:
+            shut_out(addresses)
+        except OSError as exc:
+            self._can_shut_out = False
+            line = f"floods cannot be shut out at the socket ({exc}): they are read and dropped"
+            self.log(Log(line, "warning", summary=True))
+
+    async def _receive_one(self) -> list[tuple[bytes, Address]]:
+        """From an endpoint that reads one datagram at a time (the in-memory network)."""
+        try:
+            data, addr = await self.endpoint.receive()
+        except OSError as exc:
+            # e.g. an ICMP "port unreachable" reported on a later read: not fatal
+            self.log(Log(f"receive failed: {exc}", "debug"))
+            return []
+        return [(data, addr)] if self._admit(data, addr, trio.current_time()) else []
 
     def _take_first(self, data: bytes, addr: Address, now: float) -> list[Effect]:
         effects = self._take(data, addr, now)
@@ -283,18 +232,21 @@ class Node:
         is the point (the disk, not the protocol, limits a durable server)."""
         assert self._receive_nowait is not None
         gathered = list(effects)
-        handled = 1
-        while handled < self.GROUP_COMMIT_LIMIT:
-            try:
-                data, addr = self._receive_nowait()
-            except (trio.WouldBlock, OSError):
-                break
-            gathered += self._take(data, addr, trio.current_time())
-            handled += 1
-        if handled == 1:
-            return effects
-        changes: list[Effect] = [e for e in gathered if isinstance(e, Change)]
-        return changes + [e for e in gathered if not isinstance(e, Change)]
+        read = 1
+        now = trio.current_time()
+        while read < self.GROUP_COMMIT_LIMIT:
+            read += 1
+            if self._queued:
+                data, addr = self._queued.popleft()  # read and admitted already
+            else:
+                try:
+                    data, addr = self._receive_nowait()
+                except (trio.WouldBlock, OSError):
+                    break
+                if not self._admit(data, addr, now):
+                    continue
+            gathered += self._take(data, addr, now)
+        return gathered  # their changes are committed first, together (``_apply_locked``)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -333,18 +285,13 @@ class Node:
             self._lock.release()
 
     async def _apply_locked(self, effects: list[Effect]) -> None:
-        changes: list[Change] = []
+        # One transaction for every change of the handling, before anything it sends: a
+        # channel message stored for a hundred offline clients is one commit, and no
+        # answer leaves before the change it reports is on disk.
+        changes = [effect for effect in effects if isinstance(effect, Change)]
+        if changes and not await self._commit(changes):
+            effects = self._roll_back()
         for effect in effects:
-            if isinstance(effect, Change):
-                changes.append(effect)
-                continue
-            # Log lines leave nothing outside the node: one transaction covers every change
-            # up to the next datagram or screen line (a channel message stored for a hundred
-            # offline clients is one commit, not a hundred).
-            if changes and not isinstance(effect, Log):
-                if not await self._commit(changes):
-                    break
-                changes = []
             if isinstance(effect, Send):
                 await self._send(effect)
             elif isinstance(effect, Show):
@@ -356,26 +303,51 @@ class Node:
             elif isinstance(effect, Exit):
                 self.exit_status = effect.status
                 self.stop()
-        if changes:
-            await self._commit(changes)
+        self.protocol.checkpoint()
+        if not self._trace_failure_said and (why := self.recorder.failure()) is not None:
+            self._say_trace_stopped(why)
         deadline = self.protocol.next_deadline()
         if deadline is not None and deadline < self._armed_deadline:
             self._timer_changed.set()
 
+    def _say_trace_stopped(self, why: str) -> None:
+        """Once: the trace file could not be written (the node itself goes on)."""
+        self._trace_failure_said = True
+        if self.screen is not None:
+            self.screen.show(screen.trace_stopped(why))
+        else:
+            self.log(Log(f"trace not written ({why}): recording stopped", "warning", True))
+
     async def _commit(self, changes: list[Change]) -> bool:
-        """Commit ``changes``; False if the database failed, and then nothing that depends
-        on them (an ACK above all) may leave: the sender retries, or is told it failed."""
+        """Commit ``changes``; False if the database failed."""
         try:
             await self.store.commit(changes)
         except Exception as exc:  # sqlite3.Error, OSError (disk full): any failure to persist
-            self.log(
-                Log(
-                    f"database write failed ({exc}): the answers that needed it were held back",
-                    "warning",
-                )
-            )
+            reason = str(exc) or type(exc).__name__
+            line = f"database write failed: {reason}. Nothing that needed it was acknowledged"
+            # A new reason is always said; the same one again is a warning like any other.
+            self.log(Log(line, "warning", summary=reason != self._store_trouble))
+            self._store_trouble = reason
             return False
+        if self._store_trouble is not None:
+            self._store_trouble = None
+            self.log(Log("database writes work again"))
         return True
+
+    def _roll_back(self) -> list[Effect]:
+        """After a failed commit: none of the handling's effects leave, and the state
+        machine goes back to what its disk holds (a server's database; a client's state
+        file, whose marks it remembers)."""
+        protocol = self.protocol
+        if isinstance(protocol, ClientProtocol):
+            return protocol.rollback(trio.current_time())
+        try:
+            disk = cast(Store, self.store).load()
+        except Exception as exc:  # a database that can be neither written nor read
+            self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
+            self.stop()
+            return []
+        return protocol.rollback(disk, trio.current_time())
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address

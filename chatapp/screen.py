@@ -61,7 +61,7 @@ def stored_channel(stored_at: float, sender: str, text: str) -> str:
 
 HELP = (
     "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table"
-    " | fingerprint [NAME] | help | exit]"
+    " | fingerprint [NAME] | exit. help COMMAND explains one.]"
 )
 OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit).]"
 ALREADY_ONLINE = "[You are already online.]"
@@ -69,10 +69,55 @@ STILL_JOINING = "[Still waiting for the server to accept the registration. Try a
 BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
 REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
 EMPTY_TABLE = "[The client table is empty.]"
+CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; try again later.]"
 
 
-def unknown_command(word: str) -> str:
-    return f"[Unknown command {word!r}. Type help for the commands.]"
+#: ``help COMMAND``: one line on each command (aliases share their command's line).
+_TABLE_HELP = "[table (or list): the client table, with who is online.]"
+_EXIT_HELP = (
+    "[exit (or quit, Ctrl-D, Ctrl-C): leave. Leaving does not deregister:"
+    " the server finds out when you stop answering.]"
+)
+_FINGERPRINT_HELP = (
+    "[fingerprint (or key): your key's fingerprint. fingerprint NAME: NAME's, and the"
+    " safety number to compare with NAME out of band (the same on both sides: no one is"
+    " in between).]"
+)
+COMMAND_HELP = {
+    "send": (
+        "[send NAME MESSAGE: a direct message to NAME (yourself too), straight to its address."
+        " Without an ACK in 500 ms it goes to the server, which delivers or stores it.]"
+    ),
+    "send_all": "[send_all MESSAGE: a channel message to every other client, through the server.]",
+    "dereg": (
+        "[dereg NAME: go offline (your own NAME only). The client keeps running;"
+        " reg NAME brings you back.]"
+    ),
+    "reg": "[reg NAME: come back online after dereg, and receive what was stored for you.]",
+    "table": _TABLE_HELP,
+    "list": _TABLE_HELP,
+    "fingerprint": _FINGERPRINT_HELP,
+    "key": _FINGERPRINT_HELP,
+    "help": "[help COMMAND: what COMMAND does; help alone lists the commands.]",
+    "exit": _EXIT_HELP,
+    "quit": _EXIT_HELP,
+}
+
+#: The terminal's own limit on a line it passes on when it edits the line itself (a
+#: terminal in canonical mode, when the client's output is not a terminal).
+CUT_BY_TERMINAL = "the terminal passes at most 4095 characters of a line and may have cut it"
+
+
+def _did_you_mean(suggestion: str | None) -> str:
+    return f" Did you mean {suggestion!r}?" if suggestion else ""
+
+
+def unknown_command(word: str, suggestion: str | None = None) -> str:
+    return f"[Unknown command {word!r}.{_did_you_mean(suggestion)} Type help for the commands.]"
+
+
+def no_help(word: str, suggestion: str | None = None) -> str:
+    return f"[No command {word!r} to explain.{_did_you_mean(suggestion)} Type help for the list.]"
 
 
 def usage(form: str) -> str:
@@ -115,6 +160,10 @@ def table_lines(rows: Iterable[tuple[str, str, int, bool]]) -> list[str]:
         for name, ip, port, online in rows
     ]
     return lines or [EMPTY_TABLE]
+
+
+def trace_stopped(reason: str) -> str:
+    return f"[The trace could not be written ({reason}). Recording stopped; the chat goes on.]"
 
 
 def bad_input(detail: str) -> str:

@@ -13,14 +13,25 @@ exclusive lock from open to close, so a second server pointed at the same
 file stops at start with a clear error instead of keeping a second, diverging
 copy of the table. The lock dies with the process, so a server restarted
 after SIGKILL opens the file (and recovers the WAL) at once.
+
+What is not chatapp's is refused at start, in one line: a SQLite file of another
+application (chatapp marks its files with ``PRAGMA application_id``; files of the
+versions before the mark are known by their tables), and rows this chatapp never
+wrote (every row is checked against the types of the wire at start). Before each
+commit the store checks that its file (and its WAL) are still the ones it opened: a
+file deleted or replaced under a running server makes every later commit fail, so
+that nothing more is acknowledged as saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import trio
@@ -37,7 +48,7 @@ from chatapp.protocol.changes import (
 )
 from chatapp.protocol.crypto import Identity
 from chatapp.store import ServerDisk, new_origin
-from chatapp.wire import StoredItem
+from chatapp.wire import Key, Name, Port, StoredItem
 
 SCHEMA_VERSION = 3
 
@@ -109,9 +120,46 @@ MIGRATIONS: dict[int, str] = {
 #: How long opening waits for another process's lock before giving up.
 LOCK_TIMEOUT = 1.0
 
+#: ``PRAGMA application_id`` of a chatapp database ("CHAT").
+APPLICATION_ID = 0x43484154
+
 
 class StoreError(sqlite3.DatabaseError):
     """The database cannot be used by this server (said in one line)."""
+
+
+class _ClientRow(msgspec.Struct):
+    """A row of ``clients`` as chatapp writes it."""
+
+    name: Name
+    ip: str
+    port: Port
+    key: Key
+    sid: Annotated[bytes, msgspec.Meta(max_length=8)]  # a session's id (none yet: empty)
+    presence: Literal["online", "deregistered", "silent"]
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, list[str]]:
+    """Every table of ``db`` (SQLite's own left out) with its columns, in order."""
+    names = [
+        name
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        if not name.startswith("sqlite_")
+    ]
+    return {name: [row[1] for row in db.execute(f'PRAGMA table_info("{name}")')] for name in names}
+
+
+def _schema_of(version: int) -> dict[str, list[str]]:
+    """The tables and columns of a chatapp database of schema ``version``."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for target in range(1, version + 1):
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return _tables(db)
+    finally:
+        db.close()
 
 
 def default_db_path(port: int) -> str:
@@ -136,6 +184,7 @@ class SqliteStore:
             # Exclusive before WAL: SQLite then keeps the WAL index in this process's
             # memory and no other process can open the file while we run.
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._check_owner()  # before anything is written: a file not ours stays as it was
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("BEGIN IMMEDIATE")  # take the lock now, not at the first save
@@ -153,6 +202,25 @@ class SqliteStore:
         except BaseException:
             self._db.close()
             raise
+        #: Why commits fail from now on (the file was deleted or replaced), if they do.
+        self.broken: str | None = None
+        self._files = self._identities()
+
+    def _check_owner(self) -> None:
+        """Refuse a file that is not chatapp's; a chatapp file from before the mark (or a
+        new, empty one) gets the mark in its first migration."""
+        owner = self._db.execute("PRAGMA application_id").fetchone()[0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if owner == APPLICATION_ID:
+            return
+        if owner != 0:
+            raise StoreError(f"it belongs to another application (application_id {owner:#x})")
+        tables = _tables(self._db)
+        if version == 0 and not tables:
+            return  # an empty file: ours from now on
+        if not 1 <= version <= SCHEMA_VERSION or tables != _schema_of(version):
+            held = ", ".join(sorted(tables)) or "no tables"
+            raise StoreError(f"it is not a chatapp database (schema version {version}, {held})")
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -176,10 +244,51 @@ class SqliteStore:
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={target}")
+                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if self._db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")  # an up-to-date file
+
+    # --- the file under the store ---------------------------------------------------------
+
+    def _identities(self) -> dict[str, tuple[int, int] | None]:
+        """(device, inode) of the file and of its WAL (None: not there), as they are now."""
+        if self.path == ":memory:":
+            return {}
+        found: dict[str, tuple[int, int] | None] = {}
+        for name in (self.path, self.path + "-wal"):
+            try:
+                stat = os.stat(name)
+                found[name] = (stat.st_dev, stat.st_ino)
+            except FileNotFoundError:
+                found[name] = None
+        return found
+
+    def _check_files(self) -> None:
+        """Fail (for good) if the file or its WAL is no longer the one this store opened:
+        a commit would go to a file nobody will open again."""
+        if self.broken is None:
+            now = self._identities()
+            for name, opened in self._files.items():
+                if opened is not None and now[name] != opened:
+                    what = "deleted" if now[name] is None else "replaced by another file"
+                    self.broken = f"the database file {name} was {what} while the server ran"
+                    if name != self.path and now[self.path] == self._files[self.path]:
+                        self._rescue()
+                    break
+            else:
+                self._files = now  # a WAL made since, say
+        if self.broken is not None:
+            raise StoreError(f"{self.broken}; nothing can be saved until it restarts")
+
+    def _rescue(self) -> None:
+        """A WAL deleted under the store still holds the last commits, open here: copy them
+        into the database file, which is still the one the store opened."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _ensure_identity(self) -> None:
         """The server's key and the store's origin, made once, at the first start."""
@@ -199,26 +308,35 @@ class SqliteStore:
             raise
 
     def _read(self) -> ServerDisk:
+        """Every row, checked against the types chatapp writes (a row of the wrong type
+        would otherwise surface later, as an error in the middle of serving)."""
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        try:
-            server_key, origin, last_n = meta["server_key"], meta["origin"], meta["last_n"]
-            if not isinstance(server_key, bytes) or len(server_key) != 32:
-                raise ValueError("the server's key is not 32 bytes")
-            clients = [
-                ClientRecord(name, (ip, port), key, sid, Presence(presence))
-                for name, ip, port, key, sid, presence in self._db.execute(
-                    "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed, rowid"
-                )
-            ]
-            mailbox: dict[str, list[StoredItem]] = {}
-            for recipient, *row in self._db.execute(
-                "SELECT recipient, origin, n, id, kind, sender, stored_at, text, sig, sealed"
-                " FROM mailbox ORDER BY origin, n"
-            ):
-                mailbox.setdefault(recipient, []).append(_item(*row))
-        except (KeyError, ValueError, TypeError, msgspec.ValidationError) as exc:
-            raise StoreError(f"the database holds a row chatapp cannot read: {exc}") from None
-        return ServerDisk(bytes(server_key), str(origin), int(last_n), clients, mailbox)
+        server_key, origin, last_n = (meta.get(k) for k in ("server_key", "origin", "last_n"))
+        if not isinstance(server_key, bytes) or len(server_key) != 32:
+            raise StoreError("the server's key in the database is not 32 bytes")
+        if not isinstance(origin, str) or not origin or not isinstance(last_n, int):
+            raise StoreError("the database's sequence counter is not one chatapp writes")
+        clients = []
+        for values in self._db.execute(
+            "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed, rowid"
+        ):
+            row = _checked(values, _ClientRow, "clients")
+            try:
+                ipaddress.IPv4Address(row.ip)
+            except ValueError:
+                raise StoreError(f"a row of clients has {row.ip!r} for an IPv4 address") from None
+            clients.append(
+                ClientRecord(row.name, (row.ip, row.port), row.key, row.sid, Presence(row.presence))
+            )
+        mailbox: dict[str, list[StoredItem]] = {}
+        for recipient, *row in self._db.execute(
+            "SELECT recipient, origin, n, id, kind, sender, stored_at, text, sig, sealed"
+            " FROM mailbox ORDER BY origin, n"
+        ):
+            if not isinstance(recipient, str):
+                raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
+            mailbox.setdefault(recipient, []).append(_item(*row))
+        return ServerDisk(server_key, origin, last_n, clients, mailbox)
 
     def load(self) -> ServerDisk:
         """The server's key, the clients (oldest change first) and the stored messages
@@ -232,13 +350,18 @@ class SqliteStore:
 
     def _commit(self, changes: list[Change]) -> None:
         with self._guard:
+            self._check_files()
             db = self._db
             db.execute("BEGIN")
             try:
                 apply_changes(changes, _Transaction(db))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk); the first error is
+                # the one to report.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
 
     def release(self, name: str) -> tuple[bool, int]:
@@ -262,6 +385,18 @@ class SqliteStore:
             self._db.close()
 
 
+T = TypeVar("T")
+
+
+def _checked(values: tuple[object, ...], kind: type[T], table: str) -> T:
+    """``values`` (a row, in the order of ``kind``'s fields) as a ``kind``."""
+    fields = msgspec.structs.fields(kind)  # type: ignore[arg-type]
+    try:
+        return msgspec.convert(dict(zip((f.name for f in fields), values, strict=True)), kind)
+    except msgspec.ValidationError as exc:
+        raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
+
+
 def _item(
     origin: str, n: int, msg_id: str, kind: str, sender: str, stored_at: float,
     text: str, sig: bytes, sealed: bytes,
@@ -271,7 +406,10 @@ def _item(
         "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
         "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
     }  # fmt: skip
-    return msgspec.convert(fields, StoredItem, from_attributes=False)
+    try:
+        return msgspec.convert(fields, StoredItem, from_attributes=False)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise StoreError(f"a row of mailbox is not one chatapp writes: {exc}") from None
 
 
 class _Transaction:

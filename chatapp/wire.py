@@ -111,12 +111,15 @@ class Registered(_Message, tag="registered", frozen=True):
     boot: Sid
 
 
-class Refused(_Message, tag="refused", frozen=True):
+class Refused(_Message, tag="refused", frozen=True, omit_defaults=True):
     """Answer to any request the server will not carry out; ``reason`` is for people.
-    Boxed to the client's key before there is a session, sealed in it after."""
+    Boxed to the client's key before there is a session, sealed in it after. ``cause``
+    ``storage``: the server could not store the change the request asked for (its
+    database failed); nothing was done, and the same request may succeed later."""
 
     id: MsgId
     reason: Annotated[str, msgspec.Meta(max_length=512)]
+    cause: Literal["storage"] | None = None
 
 
 # --- client -> server, in the session ---------------------------------------------------
@@ -320,7 +323,12 @@ def decode(data: bytes) -> Message:
         message: Message = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None
-    except Exception as exc:  # RecursionError, MemoryError on hostile input: never a crash
+    except RecursionError:
+        # msgspec bounds nesting by Python's recursion limit: JSON nested that deep (a
+        # value it skips while it looks for the tag) is no message of ours, whose deepest
+        # field is four levels down.
+        raise WireError("JSON nested too deeply") from None
+    except Exception as exc:  # MemoryError on hostile input: never a crash
         raise WireError(f"undecodable ({type(exc).__name__})") from None
     return message
 

@@ -235,13 +235,18 @@ def chatapp_command() -> list[str]:
     return [sys.executable, "-m", "chatapp"]
 
 
-def chatapp_env(data_home: Path, *, show_warnings: bool = False) -> dict[str, str]:
-    """The environment for a chatapp process: its data directory inside the test's, and
-    no ``CHATAPP_*`` setting (a trace, say) from outside. ``show_warnings``: every warning
-    Python would otherwise keep quiet is shown, so that a check for noise sees it."""
+def chatapp_env(
+    data_home: Path, *, show_warnings: bool = False, term: str = "dumb"
+) -> dict[str, str]:
+    """The environment for a chatapp process: its data and state directories (the
+    database, the input line's history) inside the test's, never the user's, and no
+    ``CHATAPP_*`` setting (a trace, say) from outside. ``term``: what a terminal says it
+    is (the seed's tests run on ``dumb`` ones). ``show_warnings``: every warning Python
+    would otherwise keep quiet is shown, so that a check for noise sees it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATAPP_")}
     env["XDG_DATA_HOME"] = str(data_home)
-    env["XDG_STATE_HOME"] = str(data_home / "state")  # keys and pins: never the user's
+    env["XDG_STATE_HOME"] = str(data_home.with_name(data_home.name + "-state"))
+    env["TERM"] = term
     env["PYTHONUNBUFFERED"] = "1"
     if show_warnings:
         env["PYTHONWARNINGS"] = "default"
@@ -275,15 +280,25 @@ def join_args(
 class Proc:
     """A ``chatapp`` process with its stdin a pipe and its output collected by a thread."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str],
+        *,
+        prefix: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """``prefix``: a command that runs chatapp (``nsenter ...``); ``preexec_fn``: run
+        in the child before chatapp starts (a resource limit, say)."""
         self.args = list(args)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "chatapp", *args],
+            [*prefix, sys.executable, "-m", "chatapp", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # a Ctrl-C meant for pytest does not reach it
+            preexec_fn=preexec_fn,
         )
         self._out = bytearray()
         self._changed = threading.Condition()

@@ -230,6 +230,9 @@ class Sim:
                 self.persisted.append(effect)
             else:
                 assert isinstance(effect, Received), effect
+        node = self.nodes.get(addr)
+        if node is not None:
+            getattr(node, "checkpoint", lambda: None)()  # carried out, as a runtime says
 
     def pump(self) -> None:
         """Deliver everything in flight, and what that causes, in the order it was sent."""

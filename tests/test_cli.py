@@ -53,6 +53,44 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(["--version"], capsys) == (0, f"chatapp {__version__}\n", "")
 
 
+def test_the_version_is_the_installed_package_s() -> None:
+    from importlib import metadata
+
+    assert __version__ == metadata.version("chatapp")
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "rows"),
+    [
+        (["serve", "--help"], "Usage: chatapp serve [OPTIONS] [PORT]", ["  PORT  UDP port"]),
+        (
+            ["join", "--help"],
+            "Usage: chatapp join [OPTIONS] NAME SERVER_IP SERVER_PORT CLIENT_PORT",
+            ["  NAME ", "  SERVER_IP ", "  SERVER_PORT ", "  CLIENT_PORT "],
+        ),
+    ],
+)
+def test_help_names_arguments_as_words(args: list[str], usage: str, rows: list[str]) -> None:
+    result = CliRunner().invoke(cli.app, args, prog_name="chatapp")
+    assert result.exit_code == 0 and usage in result.output, result.output
+    for row in rows:
+        assert row in result.output, result.output
+    assert "<str>" not in result.output and "{" not in result.output
+
+
+def test_shell_completion_is_offered() -> None:
+    result = CliRunner().invoke(cli.app, ["--help"], prog_name="chatapp")
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+@pytest.mark.parametrize("program", ["chatapp", "chat-replay", "chatapp-bench"])
+def test_every_installed_command_has_a_version(program: str) -> None:
+    script = Path(sys.executable).with_name(program)
+    assert script.exists(), script
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{program} {__version__}\n", "")
+
+
 def test_no_arguments_shows_the_help_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_main([], capsys)
     assert (status, out) == (2, "")
@@ -78,6 +116,9 @@ GOOD = ["user1", "127.0.0.1", "8001", "9001"]
         (["serve", "--bogus"], "No such option: --bogus"),
         (["serve", "--mailbox-limit", "0"], "--mailbox-limit must be from 1 to"),
         (["serve", "--mailbox-limit", "-5"], "--mailbox-limit must be from 1 to"),
+        (["serve", "--rate-limit", "-1"], "--rate-limit must be from 0 (no limit) to"),
+        (["serve", "--join-limit", "99999999999"], "--join-limit must be from 0 (no limit)"),
+        (["serve", "--join-limit", "many"], "--join-limit"),
         (["serve", "--host", "127.0.0.\udcff"], "--host must be an IPv4 address"),
         (["join", "user1", "\udcff", "8001", "9001"], "SERVER_IP must be an IPv4 address"),
         (["join"], "Missing argument 'NAME'"),
@@ -111,6 +152,8 @@ GOOD = ["user1", "127.0.0.1", "8001", "9001"]
         # the seed's spelling, with bad values
         (["-s", "80"], "PORT must be a whole number from 1024 to 65535"),
         (["-s", "8001", "8002"], "unexpected extra argument"),
+        (["-s"], "-s needs a PORT, as in: chatapp -s 8001"),
+        (["-s", "--db", ":memory:"], "-s needs a PORT"),
         (["-c"], "Missing argument 'NAME'"),
         (["-c", "user1", "10.150.0.2", "8001"], "Missing argument 'CLIENT_PORT'"),
         (["-c", "user 1", "10.150.0.2", "8001", "9001"], "NAME must be"),

@@ -109,3 +109,22 @@ def test_fingerprints_and_safety_numbers_read_aloud() -> None:
 def test_an_identity_never_shows_its_seed() -> None:
     alice = Identity(SEED)
     assert SEED.hex() not in repr(alice) and str(SEED) not in repr(alice)
+
+
+def test_a_session_counter_far_ahead_moves_the_window_without_a_giant_integer() -> None:
+    """A sender that holds the key may jump its counter as far as 2**64 - 1: the window
+    is forgotten, not shifted by that many bits (which would build an integer of that
+    many bits, and stall the node). Older counters are then too old; newer ones pass."""
+    from chatapp.protocol.sealing import TO_SERVER, Replayed, Session
+    from chatapp.wire import Ack
+
+    sender, receiver = Session(b"s" * 8, b"k" * 32), Session(b"s" * 8, b"k" * 32)
+    assert receiver.open(TO_SERVER, sender.seal(TO_SERVER, Ack("a"))) == Ack("a")
+    for jump in (2**40, 2**63, 2**64 - 3):
+        sender.sent = jump
+        assert receiver.open(TO_SERVER, sender.seal(TO_SERVER, Ack("b"))) == Ack("b")
+    older = Session(b"s" * 8, b"k" * 32)
+    older.sent = 2**40
+    with pytest.raises(Replayed):
+        receiver.open(TO_SERVER, older.seal(TO_SERVER, Ack("c")))
+    assert receiver.open(TO_SERVER, sender.seal(TO_SERVER, Ack("d"))) == Ack("d")

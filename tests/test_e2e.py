@@ -160,14 +160,18 @@ def start_server(start: Start, port: int, *options: str) -> Terminal:
     return server
 
 
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING) (.*)")
+
+
+def log_entries(server: Terminal) -> list[tuple[str, str]]:
+    """The server's log entries (level, text), each checked to be one timestamped line."""
+    matches = [LOG_LINE.fullmatch(line) for line in server.screen() if line]
+    assert all(matches), server.screen()
+    return [(m.group(1), m.group(2)) for m in matches if m]
 
 
 def log_events(server: Terminal) -> list[str]:
-    """The server's log entries, each checked to be one timestamped line."""
-    lines = [line for line in server.screen() if line]
-    assert all(re.match(STAMP, line) for line in lines), lines
-    return [line[20:] for line in lines]
+    return [text for _, text in log_entries(server)]
 
 
 def quiet_events(server: Terminal) -> list[str]:
@@ -582,7 +586,12 @@ def test_bad_commands_get_a_line_and_the_client_keeps_working(start: Start) -> N
     client = join(start, "user1", server_port, port, seed_spelling=False)
     client.shows(TABLE)
     for command, answer in (
-        ("hello", r"\[Unknown command 'hello'\. Type help for the commands\.\]"),
+        (
+            "hello",
+            r"\[Unknown command 'hello'\. Did you mean 'help'\? Type help for the commands\.\]",
+        ),
+        ("xyzzy", r"\[Unknown command 'xyzzy'\. Type help for the commands\.\]"),
+        ("help send_all", r"\[send_all MESSAGE: a channel message to every other client.*\]"),
         ("send", r"\[Usage: send NAME MESSAGE\]"),
         ("send nobody hi", r"\[Unknown user nobody: .*\]"),
         ("dereg someone", r"\[You can only deregister yourself \(user1\)\.\]"),
@@ -617,57 +626,140 @@ def read_until(stream: IO[bytes], marker: bytes, seen: bytearray) -> None:
         seen += chunk
 
 
-def test_long_lines_from_a_pipe_get_a_clear_line(env: dict[str, str]) -> None:
-    """A terminal cuts lines at about 4 KB; input from a pipe or a file is not cut."""
-    server_port, port = free_udp_ports(2)
-    processes: list[subprocess.Popen[bytes]] = []
+class Piped:
+    """``chatapp`` processes with stdin, stdout and stderr all pipes (a script, not a person)."""
 
-    def run(*args: str) -> subprocess.Popen[bytes]:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def run(self, *args: str) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [*chatapp_command(), *args],
-            env=env,
+            env=self.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        processes.append(process)
+        self.processes.append(process)
         return process
 
-    try:
-        server = run(*serve_args(server_port))
-        assert server.stdout is not None
-        read_until(server.stdout, b"listening on UDP", bytearray())  # serving: start the client
-        client = run(*join_args("user1", server_port, port))
-        assert client.stdin is not None and client.stdout is not None
-        out = bytearray()
-        read_until(client.stdout, TABLE.encode(), out)
-        lines = [
-            "send user1 " + "é" * 5000,  # too long for one datagram
-            "send user1 " + "y" * 100_000,  # too long to read as one line
-            "send user1 after",
-        ]
-        client.stdin.write("".join(line + "\n" for line in lines).encode())
-        client.stdin.flush()
-        read_until(client.stdout, b"[Message has been received by user1.]", out)
-        client.stdin.close()  # end of input: the client leaves quietly
-        assert client.wait(TIMEOUT) == 0
+    def serve(self, port: int) -> subprocess.Popen[bytes]:
+        server = self.run(*serve_args(port))
+        assert server.stderr is not None
+        read_until(server.stderr, b"listening on UDP", bytearray())  # serving: go on
+        return server
+
+    def stop_server(self, server: subprocess.Popen[bytes]) -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait(TIMEOUT) == 0
-        text = (out + client.stdout.read()).decode()
-        assert "[Message too long: 10000 bytes, the limit is " in text
-        assert "[Could not read that line: the line is longer than 65536 bytes." in text
-        assert "user1 : after" in text
-        for process in processes:
-            assert process.stderr is not None and process.stderr.read() == b""
-    finally:
-        for process in processes:
+        assert server.stderr is not None
+        log = server.stderr.read().decode()
+        entries = [LOG_LINE.fullmatch(line) for line in log.splitlines()]
+        assert all(entries) and not [e for e in entries if e and e.group(1) == "WARNING"], log
+
+    def close(self) -> None:
+        for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream is not None:
                     stream.close()
+
+
+@pytest.fixture
+def piped(env: dict[str, str]) -> Iterator[Piped]:
+    processes = Piped(env)
+    yield processes
+    processes.close()
+
+
+def test_long_lines_from_a_pipe_get_a_clear_line(piped: Piped) -> None:
+    """A terminal cuts lines at about 4 KB; input from a pipe or a file is not cut."""
+    server_port, port = free_udp_ports(2)
+    server = piped.serve(server_port)
+    client = piped.run(*join_args("user1", server_port, port))
+    assert client.stdin is not None and client.stdout is not None and client.stderr is not None
+    out = bytearray()
+    read_until(client.stdout, TABLE.encode(), out)
+    lines = [
+        "send user1 " + "é" * 5000,  # too long for one datagram
+        "send user1 " + "y" * 100_000,  # too long to read as one line
+        "send user1 after",
+    ]
+    client.stdin.write("".join(line + "\n" for line in lines).encode())
+    client.stdin.flush()
+    read_until(client.stdout, b"[Message has been received by user1.]", out)
+    client.stdin.close()  # end of input: the client leaves quietly
+    assert client.wait(TIMEOUT) == 0
+    piped.stop_server(server)
+    text = (out + client.stdout.read()).decode()
+    assert "[Message too long: 10000 bytes, the limit is " in text
+    assert "[Could not read that line: the line is longer than 65536 bytes." in text
+    assert "user1 : after" in text
+    assert client.stderr.read() == b""
+
+
+def test_a_whole_script_from_a_pipe_gets_plain_lines(piped: Piped) -> None:
+    """A script piped in at once: every answer is a line of its own, word for word,
+    with no prompts (nobody reads them), and the client leaves cleanly at the end."""
+    server_port, x_port, y_port = free_udp_ports(3)
+    server = piped.serve(server_port)
+    y = piped.run(*join_args("user2", server_port, y_port))
+    assert y.stdin and y.stdout
+    y_out = bytearray()
+    read_until(y.stdout, TABLE.encode(), y_out)
+    x = piped.run(*join_args("user1", server_port, x_port))
+    assert x.stdin and x.stdout and x.stderr
+    x_out = bytearray()
+    read_until(x.stdout, TABLE.encode(), x_out)
+    read_until(y.stdout, TABLE.encode() + b"\n" + TABLE.encode(), y_out)
+    script = ["send user2 hello nice to meet you.", "send_all hello guys", "help reg"]
+    x.stdin.write("".join(line + "\n" for line in script).encode())
+    x.stdin.flush()
+    # `exit` does not wait yet for the answers to requests in flight: wait for them here
+    read_until(x.stdout, b"[Message received by the server.]\n", x_out)
+    read_until(x.stdout, b"[Message has been received by user2.]\n", x_out)
+    x.stdin.write(b"exit\n")
+    x.stdin.close()
+    assert x.wait(TIMEOUT) == 0
+    read_until(y.stdout, b"Channel_Message user1 : hello guys\n", y_out)
+    x_lines = (x_out + x.stdout.read()).decode().splitlines()
+    answers = [  # in the order they came: the help at once, the two ACKs in either order
+        "[Message has been received by user2.]",
+        "[Message received by the server.]",
+        "[reg NAME: come back online after dereg, and receive what was stored for you.]",
+    ]
+    assert x_lines[0] == TABLE and x_lines[-1] == "[Exiting]", x_lines
+    assert sorted(x_lines[1:-1]) == sorted(answers), x_lines
+    assert y_out.decode().splitlines() == [
+        TABLE,
+        TABLE,
+        "user1 : hello nice to meet you.",
+        "Channel_Message user1 : hello guys",
+    ]
+    assert x.stderr.read() == b""
+    y.stdin.close()
+    assert y.wait(TIMEOUT) == 0
+    piped.stop_server(server)
+
+
+def test_input_left_after_the_client_exits_is_not_an_error(piped: Piped) -> None:
+    """Lines still coming when the client has left (`exit`, then more) have nowhere to
+    go: the client exits 0, not with an internal error."""
+    server_port, port = free_udp_ports(2)
+    server = piped.serve(server_port)
+    client = piped.run(*join_args("user1", server_port, port))
+    assert client.stdin and client.stdout and client.stderr
+    read_until(client.stdout, TABLE.encode(), bytearray())
+    with contextlib.suppress(BrokenPipeError):
+        client.stdin.write(b"exit\n" + b"help\n" * 20_000)
+        client.stdin.flush()
+    assert client.wait(TIMEOUT) == 0
+    assert client.stderr.read() == b""
+    piped.stop_server(server)
 
 
 def test_a_port_in_use_gets_one_line_and_status_1_and_sigterm_stops_the_server(

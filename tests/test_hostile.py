@@ -410,13 +410,14 @@ async def test_replayed_datagrams_change_nothing(autojump_clock: trio.testing.Mo
 
 
 def test_a_flood_of_warnings_is_rate_limited() -> None:
+    import logging
     from io import StringIO
 
-    from chatapp.node import LogSink
+    from chatapp.logs import LogSink
 
     clock = [0.0]
     out = StringIO()
-    log = LogSink(out, now=lambda: clock[0])
+    log = LogSink("chatapp.test.flood", now=lambda: clock[0], handler=logging.StreamHandler(out))
     for _ in range(10_000):  # one second's flood
         clock[0] += 0.0001
         log(Log("dropped a bad datagram", "warning"))
@@ -424,6 +425,29 @@ def test_a_flood_of_warnings_is_rate_limited() -> None:
     clock[0] += 10
     log(Log("dropped a bad datagram", "warning"))
     assert "suppressed" in out.getvalue().splitlines()[-1]
+
+
+def test_log_lines_have_a_time_and_a_level_and_respect_the_threshold() -> None:
+    import logging
+    import re
+    from io import StringIO
+
+    from chatapp.logs import LogSink
+
+    out = StringIO()
+    log = LogSink("chatapp.test.levels", level="info", handler=logging.StreamHandler(out))
+    log(Log("registered user1 at 127.0.0.1:9001"))
+    log(Log("table version 1 sent to 1 clients", "debug"))  # below the threshold
+    log(Log("dropped a bad datagram: 100% garbage", "warning"))  # a % is not a format
+    lines = out.getvalue().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert len(lines) == 2, lines
+    assert re.fullmatch(stamp + " INFO registered user1 at 127.0.0.1:9001", lines[0])
+    assert re.fullmatch(stamp + " WARNING dropped a bad datagram: 100% garbage", lines[1])
+    quiet = StringIO()
+    off = LogSink("chatapp.test.off", level="off", handler=logging.StreamHandler(quiet))
+    off(Log("anything", "warning"))
+    assert quiet.getvalue() == ""
 
 
 # --- real processes over real UDP ----------------------------------------------------------
@@ -522,7 +546,7 @@ def test_garbage_over_real_udp_never_stops_the_server_or_a_client(tmp_path: Path
     for proc in procs:
         assert "Traceback" not in proc.output, proc.output
     dropped = [line for line in server.lines() if "dropped" in line or "refused" in line]
-    # Warnings are let through at 5 a second after a burst of 5 (chatapp.node.LogSink),
+    # Warnings are let through at 5 a second after a burst of 5 (chatapp.logs),
     # so the bound grows with how long the server ran; a few refusals are not warnings.
     limit = 40 + 5 * running
     assert 1 <= len(dropped) <= limit, f"{len(dropped)} log lines for {len(flood)} bad datagrams"

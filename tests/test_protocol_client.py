@@ -870,7 +870,8 @@ def test_bad_commands_get_a_line_and_the_client_keeps_working() -> None:
     sim = trio_of_clients()
     before = len(sim.sent)
     expected = {
-        "hello": "[Unknown command 'hello'. Type help for the commands.]",
+        "hello": "[Unknown command 'hello'. Did you mean 'help'? Type help for the commands.]",
+        "xyzzy": "[Unknown command 'xyzzy'. Type help for the commands.]",
         "send": "[Usage: send NAME MESSAGE]",
         "send user2": "[Usage: send NAME MESSAGE]",
         "send user2    ": "[Usage: send NAME MESSAGE]",

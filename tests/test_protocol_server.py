@@ -12,10 +12,14 @@ import sys
 import types
 
 import pytest
+import test_clean_ends
+import test_durability
+import test_input_line
 import test_protocol_client
 import test_protocol_stream
 import test_protocol_trust
 import test_statefiles
+import test_terminal
 import test_virtual
 from _harness import first_only
 from _sim import (
@@ -943,7 +947,7 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         "test_control_characters_from_the_network_cannot_fake_screen_lines",
         ("hi\n[Client Table Updated]\x1b[2J",),
     ),
-    "PROMPT": ("test_a_client_node_on_a_terminal", ()),
+    "PROMPT": ("test_a_half_typed_line_survives_an_incoming_message", ()),
     "TABLE_UPDATED": ("test_join_shows_table_updated_and_keeps_the_whole_table", ()),
     "YOU_ARE_OFFLINE": ("test_dereg_goes_offline_and_the_others_get_the_table", ()),
     "YOU_HAVE_MESSAGE": ("test_reg_shows_stored_messages_oldest_first_interleaved", ()),
@@ -992,7 +996,10 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         (),
     ),
     "EMPTY_TABLE": ("test_help_and_table", ()),
-    "unknown_command": ("test_bad_commands_get_a_line_and_the_client_keeps_working", ("hello",)),
+    "unknown_command": (
+        "test_bad_commands_get_a_line_and_the_client_keeps_working",
+        ("hello", "help"),
+    ),
     "usage": (
         "test_bad_commands_get_a_line_and_the_client_keeps_working",
         ("send NAME MESSAGE",),
@@ -1060,7 +1067,17 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
             ],
         ),
     ),
-    "bad_input": ("test_a_client_node_on_a_terminal", ("not UTF-8",)),
+    "bad_input": ("test_a_client_node_writing_plain_lines", ("not UTF-8",)),
+    "no_help": ("test_help_explains_one_command", ("sned", "send")),
+    "CUT_BY_TERMINAL": ("test_a_line_the_terminal_may_have_cut_is_not_sent", ()),
+    "trace_stopped": (
+        "test_a_trace_on_a_full_disk_gets_one_line_and_the_chat_goes_on",
+        ("No space left on device",),
+    ),
+    "CANNOT_STORE": (
+        "test_while_the_database_fails_no_one_is_told_done_and_nothing_half_happens",
+        (),
+    ),
 }
 
 #: The modules whose tests SCREEN_COVERAGE names.
@@ -1070,6 +1087,10 @@ _COVERING_MODULES = (
     test_protocol_trust,
     test_statefiles,
     test_virtual,
+    test_terminal,
+    test_input_line,
+    test_durability,
+    test_clean_ends,
 )
 
 

@@ -495,12 +495,12 @@ def test_installed_command_checks_a_running_server_black_box(tmp_path: Path) -> 
             "--db",
             ":memory:",
         ],
-        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # its log
         env={**os.environ, "CHATAPP_TRACE": ""},
     )
     try:
-        assert server.stdout is not None
-        assert b"listening" in server.stdout.readline()  # bound: the clients may start
+        assert server.stderr is not None
+        assert b"listening" in server.stderr.readline()  # bound: the clients may start
         installed = Path(sys.executable).with_name("chat-replay")
         command = [str(installed)]
         if not installed.exists():
@@ -515,8 +515,8 @@ def test_installed_command_checks_a_running_server_black_box(tmp_path: Path) -> 
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=10)
-        if server.stdout is not None:
-            server.stdout.close()
+        if server.stderr is not None:
+            server.stderr.close()
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS: server behaved as recorded" in result.stdout
 

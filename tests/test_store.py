@@ -22,6 +22,7 @@ from chatapp.protocol.changes import (
     Presence,
 )
 from chatapp.sqlite_store import (
+    APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
     SqliteStore,
@@ -189,6 +190,7 @@ def test_a_database_from_a_newer_chatapp_is_refused_with_one_line(tmp_path: Path
     path = tmp_path / "new.sqlite3"
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")  # a later chatapp's file
     db.commit()
     db.close()
     with pytest.raises(StartupError, match=f"schema version {SCHEMA_VERSION + 1}") as caught:

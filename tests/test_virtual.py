@@ -27,9 +27,10 @@ from _harness import first_only
 from chatapp import screen
 from chatapp.launch import ClientOptions, ServerOptions, run_node
 from chatapp.net import Endpoint
-from chatapp.node import Input, TerminalScreen
+from chatapp.node import Input
 from chatapp.protocol.inputs import BadInput, Signal
 from chatapp.protocol.server import ServerProtocol
+from chatapp.terminal import PlainScreen
 from chatapp.testing import (
     SEED_LINES,
     SEED_SCREENS,
@@ -585,7 +586,7 @@ async def test_a_lossy_network_loses_nothing_and_shows_nothing_twice(
 # --- the node itself: the terminal, bad input, exits --------------------------------------
 
 
-async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_client_node_writing_plain_lines(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
     out = io.StringIO()
     server = ServerOptions(8001, host="127.0.0.1", db=":memory:")
@@ -594,7 +595,7 @@ async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockCloc
     async with trio.open_nursery() as nursery:
         server_node = await nursery.start(partial(run_node, server, network=network))
         client_node = await nursery.start(
-            partial(run_node, client, network=network, screen=TerminalScreen(out), inputs=inputs)
+            partial(run_node, client, network=network, screen=PlainScreen(out), inputs=inputs)
         )
         await trio.sleep(1)
         await send_input.send(BadInput("not UTF-8"))
@@ -605,13 +606,14 @@ async def test_a_client_node_on_a_terminal(autojump_clock: trio.testing.MockCloc
         await trio.sleep(1)
         assert client_node.exit_status == 0
         server_node.stop()
+    # what a pipe or a file gets: the lines, without prompts
     assert out.getvalue() == (
-        ">>> [Client Table Updated]\n"
-        ">>> >>> [Could not read that line: not UTF-8. Nothing was sent.]\n"
-        ">>> >>> [Unknown command 'bogus'. Type help for the commands.]\n"
-        ">>> >>> user1 : hi\n"
-        ">>> [Message has been received by user1.]\n"
-        ">>> Caught keyboard interrupt. Exiting\n"
+        "[Client Table Updated]\n"
+        "[Could not read that line: not UTF-8. Nothing was sent.]\n"
+        "[Unknown command 'bogus'. Type help for the commands.]\n"
+        "user1 : hi\n"
+        "[Message has been received by user1.]\n"
+        "Caught keyboard interrupt. Exiting\n"
     )
 
 

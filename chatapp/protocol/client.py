@@ -12,6 +12,7 @@ module holds the commands, the answers and the table of handlers;
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from typing import ClassVar
@@ -95,6 +96,7 @@ class ClientProtocol(ClientDelivery):
             marks=marks if marks is not None else {}, timers=timers, pins_file=pins_file,
         )  # fmt: skip
         self._deliveries_shown = SeenIds(capacity=1024)
+        self._marks_moved = []
         self._table_version = (-1, -1)
         self._table_parts = {}
 
@@ -132,7 +134,7 @@ class ClientProtocol(ClientDelivery):
         word, _, rest = line.partition(" ")
         handler = self._command_handlers.get(word)
         if handler is None:
-            return [Show(screen.unknown_command(word))]
+            return [Show(screen.unknown_command(word, nearest_command(word)))]
         return handler(self, rest.strip(), now)
 
     # --- commands ---------------------------------------------------------------------
@@ -206,7 +208,12 @@ class ClientProtocol(ClientDelivery):
         ]
 
     def _cmd_help(self, rest: str, now: float) -> list[Effect]:
-        return [Show(screen.HELP)]
+        if not rest:
+            return [Show(screen.HELP)]
+        word = rest.split()[0]
+        if word in screen.COMMAND_HELP:
+            return [Show(screen.COMMAND_HELP[word])]
+        return [Show(screen.no_help(word, nearest_command(word)))]
 
     def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
         return self._exit(0, screen.EXITING)
@@ -302,6 +309,8 @@ class ClientProtocol(ClientDelivery):
         return self._send_direct(answer.entry, waiting.text, now)
 
     def _refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        if answer.cause == "storage":  # the database failed: nothing was done
+            return [Show(screen.CANNOT_STORE)]
         return [Show(screen.request_refused(answer.reason))]
 
     # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------
@@ -370,3 +379,13 @@ def _largest_datagram(text: str, sender: str, to: str) -> int:
     save = SaveMessage(msg_id, to, b"s" * peer)
     sizes = [len(encode(Mailbox(msg_id, msg_id, [item]))) for item in (direct, channel)]
     return SESSION_OVERHEAD + max(*sizes, len(encode(save)))
+
+
+#: The commands typed at the client's prompt (for completion and suggestions).
+COMMANDS: tuple[str, ...] = tuple(ClientProtocol._command_handlers)
+
+
+def nearest_command(word: str) -> str | None:
+    """The command ``word`` was most likely meant to be (a typo), if any is close."""
+    matches = difflib.get_close_matches(word, COMMANDS, n=1)
+    return matches[0] if matches else None

@@ -99,6 +99,7 @@ class ClientCore(Machine[Waiting]):
         self._offered: bytes | None = None  # a different key than the pinned one, offered
         self._marks = marks  # server key -> origin -> the highest stored n shown
         self._seen = SeenIds()  # (sender, id) of every message shown
+        self._pinned_now: bytes | None = None  # pinned since the checkpoint (not yet on disk)
 
     def _peer_key(self, name: str) -> bytes | None:
         entry = self.table.get(name)
@@ -196,7 +197,7 @@ class ClientCore(Machine[Waiting]):
         effects: list[Effect] = []
         if self.pinned is None and self.codec.server_key is not None:
             # Trust on first use: the registered answer proved the key; pinned now.
-            self.pinned = self.codec.server_key
+            self.pinned = self._pinned_now = self.codec.server_key
             log = Log(
                 f"pinned the key of the server {fmt_addr(self.server)}: {fingerprint(self.pinned)}"
             )
@@ -217,6 +218,13 @@ class ClientCore(Machine[Waiting]):
         return effects
 
     def _join_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
+        if answer.cause == "storage" and self.rekeying:
+            # Registering again, silently: the old session stays; the server's next rekey
+            # (it answers the old session with one) makes this client try again.
+            self.rekeying = False
+            return [Log("the server could not store the new session: tried again later")]
+        if answer.cause == "storage":  # the server's database failed: nothing was done
+            return self._exit(1, screen.CANNOT_STORE, screen.EXITING)
         return self._exit(1, screen.refused(answer.reason))
 
     def _hello_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:

@@ -45,6 +45,37 @@ class ClientDelivery(ClientCore):
     _deliveries_shown: SeenIds
     _table_version: tuple[int, int]
     _table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]]
+    #: (server key, origin, the mark before) of each mark moved since the checkpoint
+    _marks_moved: list[tuple[bytes, str, int | None]]
+
+    # --- rolling back what its state file did not take ----------------------------------
+
+    def checkpoint(self) -> None:
+        super().checkpoint()
+        self._seen.checkpoint()
+        self._deliveries_shown.checkpoint()
+        self._marks_moved.clear()
+        self._pinned_now = None
+
+    def rollback(self, now: float) -> list[Effect]:
+        """The state files did not take the changes: nothing that followed them was shown
+        or sent. The marks of a delivery go back, and what it would have shown is new
+        again, to be shown when the server sends it again; a server key pinned since is
+        not pinned (the next registration pins it)."""
+        self._end_waits_since_checkpoint()
+        if self._pinned_now is not None and self.pinned == self._pinned_now:
+            self.pinned = self._pinned_now = None
+        for key, origin, before in reversed(self._marks_moved):
+            marks = self._marks.setdefault(key, {})
+            if before is None:
+                marks.pop(origin, None)
+            else:
+                marks[origin] = before
+        self._marks_moved.clear()
+        self._seen.forget_since_checkpoint()
+        self._deliveries_shown.forget_since_checkpoint()
+        why = "the state files could not be written: nothing that needed them shown or sent"
+        return [Log(why, "warning")]
 
     def _ack_server(self, msg_id: str) -> Send:
         return self._to_server(Ack(msg_id))
@@ -171,9 +202,11 @@ class ClientDelivery(ClientCore):
 
     def _advance_mark(self, seq: Seq) -> bool:
         """Whether ``seq`` is past what was shown (and it is now the mark)."""
-        marks = self._marks.setdefault(self.pinned or b"", {})
+        key = self.pinned or b""
+        marks = self._marks.setdefault(key, {})
         if seq.n <= marks.get(seq.origin, 0):
             return False
+        self._marks_moved.append((key, seq.origin, marks.get(seq.origin)))
         marks[seq.origin] = seq.n
         return True
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -41,6 +41,9 @@ class Log:
 
     text: str
     level: str = "info"  # "info" | "debug" | "warning"
+    #: Limited at its source already (a summary at most once a second): the log's own
+    #: limit on warnings, which would hide it in the flood it sums up, does not apply.
+    summary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,7 @@ class SeenIds:
     def __init__(self, capacity: int = 65536) -> None:
         self._ids: OrderedDict[Hashable, None] = OrderedDict()
         self._capacity = capacity
+        self._since_checkpoint: list[Hashable] = []
 
     def add(self, msg_id: Hashable) -> bool:
         """Remember ``msg_id``; True if it is new."""
@@ -118,9 +122,20 @@ class SeenIds:
             self._ids.move_to_end(msg_id)
             return False
         self._ids[msg_id] = None
+        self._since_checkpoint.append(msg_id)
         if len(self._ids) > self._capacity:
             self._ids.popitem(last=False)
         return True
+
+    def checkpoint(self) -> None:
+        """What was added so far stands (it was shown)."""
+        self._since_checkpoint.clear()
+
+    def forget_since_checkpoint(self) -> None:
+        """What was added since the last checkpoint was never shown: it is new again."""
+        for msg_id in self._since_checkpoint:
+            self._ids.pop(msg_id, None)
+        self._since_checkpoint.clear()
 
     def __contains__(self, msg_id: Hashable) -> bool:
         return msg_id in self._ids
@@ -134,6 +149,7 @@ class RecentAnswers:
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
         self._answers: OrderedDict[tuple[Hashable, str], list[Send] | None] = OrderedDict()
+        self._since_checkpoint: list[tuple[Hashable, str]] = []
 
     def lookup(self, key: tuple[Hashable, str]) -> tuple[bool, list[Send] | None]:
         if key in self._answers:
@@ -146,8 +162,33 @@ class RecentAnswers:
     def remember(self, key: tuple[Hashable, str], answer: list[Send] | None) -> None:
         self._answers[key] = answer
         self._answers.move_to_end(key)
+        self._since_checkpoint.append(key)
         if len(self._answers) > self.capacity:
             self._answers.popitem(last=False)
+
+    def checkpoint(self) -> None:
+        """What was remembered so far stands (its changes were committed)."""
+        self._since_checkpoint.clear()
+
+    def forget_since_checkpoint(
+        self, refusal: Callable[[tuple[Hashable, str], list[Send]], Send | None]
+    ) -> list[Send]:
+        """The changes of what was remembered since the last checkpoint were not committed,
+        and its answers were held back: what to send now. ``refusal(key, answer)`` says
+        whether an answer stands (None: sent, and still remembered) or is replaced by a
+        refusal (the request is forgotten, so that a retry is tried again). A request still
+        being worked on is forgotten."""
+        instead: list[Send] = []
+        for key in dict.fromkeys(self._since_checkpoint):
+            answer = self._answers.get(key)
+            refused = refusal(key, answer) if answer else None
+            if answer and refused is None:
+                instead += answer
+            else:
+                self._answers.pop(key, None)
+                instead += [refused] if refused else []
+        self._since_checkpoint.clear()
+        return instead
 
 
 # --- retries ------------------------------------------------------------------------

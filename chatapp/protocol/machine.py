@@ -50,6 +50,10 @@ class Machine(Generic[W]):
     def __init__(self, timers: Timers) -> None:
         self.timers = timers
         self._retry: RetryQueue[W] = RetryQueue()
+        #: Datagrams dropped because they did not decode (the log lines about them are
+        #: rate-limited; this count is not).
+        self.undecodable = 0
+        self._started: list[Hashable] = []  # waits started since the last checkpoint
 
     def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
         raise NotImplementedError
@@ -60,9 +64,14 @@ class Machine(Generic[W]):
         try:
             message, sender = self.codec.decode(data, addr)
         except WireError as exc:
+            self.undecodable += not isinstance(exc, Replayed)  # a copy is no bad datagram
             return [Received(None, str(exc)), *self._undecodable(exc, addr, now)]
-        except Exception as exc:  # decoding is total: no datagram may stop a node
-            error = WireError(f"undecodable ({type(exc).__name__})")
+        except Exception as exc:
+            # Decoding is total: whatever the bytes (and whatever a codec's own checks
+            # miss: a limit such as RecursionError or MemoryError, a bug), the datagram is
+            # dropped here and nothing else happens.
+            self.undecodable += 1
+            error = WireError(_unexpected(exc))
             return [Received(None, str(error)), bad_datagram(addr, error)]
         effects: list[Effect] = [Received(message)]
         effects += self.handle_message(message, sender, now)
@@ -76,12 +85,25 @@ class Machine(Generic[W]):
     def next_deadline(self) -> float | None:
         return self._retry.next_deadline()
 
+    def checkpoint(self) -> None:
+        """Everything handled so far stands: the runtime carried out its effects (and
+        committed its changes). A rollback goes back to here. A runtime calls it after the
+        effects of each handling (or of a group of them); until then the machine keeps a
+        note of what a rollback would undo."""
+        self._started.clear()
+
+    def _end_waits_since_checkpoint(self) -> None:
+        for key in self._started:
+            self._retry.end(key)
+        self._started.clear()
+
     # --- pending requests -------------------------------------------------------------
 
     def _wait(self, key: Hashable, effect: Send, now: float, waiting: W) -> Send:
         """Send ``effect`` and wait for its answer, as ``waiting``'s row says."""
         rule = waiting.kind.rule
         tries, timeout = rule.tries_for(self.timers), rule.timeout_for(self.timers)
+        self._started.append(key)
         return self._retry.start(key, effect, now, waiting, tries=tries, timeout=timeout)
 
     def _answered(
@@ -127,3 +149,7 @@ class Machine(Generic[W]):
     def _may_give_up(self, pending: Pending[W]) -> bool:
         """Whether a wait that ran out still matters (a machine that exited: no)."""
         return True
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"undecodable ({type(exc).__name__}: {exc})"[:200]

@@ -65,6 +65,13 @@ class Mailboxes:
     def count(self, recipient: str) -> int:
         return len(self.boxes.get(recipient, ()))
 
+    def reload(self, boxes: dict[str, list[StoredItem]], *, delivering: set[str]) -> None:
+        """The messages as ``boxes`` have them (the database's); a delivery goes on only to
+        the recipients ``delivering`` names (a batch of theirs is still waited on). The
+        counter stays where it is: it never goes back."""
+        self.restore(boxes)
+        self.flights = {name: f for name, f in self.flights.items() if name in delivering}
+
     def is_full(self, recipient: str) -> bool:
         return self.count(recipient) >= self.limit
 

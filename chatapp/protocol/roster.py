@@ -17,11 +17,29 @@ class Roster:
         self._by_addr: dict[Address, str] = {}  # the client registered last at each address
         self.version = 0
         self.changed = False  # changed since the last table was made
+        self.latest: list[TableEntry] = []  # the entries of the newest table
+        self._settled: tuple[int, list[TableEntry], bool] = (0, [], False)
 
     def restore(self, records: Iterable[ClientRecord]) -> None:
         for record in records:
             self.clients[record.name] = record
             self._by_addr[record.addr] = record.name
+
+    def checkpoint(self) -> None:
+        """The tables made so far went out."""
+        self._settled = (self.version, self.latest, self.changed)
+
+    def reload(self, records: Iterable[ClientRecord]) -> None:
+        """Every record as ``records`` have them (the database's); the tables made since
+        the checkpoint never went out, and a new one is made only if the clients' last
+        table is not the database's."""
+        self.version, self.latest, changed = self._settled
+        self.clients, self._by_addr = {}, {}
+        self.restore(records)
+        self.changed = changed or self._entries() != self.latest
+
+    def _entries(self) -> list[TableEntry]:
+        return [record.entry() for record in sorted(self.clients.values(), key=_by_name)]
 
     def name_at(self, addr: Address) -> str | None:
         return self._by_addr.get(addr)
@@ -51,8 +69,8 @@ class Roster:
             return None
         self.changed = False
         self.version += 1
-        entries = [record.entry() for record in sorted(self.clients.values(), key=_by_name)]
-        return split(entries)
+        self.latest = self._entries()
+        return split(self.latest)
 
 
 def _by_name(record: ClientRecord) -> str:

@@ -130,7 +130,10 @@ class Session:
     def _remember(self, counter: int) -> None:
         if counter > self._highest:
             shift = counter - self._highest
-            self._seen = ((self._seen << shift) | 1) & ((1 << self.WINDOW) - 1)
+            # A jump past the window forgets it: shifted, a counter 2**40 ahead would
+            # make an integer of 2**40 bits (a sender with the key could stall the node).
+            window = ((self._seen << shift) | 1) if shift < self.WINDOW else 1
+            self._seen = window & ((1 << self.WINDOW) - 1)
             self._highest = counter
         else:
             self._seen |= 1 << (self._highest - counter)
@@ -176,7 +179,9 @@ def decode_plain(data: bytes) -> Plain:
         plain: Plain = _plain_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None
-    except Exception as exc:  # RecursionError, MemoryError on hostile input
+    except RecursionError:  # as in ``chatapp.wire.decode``
+        raise WireError("JSON nested too deeply") from None
+    except Exception as exc:  # MemoryError on hostile input
         raise WireError(f"undecodable ({type(exc).__name__})") from None
     return plain
 
@@ -219,8 +224,13 @@ class PeerDatagram:
 
 def seal_peer(shared: bytes, nonce: bytes, sender: str, message: Message) -> bytes:
     """``message`` from ``sender`` in a peer datagram (``shared``: the pair's Box key)."""
+    return seal_peer_bytes(shared, nonce, sender, encode(message))
+
+
+def seal_peer_bytes(shared: bytes, nonce: bytes, sender: str, plaintext: bytes) -> bytes:
+    """``plaintext`` (an encoded message, or a fuzzer's bytes) in a peer datagram."""
     name = sender.encode("ascii")
-    sealed = sodium.crypto_box_easy_afternm(encode(message), nonce, shared)
+    sealed = sodium.crypto_box_easy_afternm(plaintext, nonce, shared)
     return bytes((PEER_KIND,)) + nonce + bytes((len(name),)) + name + sealed
 
 
@@ -247,6 +257,14 @@ def open_peer(datagram: PeerDatagram, shared: bytes) -> Message:
             f"a peer datagram that does not open with {datagram.sender}'s key"
         ) from None
     return decode(plaintext)
+
+
+def is_handshake(data: bytes) -> bool:
+    """Whether ``data`` is a handshake datagram (``hello``, ``register``, ...), judged by
+    its first byte alone, before anything is decoded: the only plaintext a node takes is
+    JSON that starts with ``{`` (no leading white space); a session datagram starts with
+    0x01 and a peer datagram with 0x02, whatever bytes follow."""
+    return data[:1] == b"{"
 
 
 def kind_of(data: bytes) -> str:

@@ -12,12 +12,12 @@ the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import ClassVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import ClassVar, Protocol
 
 from chatapp.protocol.changes import ClientRecord, ClientSaved, Presence
 from chatapp.protocol.codecs import Sender, Via
-from chatapp.protocol.common import Effect, Log, Pending, Send, Timers, dropped
+from chatapp.protocol.common import Effect, Exit, Log, Pending, Send, Timers, dropped
 from chatapp.protocol.crypto import (
     BOX_NONCE_BYTES,
     REGISTER_DOMAIN,
@@ -49,6 +49,7 @@ from chatapp.wire import (
     Registered,
     Rekey,
     Reregister,
+    Saved,
     SaveMessage,
     StoredItem,
     encode,
@@ -57,6 +58,18 @@ from chatapp.wire import (
 
 #: Seconds a cookie's time bucket lasts; a cookie is good in its bucket and the next.
 COOKIE_PERIOD = 30.0
+#: The reason given with a ``storage`` refusal.
+CANNOT_STORE = "the server cannot store anything right now (its database failed)."
+
+
+class Disk(Protocol):
+    """What the database holds (``chatapp.store.ServerDisk``), as a rollback reads it."""
+
+    key: bytes
+    origin: str
+    last_n: int
+    clients: list[ClientRecord]
+    mailbox: dict[str, list[StoredItem]]
 
 
 class ServerProtocol(ServerDelivery):
@@ -99,6 +112,75 @@ class ServerProtocol(ServerDelivery):
     def mailbox(self) -> dict[str, list[StoredItem]]:
         """The stored messages, by recipient, oldest first."""
         return {name: list(box.values()) for name, box in self.mailboxes.boxes.items()}
+
+    def checkpoint(self) -> None:
+        super().checkpoint()
+        self._recent.checkpoint()
+        self.roster.checkpoint()
+        self._registering.clear()
+
+    def rollback(self, disk: Disk, now: float) -> list[Effect]:
+        """The database did not take the changes made since the last checkpoint, and none
+        of their effects went out: forget them, go back to what ``disk`` (the database)
+        holds, and refuse every request that asked for a change (never "done"; a retry
+        is redone). What goes back: the records, with each name's binding to its key and
+        its session id; the sessions made since (forgotten); the stored messages; the
+        deliveries under way. The sequence counter does not go back (a number given and
+        lost is skipped, never given twice). A database that is not this server's any
+        more (another key, another origin) stops the server."""
+        if disk.key != self.identity.seed or disk.origin != self.mailboxes.origin:
+            why = "the database holds another server's key or counter now: stopping"
+            return [Log(why, "warning", summary=True), Exit(1)]
+        self._end_waits_since_checkpoint()
+        self._probes.clear()
+        self.roster.reload(disk.clients)
+        sids = {record.sid for record in self.clients.values()}
+        self.codec.sessions = {s: v for s, v in self.codec.sessions.items() if s in sids}
+        self._table_waits = {
+            name: [key for key in keys if key in self._retry]
+            for name, keys in self._table_waits.items()
+        }
+        flights = self.mailboxes.flights
+        delivering = {name for name, f in flights.items() if f.wait in self._retry}
+        self.mailboxes.reload(disk.mailbox, delivering=delivering)
+        self.mailboxes.last_n = max(self.mailboxes.last_n, disk.last_n)
+        answers = self._recent.forget_since_checkpoint(self._storage_refusal)
+        self._registering.clear()
+        refused = sum(
+            isinstance(send.message, Refused) and send.message.cause == "storage"
+            for send in answers
+        )
+        log = Log(f"rolled back to what the database holds; refused {refused} requests it needed")
+        # What is stored goes on to the recipients online (a batch whose ACK the database
+        # did not take comes again: the client ACKs it and shows nothing twice).
+        resumed = [e for r in self.clients.values() for e in self._start_stream(r, now)]
+        return [log, *answers, *self._flush_table(now), *resumed]
+
+    def _storage_refusal(self, key: tuple[Hashable, str], answer: list[Send]) -> Send | None:
+        """None if ``answer`` stands without the database (a refusal; a message delivered,
+        or stored by an earlier commit), else the refusal that replaces it: in the
+        client's session, or boxed to its key (a registration)."""
+        if all(self._stands(send.message, key) for send in answer):
+            return None
+        refusal = Refused(key[1], CANNOT_STORE, "storage")
+        who = key[0]
+        if isinstance(who, str):
+            record = self.clients.get(who)
+            return self._to_client(record, refusal) if record is not None else None
+        client_key = self._registering.get(key)
+        if client_key is None:
+            return None
+        nonce = self.entropy.token_bytes(BOX_NONCE_BYTES)
+        return Send(refusal, self.codec.box_answer(client_key, nonce, refusal), answer[0].addr)
+
+    def _stands(self, answer: Message, key: tuple[Hashable, str]) -> bool:
+        if isinstance(answer, Refused):
+            return True
+        if not isinstance(answer, Saved):
+            return False
+        # "stored" for a message the database holds (a relay cut short by this event)
+        stored = any(key in box for box in self.mailboxes.boxes.values())
+        return answer.outcome == "delivered" or stored
 
     def start(self, now: float) -> list[Effect]:
         """After a restart, ask every client that was online to register again: the
@@ -212,6 +294,7 @@ class ServerProtocol(ServerDelivery):
         nonce = self.entropy.token_bytes(BOX_NONCE_BYTES)
         registered = Send(granted, self.codec.box_answer(message.key, nonce, granted), addr)
         self._recent.remember((addr, message.id), [registered])
+        self._registering[(addr, message.id)] = message.key
         bound = "" if holder else f" (name bound to key {fingerprint(message.key)})"
         log = Log(f"registered {record.name} at {fmt_addr(addr)}{bound}")
         effects += [ClientSaved.of(record), log, registered]

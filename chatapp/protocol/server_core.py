@@ -91,6 +91,9 @@ class ServerCore(Machine[Waiting]):
         self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
         self._rekeys = TokenBucket(*REKEY_RATE)
         self._returning: set[str] = set()  # asked to rekey after a restart, not yet back
+        #: The keys of the clients whose registrations were answered since the checkpoint
+        #: (a refusal must be boxed to the key, should the commit fail).
+        self._registering: dict[Hashable, bytes] = {}
 
     @property
     def clients(self) -> dict[str, ClientRecord]:

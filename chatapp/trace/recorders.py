@@ -76,6 +76,10 @@ class Recorder(Protocol):
         """What a server read from its database before it started."""
         return None
 
+    def failure(self) -> str | None:
+        """Why recording stopped (a full disk, say), once it has; None while it goes on."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -254,13 +258,15 @@ class _FileWriter:
         self._pending: collections.deque[dict[str, Any] | bytes] = collections.deque()
         self._closing = threading.Event()
         self._closed = False
+        #: Why the file could not be written (then nothing more is kept or written).
+        self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name="chatapp-trace", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def __call__(self, record: dict[str, Any] | bytes) -> None:
         """Queue a record, or a line already encoded (``bytes``, ending in a newline)."""
-        if not self._closed:
+        if not self._closed and self.error is None:
             self._pending.append(record)
 
     def _run(self) -> None:
@@ -278,8 +284,12 @@ class _FileWriter:
             )
             try:
                 _write_all(self._fd, lines)
-            except OSError:
-                return  # a full disk must not stop the node; the trace just ends here
+            except OSError as exc:
+                # A full disk must not stop the node: the trace ends here, and the node
+                # says so (``failure``).
+                self.error = exc.strerror or str(exc)
+                pending.clear()
+                return
 
     def close(self) -> None:
         if self._closed:
@@ -316,6 +326,9 @@ class JsonlRecorder(TraceRecorder):
     @property
     def path(self) -> str:
         return self._writer.path
+
+    def failure(self) -> str | None:
+        return self._writer.error
 
     def close(self) -> None:
         super().close()

@@ -3,97 +3,133 @@ write JSON."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import traceback
-from typing import TextIO
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, NoReturn, TextIO
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from chatapp.typer_support import UsageError, WordsCommand, new_app, usage_error_line
+from chatapp.typer_support import version_option as _version_option
 
 from .benches import BENCHMARKS
-from .report import Figure, machine_info, render_table, unavailable, write_json
+from .report import Figure, machine_info, rich_table, unavailable, write_json
 from .sizes import FULL, QUICK, TINY
 
 PROG = "chatapp-bench"
+#: The table's width when stdout is not a terminal (a file keeps every column whole).
+FILE_WIDTH = 160
+
+app = new_app(
+    PROG,
+    "chatapp's benchmarks, each beside a baseline measured in the same run"
+    " (loopback only; every load is bounded in count and time).",
+    no_args_is_help=False,  # chatapp-bench alone is the full run
+)
 
 
-def _refuse(message: str) -> int:
+class Refused(Exception):
     """A bad argument or output file, said in one line before anything runs: status 2."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
 
 
-def _selected(only: str | None) -> list[str] | str:
-    """The benchmarks ``--only`` names, in order, or why they are refused."""
+def _selected(only: str | None) -> list[str]:
+    """The benchmarks ``--only`` names, in order."""
     if only is None:
         return list(BENCHMARKS)
     names = list(dict.fromkeys(name.strip() for name in only.split(",") if name.strip()))
     choices = ", ".join(BENCHMARKS)
     if not names:
-        return f"--only needs at least one benchmark name (choose from {choices})"
+        raise Refused(f"--only needs at least one benchmark name (choose from {choices})")
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
-        return f"--only: unknown benchmark {', '.join(unknown)} (choose from {choices})"
+        raise Refused(f"--only: unknown benchmark {', '.join(unknown)} (choose from {choices})")
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="chatapp's benchmarks, each beside a baseline measured in the same run"
-        " (loopback only; every load is bounded in count and time).",
-    )
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
-    size.add_argument(
-        "--tiny", action="store_true", help="a few seconds: only checks that every benchmark runs"
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    parser.add_argument(
-        "--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}"
-    )
-    args = parser.parse_args(argv)
-
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    names = _selected(args.only)
-    if isinstance(names, str):
-        return _refuse(names)
+@app.command(cls=WordsCommand)
+def run(
+    quick: Annotated[bool, typer.Option("--quick", help="A short run (under a minute).")] = False,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="A few seconds: only checks that every benchmark runs.")
+    ] = False,
+    json: Annotated[
+        str | None, typer.Option("--json", metavar="FILE", help="Also write the figures to FILE.")
+    ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only", metavar="NAMES", help=f"Comma-separated subset of: {', '.join(BENCHMARKS)}."
+        ),
+    ] = None,
+    version: Annotated[bool, _version_option(PROG)] = False,
+) -> int:
+    """Run chatapp's benchmarks, each beside a baseline measured in the same run."""
+    if quick and tiny:
+        raise Refused("--quick and --tiny cannot be used together")
+    names = _selected(only)
     # The output file is opened now, so that a path that cannot be written is said at once,
     # not after the whole run.
     try:
-        out = open(args.json, "w", encoding="utf-8") if args.json else None  # noqa: SIM115
+        out = open(json, "w", encoding="utf-8") if json else None  # noqa: SIM115
     except OSError as exc:
-        return _refuse(f"cannot write {args.json}: {exc.strerror or exc}")
+        raise Refused(f"cannot write {json}: {exc.strerror or exc}") from None
     try:
-        return _run(mode, names, out)
+        return _run("tiny" if tiny else "quick" if quick else "full", names, out)
     finally:
         if out:
             out.close()
 
 
+@contextmanager
+def _progress(total: int) -> Iterator[Progress | None]:
+    """A live line on a terminal (which benchmark runs, for how long); nothing otherwise
+    (each benchmark's time is then said when it ends)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield progress
+
+
 def _run(mode: str, names: list[str], out: TextIO | None) -> int:
     sizes = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
     info = machine_info()
-    print(
+    stdout = Console(width=None if sys.stdout.isatty() else FILE_WIDTH, highlight=False)
+    stdout.print(
         f"{PROG} ({mode}) on {info['cpu']}, {info['cores']} cores, {info['os']},"
-        f" {info['python']}, Trio {info['trio']}",
-        flush=True,
+        f" {info['python']}, Trio {info['trio']}"
     )
     started = time.monotonic()
     figures: list[Figure] = []
     failed = False
-    for name in names:
-        began = time.monotonic()
-        try:
-            figures += BENCHMARKS[name](sizes)
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
-            failed = True
-            traceback.print_exc(file=sys.stderr)
-            figures.append(unavailable(name, name, "", "", f"failed: {exc}"))
-        print(f"  {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+    with _progress(len(names)) as progress:
+        task = progress.add_task("", total=len(names)) if progress else None
+        for index, name in enumerate(names, 1):
+            if progress is not None and task is not None:
+                progress.update(task, description=f"[{index}/{len(names)}] {name}")
+            began = time.monotonic()
+            try:
+                figures += BENCHMARKS[name](sizes)
+            except Exception as exc:  # one broken benchmark must not hide the others' figures
+                failed = True
+                traceback.print_exc(file=sys.stderr)
+                figures.append(unavailable(name, name, "", "", f"failed: {exc}"))
+            took = f"  {name}: {time.monotonic() - began:.1f} s"
+            if progress is not None:
+                progress.console.print(took)
+            else:
+                print(took, file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started
-    print()
-    print(render_table(figures))
-    print(f"\n{len(figures)} figures in {elapsed:.1f} s")
+    stdout.print()
+    stdout.print(rich_table(figures))
+    stdout.print(f"\n{len(figures)} figures in {elapsed:.1f} s")
     if out:
         try:
             write_json(out, mode, figures, elapsed)
@@ -103,5 +139,22 @@ def _run(mode: str, names: list[str], out: TextIO | None) -> int:
     return 1 if failed else 0
 
 
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app(args=args, prog_name=PROG, standalone_mode=False)
+    except typer.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except Refused as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except UsageError as exc:
+        print(usage_error_line(exc, PROG), file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    raise SystemExit(result if isinstance(result, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -49,6 +49,7 @@ from chatapp.wire import (
 
 from .crypto import bench_crypto
 from .fanout import bench_fanout
+from .flood import bench_flood
 from .loadgen import (
     HOST,
     LoadResult,
@@ -364,9 +365,9 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     echo_worker = stack.enter_context(Worker("echo"))
     started = stack.enter_context(
         chatapp_servers(
-            {"mailbox_limit": limit},
-            {"mailbox_limit": limit, "trace": str(work / "trace.jsonl")},
-            {"mailbox_limit": limit, "db": str(work / "server.sqlite3")},
+            {"mailbox_limit": limit, "unlimited": True},
+            {"mailbox_limit": limit, "unlimited": True, "trace": str(work / "trace.jsonl")},
+            {"mailbox_limit": limit, "unlimited": True, "db": str(work / "server.sqlite3")},
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
@@ -747,12 +748,26 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def bench_floods(sizes: Sizes) -> list[Figure]:
+    with scratch() as work:
+        short = sizes.flood_junk < 100_000
+        return bench_flood(sizes.flood_junk, sizes.flood_registrations, work, short=short)
+
+
+def bench_pty(sizes: Sizes) -> list[Figure]:
+    from .pty_latency import bench_pty_latency
+
+    return bench_pty_latency(max(10, sizes.rtt_rounds // 5))
+
+
 BENCHMARKS = {
     "rtt": bench_round_trip,
     "crypto": bench_crypto,
+    "pty": bench_pty,
     "capacity": bench_capacity,
     "fanout": bench_fanout,
     "memory": bench_memory,
     "mailbox": bench_mailbox,
     "replay": bench_replay,
+    "flood": bench_floods,
 }

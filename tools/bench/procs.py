@@ -79,57 +79,63 @@ def wait_for_server(port: int, timeout: float = 15.0) -> None:
     raise BenchError(f"the chatapp server on port {port} did not answer within {timeout:g} s")
 
 
+def _serve_argv(port: int, options: dict[str, Any]) -> list[str]:
+    argv = [sys.executable, "-m", "chatapp", "serve", str(port), "--host", HOST]
+    argv += ["--db", options.get("db", ":memory:")]
+    argv += ["--mailbox-limit", str(options.get("mailbox_limit", 1000))]
+    if options.get("unlimited", True):
+        argv += ["--rate-limit", "0", "--join-limit", "0"]
+    if options.get("trace"):
+        argv += ["--trace", options["trace"]]
+    return argv
+
+
 @contextlib.contextmanager
 def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]]:
     """Real ``chatapp serve`` processes on 127.0.0.1, started together; yields (port, pid)s.
 
-    Each settings dict may give ``db`` (default ``:memory:``), ``trace`` and
-    ``mailbox_limit``. A server logs as it does for a user (to /dev/null here).
+    Each settings dict may give ``db`` (default ``:memory:``), ``trace``,
+    ``mailbox_limit`` and ``unlimited`` (no per-sender rate limits, the default: the
+    capacity loads send thousands of requests a second from each address, and the
+    fan-out and memory benchmarks register thousands of clients from one IP, to measure
+    the server's work rather than its admission policy). A server logs as it does for a user,
+    to stderr: a file here, never a pipe nobody reads while it runs (a full pipe would
+    stop the server).
     """
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
+    logs: list[Any] = []
     try:
         for options in settings:
             port = free_port()
-            argv = [
-                sys.executable,
-                "-m",
-                "chatapp",
-                "serve",
-                str(port),
-                "--host",
-                HOST,
-                "--db",
-                options.get("db", ":memory:"),
-                "--mailbox-limit",
-                str(options.get("mailbox_limit", 1000)),
-            ]
-            if options.get("trace"):
-                argv += ["--trace", options["trace"]]
+            argv = _serve_argv(port, options)
+            log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+            logs.append(log)
             procs.append(
                 (
                     subprocess.Popen(
                         argv,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE,
+                        stderr=log,
                         env=_env(),
                     ),
                     port,
                 )
             )
-        for proc, port in procs:
+        for (proc, port), log in zip(procs, logs, strict=True):
             try:
                 wait_for_server(port)
             except BenchError:
                 stop(proc)
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 raise BenchError(f"chatapp serve did not start: {err.strip()[-500:]}") from None
         yield [(port, proc.pid) for proc, port in procs]
     finally:
         for proc, _ in procs:
             stop(proc)
-            if proc.stderr:
-                proc.stderr.close()
+        for log in logs:
+            log.close()
 
 
 @contextlib.contextmanager

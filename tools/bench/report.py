@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Literal, TextIO
 
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
 
 @dataclass
 class Figure:
@@ -85,25 +89,25 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def render_table(figures: list[Figure]) -> str:
-    rows = [("figure", "chatapp", "baseline", "ratio", "goal", "")]
+def rich_table(figures: list[Figure]) -> RenderableType:
+    """The figures as a table that fits the console it is printed on (long cells wrap)."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("figure", ratio=3, overflow="fold")
+    table.add_column("chatapp", justify="right", no_wrap=True)
+    table.add_column("baseline", ratio=2, overflow="fold")
+    table.add_column("ratio", justify="right", no_wrap=True)
+    table.add_column("goal", overflow="fold")
     for f in figures:
         ratio = "n/a" if f.ratio is None else f"{f.ratio:.2f}x"
-        mark = {True: "ok", False: "MISSED", None: ""}[f.met]
+        mark = {True: " ok", False: " MISSED", None: ""}[f.met]
         baseline = _fmt(f.baseline, f.unit)
         if f.baseline is not None:
             baseline = f"{baseline} ({f.baseline_label})"
-        rows.append((f.label, _fmt(f.value, f.unit), baseline, ratio, f.goal, mark))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    notes = [f"  {f.label}: {f.note}" for f in figures if f.note]
-    if notes:
-        lines += ["", "notes:", *notes]
-    return "\n".join(lines)
+        table.add_row(f.label, _fmt(f.value, f.unit), baseline, ratio, f.goal + mark)
+    notes = [Text(f"  {f.label}: {f.note}") for f in figures if f.note]
+    if not notes:
+        return table
+    return Group(table, Text(""), Text("notes:"), *notes)
 
 
 def _cpu_model() -> str:

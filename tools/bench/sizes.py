@@ -24,9 +24,11 @@ class Sizes:
     mailbox_messages: int
     rounds: int  # capacity: the loads take turns this many times; the best round counts
     bursts: int  # capacity: bursts of BURST saves per round (the saturated figures)
+    flood_junk: int  # flood: junk datagrams from one address
+    flood_registrations: int  # flood: registrations from one address (hellos, answered)
 
 
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1)
+TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, 20_000, 1_000)
 QUICK = Sizes(
     300,
     0.5,
@@ -38,6 +40,8 @@ QUICK = Sizes(
     10_000,
     2,
     4,
+    200_000,
+    5_000,
 )
 FULL = Sizes(
     2000,
@@ -50,6 +54,8 @@ FULL = Sizes(
     10_000,
     3,
     15,
+    1_000_000,
+    20_000,
 )
 
 

@@ -10,6 +10,9 @@ Modes:
   with ``reply_size`` it answers every datagram with that many bytes instead.
 * ``fanout``: a bare Trio fan-out: every datagram from a non-target is sent on
   to every target (the floor for a channel broadcast).
+* ``flood``: on each command, sends a flood (junk, or registrations with new names,
+  each through the whole handshake) to a server from one socket as fast as it goes,
+  and says how many and how long.
 * ``receivers``: many raw sockets that act as clients, each with a key of its
   own (``bench_identity``): told to ``register``, they do the handshake; they
   ACK whatever the server sends (tables, mailbox batches, channel messages) and
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import selectors
 import socket
@@ -35,7 +39,7 @@ from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.protocol.crypto import Identity, blake2b
 from chatapp.protocol.sealing import TO_CLIENT
 from chatapp.testing.raw import RawClient
-from chatapp.wire import Ack, Rekey, WireError, encode
+from chatapp.wire import Ack, Challenge, Lookup, Rekey, WireError, encode
 
 from .loadgen import HOST, decode_head
 
@@ -311,6 +315,102 @@ class _Receivers:
         self._serve(time.monotonic() + max_seconds)
 
 
+# --- a flood --------------------------------------------------------------------------
+
+
+def _junk() -> list[bytes]:
+    """Datagrams no server takes: random bytes, deep nesting, a session datagram of a
+    session nobody has, a lookup and an ACK in the clear (no session)."""
+    return [
+        os.urandom(64),
+        os.urandom(900),
+        b'{"x":' + b"[" * 3000 + b"]" * 3000 + b',"t":"ack","id":"a"}',
+        b"\x01" + os.urandom(120),
+        encode(Lookup("flood.1", "nobody")),
+        encode(Ack("flood.2")),
+    ]
+
+
+class _Registrations:
+    """A flood of registrations with new names from one socket, each through the whole
+    handshake (a hello, then a register for its challenge), pipelined: the hellos go
+    out as fast as they can, and each challenge is answered as it comes. One key for
+    all the names, as an attacker would (a key costs nothing, a name is what it takes)."""
+
+    def __init__(self, sock: socket.socket, target: tuple[str, int]) -> None:
+        self.sock = sock
+        self.target = target
+        self.identity = Identity.generate()
+        self.port = int(sock.getsockname()[1])
+        self.waiting: dict[str, RawClient] = {}  # hello id -> the name's client
+        self.hellos = self.registers = self.registered = 0
+
+    def hello(self, i: int) -> None:
+        client = RawClient(f"flood{i}", self.port, self.identity)
+        data = client.hello()
+        self.waiting[decode_head(data).id] = client
+        self.hellos += 1
+        self.sock.sendto(data, self.target)
+
+    def answer(self) -> None:
+        """Answer the challenges that came (a burst); count the registrations made."""
+        for _ in range(256):
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            if data[:1] != b"{":
+                continue  # in a session (a table): an attacker need not answer
+            with contextlib.suppress(msgspec.DecodeError):
+                head = decode_head(data)
+                if head.t == "registered":
+                    self.registered += 1
+                client = self.waiting.pop(head.id, None)
+                if client is not None and head.t == "challenge":
+                    message = client.open(data)
+                    if isinstance(message, Challenge):
+                        self.sock.sendto(encode(client.register_for(message)), self.target)
+                        self.registers += 1
+
+
+def _flood(command: dict[str, Any]) -> dict[str, Any]:
+    """Send ``count`` datagrams of ``kind`` (``junk``, or ``registrations``: ``count``
+    hellos of new names, each challenge answered) to ``port`` from one socket, as fast as
+    it goes, for at most ``seconds``."""
+    target = (HOST, int(command["port"]))
+    count, kind = int(command["count"]), command["kind"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.setblocking(False)
+        junk = _junk()
+        flood = _Registrations(sock, target)
+        sent = 0
+        start = time.monotonic()
+        deadline = start + float(command["seconds"])
+        for i in range(count):
+            try:
+                if kind == "junk":
+                    sock.sendto(junk[i % len(junk)], target)
+                else:
+                    flood.hello(i)
+                    flood.answer()
+                sent += 1
+            except OSError:  # no buffer room for a moment: that datagram is not sent
+                pass
+            if i % 1024 == 0 and time.monotonic() > deadline:
+                break
+        seconds = time.monotonic() - start
+        if kind != "junk":  # the last challenges
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                flood.answer()
+                time.sleep(0.01)
+    report: dict[str, Any] = {"sent": sent, "seconds": seconds}
+    if kind != "junk":
+        report.update(registers=flood.registers, registered=flood.registered, hellos=flood.hellos)
+    return report
+
+
 def main() -> None:
     mode = sys.argv[1]
     settings = json.loads(sys.stdin.readline())
@@ -318,6 +418,10 @@ def main() -> None:
         trio.run(_echo, settings)
     elif mode == "fanout":
         trio.run(_fanout, settings)
+    elif mode == "flood":
+        _answer({"ready": True})
+        for line in sys.stdin:
+            _answer(_flood(json.loads(line)))
     elif mode == "receivers":
         _Receivers(int(settings["live"]), int(settings["dead"])).run(settings["max_seconds"])
     else:

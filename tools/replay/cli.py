@@ -23,7 +23,13 @@ import typer
 
 from chatapp.testing import Step
 from chatapp.trace import Trace, TraceError, write_trace
-from chatapp.typer_support import UsageError, new_app, usage_error_line
+from chatapp.typer_support import (
+    UsageError,
+    WordsCommand,
+    new_app,
+    usage_error_line,
+    version_option,
+)
 
 from .traces import merge_traces, read_trace
 
@@ -41,6 +47,11 @@ app = new_app(
         " the same.\n\n`chat-replay TRACE` is short for `chat-replay replay TRACE`."
     ),
 )
+
+
+@app.callback()
+def _root(version: Annotated[bool, version_option(PROG)] = False) -> None:
+    pass
 
 
 class Failed(Exception):
@@ -126,7 +137,7 @@ OutOption = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def replay(
     trace: TraceArgument,
     virtual: VirtualOption = True,
@@ -260,7 +271,7 @@ def _judge_comparison(
     return False
 
 
-@app.command("check")
+@app.command("check", cls=WordsCommand)
 def check_command(
     trace: Annotated[str, typer.Argument(metavar="TRACE", help="A chatapp trace (JSONL).")],
 ) -> None:
@@ -279,7 +290,7 @@ def check_command(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def show(
     trace: Annotated[str, typer.Argument(metavar="TRACE", help="A chatapp trace (JSONL).")],
     mermaid: Annotated[
@@ -308,7 +319,7 @@ def show(
     typer.echo(draw.timeline(recorded, width=width, acks=acks))
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def merge(
     traces: Annotated[list[str], typer.Argument(metavar="TRACE", help="Per-node traces.")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="The merged trace.")],
@@ -329,7 +340,7 @@ def merge(
         typer.echo(f"  note: {note}")
 
 
-@app.command()
+@app.command(cls=WordsCommand)
 def record(
     scenario: Annotated[
         str, typer.Argument(metavar="SCENARIO", help="A scenario file (see chatapp/scenarios/).")
@@ -416,11 +427,14 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
     return len(trace.events)
 
 
+_ROOT_OPTIONS = ("-h", "--help", "--version", "--install-completion", "--show-completion")
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         args = ["--help"]
-    elif args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
+    elif args[0] not in COMMANDS and args[0] not in _ROOT_OPTIONS:
         args.insert(0, "replay")  # `chat-replay TRACE` is the everyday form
     try:
         result = app(args=args, prog_name=PROG, standalone_mode=False)

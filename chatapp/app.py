@@ -6,15 +6,16 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import trio
 
 from chatapp import screen as screen_lines
 from chatapp import terminal
+from chatapp.input_line import InputLine
 from chatapp.launch import ClientOptions, ServerOptions, StartupError, run_node
 from chatapp.logs import LogSink, end_log_line
-from chatapp.node import BadInput, Input, Screen, Signal
-from chatapp.prompt_console import PromptConsole
+from chatapp.node import BadInput, Input, Node, Screen, Signal
 from chatapp.protocol.client import COMMANDS, ClientProtocol
 from chatapp.protocol.common import Log
 
@@ -71,10 +72,10 @@ async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIte
     mode = terminal.terminal_mode()
     async with trio.open_nursery() as nursery:
 
-        def open_terminal(protocol: ClientProtocol) -> Screen:
+        def open_terminal(node: Node) -> Screen:
             # once the endpoint is bound: a port in use is said before any prompt shows
-            screen, read_input = _open_terminal(mode, protocol)
-            nursery.start_soon(read_input, send_input.clone())
+            screen, read_input = _open_terminal(mode, node, send_input)
+            nursery.start_soon(read_input)
             return screen
 
         nursery.start_soon(_stop_on_signals, signals, None, send_input)
@@ -86,19 +87,27 @@ async def _run_client(options: ClientOptions, argv: list[str], signals: AsyncIte
 
 
 def _open_terminal(
-    mode: terminal.Mode, protocol: ClientProtocol
-) -> tuple[Screen, Callable[[trio.MemorySendChannel[Input]], Awaitable[None]]]:
-    """The screen and the input: the input line on a terminal, plain lines otherwise
-    (see chatapp.terminal)."""
-    if mode is terminal.Mode.PLAIN:
-        return terminal.PlainScreen(), _read_stdin
-    console = PromptConsole(
-        COMMANDS,
-        lambda: terminal.table_names(protocol.table),
-        dumb=mode is terminal.Mode.DUMB,
-        history=terminal.open_history(),
-    )
-    return console, console.read_input
+    mode: terminal.Mode, node: Node, inputs: trio.MemorySendChannel[Input]
+) -> tuple[Screen, Callable[[], Awaitable[None]]]:
+    """The screen and the input task: the input line on a terminal, which hands each
+    line to the node itself; plain lines otherwise, through ``inputs`` (see
+    chatapp.terminal)."""
+    protocol = node.protocol
+    assert isinstance(protocol, ClientProtocol)
+    if mode is not terminal.Mode.PLAIN:
+        try:
+            console = InputLine.open(
+                COMMANDS,
+                lambda: protocol.table,
+                dumb=mode is terminal.Mode.DUMB,
+                history=terminal.open_history(),
+                deliver=node.take_input,
+            )
+        except OSError:
+            pass  # the terminal cannot be opened again: plain lines, as from a pipe
+        else:
+            return console, console.read_input
+    return terminal.PlainScreen(), partial(_read_stdin, inputs.clone())
 
 
 _SIGNAL_NAMES: dict[int, str] = {

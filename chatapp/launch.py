@@ -123,7 +123,7 @@ async def run_node(
     store: Store | None = None,
     recorder: Recorder | None = None,
     screen: Screen | None = None,
-    make_screen: Callable[[ClientProtocol], Screen] | None = None,
+    make_screen: Callable[[Node], Screen] | None = None,
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
@@ -134,9 +134,9 @@ async def run_node(
     ``store`` (a server's) and ``recorder`` default to what the options name, and
     what is opened here is closed here; the endpoint is always closed at the end.
     A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
-    its state machine once the endpoint is bound (a terminal's input line starts then,
-    and completes names from the machine's table), and reads ``inputs``. ``argv`` is
-    what the trace says started the node.
+    the node once the endpoint is bound (a terminal's input line starts then, completes
+    names from the state machine's table and hands typed lines to ``Node.take_input``),
+    and reads ``inputs``. ``argv`` is what the trace says started the node.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -153,10 +153,7 @@ async def run_node(
             node = _server_node(options, endpoint, store, recorder, log, entropy, seed)
         else:
             node = _client_node(options, endpoint, recorder, log, entropy, seed)
-            if make_screen is not None:
-                assert isinstance(node.protocol, ClientProtocol)
-                screen = make_screen(node.protocol)
-            node.screen = screen
+            node.screen = make_screen(node) if make_screen is not None else screen
         argv = argv if argv is not None else _argv(options, endpoint)
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status

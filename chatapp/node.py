@@ -1,8 +1,9 @@
 """The Trio layer: runs a protocol state machine against an endpoint.
 
 One nursery per node runs its receive task, its timer task and (for a
-client) its input task. Every handler call and the effects it returns are
-carried out under one lock, so effects leave in the order the state machine
+client) its input task; the terminal's input line hands typed lines to
+``take_input`` from its own task instead. Every handler call and the effects it
+returns are carried out under one lock, so effects leave in the order the state machine
 produced them, and the changes (``chatapp.protocol.changes``) of a handling are
 committed, in one transaction, before anything of it is sent. If the commit fails,
 nothing of it is sent and the server's state machine rolls back to what the
@@ -11,9 +12,11 @@ database holds.
 The receive task reads the socket in batches and asks the node's admission policy
 (``chatapp.protocol.admission``) about each datagram before it is decoded.
 
-The timer task waits in a cancel scope, ``trio.move_on_at(deadline)``, for the
-earliest ACK deadline the state machine has: every retry and give-up of every
-pending request is driven from there.
+The timer task sleeps in a cancel scope whose deadline is the earliest ACK
+deadline the state machine has: every retry and give-up of every pending
+request is driven from there. A request that needs an earlier deadline moves
+the scope's deadline rather than waking the task (a wake would cost CPU just
+as the request's datagram leaves).
 """
 
 from __future__ import annotations
@@ -130,8 +133,7 @@ class Node:
         self._store_trouble: str | None = None  # why the last commit failed, if it did
         self._trace_failure_said = False
         self._can_shut_out = True
-        self._timer_changed = trio.Event()
-        self._armed_deadline = math.inf
+        self._timer = trio.CancelScope()  # the timer task sleeps in it until its deadline
         self._cancel_scope: trio.CancelScope | None = None
 
     # --- running ------------------------------------------------------------------
@@ -251,23 +253,27 @@ class Node:
     async def _timer_loop(self) -> None:
         while True:
             deadline = self.protocol.next_deadline()
-            self._armed_deadline = math.inf if deadline is None else deadline
-            with trio.move_on_at(self._armed_deadline):
-                await self._timer_changed.wait()
-                self._timer_changed = trio.Event()
-                continue
+            self._timer = trio.CancelScope(deadline=math.inf if deadline is None else deadline)
+            with self._timer:
+                await trio.sleep_forever()
             await self._handle(self.protocol.handle_timer)
 
     async def _input_loop(self, inputs: trio.MemoryReceiveChannel[Input]) -> None:
-        client = self.protocol
-        assert isinstance(client, ClientProtocol)
         async with inputs:
             async for item in inputs:
-                self.recorder.typed(self.name, item)
-                if self.screen is not None and not isinstance(item, Signal):
-                    self.screen.typed()
-                await self._handle(client.handle_input, item)
-        await self._handle(client.handle_input, Signal.HANG_UP)
+                await self.take_input(item)
+        await self.take_input(Signal.HANG_UP)
+
+    async def take_input(self, item: Input) -> None:
+        """A client's input, handled now in the caller's task. The input channel comes
+        here; the terminal's input line calls it directly, so that a typed line goes out
+        without a trip through the scheduler (docs/terminal.md)."""
+        client = self.protocol
+        assert isinstance(client, ClientProtocol)
+        self.recorder.typed(self.name, item)
+        if self.screen is not None and not isinstance(item, Signal):
+            self.screen.typed()
+        await self._handle(client.handle_input, item)
 
     # --- carrying out effects ---------------------------------------------------------
 
@@ -307,8 +313,9 @@ class Node:
         if not self._trace_failure_said and (why := self.recorder.failure()) is not None:
             self._say_trace_stopped(why)
         deadline = self.protocol.next_deadline()
-        if deadline is not None and deadline < self._armed_deadline:
-            self._timer_changed.set()
+        if deadline is not None and deadline < self._timer.deadline:
+            # moved, not woken: the timer task sleeps on until the new deadline
+            self._timer.deadline = deadline
 
     def _say_trace_stopped(self, why: str) -> None:
         """Once: the trace file could not be written (the node itself goes on)."""

@@ -2,21 +2,24 @@
 
 Three ways to meet a person (or a script), chosen from what stdin and stdout are:
 
-- ``PROMPT``: both are terminals. prompt_toolkit draws the input line ``>>> ``
-  at the bottom, with Emacs-style editing, history (Up/Down, kept in a file)
-  and Tab completion of commands and names. Every line the client shows is
-  printed above it as ``>>> LINE`` (as the seed transcripts show it), and the
+- ``PROMPT``: both are terminals. The input line ``>>> `` stays at the bottom,
+  with Emacs-style editing, history (Up/Down, kept in a file) and Tab
+  completion of commands and names. Every line the client shows is printed
+  above it as ``>>> LINE`` (as the seed transcripts show it), and the
   half-typed line is drawn again, intact, below.
 - ``DUMB``: both are terminals but ``TERM`` is ``dumb`` (or ``unknown``): no
   cursor movement is allowed, so the typed line is echoed character by
   character, and a line that arrives while something is half typed starts a
   line of its own; what was typed is then shown again below it.
 - ``PLAIN``: stdin or stdout is not a terminal (a script, a pipe, a file).
-  Lines are read as they come, without prompt_toolkit, and shown one per
+  Lines are read as they come, without the input line, and shown one per
   line, without prompts: nobody is there to read a prompt, and a log of the
   run is the seed's lines alone.
 
-The input line itself is chatapp.prompt_console.
+The input line itself is chatapp.input_line (reading keys and drawing, in
+Trio's thread), chatapp.line_editor (editing, history, completion) and
+chatapp.line_views (what is drawn). From prompt_toolkit it uses the key parser,
+``Document`` (words), the history file and the completion API; not its drawing.
 """
 
 from __future__ import annotations
@@ -105,8 +108,7 @@ _NAME_COMMANDS = ("send", "dereg", "reg", "fingerprint", "key")
 
 class CommandCompleter(Completer):
     """Tab: the command words, then a name from the client table for ``send``,
-    ``dereg``, ``reg`` and ``fingerprint``. ``names`` is called in the input thread: it
-    must only read."""
+    ``dereg``, ``reg`` and ``fingerprint`` (or ``key``)."""
 
     def __init__(self, commands: Iterable[str], names: Callable[[], Iterable[str]]) -> None:
         self._commands = sorted(commands)
@@ -127,18 +129,6 @@ class CommandCompleter(Completer):
         for candidate in candidates:
             if candidate.startswith(word):
                 yield Completion(candidate, start_position=-len(word))
-
-
-def table_names(table: Mapping[str, object]) -> list[str]:
-    """A copy of the table's names, safe to take from another thread: the protocol
-    replaces or extends its table under the GIL, and a copy that raced a change is
-    simply taken again."""
-    for _ in range(10):
-        try:
-            return list(table)
-        except RuntimeError:  # changed size during iteration
-            continue
-    return []
 
 
 # --- screens -----------------------------------------------------------------------
@@ -162,31 +152,3 @@ class PlainScreen:
 
     def close(self) -> None:
         pass
-
-
-class QuietStream:
-    """stdout for prompt_toolkit: a terminal that has gone away (closed window, EIO)
-    makes writes fail; the hang-up that follows ends the client, without a traceback."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self.encoding = stream.encoding or "utf-8"
-        self.errors = "replace"
-
-    def write(self, data: str) -> int:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        try:
-            return self._stream.isatty()
-        except (OSError, ValueError):
-            return False

@@ -13,6 +13,7 @@ import select
 import signal
 import stat
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
@@ -87,11 +88,15 @@ class XTerm:
             written = os.write(self.child.child_fd, data[:4096])
             data = data[written:]
 
+    def resize(self, rows: int, columns: int) -> None:
+        """The window is resized (the program gets SIGWINCH), and the emulator with it."""
+        self.child.setwinsize(rows, columns)
+        self.screen.resize(rows, columns)
+
     def exit_status(self) -> int:
         self.child.expect(pexpect.EOF)
         self.stream.feed(self.child.before or b"")
-        attributes = termios.tcgetattr(self.child.child_fd)
-        self.cooked = bool(attributes[3] & termios.ICANON and attributes[3] & termios.ECHO)
+        self.cooked = cooked(self.child.child_fd)
         self.child.close()
         assert self.child.signalstatus is None
         assert isinstance(self.child.exitstatus, int)
@@ -102,6 +107,12 @@ class XTerm:
             if self.child.isalive():
                 os.killpg(self.child.pid, signal.SIGKILL)
             self.child.close(force=True)
+
+
+def cooked(fd: int) -> bool:
+    """The terminal is back in the mode a shell expects: its own line editing and echo."""
+    lflag = termios.tcgetattr(fd)[3]
+    return bool(lflag & termios.ICANON and lflag & termios.ECHO and lflag & termios.ISIG)
 
 
 @pytest.fixture
@@ -353,3 +364,142 @@ def test_the_seed_s_test_3_line_for_line_on_xterms(
         f">>> {TABLE}",
         ">>>",
     ]
+
+
+def test_a_line_wider_than_the_terminal_is_edited_across_rows_and_sent_whole(
+    env: dict[str, str], started: list[XTerm | Proc]
+) -> None:
+    server, bob = a_server_and_bob(env, started)
+    user1 = user1_at_a_terminal(env, started, server)
+    text = "".join(chr(ord("a") + i % 26) for i in range(250))
+    user1.type(f"send bob {text}")
+    typed = f"{screen.PROMPT}send bob {text}"
+    rows = [typed[i : i + COLUMNS] for i in range(0, len(typed), COLUMNS)]
+    user1.wait("three rows", lambda lines: lines[-3:] == rows)
+    user1.type("\x1b[D" * 5 + "Z")  # Left five times, across no row: then a Z
+    edited = f"{text[:-5]}Z{text[-5:]}"
+    typed = f"{screen.PROMPT}send bob {edited}"
+    rows = [typed[i : i + COLUMNS] for i in range(0, len(typed), COLUMNS)]
+    user1.wait("the Z", lambda lines: lines[-3:] == rows)
+    assert (user1.screen.cursor.y, user1.screen.cursor.x) == (len(user1.lines()) - 1, 19)
+    user1.type("\x01\x1bf\x1bf\x1bfY")  # to the start, three words on: a Y after the text
+    user1.type("\r")
+    bob.expect(f"user1 : {edited}Y")
+    user1.shows(f"{screen.PROMPT}[Message has been received by bob.]")
+    assert user1.lines()[-1] == PROMPT
+
+
+def test_a_resized_window_gets_the_input_line_drawn_again(
+    env: dict[str, str], started: list[XTerm | Proc]
+) -> None:
+    server, bob = a_server_and_bob(env, started)
+    user1 = user1_at_a_terminal(env, started, server)
+    text = "x" * 90
+    user1.type(f"send bob {text}")
+    user1.input_line(f"send bob {text}")
+    user1.resize(ROWS, 60)  # narrower: the line takes two rows now
+    typed = f"{screen.PROMPT}send bob {text}"
+    user1.wait("two rows", lambda lines: lines[-2:] == [typed[:60], typed[60:]])
+    bob.type("send user1 still there?")
+    user1.shows(f"{screen.PROMPT}bob : still there?")
+    user1.wait("redrawn below", lambda lines: lines[-2:] == [typed[:60], typed[60:]])
+    user1.type("\r")
+    bob.expect(f"user1 : {text}")
+
+
+def test_pastes_ctrl_z_and_ctrl_backslash(env: dict[str, str], started: list[XTerm | Proc]) -> None:
+    """A paste comes marked (bracketed paste): its tab is text, each of its line breaks an
+    Enter. Ctrl-Z and Ctrl-\\ neither stop nor kill the client (they would leave the
+    terminal without its line editing)."""
+    server, bob = a_server_and_bob(env, started)
+    user1 = user1_at_a_terminal(env, started, server)
+    user1.type("\x1a\x1c")
+    user1.type("\x1b[200~send bob one\tpasted\nsend bob two\x1b[201~")
+    bob.expect("user1 : one\\x09pasted")  # (the receiver shows a control character so)
+    user1.input_line("send bob two")  # the last line waits for Enter
+    user1.type("\r")
+    bob.expect("user1 : two")
+    user1.child.kill(signal.SIGHUP)  # the terminal hangs up: a quiet exit
+    assert user1.exit_status() == 0
+    assert user1.cooked
+    assert screen.KEYBOARD_INTERRUPT not in "\n".join(user1.lines())
+
+
+def test_on_a_dumb_terminal_the_line_is_echoed_without_cursor_movement(
+    env: dict[str, str], started: list[XTerm | Proc]
+) -> None:
+    server, bob = a_server_and_bob(env, started)
+    (port,) = free_udp_ports(1)
+    command = chatapp_command()
+    user1 = pexpect.spawn(
+        command[0],
+        [*command[1:], *join_args("user1", server, port)],
+        env={**env, "TERM": "dumb"},
+        dimensions=(ROWS, COLUMNS),
+        timeout=TIMEOUT,
+    )
+    try:
+        user1.expect_exact(f"{screen.PROMPT}{TABLE}\r\n{screen.PROMPT}")
+        bob.expect(TABLE, count=2)
+        user1.send("send bob helx")
+        user1.expect_exact("send bob helx")
+        user1.send("\x7flo")  # Backspace
+        user1.expect_exact("\b \blo")
+        bob.type("send user1 are you there?")
+        # the half-typed line, the message on a line of its own, the line again
+        user1.expect_exact(
+            f"\r\n{screen.PROMPT}bob : are you there?\r\n{screen.PROMPT}send bob hello"
+        )
+        user1.send("\r")
+        bob.expect("user1 : hello")
+        user1.expect_exact(f"\r\n{screen.PROMPT}[Message has been received by bob.]\r\n")
+        user1.sendcontrol("c")
+        user1.expect_exact(f"{screen.PROMPT}{screen.KEYBOARD_INTERRUPT}\r\n")
+        user1.expect(pexpect.EOF)
+        assert "\x1b" not in (user1.before or b"").decode()
+        assert cooked(user1.child_fd)
+        user1.close()
+        assert user1.exitstatus == 0
+    finally:
+        with contextlib.suppress(OSError, pexpect.ExceptionPexpect):
+            user1.close(force=True)
+
+
+#: A program that opens the input line and fails on the first key: in its input task
+#: (the ``finally`` of ``read_input`` gives the terminal back), or with no task running
+#: (``atexit`` does).
+CRASHING = """
+import os, sys, trio
+from prompt_toolkit.history import InMemoryHistory
+from chatapp.input_line import InputLine
+
+async def deliver(item):
+    raise RuntimeError("a bug")
+
+async def main(where):
+    line = InputLine.open(["send"], list, dumb=False, history=InMemoryHistory(), deliver=deliver)
+    if where == "atexit":
+        os.read(0, 1)
+        sys.exit(3)  # never closed
+    await line.read_input()
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("where", ["task", "atexit"])
+def test_the_terminal_is_given_back_when_the_program_fails(where: str) -> None:
+    child = pexpect.spawn(
+        sys.executable, ["-c", CRASHING, where], dimensions=(ROWS, COLUMNS), timeout=TIMEOUT
+    )
+    child.expect_exact(screen.PROMPT)
+    assert not cooked(child.child_fd)  # the input line's own mode, while it runs
+    child.send("x\r")
+    child.expect(pexpect.EOF)
+    output = (child.before or b"").decode()
+    assert cooked(child.child_fd)
+    restored = output.index("\x1b[?2004l")  # the paste mode off, as the rest was restored
+    if where == "task":  # before the traceback is printed
+        assert restored < output.index("Traceback") < output.index("RuntimeError: a bug")
+    child.close()
+    assert child.exitstatus == (1 if where == "task" else 3)

@@ -4,15 +4,18 @@ the history goes, Tab completion, and the help and suggestions at the prompt."""
 from __future__ import annotations
 
 import io
+import os
 import stat
 from pathlib import Path
 
 import pytest
+import trio
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 
 from chatapp import screen
+from chatapp.input_line import Output
 from chatapp.protocol.client import COMMANDS, ClientProtocol, nearest_command
 from chatapp.protocol.common import Show
 from chatapp.protocol.crypto import Identity
@@ -21,7 +24,6 @@ from chatapp.terminal import (
     Mode,
     history_path,
     open_history,
-    table_names,
     terminal_mode,
 )
 
@@ -105,13 +107,6 @@ def test_tab_completes_commands_then_names() -> None:
     assert completions("", names) == sorted(COMMANDS)
 
 
-def test_the_completer_reads_a_copy_of_the_table() -> None:
-    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001, identity=Identity.generate())
-    assert table_names(client.table) == []
-    table = {"user2": None, "user1": None}
-    assert sorted(table_names(table)) == ["user1", "user2"]
-
-
 def shown(client: ClientProtocol, line: str) -> list[str]:
     return [e.line for e in client.handle_input(line, 0.0) if isinstance(e, Show)]
 
@@ -143,3 +138,33 @@ def test_an_unknown_command_suggests_the_nearest_one() -> None:
     assert shown(client, "xyzzy") == ["[Unknown command 'xyzzy'. Type help for the commands.]"]
     assert nearest_command("dreg") == "dereg"
     assert nearest_command("") is None
+
+
+async def test_output_to_a_terminal_that_reads_slowly_never_blocks_and_loses_nothing() -> None:
+    """The input line writes from Trio's own thread: what the terminal cannot take now
+    waits, in order, for a task that writes it as the terminal takes it (a pipe stands
+    in for a slow terminal here: a real file descriptor that fills up)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        output = Output(write_end)
+        output.hold(">>> typed\n")  # held (after Enter): goes out before the next write
+        text = "".join(f"line {index}\n" for index in range(100_000))  # far more than a pipe
+        output.write(text)
+        with pytest.raises(BlockingIOError):
+            os.write(write_end, b"!")  # the pipe is full: the write above did not wait
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(output.write_pending_forever)
+            while len(received) < len(">>> typed\n" + text):
+                await trio.lowlevel.wait_readable(read_end)
+                received += os.read(read_end, 65536)
+            nursery.cancel_scope.cancel()
+        assert received.decode() == ">>> typed\n" + text
+        output.write("one more\n")
+        output.close(1.0)
+        output.write("after close\n")  # nothing: the terminal is given back
+        assert os.read(read_end, 65536) == b"one more\n"
+    finally:
+        os.close(read_end)
+        os.close(write_end)

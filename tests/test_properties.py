@@ -13,7 +13,8 @@ show:
   each of its recipients that is still running exactly once;
 * no client shows any message twice, or one that was not sent to it;
 * every node is still running or left by the protocol's own rule (5 tries
-  unanswered), never by an exception.
+  unanswered), never by an exception;
+* every client still running holds the server's table, at its current version.
 
 A failing example is printed by hypothesis as a ``Run(...)``; paste it into
 ``REGRESSIONS`` to keep it. ``CHATAPP_PROPERTY_PROFILE=long`` (and
@@ -242,6 +243,13 @@ def check(outcome: Outcome) -> None:
             assert sent is not None and sent.sender == sender, f"{client.name} showed {text} unsent"
             assert client.name in sent.recipients, f"{client.name} showed {text} meant for others"
     assert outcome.converged, "the clients still running did not all get back online"
+    server = outcome.server.protocol
+    table = {name: record.entry() for name, record in server.clients.items()}
+    for client in outcome.clients:
+        if client.name in outcome.running:  # each ends with the server's table
+            copy = client.protocol.copy
+            assert (copy.epoch, copy.version) == (server.roster.epoch, server.roster.version)
+            assert client.protocol.table == table, client.name
     by_name = {client.name: client for client in outcome.clients}
     for sent in outcome.sent.values():
         if not sent.acknowledged:

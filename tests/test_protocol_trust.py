@@ -44,6 +44,9 @@ from chatapp.wire import (
     Relay,
     Seq,
     StoredItem,
+    Table,
+    TableDelta,
+    TableEntry,
     encode,
 )
 
@@ -285,7 +288,7 @@ def test_forged_server_datagrams_of_every_kind_show_nothing() -> None:
     sid = user1.sid
     item = StoredItem(Seq("o1", 99), "f.1", "channel", "user2", 1.0, "forged", b"s" * 64)
     fakes = [
-        ChannelDelivery("f.2", "user2", "f.2", "forged", b"s" * 64),
+        ChannelDelivery("f.2", "user2", "f.2", "forged", b"s" * 64, key_of("user2").public),
         Mailbox("f.3", "f.4", [item]),
         Relay("f.5", Seq("o1", 98), b"\x02" + b"x" * 60, key_of("user2").public),
     ]
@@ -297,12 +300,58 @@ def test_forged_server_datagrams_of_every_kind_show_nothing() -> None:
     assert sim.lines_since("user1", mark) == []
 
 
+def test_a_table_or_delta_moves_a_clients_copy_only_from_its_own_session() -> None:
+    # A delta that names a forger's key for user2: in the clear, in a session without
+    # its key, from the forger's or the server's (forged) address, boxed by a peer: none
+    # is taken, ACKed or shown. The same delta in user1's session is.
+    sim = trio_of_clients()
+    user1 = sim.clients["user1"]
+    mallory = Identity(b"M" * 32)
+    forged = TableEntry("user2", CLIENT_IP, 6666, True, mallory.public, bytes(8))
+    held = (user1.copy.epoch, user1.copy.version)
+    fakes = [
+        TableDelta("f.1", held[0], held[1], held[1] + 1, 0, 1, [forged], ["user3"]),
+        Table("f.2", held[0], held[1] + 1, 0, 1, [forged]),
+        Table("f.3", 10**15, 1, 0, 1, [forged]),  # another epoch
+    ]
+    mark = len(sim.lines("user1"))
+    for fake in fakes:
+        datagrams = [encode(fake), Session(user1.sid, b"k" * 32).seal(TO_CLIENT, fake)]
+        shared = SharedKeys(key_of("user3")).get(key_of("user1").public)
+        datagrams.append(seal_peer(shared, b"n" * 24, "user3", fake))
+        for data in datagrams:
+            for src in (FORGER, SERVER, sim.addr["user3"]):
+                effects = sim.inject_raw(src, data, sim.addr["user1"])
+                assert not [e for e in effects if isinstance(e, Send | Show)], (fake, src)
+    assert sim.lines_since("user1", mark) == []
+    assert (user1.copy.epoch, user1.copy.version) == held
+    assert user1.table["user2"].key == key_of("user2").public and "user3" in user1.table
+    sim.from_server("user1", fakes[0])  # what only the server can do
+    assert sim.lines_since("user1", mark) == [TU]
+    assert user1.table["user2"].key == mallory.public and "user3" not in user1.table
+
+
+def test_a_channel_message_that_comes_before_the_table_naming_its_sender_is_shown() -> None:
+    # A newcomer's table update can arrive after a channel message from a client it does
+    # not know yet: the delivery carries the sender's key as the server has it bound.
+    sim = trio_of_clients()
+    sim.drop.append(between(sim, "server", "user4", Table))
+    sim.join("user4")
+    assert "user1" not in sim.clients["user4"].table
+    sim.drop.clear()
+    sim.type("user1", "send_all hello newcomer")
+    assert sim.lines("user4") == ["Channel_Message user1 : hello newcomer"]
+    sim.settle()
+    assert sim.lines("user4") == ["Channel_Message user1 : hello newcomer", TU]
+    assert sim.server.clients["user4"].online
+
+
 def test_a_channel_message_the_server_alters_is_not_shown() -> None:
     # The server relays channel messages but cannot forge them: the sender signed them.
     sim = trio_of_clients()
     user3 = sim.clients["user3"]
     sig = key_of("user1").sign(CHANNEL_DOMAIN, b"user1", b"p.1", b"hello guys")
-    good = ChannelDelivery("d.1", "user1", "p.1", "hello guys", sig)
+    good = ChannelDelivery("d.1", "user1", "p.1", "hello guys", sig, key_of("user1").public)
     bad = [
         replace(good, id="d.2", text="hello fools"),
         replace(good, id="d.3", sender="user2"),

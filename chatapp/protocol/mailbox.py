@@ -138,3 +138,14 @@ class Mailboxes:
         """Everything kept for ``recipient`` goes (its name was released)."""
         self.boxes.pop(recipient, None)
         self.flights.pop(recipient, None)
+
+    def drop_sender(self, sender: str) -> None:
+        """What ``sender`` sent that is still kept goes (its name left the table, its key
+        with it: no one could verify it). Looks at every box: it is rare (a
+        registration undone)."""
+        for recipient in list(self.boxes):
+            box = self.boxes[recipient]
+            for key in [key for key in box if key[0] == sender]:
+                del box[key]
+            if not box:
+                del self.boxes[recipient]

@@ -28,6 +28,7 @@ from chatapp.wire import (
     Rekey,
     Relay,
     Table,
+    TableDelta,
     encode,
     tag_of,
 )
@@ -60,6 +61,7 @@ class SimClient:
     outstanding: dict[str, float] = field(default_factory=dict)
     counter: int = 0
     sealed: bytes = b""  # a direct message sealed by this client, for its saves
+    datagrams: int = 0  # exchanged with the server, both ways (requests, answers, ACKs)
 
     @property
     def port(self) -> int:
@@ -153,7 +155,7 @@ def settle(clients: list[SimClient], seconds: float) -> None:
 
 
 #: What a client must ACK whenever it comes, as a real client does.
-_ACKED = (Table, Mailbox, Relay, ChannelDelivery, NotStored)
+_ACKED = (Table, TableDelta, Mailbox, Relay, ChannelDelivery, NotStored)
 
 
 def _answers(client: SimClient, server: tuple[str, int]) -> Iterator[Head]:
@@ -166,6 +168,7 @@ def _answers(client: SimClient, server: tuple[str, int]) -> Iterator[Head]:
             data, addr = sock.recvfrom(65536)
         except BlockingIOError:
             return
+        client.datagrams += 1
         head = _read(client, data, addr, server)
         if head is not None and client.outstanding.pop(head.id, None) is not None:
             yield head
@@ -187,11 +190,13 @@ def _read(
         if started is not None:
             client.outstanding[register.id] = started
             client.sock.sendto(encode(register), server)
+            client.datagrams += 1
         return None
     if isinstance(message, Registered):
         raw.codec.session = Session(message.sid, message.session_key)
     elif isinstance(message, _ACKED):
-        client.sock.sendto(raw.ack(message.id), addr)
+        client.sock.sendto(raw.ack_for(message), addr)
+        client.datagrams += 1
         return None
     if message is None or isinstance(message, Rekey):
         return None
@@ -201,6 +206,7 @@ def _read(
 def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
     msg_id = client.next_id()
     client.outstanding[msg_id] = now
+    client.datagrams += 1
     client.sock.sendto(request(client, msg_id), server)
 
 
@@ -217,8 +223,8 @@ def run_closed_loop(
 ) -> LoadResult:
     """Keep ``window`` requests in flight per client for ``duration`` seconds.
 
-    A request is done when a datagram of any type but ``table`` or ``mailbox``
-    comes back with its id; those two are ACKed, as a client must. Completions during the
+    A request is done when a datagram of any type but ``table``, ``delta`` or ``mailbox``
+    comes back with its id; those are ACKed, as a client must. Completions during the
     first ``warmup`` seconds are not counted. Without ``repeat`` each client
     sends only its first ``window`` requests, and (``until_done``) the run
     ends when they are all answered.

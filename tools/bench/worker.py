@@ -39,7 +39,7 @@ from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.protocol.crypto import Identity, blake2b
 from chatapp.protocol.sealing import TO_CLIENT
 from chatapp.testing.raw import RawClient
-from chatapp.wire import Ack, Challenge, Lookup, Rekey, WireError, encode
+from chatapp.wire import Ack, Challenge, Lookup, Rekey, TableAck, WireError, encode
 
 from .loadgen import HOST, decode_head
 
@@ -121,6 +121,9 @@ class InnerHead(msgspec.Struct):
     t: str
     id: str = ""
     post: str = ""
+    epoch: int = 0
+    version: int = 0  # a table part's
+    to: int = 0  # a delta's
 
 
 decode_inner_head = msgspec.json.Decoder(InnerHead).decode
@@ -233,14 +236,19 @@ class _Receivers:
             receiver.last = b""
 
     def _sealed(self, receiver: _Receiver, head: InnerHead, addr: Any) -> None:
-        if head.t not in ("channel", "table", "table_delta", "mailbox", "not_stored", "relay"):
+        if head.t not in ("channel", "table", "delta", "mailbox", "not_stored", "relay"):
             return
-        receiver.sock.sendto(receiver.raw.ack(head.id), addr)
+        raw = receiver.raw
+        if head.t in ("table", "delta"):  # it holds what the part brings (it keeps no table)
+            version = head.version if head.t == "table" else head.to
+            receiver.sock.sendto(raw.seal(TableAck(head.id, head.epoch, version)), addr)
+        else:
+            receiver.sock.sendto(raw.ack(head.id), addr)
         if receiver.dead:
             return
         if head.t == "channel":
             self._counted(head.post)
-        elif head.t.startswith("table"):
+        elif head.t in ("table", "delta"):
             now = time.monotonic()
             self.table_first = self.table_first or now
             self.table_last = now

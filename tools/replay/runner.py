@@ -286,7 +286,7 @@ class Runner:
     async def _start_server(
         self, nursery: trio.Nursery, started: Start, restored: Restored | None
     ) -> None:
-        epoch = next(self._epochs)
+        epoch = self._recorded_epoch(started)
         name = started.node
         host, port = self._listen_at(name)
         options = ServerOptions(
@@ -301,6 +301,22 @@ class Runner:
         # The recorded server's database as it started (its key included), in memory (a
         # real database would need a worker thread, which virtual time must not wait on).
         await self._launch(nursery, name, options, store=self._restored_store(restored))
+
+    def _recorded_epoch(self, started: Start) -> int:
+        """The table epoch the server had in the recording from ``started`` on (the first
+        one it sent), so that the tables' ACKs recorded by played clients, which name
+        it, fit the replayed server; a new one if it sent no table."""
+        after = False
+        for event in self.recorded.events:
+            if event is started:
+                after = True
+            elif after and isinstance(event, Start) and event.node == started.node:
+                break
+            elif after and isinstance(event, Send) and event.node == started.node and event.msg:
+                epoch = event.msg.get("epoch")
+                if isinstance(epoch, int) and not isinstance(epoch, bool):
+                    return epoch
+        return next(self._epochs)
 
     async def _start_client(self, nursery: trio.Nursery, started: Start) -> None:
         name = started.node
@@ -375,7 +391,7 @@ class Runner:
         if destination is None:
             return  # the node under test is not running: nothing to answer
         rewriter = Rewriter(
-            self.recorded_names, self.progress.names, under_test, self.new_addresses
+            self.recorded_names, self.progress.names, under_test, self.server, self.new_addresses
         )
         puppet = self.puppets[event.node]
         message = rewriter.message_of(event.msg, event.node)

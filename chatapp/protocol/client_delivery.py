@@ -233,6 +233,7 @@ class ClientDelivery(ClientCore):
             return effects
         self.table = {entry.name: entry for part in parts.values() for entry in part}
         self._table_version = version
+        self._table_due = None  # the first table: what waited for it goes now
         self._table_parts = {v: p for v, p in self._table_parts.items() if v > version}
         effects.append(Show(screen.TABLE_UPDATED))
         return effects

@@ -41,6 +41,7 @@ from chatapp.protocol.crypto import (
 )
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.tables import Window
 from chatapp.statefiles import (
     PINS_FILE,
     ClientFiles,
@@ -217,6 +218,7 @@ def _server_node(
         mailbox_limit=options.mailbox_limit,
         origin=disk.origin,
         last_n=disk.last_n,
+        table_window=table_window(endpoint),
     )
     protocol.restore(disk.clients, disk.mailbox)
     recorder.restored(options.name, disk)  # a replay starts from the same state
@@ -259,6 +261,22 @@ def _client_start(options: ClientOptions, files: ClientFiles) -> ClientStart:
     except OSError as exc:
         raise StartupError(f"cannot use the state directory {files.state_dir}: {exc}") from None
     return ClientStart(identity.seed, pinned, marks)
+
+
+#: Bytes of receive buffer a small datagram takes (the kernel's bookkeeping: about 830
+#: on Linux for an ACK of 60 bytes), with room to spare.
+DATAGRAM_FOOTPRINT = 1024
+
+
+def table_window(endpoint: Endpoint) -> Window:
+    """How much of the table's updates the server may have unanswered at once: their ACKs
+    may fill half the socket's receive buffer (the rest is for everything else). A
+    buffer too small for a burst turns ACKs into drops, retries and clients marked
+    offline."""
+    size = getattr(endpoint, "receive_buffer", None)
+    if not isinstance(size, int):
+        return Window()  # an endpoint that does not say (the in-memory network)
+    return Window(parts=max(64, size // 2 // DATAGRAM_FOOTPRINT))
 
 
 def _client_node(

@@ -168,6 +168,8 @@ class Saved(_Message, tag="saved", frozen=True):
 
 
 class TableEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One client, as the table shows it (a JSON array: new fields go at the end)."""
+
     name: Name
     ip: Annotated[str, msgspec.Meta(max_length=64)]
     port: Port
@@ -176,26 +178,48 @@ class TableEntry(msgspec.Struct, frozen=True, array_like=True):
     tag: Tag  # the client's current session id (whether or not it is online)
 
 
+Part = Annotated[int, msgspec.Meta(ge=0)]
+Parts = Annotated[int, msgspec.Meta(ge=1)]
+Version = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class Table(_Message, tag="table", frozen=True):
-    """One part of version ``(epoch, version)`` of the client table."""
+    """One part of the whole client table, version ``(epoch, version)``."""
 
     id: MsgId
     epoch: int
-    version: int
-    part: Annotated[int, msgspec.Meta(ge=0)]
-    parts: Annotated[int, msgspec.Meta(ge=1)]
+    version: Version
+    part: Part
+    parts: Parts
     entries: list[TableEntry]
+
+
+class TableDelta(_Message, tag="delta", frozen=True):
+    """One part of what changed in the table from version ``from_`` to ``to`` of
+    ``epoch``: the entries of the names that changed, as they are at ``to``, and the
+    names that left the table (``gone``)."""
+
+    id: MsgId
+    epoch: int
+    from_: Version = msgspec.field(name="from")
+    to: Version
+    part: Part
+    parts: Parts
+    entries: list[TableEntry]
+    gone: list[Name]
 
 
 class ChannelDelivery(_Message, tag="channel", frozen=True):
     """A channel message relayed by the server (``id`` is the server's), as its sender
-    posted it (``post``: the sender's id) and signed it."""
+    posted it (``post``: the sender's id) and signed it. ``key``: the sender's, as the
+    server has it bound (for a receiver whose table does not have the sender yet)."""
 
     id: MsgId
     sender: Name
     post: MsgId
     text: Text
     sig: Signature
+    key: Key
 
 
 class Seq(msgspec.Struct, frozen=True, array_like=True):
@@ -275,6 +299,16 @@ class Ack(_Message, tag="ack", frozen=True):
     tag: Tag = b""
 
 
+class TableAck(_Message, tag="table_ack", frozen=True):
+    """A client's answer to a table part or a delta: the version it holds now (after
+    applying it, or not: a delta it cannot place is answered with what it has, and the
+    server sends what brings it from there)."""
+
+    id: MsgId
+    epoch: int
+    version: int  # -1: it holds no table yet
+
+
 Message = (
     Hello
     | Challenge
@@ -289,6 +323,7 @@ Message = (
     | Lookup
     | Saved
     | Table
+    | TableDelta
     | ChannelDelivery
     | Relay
     | Mailbox
@@ -296,6 +331,7 @@ Message = (
     | LookupResult
     | Chat
     | Ack
+    | TableAck
 )
 
 #: What a plaintext datagram may be (the boxed answers in their envelopes).

@@ -26,8 +26,18 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.crypto import Identity, SeededEntropy, blake2b
 from chatapp.protocol.server import ServerProtocol
+from chatapp.protocol.tables import Window
 from chatapp.store import MemoryStore, ServerDisk
-from chatapp.wire import MAX_DATAGRAM, Address, Chat, Message, TableEntry, encode
+from chatapp.wire import (
+    MAX_DATAGRAM,
+    Address,
+    Chat,
+    Message,
+    Table,
+    TableDelta,
+    TableEntry,
+    encode,
+)
 
 SERVER: Address = ("10.0.0.1", 8001)
 SERVER_TEXT = "10.0.0.1:8001"
@@ -36,6 +46,8 @@ WALL = 1_648_153_596.0
 CLIENT_IP = "10.0.0.2"
 
 TU = screen.TABLE_UPDATED
+#: What carries the table: a part of the whole table, or of a delta.
+TABLES = (Table, TableDelta)
 
 Rule = Callable[[Address, Send], bool]
 #: A message type, or several (``Sim`` has a method named ``type``, so say it here).
@@ -72,6 +84,7 @@ class Sim:
     wall_offset: float = WALL
     timers: Timers = field(default_factory=Timers)
     mailbox_limit: int = 1000
+    table_window: Window = field(default_factory=Window)
     now: float = 0.0
     #: A datagram for which any rule returns True is lost.
     drop: list[Rule] = field(default_factory=list)
@@ -108,6 +121,7 @@ class Sim:
             wall_offset=self.wall_offset,
             mailbox_limit=self.mailbox_limit,
             origin=disk.origin,
+            table_window=self.table_window,
             last_n=disk.last_n,
         )
         server.restore(disk.clients, disk.mailbox)

@@ -786,3 +786,65 @@ def test_a_port_in_use_gets_one_line_and_status_1_and_sigterm_stops_the_server(
     server.shows("server stopped (SIGTERM)")
     assert server.exit_status() == 0
     assert_no_noise(server, client)
+
+
+def _database_with_clients(path: Path, count: int) -> None:
+    """A server database that knows ``count`` clients, all offline (gone with ``dereg``),
+    as if a big server had run: a restarted server sends them nothing."""
+    import trio
+
+    from chatapp.protocol.changes import ClientSaved, Presence
+    from chatapp.protocol.crypto import Identity
+    from chatapp.sqlite_store import SqliteStore
+
+    store = SqliteStore(str(path))
+    changes = [
+        ClientSaved(  # each name bound to a key of its own; no session (it left)
+            f"member{n:05d}",
+            "127.0.0.1",
+            20000 + n % 40000,
+            Identity.generate().public,
+            b"",
+            Presence.DEREGISTERED,
+        )
+        for n in range(count)
+    ]
+    try:
+        trio.run(store.commit, changes)
+    finally:
+        store.close()
+
+
+def test_a_client_with_a_10000_entry_table_starts_shows_it_and_sends_at_once(
+    start: Start, tmp_path: Path
+) -> None:
+    db = tmp_path / "big.sqlite3"
+    _database_with_clients(db, 10_000)
+    server_port, *ports = free_udp_ports(3)
+    server = start(*serve_args(server_port, db=db))
+    server.shows_pattern(r"listening on UDP 127\.0\.0\.1:\d+ \(10000 known clients")
+    x = join(start, "user1", server_port, ports[0], seed_spelling=False)
+    x.shows(TABLE)  # the whole table: 10,001 entries in many parts, shown once
+    y = join(start, "user2", server_port, ports[1], seed_spelling=False)
+    y.shows(TABLE)
+    x.shows(TABLE)  # and then a delta: user2 joined
+
+    x.type("table")
+    x.shows("[member09999      127.0.0.1:29999  offline]")
+    x.shows("[user2            127.0.0.1:" + f"{ports[1]:<6} online]")
+    chat(x, y, "user2", "hello from a big table", "user1")
+    chat(y, x, "user1", "and back", "user2")
+    x.type("send member04242 are you there?")  # offline: stored by the server
+    x.shows("[No ACK from member04242, message sent to server.]")
+    x.shows("[Messages received by the server and saved.]")
+
+    shown = x.shown_lines()
+    table = [line for line in shown if line.startswith("[member") or line.startswith("[user")]
+    assert len(table) == 10_002
+    assert shown.count(TABLE) == 2 and y.shown_lines().count(TABLE) == 1
+    for client in (x, y):
+        client.interrupt()
+        client.shows(INTERRUPTED)
+        assert client.exit_status() == 0
+    stop_server(server)
+    assert_no_noise(server, x, y)

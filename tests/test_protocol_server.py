@@ -28,6 +28,7 @@ from _sim import (
     SERVER,
     SERVER_KEY,
     SERVER_TEXT,
+    TABLES,
     TU,
     WALL,
     Sim,
@@ -78,6 +79,8 @@ from chatapp.wire import (
     SaveMessage,
     Seq,
     Table,
+    TableAck,
+    TableDelta,
     TableEntry,
     encode,
 )
@@ -122,11 +125,12 @@ def sends(effects: list[Effect]) -> list[Send]:
 
 
 def table_versions(sim: Sim, dst: str | None = None, since: float = -1.0) -> list[int]:
+    """The versions that tables and deltas brought, in the order first sent."""
     versions = []
-    for d in sim.datagrams(Table, dst=dst, since=since):
-        assert isinstance(d.message, Table)
-        if d.message.version not in versions:
-            versions.append(d.message.version)
+    for d in sim.datagrams(TABLES, dst=dst, since=since):
+        version = d.message.version if isinstance(d.message, Table) else d.message.to  # type: ignore[union-attr]
+        if version not in versions:
+            versions.append(version)
     return versions
 
 
@@ -164,9 +168,10 @@ def test_the_table_goes_to_every_online_client_and_lists_the_offline_ones() -> N
     since = sim.now + 1
     sim.run(1.0)
     sim.join("user3")
-    tables = sim.datagrams(Table, since=since)
-    assert sorted(sim.label_of(d.dst) for d in tables) == ["user1", "user3"]
-    entries = tables[0].message.entries  # type: ignore[union-attr]
+    updates = sim.datagrams(TABLES, since=since)
+    assert sorted(sim.label_of(d.dst) for d in updates) == ["user1", "user3"]
+    (whole,) = sim.datagrams(Table, dst="user3")
+    entries = whole.message.entries  # type: ignore[union-attr]
     assert [(e.name, e.ip, e.port, e.online) for e in entries] == [
         entry("user1", 9001),
         entry("user2", 9101, online=False),
@@ -176,6 +181,8 @@ def test_the_table_goes_to_every_online_client_and_lists_the_offline_ones() -> N
     # client the server thinks is gone may be alive, and its peers still reach it)
     assert [e.key for e in entries] == [key_of(n).public for n in ("user1", "user2", "user3")]
     assert [e.tag for e in entries] == [sim.clients[n].sid for n in ("user1", "user2", "user3")]
+    (delta,) = sim.datagrams(TableDelta, dst="user1", since=since)
+    assert [e.name for e in delta.message.entries] == ["user3"]  # type: ignore[union-attr]
 
 
 def test_a_repeated_register_is_answered_again_and_registers_once() -> None:
@@ -329,9 +336,9 @@ def test_dereg_persists_acks_and_sends_the_table_to_the_others_only() -> None:
     start = len(sim.server_effects)
     sim.type("user1", "dereg user1")
     effects = sim.server_effects[start:]
-    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Table)
+    assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, TableDelta)
     assert sim.server.clients["user1"].presence is Presence.DEREGISTERED
-    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=1.0)) == [
+    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(TABLES, since=1.0)) == [
         "user2",
         "user3",
     ]
@@ -360,7 +367,7 @@ def test_reg_acks_delivers_the_mailbox_and_sends_the_table_to_everyone() -> None
     sim.type("user1", "reg user1")
     effects = sim.server_effects[start:]
     assert index_of(effects, Change) < index_of(effects, Ack) < index_of(effects, Mailbox)
-    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(Table, since=since)) == [
+    assert sorted(sim.label_of(d.dst) for d in sim.datagrams(TABLES, since=since)) == [
         "user1",
         "user2",
         "user3",
@@ -399,7 +406,7 @@ def test_a_mailbox_never_acked_keeps_its_messages_and_the_client_is_marked_offli
     sim.type("user1", "dereg user1")
     sim.type("user2", "send user1 hello?")
     sim.run(1.0)
-    sim.drop.append(between(sim, "user1", "server", Ack))
+    sim.drop.append(between(sim, "user1", "server", (Ack, TableAck)))
     sim.drop.append(lambda src, send: src == SERVER and isinstance(send.message, Ack))
     sim.type("user1", "reg user1")
     sim.settle()
@@ -636,14 +643,14 @@ def test_a_lost_channel_ack_never_shows_the_message_twice() -> None:
 
 def test_a_table_never_acked_marks_the_client_offline_and_tells_the_others() -> None:
     sim = trio_of_clients()
-    sim.drop.append(between(sim, "user3", "server", Ack))
+    sim.drop.append(between(sim, "user3", "server", TableAck))
     sim.type("user2", "dereg user2")
     sim.advance_to(2.499)
     assert sim.server.clients["user3"].online
     sim.advance_to(2.5)
     assert sim.server.clients["user3"].presence is Presence.SILENT
     assert sim.clients["user1"].table["user3"].online is False
-    assert len(sim.datagrams(Table, src="server", dst="user3", since=0.0)) >= 5
+    assert len(sim.datagrams(TableDelta, src="server", dst="user3", since=0.0)) >= 5
 
 
 def test_a_large_table_is_split_into_parts_and_shown_once() -> None:
@@ -720,17 +727,25 @@ def test_a_restored_server_with_nobody_online_sends_nothing() -> None:
     assert server.next_deadline() is None
 
 
-def test_a_newer_table_replaces_an_older_one_still_being_retried() -> None:
+def test_changes_while_a_delta_is_in_flight_go_together_in_the_next_one() -> None:
     sim = Sim()
     sim.join("user1")
     sim.join("user2")
-    sim.drop.append(between(sim, "user1", "server", Ack))  # user1 ACKs no table
-    sim.join("user3")  # version 3, to user1 again every 500 ms
+    sim.drop.append(first_only(between(sim, "user1", "server", TableAck)))
+    mark = len(sim.sent)
+    sim.join("user3")  # version 3: to user1 a delta from 2; its ACK is lost
     sim.run(0.2)
-    sim.type("user2", "dereg user2")  # version 4
+    sim.type("user2", "dereg user2")  # version 4: user1 still has 2 -> 3 in flight
+    sim.join("user4")  # version 5
     sim.run(1.0)
-    to_user1 = [(d.at, d.message.version) for d in sim.datagrams(Table, dst="user1", since=0.0)]  # type: ignore[union-attr]
-    assert (0.5, 3) not in to_user1 and (0.7, 4) in to_user1
+    to_user1 = [
+        (d.at, d.message.from_, d.message.to)  # type: ignore[union-attr]
+        for d in sim.datagrams(TableDelta, dst="user1")
+        if d in sim.sent[mark:]
+    ]
+    assert to_user1 == [(0.0, 2, 3), (0.5, 2, 3), (0.5, 3, 5)]
+    assert sim.lines("user1") == [TU, TU, TU, TU]
+    assert sim.clients["user1"].table == sim.clients["user4"].table
 
 
 def test_a_server_restarted_from_its_database_resumes_delivery_by_itself() -> None:

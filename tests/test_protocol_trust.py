@@ -285,7 +285,7 @@ def test_forged_server_datagrams_of_every_kind_show_nothing() -> None:
     sid = user1.sid
     item = StoredItem(Seq("o1", 99), "f.1", "channel", "user2", 1.0, "forged", b"s" * 64)
     fakes = [
-        ChannelDelivery("f.2", "user2", "f.2", "forged", b"s" * 64),
+        ChannelDelivery("f.2", "user2", "f.2", "forged", b"s" * 64, key_of("user2").public),
         Mailbox("f.3", "f.4", [item]),
         Relay("f.5", Seq("o1", 98), b"\x02" + b"x" * 60, key_of("user2").public),
     ]
@@ -302,7 +302,7 @@ def test_a_channel_message_the_server_alters_is_not_shown() -> None:
     sim = trio_of_clients()
     user3 = sim.clients["user3"]
     sig = key_of("user1").sign(CHANNEL_DOMAIN, b"user1", b"p.1", b"hello guys")
-    good = ChannelDelivery("d.1", "user1", "p.1", "hello guys", sig)
+    good = ChannelDelivery("d.1", "user1", "p.1", "hello guys", sig, key_of("user1").public)
     bad = [
         replace(good, id="d.2", text="hello fools"),
         replace(good, id="d.3", sender="user2"),

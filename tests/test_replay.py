@@ -24,7 +24,7 @@ from chatapp.node import Node
 from chatapp.protocol.common import Timers
 from chatapp.protocol.sealing import TO_SERVER, Session
 from chatapp.protocol.waits import WaitRule
-from chatapp.wire import ChannelPost, Table
+from chatapp.wire import ChannelPost, TableDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -244,7 +244,7 @@ def test_a_build_that_skips_a_table_broadcast_fails_at_it(
 
     async def skip_fourth_table(self: Node, effect: object) -> None:
         message = getattr(effect, "message", None)
-        if isinstance(message, Table) and message.version == 4 and not getattr(self, "_skipped", 0):
+        if isinstance(message, TableDelta) and message.to == 4 and not getattr(self, "_skipped", 0):
             self._skipped = 1  # type: ignore[attr-defined]
             return
         await original(self, effect)  # type: ignore[arg-type]
@@ -253,7 +253,7 @@ def test_a_build_that_skips_a_table_broadcast_fails_at_it(
     code, out = chat_replay(capsys, trace_path("test1"))
     assert code == 1
     assert "First divergence: datagrams server sent to user" in out
-    assert "table v4" in out
+    assert "delta v3->v4" in out
 
 
 def test_an_unreadable_trace_is_one_line_and_status_2(

@@ -61,6 +61,7 @@ from chatapp.wire import (
     Seq,
     StoredItem,
     Table,
+    TableDelta,
     TableEntry,
     encode,
 )
@@ -103,8 +104,6 @@ class ClientProtocol(ClientDelivery):
         )  # fmt: skip
         self._deliveries_shown = SeenIds(capacity=1024)
         self._marks_moved = []
-        self._table_version = (-1, -1)
-        self._table_parts = {}
 
     # --- entry points -----------------------------------------------------------------
 
@@ -444,6 +443,7 @@ class ClientProtocol(ClientDelivery):
         (Mailbox, Via.SERVER): ClientDelivery._on_mailbox,
         (NotStored, Via.SERVER): ClientDelivery._on_not_stored,
         (Table, Via.SERVER): ClientDelivery._on_table,
+        (TableDelta, Via.SERVER): ClientDelivery._on_table,
     }
 
 

@@ -27,6 +27,7 @@ from chatapp.protocol.crypto import (
 )
 from chatapp.protocol.machine import Machine
 from chatapp.protocol.sealing import Session
+from chatapp.protocol.tables import TableCopy
 from chatapp.protocol.waits import ClientWait, ServerWait
 from chatapp.wire import (
     Address,
@@ -92,7 +93,7 @@ class ClientCore(Machine[Waiting]):
         self.pinned = pinned
         self.pins_file = pins_file  # where a person removes a pin (for the changed-key line)
         self.state = ClientState.JOINING
-        self.table: dict[str, TableEntry] = {}
+        self.copy = TableCopy()  # the server's table as this client has it
         self.codec = ClientCodec(identity, name, self._peer_key, entropy)
         self.codec.server_key = pinned
         self.rekeying = False  # registering again in a new session, as the server asked
@@ -108,6 +109,11 @@ class ClientCore(Machine[Waiting]):
         #: Registered, the first table still to come: until when lines wait for it.
         self._table_due: float | None = None
         self._pinned_now: bytes | None = None  # pinned since the checkpoint (not yet on disk)
+
+    @property
+    def table(self) -> dict[str, TableEntry]:
+        """The client table, by name."""
+        return self.copy.entries
 
     def _peer_key(self, name: str) -> bytes | None:
         entry = self.table.get(name)

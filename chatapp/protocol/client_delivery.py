@@ -28,7 +28,8 @@ from chatapp.wire import (
     Seq,
     StoredItem,
     Table,
-    TableEntry,
+    TableAck,
+    TableDelta,
     WireError,
 )
 
@@ -43,8 +44,6 @@ LISTENING = {
 
 class ClientDelivery(ClientCore):
     _deliveries_shown: SeenIds
-    _table_version: tuple[int, int]
-    _table_parts: dict[tuple[int, int], dict[int, list[TableEntry]]]
     #: (server key, origin, the mark before) of each mark moved since the checkpoint
     _marks_moved: list[tuple[bytes, str, int | None]]
 
@@ -123,7 +122,10 @@ class ClientDelivery(ClientCore):
         if ignored := self._ignored_offline("channel message"):
             return ignored
         effects: list[Effect] = [self._ack_server(message.id)]
-        if not self._signed_by(message.sender, message.post, message.text, message.sig):
+        # The table's key for the sender; the one the server names for a sender the table
+        # does not have yet (a table still on its way): the server vouches for both alike.
+        key = self._peer_key(message.sender) or message.key
+        if not self._signed_by(message.sender, message.post, message.text, message.sig, key):
             why = f"a channel message from {message.sender} whose signature fails: dropped"
             return [*effects, Log(why, "warning")]
         if self._seen.add((message.sender, message.post)):
@@ -220,23 +222,17 @@ class ClientDelivery(ClientCore):
             effects.append(Show(screen.not_stored(list(message.names), message.more)))
         return effects
 
-    def _on_table(self, message: Table, sender: Sender, now: float) -> list[Effect]:
+    def _on_table(self, message: Table | TableDelta, sender: Sender, now: float) -> list[Effect]:
+        """A part of the whole table or of a delta: ACKed with the version held after
+        taking it; shown once when it completes an update that was applied."""
         if ignored := self._ignored_offline("table"):
             return ignored
-        effects: list[Effect] = [self._ack_server(message.id)]
-        version = (message.epoch, message.version)
-        if version <= self._table_version or message.part >= message.parts:
-            return effects
-        parts = self._table_parts.setdefault(version, {})
-        parts[message.part] = message.entries
-        if len(parts) < message.parts:
-            return effects
-        self.table = {entry.name: entry for part in parts.values() for entry in part}
-        self._table_version = version
+        applied = self.copy.take(message)
+        ack = self._to_server(TableAck(message.id, self.copy.epoch, self.copy.version))
+        if not applied:
+            return [ack]
         self._table_due = None  # the first table: what waited for it goes now
-        self._table_parts = {v: p for v, p in self._table_parts.items() if v > version}
-        effects.append(Show(screen.TABLE_UPDATED))
-        return effects
+        return [ack, Show(screen.TABLE_UPDATED)]
 
 
 def _sender(sealed: bytes) -> str:

@@ -92,10 +92,14 @@ class Machine(Generic[W]):
         note of what a rollback would undo."""
         self._started.clear()
 
-    def _end_waits_since_checkpoint(self) -> None:
-        for key in self._started:
+    def _end_waits_since_checkpoint(self) -> set[Hashable]:
+        """End the waits started since the last checkpoint (their datagrams never went
+        out); which they were."""
+        ended = set(self._started)
+        for key in ended:
             self._retry.end(key)
         self._started.clear()
+        return ended
 
     # --- pending requests -------------------------------------------------------------
 

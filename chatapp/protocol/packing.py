@@ -26,14 +26,3 @@ def fitting(items: list[T], start: int = 0) -> int:
             break
         end += 1
     return end
-
-
-def split(entries: list[TableEntry]) -> list[list[TableEntry]]:
-    """The table in parts that each fit in one datagram (always at least one part)."""
-    parts: list[list[TableEntry]] = []
-    start = 0
-    while start < len(entries) or not parts:
-        end = fitting(entries, start)
-        parts.append(entries[start:end])
-        start = end
-    return parts

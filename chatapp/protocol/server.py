@@ -33,6 +33,7 @@ from chatapp.protocol.crypto import (
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
 from chatapp.protocol.server_core import Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
+from chatapp.protocol.tables import Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
@@ -52,6 +53,7 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     StoredItem,
+    TableAck,
     encode,
     fmt_addr,
 )
@@ -84,10 +86,12 @@ class ServerProtocol(ServerDelivery):
         mailbox_limit: int = DEFAULT_MAILBOX_LIMIT,
         origin: str = "",
         last_n: int = 0,
+        table_window: Window = Window(),
     ) -> None:
         """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
-        ``epoch`` orders tables across restarts (a larger one on every start); ``origin``
-        and ``last_n`` are the store's sequence numbers (a fresh origin by default)."""
+        ``epoch`` tells tables of one start from another's (a new one on every start);
+        ``origin`` and ``last_n`` are the store's sequence numbers (a fresh origin by
+        default); ``table_window`` bounds the table's updates unanswered at once."""
         entropy = entropy or SystemEntropy()
         origin = origin or entropy.token_bytes(8).hex()
         super().__init__(
@@ -97,6 +101,7 @@ class ServerProtocol(ServerDelivery):
             epoch=epoch,
             wall_offset=wall_offset,
             mailboxes=Mailboxes(mailbox_limit, origin, last_n),
+            table_window=table_window,
         )
         self._unstored = {}
 
@@ -117,29 +122,35 @@ class ServerProtocol(ServerDelivery):
         super().checkpoint()
         self._recent.checkpoint()
         self.roster.checkpoint()
+        self.followers.checkpoint()
         self._registering.clear()
+        self._sessions_ended.clear()
 
     def rollback(self, disk: Disk, now: float) -> list[Effect]:
         """The database did not take the changes made since the last checkpoint, and none
         of their effects went out: forget them, go back to what ``disk`` (the database)
         holds, and refuse every request that asked for a change (never "done"; a retry
         is redone). What goes back: the records, with each name's binding to its key and
-        its session id; the sessions made since (forgotten); the stored messages; the
-        deliveries under way. The sequence counter does not go back (a number given and
-        lost is skipped, never given twice). A database that is not this server's any
-        more (another key, another origin) stops the server."""
+        its session id; the sessions (made since: forgotten; ended since: back); the
+        table, to its version at the checkpoint, and what the server knows of each
+        client's copy (the updates started since are dropped: no client hears of a
+        change the database does not hold); the stored messages; the deliveries under
+        way. The sequence counter does not go back (a number given and lost is skipped,
+        never given twice). A database that is not this server's any more (another
+        key, another origin) stops it."""
         if disk.key != self.identity.seed or disk.origin != self.mailboxes.origin:
             why = "the database holds another server's key or counter now: stopping"
             return [Log(why, "warning", summary=True), Exit(1)]
-        self._end_waits_since_checkpoint()
-        self._probes.clear()
+        ended = self._end_waits_since_checkpoint()
         self.roster.reload(disk.clients)
+        online = {record.name for record in disk.clients if record.online}
+        self._end_waits(self.followers.reload(online, self.roster.clients, ended))
+        # The sessions the database names: those made since are forgotten, those ended
+        # since (a registration again, a displacement) come back.
         sids = {record.sid for record in self.clients.values()}
-        self.codec.sessions = {s: v for s, v in self.codec.sessions.items() if s in sids}
-        self._table_waits = {
-            name: [key for key in keys if key in self._retry]
-            for name, keys in self._table_waits.items()
-        }
+        sessions = {**self._sessions_ended, **self.codec.sessions}
+        self.codec.sessions = {s: v for s, v in sessions.items() if s in sids}
+        self._sessions_ended.clear()
         flights = self.mailboxes.flights
         delivering = {name for name, f in flights.items() if f.wait in self._retry}
         self.mailboxes.reload(disk.mailbox, delivering=delivering)
@@ -201,7 +212,9 @@ class ServerProtocol(ServerDelivery):
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
-        return self._expired(now) + self._flushed(now)
+        effects = self._expired(now)
+        self._slow_down_if_resent(effects, now)
+        return effects + self._flushed(now)
 
     def _flushed(self, now: float) -> list[Effect]:
         """What goes once for all the changes of one event: the table, the notices."""
@@ -277,18 +290,15 @@ class ServerProtocol(ServerDelivery):
         effects: list[Effect] = []
         displaced = self.roster.name_at(addr)
         if displaced is not None and displaced != message.name:
-            old = self.clients[displaced]
-            if old.online:
-                effects += self._set_presence(old, Presence.SILENT)
-            self._end_session(old)
-            # Stored too: after a restart the displaced name must not come back online here.
-            effects.append(ClientSaved.of(old))
+            effects += self._displace(self.clients[displaced])
         holder = self.clients.get(message.name)
+        # New: unbound, or bound by a registration that has not completed either.
+        new = holder is None or self.followers.joined_new(message.name)
         record = ClientRecord(message.name, addr, message.key, holder.sid if holder else b"")
         session = self._new_session(record)
         effects += self._stop_stream(message.name)  # what went in the old session is lost
-        self._cancel_table_waits(message.name)
         self.roster.add(record)
+        self._end_waits(self.followers.joined(record.name, new=new))
         self._end_rekey_wait(message, now)
         granted = Registered(message.id, session.sid, session.key, self.boot)
         nonce = self.entropy.token_bytes(BOX_NONCE_BYTES)
@@ -355,7 +365,7 @@ class ServerProtocol(ServerDelivery):
         send = self._to_client(record, result)
         return [send] if send else []
 
-    def _on_ack(self, message: Ack, record: ClientRecord, now: float) -> list[Effect]:
+    def _on_ack(self, message: Ack | TableAck, record: ClientRecord, now: float) -> list[Effect]:
         sender = Sender(Via.CLIENT, record.addr, record.name)
         return self._answered((record.name, message.id), message, sender, now)
 
@@ -383,6 +393,7 @@ class ServerProtocol(ServerDelivery):
         (SaveMessage, Via.CLIENT): ServerDelivery._on_save,
         (ChannelPost, Via.CLIENT): ServerDelivery._on_channel_post,
         (Ack, Via.CLIENT): _on_ack,
+        (TableAck, Via.CLIENT): _on_ack,
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from chatapp.protocol.changes import ClientRecord, ClientSaved, Presence
+from chatapp.protocol.changes import ClientRecord
 from chatapp.protocol.codecs import Sender, ServerCodec, UnknownSession, Via
 from chatapp.protocol.common import (
     Effect,
@@ -34,7 +34,8 @@ from chatapp.protocol.crypto import (
 from chatapp.protocol.machine import Machine
 from chatapp.protocol.mailbox import Mailboxes
 from chatapp.protocol.roster import Roster
-from chatapp.protocol.sealing import SESSION_KIND, TO_CLIENT, Session
+from chatapp.protocol.sealing import SESSION_KIND, Session
+from chatapp.protocol.tables import Followers, Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Address,
@@ -42,7 +43,6 @@ from chatapp.wire import (
     Refused,
     Rekey,
     StoredItem,
-    Table,
     WireError,
     encode,
     fmt_addr,
@@ -75,25 +75,28 @@ class ServerCore(Machine[Waiting]):
         epoch: int,
         wall_offset: float,
         mailboxes: Mailboxes,
+        table_window: Window,
     ) -> None:
+        """``table_window`` bounds the table's updates unanswered at once (their ACKs must
+        fit in the socket's receive buffer)."""
         super().__init__(timers)
         self.identity = identity
         self.entropy = entropy
         self.codec = ServerCodec(identity)
         self.roster = Roster(epoch)
+        self.followers = Followers(table_window)  # who holds which version of the table
         self.wall_offset = wall_offset
         self.mailboxes = mailboxes
         self.boot = entropy.token_bytes(SID_BYTES)  # this run of the server, in every rekey
         self.cookie_secret = entropy.token_bytes(KEY_BYTES)
         self.started_at = 0.0  # the cookies' clock starts here
         self._recent = RecentAnswers()
-        self._table_waits: dict[str, list[Hashable]] = {}
-        self._probes: set[str] = set()  # marked offline in this event: sent the table as a probe
         self._rekeys = TokenBucket(*REKEY_RATE)
         self._returning: set[str] = set()  # asked to rekey after a restart, not yet back
         #: The keys of the clients whose registrations were answered since the checkpoint
         #: (a refusal must be boxed to the key, should the commit fail).
         self._registering: dict[Hashable, bytes] = {}
+        self._sessions_ended: dict[bytes, Session] = {}  # since the checkpoint
 
     @property
     def clients(self) -> dict[str, ClientRecord]:
@@ -160,17 +163,6 @@ class ServerCore(Machine[Waiting]):
             return pending.send.addr == record.addr
         return data[1 : 1 + SID_BYTES] == record.sid
 
-    # --- presence -----------------------------------------------------------------------
-
-    def _set_presence(self, record: ClientRecord, presence: Presence) -> list[Effect]:
-        """What follows from it: a client going offline stops its delivery (a relay's
-        sender is told the message is stored)."""
-        self.roster.set_presence(record, presence)
-        if presence is Presence.ONLINE:
-            return []
-        self._cancel_table_waits(record.name)
-        return self._stop_stream(record.name)
-
     def _stop_stream(self, name: str) -> list[Effect]:
         """Nothing more goes to ``name`` in its delivery under way (overridden by the
         delivery layer: a relay's sender is told the message is stored)."""
@@ -178,8 +170,9 @@ class ServerCore(Machine[Waiting]):
         return []
 
     def _end_session(self, record: ClientRecord) -> None:
-        if record.sid:
-            self.codec.sessions.pop(record.sid, None)
+        session = self.codec.sessions.pop(record.sid, None) if record.sid else None
+        if session is not None:  # given back if the database still names it (a rollback)
+            self._sessions_ended.setdefault(session.sid, session)
 
     def _new_session(self, record: ClientRecord) -> Session:
         session = Session(
@@ -189,74 +182,6 @@ class ServerCore(Machine[Waiting]):
         record.sid = session.sid
         self.codec.sessions[session.sid] = session
         return session
-
-    def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        return self._no_ack_from(self.clients[pending.context.recipient], pending)
-
-    def _no_ack_from(self, record: ClientRecord, pending: Pending[Waiting]) -> list[Effect]:
-        """A client that did not ACK in its session is offline (and gets the next table
-        as a probe: a lost datagram should not keep a live client offline)."""
-        if not record.online or not self._sent_in_current_session(pending, record):
-            return []
-        stopped = self._set_presence(record, Presence.SILENT)
-        self._probes.add(record.name)
-        return [
-            Log(f"no ACK from {record.name} ({pending.context.kind}): marked offline", "warning"),
-            ClientSaved.of(record),
-            *stopped,
-        ]
-
-    # --- the table ----------------------------------------------------------------------
-
-    def _flush_table(self, now: float) -> list[Effect]:
-        """Send the table to every online client, once for all the changes of one event
-        (after a restart: once the clients asked to register again are back)."""
-        if self._returning:
-            self._returning = {n for n in self._returning if ("rekey", n) in self._retry}
-            if self._returning:
-                return []
-        parts = self.roster.next_table()
-        if parts is None:
-            return []
-        epoch, version = self.roster.epoch, self.roster.version
-        messages = [
-            Table(self.new_id(), epoch, version, index, len(parts), entries)
-            for index, entries in enumerate(parts)
-        ]
-        encoded = [(message, encode(message)) for message in messages]  # once for all
-        effects: list[Effect] = []
-        recipients = 0
-        probes, self._probes = self._probes, set()
-        for record in self.clients.values():
-            # A client just marked offline for not ACKing gets the table too: if it is
-            # alive after all (a lost datagram), its ACK brings it back by contact.
-            if not record.online and not (
-                record.name in probes and record.presence is Presence.SILENT
-            ):
-                continue
-            session = self._session_of(record)
-            if session is None:
-                continue
-            recipients += 1
-            self._cancel_table_waits(record.name)
-            keys = self._table_waits.setdefault(record.name, [])
-            for message, plaintext in encoded:
-                key = (record.name, message.id)
-                keys.append(key)
-                send = Send(message, session.seal_bytes(TO_CLIENT, plaintext), record.addr)
-                effects.append(self._wait(key, send, now, Waiting(ServerWait.TABLE, record.name)))
-        effects.insert(0, Log(f"table version {version} sent to {recipients} clients", "debug"))
-        return effects
-
-    def _cancel_table_waits(self, name: str) -> None:
-        for key in self._table_waits.pop(name, []):
-            self._retry.end(key)
-
-    def _table_acked(self, pending: Pending[Waiting], answer: Message, now: float) -> list[Effect]:
-        waits = self._table_waits.get(pending.context.recipient, [])
-        if pending.key in waits:
-            waits.remove(pending.key)
-        return []
 
     def _wall(self, now: float) -> float:
         return now + self.wall_offset

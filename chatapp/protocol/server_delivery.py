@@ -1,5 +1,6 @@
 """The server's delivery rules: saves, relays, each recipient's delivery stream, and
-channel messages (a layer of the server's state machine; see ``server_core``).
+channel messages (a layer of the server's state machine, on ``presence``; see
+``server_core``).
 
 A save is stored first, with its place in the recipient's stream (the
 mailbox limit is checked then, on every path), and committed before anything
@@ -15,8 +16,9 @@ from chatapp.protocol.changes import ClientRecord, MessageStored
 from chatapp.protocol.common import Effect, Log, Pending, Send
 from chatapp.protocol.crypto import CHANNEL_DOMAIN, verify
 from chatapp.protocol.mailbox import Flight
+from chatapp.protocol.presence import ServerPresence
 from chatapp.protocol.sealing import TO_CLIENT, parse_peer
-from chatapp.protocol.server_core import ServerCore, Waiting
+from chatapp.protocol.server_core import Waiting
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     NOT_STORED_NAMES,
@@ -34,7 +36,7 @@ from chatapp.wire import (
 )
 
 
-class ServerDelivery(ServerCore):
+class ServerDelivery(ServerPresence):
     # (poster, post id) -> the recipients whose copy could not be stored, this event
     _unstored: dict[tuple[str, str], list[str]]
 
@@ -176,7 +178,7 @@ class ServerDelivery(ServerCore):
             return self._refuse(record, message.id, "the message's signature does not verify.")
         ack = self._answer(record, Ack(message.id))
         delivery = ChannelDelivery(
-            self.new_id(), record.name, message.id, message.text, message.sig
+            self.new_id(), record.name, message.id, message.text, message.sig, record.key
         )
         plaintext = encode(delivery)  # once for every receiver
         stored: list[Effect] = []

@@ -45,6 +45,8 @@ from chatapp.wire import (
     Saved,
     SaveMessage,
     Table,
+    TableAck,
+    TableDelta,
     tag_of,
 )
 
@@ -153,8 +155,15 @@ _OFFLINE = "the client is marked offline"
 
 class ServerWait(Wait):
     TABLE = WaitRule(
-        Table, (Ack,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
-        "server: `table` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+        Table, (TableAck,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
+        "server: a part of the whole `table` to a client",
+        f"{_OFFLINE} (stored messages are kept) and sent its update once more; a"
+        " registration whose first table is never ACKed, that time either, is undone"
+        " (a name it brought leaves the table)")  # fmt: skip
+    DELTA = WaitRule(
+        TableDelta, (TableAck,), TRIES, ACK_TIMEOUT, "_table_acked", None, "_went_silent",
+        "server: a `delta` of the table to a client",
+        f"{_OFFLINE} (stored messages are kept) and sent its update once more")  # fmt: skip
     MAILBOX = WaitRule(
         Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_batch_acked", None, "_went_silent",
         "server: `mailbox` (a batch of stored messages) to a client",

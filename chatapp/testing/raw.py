@@ -27,6 +27,9 @@ from chatapp.wire import (
     Refused,
     Register,
     Registered,
+    Table,
+    TableAck,
+    TableDelta,
     TableEntry,
     WireError,
     encode,
@@ -102,6 +105,12 @@ class RawClient:
 
     def ack(self, msg_id: str) -> bytes:
         return self.seal(Ack(msg_id))
+
+    def table_ack(self, part: Table | TableDelta) -> bytes:
+        """The ACK of a table part or a delta, saying this client holds what it brings
+        (it keeps no table of its own, only the keys)."""
+        version = part.version if isinstance(part, Table) else part.to
+        return self.seal(TableAck(part.id, part.epoch, version))
 
     def post(self, text: str, msg_id: str | None = None) -> bytes:
         """A signed channel message, sealed."""

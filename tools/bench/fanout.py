@@ -77,7 +77,7 @@ def _fanout_trial(
     receivers.command('{"do": "reset"}')
     msg_id = sender.next_id()
     if floor:
-        data = encode(ChannelDelivery(msg_id, sender.name, msg_id, TEXT, bytes(64)))
+        data = encode(ChannelDelivery(msg_id, sender.name, msg_id, TEXT, bytes(64), bytes(32)))
     else:
         assert sender.raw is not None
         data = sender.raw.post(TEXT, msg_id)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from chatapp import screen
 from chatapp.testing.raw import RawClient
-from chatapp.wire import Chat, Table
+from chatapp.wire import Chat, Table, TableDelta
 
 from .loadgen import HOST
 from .procs import (
@@ -234,9 +234,9 @@ def floor(peer_port: int, server_port: int) -> None:
                 print(acked, flush=True)
                 continue
             message = me.open(data)  # a table teaches it the peers' keys
-            if isinstance(message, Table):
+            if isinstance(message, Table | TableDelta):
                 tags.update((entry.name, entry.tag) for entry in message.entries)
-                sock.sendto(me.ack(message.id), server)
+                sock.sendto(me.table_ack(message), server)
 
     threading.Thread(target=receive, daemon=True).start()
     threading.Timer(MAX_PROCESS_SECONDS, os._exit, (0,)).start()

@@ -24,11 +24,14 @@ class Sizes:
     mailbox_messages: int
     rounds: int  # capacity: the loads take turns this many times; the best round counts
     bursts: int  # capacity: bursts of BURST saves per round (the saturated figures)
+    online: tuple[int, ...]  # registrations: the N one registration is measured at
+    samples: int  # registrations: how many at each N
+    storm: int  # registrations: how many at once
     flood_junk: int  # flood: junk datagrams from one address
     flood_registrations: int  # flood: registrations from one address (hellos, answered)
 
 
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, 20_000, 1_000)
+TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, (50,), 3, 50, 20_000, 1_000)
 QUICK = Sizes(
     300,
     0.5,
@@ -40,6 +43,9 @@ QUICK = Sizes(
     10_000,
     2,
     4,
+    (1000, 5000),
+    3,
+    5000,
     200_000,
     5_000,
 )
@@ -54,6 +60,9 @@ FULL = Sizes(
     10_000,
     3,
     15,
+    (1000, 5000, 10_000),
+    10,
+    10_000,
     1_000_000,
     20_000,
 )

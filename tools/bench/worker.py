@@ -39,7 +39,7 @@ from chatapp.net import RECEIVE_SOCKET_BUFFER
 from chatapp.protocol.crypto import Identity, blake2b
 from chatapp.protocol.sealing import TO_CLIENT
 from chatapp.testing.raw import RawClient
-from chatapp.wire import Ack, Challenge, Lookup, Rekey, WireError, encode
+from chatapp.wire import Ack, Challenge, Lookup, Rekey, TableAck, WireError, encode
 
 from .loadgen import HOST, decode_head
 
@@ -121,6 +121,9 @@ class InnerHead(msgspec.Struct):
     t: str
     id: str = ""
     post: str = ""
+    epoch: int = 0  # a table part's or a delta's
+    version: int = 0  # a table part's
+    to: int | str = 0  # a delta's version (a save's recipient)
 
 
 decode_inner_head = msgspec.json.Decoder(InnerHead).decode
@@ -233,14 +236,21 @@ class _Receivers:
             receiver.last = b""
 
     def _sealed(self, receiver: _Receiver, head: InnerHead, addr: Any) -> None:
-        if head.t not in ("channel", "table", "table_delta", "mailbox", "not_stored", "relay"):
+        if head.t not in ("channel", "table", "delta", "mailbox", "not_stored", "relay"):
             return
-        receiver.sock.sendto(receiver.raw.ack(head.id), addr)
+        if head.t in ("table", "delta"):
+            # A receiver keeps no table: it says it holds what each part brings, and the
+            # server sends it what a client that applies everything needs.
+            version = head.version if head.t == "table" else int(head.to)
+            ack = receiver.raw.seal(TableAck(head.id, head.epoch, version))
+        else:
+            ack = receiver.raw.ack(head.id)
+        receiver.sock.sendto(ack, addr)
         if receiver.dead:
             return
         if head.t == "channel":
             self._counted(head.post)
-        elif head.t.startswith("table"):
+        elif head.t in ("table", "delta"):
             now = time.monotonic()
             self.table_first = self.table_first or now
             self.table_last = now

@@ -261,8 +261,15 @@ def _channel_reaches_everyone(
             continue
         msg: dict[str, Any] = event.msg
         kind = msg.get("t")
-        if isinstance(event, Send) and kind == "table":
-            table = {entry[0]: bool(entry[3]) for entry in msg.get("entries", [])}
+        if isinstance(event, Send) and kind in ("table", "delta"):
+            # Every table and delta carries entries as they are now: applied in the
+            # order sent, they keep the server's view of who is online.
+            if kind == "table" and msg.get("part") == 0:
+                table = {}
+            for entry in msg.get("entries", []):
+                table[entry[0]] = bool(entry[3])
+            for name in msg.get("gone", []):
+                table.pop(name, None)
             for post_id in posts:
                 offline_after[post_id].append((event.seq, {n for n, on in table.items() if not on}))
         elif isinstance(event, Recv) and kind == "send_all" and msg["id"] not in posts:

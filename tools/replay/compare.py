@@ -19,13 +19,13 @@ from typing import Any
 
 from chatapp.protocol.waits import answer_tags
 from chatapp.trace import Event, Exited, Input, Recv, Send, Shown, Start, Trace
-from chatapp.wire import Ack, tag_of
+from chatapp.wire import Ack, TableAck, tag_of
 
 from .normalise import Normaliser
 
 #: Messages that answer a request (sent again for each retry of it): not retries themselves.
 ANSWERS = answer_tags()
-_ACK = tag_of(Ack)
+_ACKS = (tag_of(Ack), tag_of(TableAck))
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,7 @@ def _since_first_send(trace: Trace, node: str) -> dict[int, float]:
     for event in trace.events:
         if not isinstance(event, Send) or event.node != node or not event.msg:
             continue
-        if event.msg.get("t") == _ACK:
+        if event.msg.get("t") in _ACKS:
             continue  # an ACK answers a repeat, whenever it comes; it is not one
         msg_id = event.msg.get("id")
         if not isinstance(msg_id, str):

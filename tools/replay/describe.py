@@ -12,7 +12,12 @@ def describe(msg: Mapping[str, Any] | None) -> str:
         return "(undecodable)"
     kind = str(msg.get("t", "?"))
     if kind == "table":
-        return f"table v{msg.get('version')}"
+        parts = msg.get("parts", 1)
+        return f"table v{msg.get('version')}" + (f" ({parts} parts)" if parts != 1 else "")
+    if kind == "delta":
+        return f"delta v{msg.get('from')}->v{msg.get('to')}"
+    if kind == "table_ack":
+        return f"table_ack v{msg.get('version')}"
     if kind in ("chat", "channel", "send_all"):
         text = str(msg.get("text", ""))
         if len(text) > 24:

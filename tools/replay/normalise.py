@@ -58,6 +58,7 @@ class Normaliser:
     ports: dict[int, str] = field(default_factory=dict)
     id_labels: dict[str, str] = field(default_factory=dict)
     id_values: dict[str, str] = field(default_factory=dict)  # label -> latest value
+    epochs: dict[str, int] = field(default_factory=dict)  # node -> the table epoch it sent last
     scoped: str = ""
     _issued: dict[str, int] = field(default_factory=dict)
     _stream_labels: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -104,6 +105,9 @@ class Normaliser:
             sender = event.node if isinstance(event, Send) else self.address(event.peer)
             receiver = self.address(event.peer) if isinstance(event, Send) else event.node
             self._learn_ids(event.msg, sender, receiver)
+            epoch = event.msg.get("epoch")
+            if isinstance(epoch, int):
+                self.epochs[sender] = epoch
 
     def _learn_ids(self, msg: Mapping[str, Any], sender: str, receiver: str) -> None:
         for value in _ids_in(msg):

@@ -157,6 +157,8 @@ class Rewriter:
         for key, value in msg.items():
             if key in ("id", "delivery", "post"):
                 result[key] = self._id(value, puppet)
+            elif key == "epoch":  # the table the node under test holds, in this run
+                result[key] = self.live.epochs.get(self.under_test, value)
             elif key == "port" and isinstance(value, int):
                 node = self.recorded.ports.get(value, "")
                 result[key] = self.new_addresses[node][1] if node in self.new_addresses else value

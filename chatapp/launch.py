@@ -249,6 +249,20 @@ def _server_node(
     )
 
 
+def _client_start(options: ClientOptions, files: ClientFiles) -> ClientStart:
+    if options.start_from is not None:
+        return options.start_from
+    try:
+        identity, _ = load_identity(files.state_dir, options.name)
+        pinned = read_pins(files.state_dir).get(fmt_addr((options.server_ip, options.server_port)))
+        marks = files.load_marks([pinned] if pinned is not None else [])
+    except StateError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {files.state_dir}: {exc}") from None
+    return ClientStart(identity.seed, pinned, marks)
+
+
 #: Bytes of receive buffer a small datagram takes (the kernel's bookkeeping: about 830
 #: on Linux for an ACK of 60 bytes), with room to spare.
 DATAGRAM_FOOTPRINT = 1024
@@ -263,20 +277,6 @@ def table_window(endpoint: Endpoint) -> Window:
     if not isinstance(size, int):
         return Window()  # an endpoint that does not say (the in-memory network)
     return Window(parts=max(64, size // 2 // DATAGRAM_FOOTPRINT))
-
-
-def _client_start(options: ClientOptions, files: ClientFiles) -> ClientStart:
-    if options.start_from is not None:
-        return options.start_from
-    try:
-        identity, _ = load_identity(files.state_dir, options.name)
-        pinned = read_pins(files.state_dir).get(fmt_addr((options.server_ip, options.server_port)))
-        marks = files.load_marks([pinned] if pinned is not None else [])
-    except StateError as exc:
-        raise StartupError(str(exc)) from None
-    except OSError as exc:
-        raise StartupError(f"cannot use the state directory {files.state_dir}: {exc}") from None
-    return ClientStart(identity.seed, pinned, marks)
 
 
 def _client_node(

@@ -67,6 +67,7 @@ OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit
 ALREADY_ONLINE = "[You are already online.]"
 STILL_JOINING = "[Still waiting for the server to accept the registration. Try again in a moment.]"
 BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
+LEAVING = "[Leaving once the requests in flight are answered (Ctrl-C leaves now).]"
 REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
 EMPTY_TABLE = "[The client table is empty.]"
 CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; try again later.]"
@@ -75,8 +76,9 @@ CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; 
 #: ``help COMMAND``: one line on each command (aliases share their command's line).
 _TABLE_HELP = "[table (or list): the client table, with who is online.]"
 _EXIT_HELP = (
-    "[exit (or quit, Ctrl-D, Ctrl-C): leave. Leaving does not deregister:"
-    " the server finds out when you stop answering.]"
+    "[exit (or quit, Ctrl-D): leave, once the requests in flight are answered; Ctrl-C"
+    " leaves at once. Leaving does not deregister: the server finds out when you stop"
+    " answering.]"
 )
 _FINGERPRINT_HELP = (
     "[fingerprint (or key): your key's fingerprint. fingerprint NAME: NAME's, and the"

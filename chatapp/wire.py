@@ -212,8 +212,7 @@ class TableDelta(_Message, tag="delta", frozen=True):
 class ChannelDelivery(_Message, tag="channel", frozen=True):
     """A channel message relayed by the server (``id`` is the server's), as its sender
     posted it (``post``: the sender's id) and signed it. ``key``: the sender's, as the
-    server has it bound (as in a ``relay``: a receiver whose table has not reached the
-    sender yet, a newcomer say, still verifies it)."""
+    server has it bound (for a receiver whose table does not have the sender yet)."""
 
     id: MsgId
     sender: Name

@@ -121,8 +121,8 @@ class Sim:
             wall_offset=self.wall_offset,
             mailbox_limit=self.mailbox_limit,
             origin=disk.origin,
-            last_n=disk.last_n,
             table_window=self.table_window,
+            last_n=disk.last_n,
         )
         server.restore(disk.clients, disk.mailbox)
         return server

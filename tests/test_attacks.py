@@ -207,7 +207,7 @@ def test_forged_altered_and_replayed_server_datagrams_show_nothing(tmp_path: Pat
         entry = TableEntry("user2", LOCALHOST, 6666, True, mallory.public, bytes(8))
         fakes = [
             Table("f.1", 10**15, 1, 0, 1, [entry]),
-            ChannelDelivery("f.2", "user2", "f.2", "forged", mallory.sign(b"x"), mallory.public),
+            ChannelDelivery("f.2", "user2", "f.2", "forged", mallory.sign(b"x"), bytes(32)),
             Mailbox("f.3", "f.4", []),
             Refused("f.5", "you are banned"),
         ]

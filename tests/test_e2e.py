@@ -703,8 +703,10 @@ def test_long_lines_from_a_pipe_get_a_clear_line(piped: Piped) -> None:
 
 
 def test_a_whole_script_from_a_pipe_gets_plain_lines(piped: Piped) -> None:
-    """A script piped in at once: every answer is a line of its own, word for word,
-    with no prompts (nobody reads them), and the client leaves cleanly at the end."""
+    """A script piped in at once, before the client has even registered, `exit`
+    included: its lines wait for the registration, every answer is a line of its own,
+    word for word, with no prompts (nobody reads them), and the client leaves cleanly
+    once the answers are in."""
     server_port, x_port, y_port = free_udp_ports(3)
     server = piped.serve(server_port)
     y = piped.run(*join_args("user2", server_port, y_port))
@@ -713,27 +715,23 @@ def test_a_whole_script_from_a_pipe_gets_plain_lines(piped: Piped) -> None:
     read_until(y.stdout, TABLE.encode(), y_out)
     x = piped.run(*join_args("user1", server_port, x_port))
     assert x.stdin and x.stdout and x.stderr
-    x_out = bytearray()
-    read_until(x.stdout, TABLE.encode(), x_out)
-    read_until(y.stdout, TABLE.encode() + b"\n" + TABLE.encode(), y_out)
-    script = ["send user2 hello nice to meet you.", "send_all hello guys", "help reg"]
+    script = ["send user2 hello nice to meet you.", "send_all hello guys", "help reg", "exit"]
     x.stdin.write("".join(line + "\n" for line in script).encode())
-    x.stdin.flush()
-    # `exit` does not wait yet for the answers to requests in flight: wait for them here
-    read_until(x.stdout, b"[Message received by the server.]\n", x_out)
-    read_until(x.stdout, b"[Message has been received by user2.]\n", x_out)
-    x.stdin.write(b"exit\n")
     x.stdin.close()
     assert x.wait(TIMEOUT) == 0
     read_until(y.stdout, b"Channel_Message user1 : hello guys\n", y_out)
-    x_lines = (x_out + x.stdout.read()).decode().splitlines()
+    x_lines = x.stdout.read().decode().splitlines()
     answers = [  # in the order they came: the help at once, the two ACKs in either order
         "[Message has been received by user2.]",
         "[Message received by the server.]",
-        "[reg NAME: come back online after dereg, and receive what was stored for you.]",
     ]
-    assert x_lines[0] == TABLE and x_lines[-1] == "[Exiting]", x_lines
-    assert sorted(x_lines[1:-1]) == sorted(answers), x_lines
+    assert x_lines[:3] == [
+        "[Leaving once the requests in flight are answered (Ctrl-C leaves now).]",
+        TABLE,
+        "[reg NAME: come back online after dereg, and receive what was stored for you.]",
+    ], x_lines
+    assert x_lines[-1] == "[Exiting]", x_lines
+    assert sorted(x_lines[3:-1]) == sorted(answers), x_lines
     assert y_out.decode().splitlines() == [
         TABLE,
         TABLE,
@@ -800,10 +798,14 @@ def _database_with_clients(path: Path, count: int) -> None:
     from chatapp.sqlite_store import SqliteStore
 
     store = SqliteStore(str(path))
-    key = Identity(b"m" * 32).public  # one for all: each name bound to a real key
     changes = [
-        ClientSaved(
-            f"member{n:05d}", "127.0.0.1", 20000 + n % 40000, key, b"", Presence.DEREGISTERED
+        ClientSaved(  # each name bound to a key of its own; no session (it left)
+            f"member{n:05d}",
+            "127.0.0.1",
+            20000 + n % 40000,
+            Identity.generate().public,
+            b"",
+            Presence.DEREGISTERED,
         )
         for n in range(count)
     ]

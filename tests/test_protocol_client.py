@@ -25,7 +25,7 @@ from msgspec.structs import replace
 
 from chatapp import screen
 from chatapp.protocol.changes import MessagesRemoved, MessageStored
-from chatapp.protocol.client import ClientState
+from chatapp.protocol.client import WAITING_LINES_LIMIT, ClientState
 from chatapp.protocol.codecs import Sender, Via
 from chatapp.protocol.common import Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.inputs import Signal
@@ -34,7 +34,6 @@ from chatapp.testing import SEED_SCREENS
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
-    Address,
     Challenge,
     ChannelDelivery,
     ChannelPost,
@@ -192,7 +191,8 @@ def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
     sim.join("user2")  # to user1: a delta from 1 to 2
     assert sim.lines("user1") == [TU, TU]
     assert sim.lines("user2") == [TU]
-    # a copy of a session datagram is a replay: dropped before anything else, not ACKed
+    # a copy of a session datagram is a replay: dropped before anything else, not ACKed;
+    # each table or delta is ACKed once, with the version held
     acks = [d.message for d in sim.datagrams(TableAck, src="user1", dst="server")]
     assert [(a.epoch, a.version) for a in acks] == [(0, 1), (0, 2)]  # type: ignore[union-attr]
 
@@ -209,25 +209,15 @@ def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
 
 
 def test_an_older_table_arriving_late_does_not_replace_a_newer_one() -> None:
-    sim = Sim()
-    user1 = sim.join("user1")
-    held: list[Send] = []
-
-    def hold(src: Address, send: Send) -> bool:  # the network delays the delta from 1 to 2
-        if isinstance(send.message, TableDelta) and send.message.to == 2 and not held:
-            held.append(send)
-            return True
-        return False
-
-    sim.drop.append(hold)
-    sim.join("user2")
-    sim.join("user3")
-    sim.run(0.5)  # the delta sent again (sealed afresh), then the next one
-    assert sim.lines("user1") == [TU, TU, TU]  # versions 1, 2 and 3
+    """The first table again, sealed afresh in the session (a late arrival, not a copy):
+    ACKed with the version held, and not taken."""
+    sim = trio_of_clients()
+    user1 = sim.clients["user1"]
+    old = next(d.message for d in sim.datagrams(Table, dst="user1"))
+    assert isinstance(old, Table) and [e.name for e in old.entries] == ["user1"]
     mark = len(sim.lines("user1"))
-    effects = sim.inject_raw(SERVER, held[0].data, sim.addr["user1"])
-    ack = TableAck(held[0].message.id, 0, 3)  # what it holds: the delta does not apply
-    assert [e.message for e in effects if isinstance(e, Send)] == [ack]
+    effects = sim.from_server("user1", old)
+    assert [e.message for e in effects if isinstance(e, Send)] == [TableAck(old.id, 0, 3)]
     assert len(user1.table) == 3
     assert sim.lines_since("user1", mark) == []
 
@@ -921,22 +911,56 @@ def test_help_and_table() -> None:
 
 
 def test_commands_while_joining_or_deregistering_wait_for_the_server() -> None:
+    """A request typed while the state settles waits its turn and goes, in order, once
+    the server has answered; past the limit of lines waiting, a line is refused as it
+    was before lines could wait."""
     sim = Sim()
     sim.drop.append(lambda src, send: src == SERVER)
-    sim.join("user1")
+    user1 = sim.join("user1")
     sim.type("user1", "send user1 hi")
-    assert sim.lines("user1")[-1] == (
+    for n in range(WAITING_LINES_LIMIT - 1):
+        sim.type("user1", f"send_all {n}")
+    assert sim.lines("user1") == [] and user1.lines_waiting == WAITING_LINES_LIMIT
+    sim.type("user1", "send_all one too many")
+    assert sim.lines("user1") == [
         "[Still waiting for the server to accept the registration. Try again in a moment.]"
-    )
+    ]
     sim.drop.clear()
-    sim.run(0.5)
-    assert sim.clients["user1"].state is ClientState.ONLINE
+    sim.run(0.5)  # the hello again: answered
+    assert user1.state is ClientState.ONLINE and user1.lines_waiting == 0
+    lines = sim.lines("user1")
+    assert lines.count(screen.CHANNEL_ACKED) == WAITING_LINES_LIMIT - 1
+    assert "user1 : hi" in lines and screen.received_by("user1") in lines
+    requests = sim.datagrams((Chat, ChannelPost), src="user1")
+    assert isinstance(requests[0].message, Chat)  # they went in the order typed
+    channel = [d.message.text for d in requests if isinstance(d.message, ChannelPost)]
+    assert channel == [str(n) for n in range(WAITING_LINES_LIMIT - 1)]
+
     sim.drop.append(lambda src, send: src == SERVER)
     sim.type("user1", "dereg user1")
+    mark = len(sim.lines("user1"))
     sim.type("user1", "send_all hi")
-    assert sim.lines("user1")[-1] == "[Going offline is in progress. Wait for the server's answer.]"
+    sim.type("user1", "help reg")  # behind a line that waits: it waits too
     sim.type("user1", "reg user1")
-    assert sim.lines("user1")[-1] == "[Going offline is in progress. Wait for the server's answer.]"
+    assert sim.lines_since("user1", mark) == [] and user1.lines_waiting == 3
+    sim.drop.clear()
+    sim.run(0.5)  # the dereg again: answered; then each line in the state it finds
+    assert sim.lines_since("user1", mark)[:3] == [
+        screen.YOU_ARE_OFFLINE,
+        screen.OFFLINE_ONLY_REG,
+        screen.COMMAND_HELP["reg"],
+    ]
+    assert user1.state is ClientState.ONLINE  # the reg went, once offline
+
+
+def test_a_line_past_the_limit_while_going_offline_is_refused_as_before() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: src == SERVER)
+    sim.type("user1", "dereg user1")
+    for n in range(WAITING_LINES_LIMIT):
+        sim.type("user1", f"send_all {n}")
+    sim.type("user1", "send_all one too many")
+    assert sim.lines("user1")[-1] == screen.BUSY_DEREGISTERING
 
 
 def test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again() -> None:
@@ -1046,8 +1070,15 @@ def test_requests_while_rejoining_wait_for_the_server() -> None:
     sim.drop.append(lambda src, send: src == SERVER)
     sim.type("user1", "reg user1")
     before = len(sim.sent)
-    for line in ("reg user1", "send user2 hi", "send_all hi", "dereg user1"):
+    mark = len(sim.lines("user1"))
+    for line in ("send user2 hi", "send_all hi", "dereg user1"):
         sim.type("user1", line)
-        assert sim.lines("user1")[-1] == screen.STILL_JOINING, line
-    assert len(sim.sent) == before
+    assert sim.lines_since("user1", mark) == []
+    assert len(sim.sent) == before  # nothing sent: they wait
     assert sim.clients["user1"].state is ClientState.REJOINING
+    sim.drop.clear()
+    sim.run(0.5)  # the reg again: answered, then the three lines in order
+    lines = sim.lines_since("user1", mark)
+    assert screen.received_by("user2") in lines and screen.CHANNEL_ACKED in lines
+    assert lines[-1] == screen.YOU_ARE_OFFLINE
+    assert "user1 : hi" in sim.lines("user2")

@@ -535,3 +535,32 @@ def test_chatapp_demo_records_traces_that_replay(
     assert set(trace.header.nodes) == {"server", "user1", "user2", "user3"}
     code, out = chat_replay(capsys, str(tmp_path / "test3.jsonl"))
     assert code == 0, out
+    # the server alone against the recorded clients (their bytes as recorded)
+    code, out = chat_replay(capsys, str(tmp_path / "test3.jsonl"), "--node", "server")
+    assert code == 0, out
+    assert "PASS: server behaved as recorded" in out
+
+
+def test_a_replayed_server_starts_with_the_epoch_it_had_in_the_recording() -> None:
+    # Played clients send their recorded table_acks as they are (sealed): they name the
+    # recorded server's epoch, which a live server drew from the clock. The replayed
+    # server starts with it: the first epoch the recording shows it sending after its
+    # start (edited here in the readable ``msg``: the sealed bytes cannot be).
+    from chatapp_tools.replay.plan import ReplayOptions
+    from chatapp_tools.replay.runner import Runner
+    from chatapp_tools.replay.traces import parse_trace
+
+    from chatapp.trace import Start
+
+    lines = Path(trace_path("test1")).read_text(encoding="utf-8").splitlines()
+    edited = []
+    for line in lines:
+        event = json.loads(line)
+        msg = event.get("msg")
+        if event.get("node") == "server" and isinstance(msg, dict) and "epoch" in msg:
+            msg["epoch"] = 1_796_207_601_234
+        edited.append(json.dumps(event))
+    trace = parse_trace("\n".join(edited) + "\n")
+    runner = Runner(trace, ReplayOptions(node="server"))
+    (start,) = [e for e in trace.events if isinstance(e, Start) and e.node == "server"]
+    assert runner._recorded_epoch(start) == 1_796_207_601_234

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from _sim import CLIENT_IP, ORIGIN, SERVER_KEY, TABLES, Row, entry, key_of
+from _sim import CLIENT_IP, TABLES, key_of
 
 from chatapp.protocol.changes import Change, ClientRecord, Presence
 from chatapp.protocol.common import Effect, Send
-from chatapp.protocol.crypto import Identity, SeededEntropy
+from chatapp.protocol.crypto import Identity
 from chatapp.protocol.roster import Roster
 from chatapp.protocol.server import CANNOT_STORE, ServerProtocol
 from chatapp.protocol.tables import TableCopy
@@ -24,7 +24,6 @@ from chatapp.store import MemoryStore
 from chatapp.testing.raw import RawClient
 from chatapp.wire import (
     Address,
-    Challenge,
     Deregister,
     Message,
     Refused,
@@ -36,53 +35,51 @@ from chatapp.wire import (
 )
 
 X, Y, Z, W = ((CLIENT_IP, port) for port in (9001, 9002, 9003, 9004))
+#: The key and session id of the records made for the roster alone.
+KEY, TAG = bytes(range(32)), bytes(range(8))
+
+
+def row(e: TableEntry) -> tuple[str, str, int, bool]:
+    return (e.name, e.ip, e.port, e.online)
 
 
 class Runtime:
     """A server as the runtime drives it: each handling's changes committed (or, when
     ``fails``, the commit fails and the server rolls back), then what it sends goes out
     and the server is checkpointed. Every table part that goes out reaches a ``TableCopy``
-    per address; the clients are raw ones (``RawClient``: keys, the handshake, a
-    session), one per address."""
+    per address; each client (a ``RawClient`` per address) seals what it sends in its
+    session."""
 
     def __init__(self) -> None:
-        self.store = MemoryStore(key=SERVER_KEY.seed, origin=ORIGIN)
+        self.store = MemoryStore()
         disk = self.store.load()
-        self.server = ServerProtocol(
-            identity=Identity(disk.key),
-            entropy=SeededEntropy(b"e" * 32),
-            origin=disk.origin,
-            last_n=disk.last_n,
-        )
-        self.server.restore(disk.clients, disk.mailbox)
+        self.server = ServerProtocol(identity=Identity(disk.key), origin=disk.origin)
         self.clients: dict[Address, RawClient] = {}
         self.copies: dict[Address, TableCopy] = {}
         self.now = 0.0
-        self._starts = 0
 
     def handle(self, message: Message, addr: Address, *, fails: bool = False) -> list[Send]:
         """``message`` from the client at ``addr``, sealed in its session."""
-        return self.datagram(self.clients[addr].seal(message), addr, fails=fails)
+        return self.receive(self.clients[addr].seal(message), addr, fails=fails)
 
-    def datagram(self, data: bytes, addr: Address, *, fails: bool = False) -> list[Send]:
-        return self._carry_out(self.server.handle_datagram(data, addr, self.now), fails)
+    def receive(self, data: bytes, addr: Address, *, fails: bool = False) -> list[Send]:
+        effects = self.server.handle_datagram(data, addr, self.now)[1:]
+        return self._carry_out(effects, fails)
 
-    def register(self, name: str, addr: Address, *, fails: bool = False) -> tuple[str, list[Send]]:
-        """``name`` registers from ``addr`` with its key (hello, challenge, register: the
-        register's commit ``fails``): the register's id and what its handling sent. The
-        client at ``addr`` is the new one if it was registered."""
-        self._starts += 1
-        raw = RawClient(name, addr[1], key_of(name), SeededEntropy(bytes([self._starts]) * 32))
-        (challenge,) = self.datagram(raw.hello(), addr)
-        assert isinstance(challenge.message, Challenge)
-        register = raw.register_for(challenge.message)
-        sent = self.datagram(encode(register), addr, fails=fails)
+    def register(self, name: str, addr: Address, *, fails: bool = False) -> list[Send]:
+        """``name`` registers from ``addr`` with its key: the handshake, the register's
+        commit failing if ``fails``; what the server sends for the register."""
+        raw = RawClient(name, addr[1], key_of(name))
+        [challenge] = self.receive(raw.hello(), addr)
+        register = raw.answer(challenge.data)
+        assert register is not None
+        sent = self.receive(register, addr, fails=fails)
         for send in sent:
-            if send.addr == addr and not raw.registered:
-                raw.answer(send.data)
+            if send.addr == addr:
+                raw.answer(send.data)  # registered (a session), or refused
         if raw.registered:
             self.clients[addr] = raw
-        return register.id, sent
+        return sent
 
     def timer(self, until: float, *, fails: bool = False) -> list[Send]:
         """Every deadline up to ``until``, each a handling (the commit of the first one
@@ -121,15 +118,10 @@ class Runtime:
                 sent += self.handle(answer, send.addr)
 
     def join(self, name: str, addr: Address) -> None:
-        self.ack(self.register(name, addr)[1])
+        self.ack(self.register(name, addr))
 
     def database_table(self) -> dict[str, object]:
         return {record.name: record.entry() for record in self.store.load().clients}
-
-
-def row(e: TableEntry) -> Row:
-    """An entry without its key and session id."""
-    return (e.name, e.ip, e.port, e.online)
 
 
 def table_parts(sent: list[Send]) -> list[Send]:
@@ -140,6 +132,10 @@ def storage_refusal(request_id: str) -> Refused:
     return Refused(request_id, CANNOT_STORE, "storage")
 
 
+def is_storage_refusal(message: Message) -> bool:
+    return isinstance(message, Refused) and message.cause == "storage"
+
+
 def test_a_rollback_takes_the_table_back_and_sends_only_what_differs() -> None:
     run = Runtime()
     run.join("user1", X)
@@ -147,34 +143,28 @@ def test_a_rollback_takes_the_table_back_and_sends_only_what_differs() -> None:
     version = run.server.roster.version
     # user2 goes offline and user3 registers, but neither commit goes through
     assert table_parts(run.handle(Deregister("d2", "user2"), Y, fails=True)) == []
-    assert table_parts(run.register("user3", Z, fails=True)[1]) == []
+    assert table_parts(run.register("user3", Z, fails=True)) == []
     assert run.server.roster.version == version
     assert set(run.server.clients) == {"user1", "user2"}
     # the next change that does go through: a delta of that change alone
-    sent = run.register("user4", W)[1]
+    sent = run.register("user4", W)
     (delta,) = [s.message for s in table_parts(sent) if s.addr == X]
     assert isinstance(delta, TableDelta)
-    assert (delta.from_, delta.to, [row(e) for e in delta.entries], delta.gone) == (
-        version,
-        version + 1,
-        [entry("user4", W[1])],
-        [],
-    )
-    assert delta.entries[0].key == key_of("user4").public  # its key, as bound
+    assert (delta.from_, delta.to, delta.gone) == (version, version + 1, [])
+    assert [row(e) for e in delta.entries] == [("user4", CLIENT_IP, W[1], True)]
 
 
 def test_an_update_sent_before_the_failure_goes_on_and_nothing_of_the_failure_follows() -> None:
     run = Runtime()
     run.join("user1", X)
     run.join("user2", Y)
-    sent = run.register("user3", Z)[1]  # committed: deltas to user1 and 2
+    sent = run.register("user3", Z)  # committed: deltas to user1 and 2
     version = run.server.roster.version
     run.ack(sent, only=lambda send: send.addr == Z)  # user3 takes its table
     in_flight = sorted((s for s in table_parts(sent) if s.addr in (X, Y)), key=lambda s: s.addr)
     assert [s.addr for s in in_flight] == [X, Y]
     # user2 deregisters while its delta is unanswered; the commit fails
-    dereg = Deregister("d2", "user2")
-    sent = run.handle(dereg, Y, fails=True)
+    sent = run.handle(Deregister("d2", "user2"), Y, fails=True)
     assert sent[0].message == storage_refusal("d2")
     assert run.server.roster.version == version
     # user1's delta is still retried, as it was sent; user2's, which the dereg ended, is
@@ -182,9 +172,8 @@ def test_an_update_sent_before_the_failure_goes_on_and_nothing_of_the_failure_fo
     (again,) = table_parts(sent)
     assert again.addr == Y and isinstance(again.message, TableDelta)
     assert again.message.to == version
-    assert [row(e) for e in again.message.entries] == [entry("user3", Z[1])]
-    retried = run.timer(run.now + 0.5)
-    # (the same message, sealed afresh: a session never repeats a counter)
+    assert [row(e) for e in again.message.entries] == [("user3", CLIENT_IP, Z[1], True)]
+    retried = run.timer(run.now + 0.5)  # (sealed afresh: the same message, new bytes)
     assert (X, in_flight[0].message) in [(s.addr, s.message) for s in table_parts(retried)]
     # answered: both hold the version the database has, and nothing more is sent
     run.ack([in_flight[0], again])
@@ -202,18 +191,16 @@ def test_a_failed_registration_gives_back_the_version_the_client_held() -> None:
     run.join("user1", X)
     run.join("user2", Y)
     version = run.server.roster.version
-    # user1 registers again from its address (a client started again on its port)
     sid = run.server.clients["user1"].sid
-    register_id, sent = run.register("user1", X, fails=True)
-    assert [s.message for s in sent] == [storage_refusal(register_id)]
+    # user1 registers again from its address (a client started again on its port)
+    sent = run.register("user1", X, fails=True)
+    assert [is_storage_refusal(s.message) for s in sent] == [True]  # boxed to its key
     assert run.server.followers.held["user1"] == version  # not sent the whole table again
     assert not run.server.followers.is_joining("user1")
-    # its session goes on: the one the database names, not the new one, nor none
-    assert run.server.clients["user1"].sid == sid == run.clients[X].codec.session.sid  # type: ignore[union-attr]
-    assert set(run.server.codec.sessions) == {sid, run.server.clients["user2"].sid}
+    assert run.server.clients["user1"].sid == sid
+    assert sid in run.server.codec.sessions  # the session it had goes on
     assert table_parts(run.timer(run.now + 5)) == []
-    sent = run.register("user3", Z)[1]  # user1 still hears of changes, in that session
-    run.ack(sent)
+    run.join("user3", Z)  # and user1 hears of the next change in it
     assert run.copies[X].entries == run.database_table()
 
 
@@ -221,12 +208,12 @@ def test_an_undone_registration_that_fails_to_commit_is_undone_later() -> None:
     run = Runtime()
     run.join("user1", X)
     # user3 registers and never answers its table
-    sent = run.register("user3", Z)[1]
+    sent = run.register("user3", Z)
     run.ack(sent, only=lambda send: send.addr != Z)
     assert run.server.followers.joined_new("user3")
     # another name from its address undoes it, but that commit fails
-    register_id, sent = run.register("user4", Z, fails=True)
-    assert sent[0].message == storage_refusal(register_id)
+    sent = run.register("user4", Z, fails=True)
+    assert is_storage_refusal(sent[0].message)
     assert set(run.server.clients) == {"user1", "user3"}
     assert run.server.followers.joined_new("user3")  # still a registration to undo
     # the database's table to user3 again (the displacement had ended its update)
@@ -239,15 +226,13 @@ def test_an_undone_registration_that_fails_to_commit_is_undone_later() -> None:
     assert set(run.server.clients) == {"user1"}
     assert "user3" not in run.database_table()
     assert run.copies[X].entries == run.database_table()
-    assert run.server.clients["user1"].sid in run.server.codec.sessions
-    assert len(run.server.codec.sessions) == 1  # user3's ended with it
 
 
 def test_a_failed_timer_handling_leaves_a_silent_client_online_with_an_update_due() -> None:
     run = Runtime()
     run.join("user1", X)
     run.join("user2", Y)
-    sent = run.register("user3", Z)[1]
+    sent = run.register("user3", Z)
     run.ack(sent, only=lambda send: send.addr != Y)  # user2 does not answer its delta
     version = run.server.roster.version
     # its tries run out: marked offline (and probed), but that commit fails
@@ -268,8 +253,8 @@ def records(*names: str, offline: tuple[str, ...] = ()) -> list[ClientRecord]:
         ClientRecord(
             name,
             (CLIENT_IP, 1000 + index),
-            key_of(name).public,
-            bytes([index + 1]) * 8,
+            KEY,
+            TAG,
             Presence.SILENT if name in offline else Presence.ONLINE,
         )
         for index, name in enumerate(names)

@@ -81,9 +81,9 @@ class ClientSaved(Change):
 
 @dataclass(frozen=True, slots=True)
 class ClientRemoved(Change):
-    """A name leaves the table: its binding, its record, what was stored for it, and what
-    it sent that is still stored (its key is gone: no one could verify it any more). An
-    operator's release, or a registration of a new name that never completed."""
+    """A name leaves the table: released by an operator, or bound by a registration that
+    never completed. Its binding and record go, and what was stored for it and what it
+    sent that is still stored (its key is gone: no one could verify it any more)."""
 
     name: str
 

@@ -22,7 +22,7 @@ from chatapp.protocol.changes import NO_TAG
 from chatapp.protocol.client_core import ClientState, Waiting
 from chatapp.protocol.client_delivery import ClientDelivery
 from chatapp.protocol.codecs import Sender, Via
-from chatapp.protocol.common import Effect, Pending, SeenIds, Send, Show, Timers, dropped
+from chatapp.protocol.common import Effect, Log, Pending, SeenIds, Send, Show, Timers, dropped
 from chatapp.protocol.crypto import (
     CHANNEL_DOMAIN,
     SIGNATURE_BYTES,
@@ -73,6 +73,12 @@ _ENVELOPE_ALLOWANCE = 64
 #: Characters that fit in every datagram whatever they are (each JSON-escaped to 6 bytes
 #: at most, then base64 in a save or a batch): no need to work the sizes out.
 _SURELY_FITS = 800
+#: While the client waits for the server to settle its state (the registration, a
+#: dereg, a reg), the lines typed meanwhile wait their turn, at most this many; past
+#: that a line is refused, as it was before lines could wait.
+WAITING_LINES_LIMIT = 100
+#: The states in which a typed line waits for the server's answer before it is carried out.
+SETTLING = frozenset({ClientState.JOINING, ClientState.DEREGISTERING, ClientState.REJOINING})
 
 
 class ClientProtocol(ClientDelivery):
@@ -102,7 +108,13 @@ class ClientProtocol(ClientDelivery):
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
-        return self._expired(now)
+        return self._expired(now) + self._settled(now)
+
+    def next_deadline(self) -> float | None:
+        deadline = super().next_deadline()
+        if self._table_due is None or not self._waiting_lines:
+            return deadline
+        return self._table_due if deadline is None else min(deadline, self._table_due)
 
     def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
         if self.state is ClientState.EXITED:
@@ -112,19 +124,89 @@ class ClientProtocol(ClientDelivery):
             return [
                 dropped(message, sender.addr, f"a client does not take it ({sender.via.value})")
             ]
-        return handler(self, message, sender, now)
+        return handler(self, message, sender, now) + self._settled(now)
 
     def handle_input(self, item: ClientInput, now: float) -> list[Effect]:
-        """A typed line, a signal, or a line that could not be read."""
+        """A typed line, a signal, or a line that could not be read. A line typed while
+        the state settles waits its turn (``_settled``)."""
         if item is Signal.INTERRUPT:
             return self._exit(0, screen.KEYBOARD_INTERRUPT)  # a silent leave: no dereg
-        if item is Signal.HANG_UP:
-            return self._exit(0)  # end of input or a closed terminal: leave quietly
         if self.state is ClientState.EXITED:
             return []
+        if item is Signal.HANG_UP:
+            return self._leave(())  # end of input, a closed terminal: quietly
+        if self._leaving is not None:
+            return [Log("leaving: a line typed after exit is not carried out", "debug")]
         if isinstance(item, BadInput):
             return [Show(screen.bad_input(item.detail))]
-        return self._command(item, now)
+        if self._must_wait(item, now):
+            if len(self._waiting_lines) >= WAITING_LINES_LIMIT:  # refused, as before
+                busy = self.state is ClientState.DEREGISTERING
+                return [Show(screen.BUSY_DEREGISTERING if busy else screen.STILL_JOINING)]
+            self._waiting_lines.append(item)
+            return []
+        return self._command(item, now) + self._settled(now)
+
+    # --- lines that wait, and leaving ----------------------------------------------------
+
+    @property
+    def lines_waiting(self) -> int:
+        """How many typed lines wait for their turn."""
+        return len(self._waiting_lines)
+
+    @property
+    def leaving(self) -> bool:
+        """Whether the client leaves once what it waits for is done."""
+        return self._leaving is not None
+
+    def _must_wait(self, line: str, now: float) -> bool:
+        """Whether ``line`` waits: a request to the server while the state settles, and
+        any line behind one that waits (in order). ``exit`` never does: it leaves once
+        those are done."""
+        word = line.strip().partition(" ")[0]
+        if not word or self._command_handlers.get(word) is ClientProtocol._cmd_exit:
+            return False
+        return bool(self._waiting_lines) or (
+            self._settling(now) and word in self._requests_to_server
+        )
+
+    def _settling(self, now: float) -> bool:
+        """Whether the client waits for the server to settle its state: its registration
+        (and the first table, for as long as the server tries to send it), a ``dereg``,
+        a ``reg``."""
+        if self._table_due is not None and now >= self._table_due:
+            self._table_due = None  # no table came: what waited goes without it
+        return self.state in SETTLING or self._table_due is not None
+
+    def _settled(self, now: float) -> list[Effect]:
+        """What follows every handling: the lines that waited are carried out, in order,
+        once the state has settled (until one unsettles it again: a ``dereg``); then a
+        client that is leaving goes, once nothing it waits for is left."""
+        effects: list[Effect] = []
+        while (
+            self._waiting_lines and self.state is not ClientState.EXITED and not self._settling(now)
+        ):
+            effects += self._command(self._waiting_lines.popleft(), now)
+        if self._leaving is not None and self._nothing_holds_exit():
+            effects += self._exit(0, *self._leaving)
+        return effects
+
+    def _nothing_holds_exit(self) -> bool:
+        """Whether a leaving client may go: no line waits, and no request in flight is
+        one whose answer it waits for (its row says ``holds_exit``)."""
+        if self.state is ClientState.EXITED or self._waiting_lines:
+            return False
+        return not any(pending.context.kind.rule.holds_exit for pending in self._retry.values())
+
+    def _leave(self, lines: tuple[str, ...]) -> list[Effect]:
+        """Leave (showing ``lines`` as it goes) once the lines that wait are carried out
+        and the requests in flight answered or given up; at once if there are none."""
+        if self._leaving is not None:
+            return []  # leaving already (an exit, then the end of the script's input)
+        self._leaving = lines
+        if self._nothing_holds_exit():
+            return self._exit(0, *lines)
+        return [Show(screen.LEAVING)] if lines else []
 
     def _command(self, line: str, now: float) -> list[Effect]:
         line = line.strip()
@@ -215,7 +297,11 @@ class ClientProtocol(ClientDelivery):
         return [Show(screen.no_help(word, nearest_command(word)))]
 
     def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
-        return self._exit(0, screen.EXITING)
+        return self._leave((screen.EXITING,))
+
+    #: The commands that ask the server something, or whose answer depends on the state
+    #: the server settles (the others, such as ``help``, are answered here and now).
+    _requests_to_server: ClassVar[frozenset[str]] = frozenset({"send", "send_all", "dereg", "reg"})
 
     _command_handlers: ClassVar[dict[str, Callable[[ClientProtocol, str, float], list[Effect]]]] = {
         "send": _cmd_send,

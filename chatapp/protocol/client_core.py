@@ -10,6 +10,7 @@ commands, the answers, and the table of handlers).
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from chatapp.protocol.crypto import (
 from chatapp.protocol.machine import Machine
 from chatapp.protocol.sealing import Session
 from chatapp.protocol.tables import TableCopy
-from chatapp.protocol.waits import ClientWait
+from chatapp.protocol.waits import ClientWait, ServerWait
 from chatapp.wire import (
     Address,
     Challenge,
@@ -100,6 +101,13 @@ class ClientCore(Machine[Waiting]):
         self._offered: bytes | None = None  # a different key than the pinned one, offered
         self._marks = marks  # server key -> origin -> the highest stored n shown
         self._seen = SeenIds()  # (sender, id) of every message shown
+        #: Lines typed while the state was settling, waiting for their turn (``client``).
+        self._waiting_lines: collections.deque[str] = collections.deque()
+        #: Leaving (``exit``, the end of input): the lines to show when it goes, once
+        #: nothing it waits for is left. None: not leaving.
+        self._leaving: tuple[str, ...] | None = None
+        #: Registered, the first table still to come: until when lines wait for it.
+        self._table_due: float | None = None
         self._pinned_now: bytes | None = None  # pinned since the checkpoint (not yet on disk)
 
     @property
@@ -212,6 +220,10 @@ class ClientCore(Machine[Waiting]):
             self.rekeying = False
             return [*effects, Log("registered again in a new session"), *self._resend_pending()]
         self.state = ClientState.ONLINE
+        # The registration is complete with the first table, which the server sends at
+        # once (and tries as its row of waits says): lines that wait, wait for it too.
+        table = ServerWait.TABLE.rule
+        self._table_due = now + table.tries_for(self.timers) * table.timeout_for(self.timers)
         return effects
 
     def _resend_pending(self) -> list[Effect]:

@@ -122,10 +122,10 @@ class ClientDelivery(ClientCore):
         if ignored := self._ignored_offline("channel message"):
             return ignored
         effects: list[Effect] = [self._ack_server(message.id)]
-        # Verified with the key the server vouches for in it (the table may not have the
-        # sender yet: its update can arrive after the message).
-        signed = (message.sender, message.post, message.text, message.sig, message.key)
-        if not self._signed_by(*signed):
+        # The table's key for the sender; the one the server names for a sender the table
+        # does not have yet (a table still on its way): the server vouches for both alike.
+        key = self._peer_key(message.sender) or message.key
+        if not self._signed_by(message.sender, message.post, message.text, message.sig, key):
             why = f"a channel message from {message.sender} whose signature fails: dropped"
             return [*effects, Log(why, "warning")]
         if self._seen.add((message.sender, message.post)):
@@ -223,17 +223,16 @@ class ClientDelivery(ClientCore):
         return effects
 
     def _on_table(self, message: Table | TableDelta, sender: Sender, now: float) -> list[Effect]:
-        """A part of the whole table or of a delta, from this client's session (nothing
-        else moves its copy): ACKed with the version held after taking it; shown once
-        when it completes an update that was applied."""
+        """A part of the whole table or of a delta: ACKed with the version held after
+        taking it; shown once when it completes an update that was applied."""
         if ignored := self._ignored_offline("table"):
             return ignored
         applied = self.copy.take(message)
-        ack = TableAck(message.id, self.copy.epoch, self.copy.version)
-        effects: list[Effect] = [self._to_server(ack)]
-        if applied:
-            effects.append(Show(screen.TABLE_UPDATED))
-        return effects
+        ack = self._to_server(TableAck(message.id, self.copy.epoch, self.copy.version))
+        if not applied:
+            return [ack]
+        self._table_due = None  # the first table: what waited for it goes now
+        return [ack, Show(screen.TABLE_UPDATED)]
 
 
 def _sender(sealed: bytes) -> str:

@@ -11,6 +11,7 @@ relay that carried it. At most one batch or relay is in flight per recipient.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
 from itertools import islice
@@ -51,6 +52,7 @@ class Mailboxes:
         self.boxes: dict[str, dict[tuple[str, str], StoredItem]] = {}
         #: recipient -> its delivery under way
         self.flights: dict[str, Flight] = {}
+        self._sent: Counter[str] = Counter()  # sender -> items of its stored
 
     def restore(self, boxes: dict[str, list[StoredItem]]) -> None:
         self.boxes = {
@@ -58,6 +60,11 @@ class Mailboxes:
             for name, items in boxes.items()
             if items
         }
+        self._sent = Counter(sender for box in self.boxes.values() for sender, _ in box)
+
+    def sent_by(self, sender: str) -> int:
+        """How many stored items ``sender`` sent."""
+        return self._sent[sender]
 
     def items(self, recipient: str) -> list[StoredItem]:
         return list(self.boxes.get(recipient, {}).values())
@@ -102,6 +109,7 @@ class Mailboxes:
         seq = Seq(self.origin, self.last_n)
         item = StoredItem(seq, msg_id, kind, sender, stored_at, text, sig, sealed)
         box[key] = item
+        self._sent[sender] += 1
         return MessageStored(recipient, item)
 
     def head(self, recipient: str) -> StoredItem | None:
@@ -129,23 +137,14 @@ class Mailboxes:
         """The batch (or relay) of ``items`` was ACKed: they go."""
         box = self.boxes.get(recipient, {})
         for item in items:
-            box.pop((item.sender, item.id), None)
+            if box.pop((item.sender, item.id), None) is not None:
+                self._sent[item.sender] -= 1
         if not box:
             self.boxes.pop(recipient, None)
         return MessagesRemoved(recipient, tuple(item.seq for item in items))
 
     def drop(self, recipient: str) -> None:
-        """Everything kept for ``recipient`` goes (its name was released)."""
-        self.boxes.pop(recipient, None)
+        """Everything kept for ``recipient`` goes (its name left the table)."""
+        for sender, _ in self.boxes.pop(recipient, {}):
+            self._sent[sender] -= 1
         self.flights.pop(recipient, None)
-
-    def drop_sender(self, sender: str) -> None:
-        """What ``sender`` sent that is still kept goes (its name left the table, its key
-        with it: no one could verify it). Looks at every box: it is rare (a
-        registration undone)."""
-        for recipient in list(self.boxes):
-            box = self.boxes[recipient]
-            for key in [key for key in box if key[0] == sender]:
-                del box[key]
-            if not box:
-                del self.boxes[recipient]

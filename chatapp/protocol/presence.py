@@ -1,15 +1,13 @@
-"""The server's part that keeps track of who is online and of every client's copy
-of the table: the presence rules, the table updates (one in flight per client,
-``chatapp.protocol.tables``), and registrations that never complete (a layer of
-the server's state machine; see ``server_core``).
+"""Who is online, and every client's copy of the table (a layer of the server's state
+machine; see ``server_core``): the presence rules, the table's updates (one in flight
+per client, ``chatapp.protocol.tables``, each part sealed in the client's session), and
+registrations that never complete.
 
-A table update is sealed in the client's session like everything else the
-server sends, so only the server can move a client's copy. A client that
-stops ACKing is marked offline (silent) and sent its update once more, so
-that a live client whose ACKs were lost comes back by contact; a
-registration whose first table is never ACKed, that time either, is undone:
-a name it brought leaves the table and the database (its binding too), so
-that registrations that never complete leave nothing behind.
+A client that stops ACKing in its session is marked offline (silent) and sent its
+update once more, so that a live client whose ACKs were lost comes back by contact; a
+registration whose first table is never ACKed, that time either, is undone: a name it
+bound (unless something is stored for it or from it) is unbound and leaves the table
+and the database.
 """
 
 from __future__ import annotations
@@ -31,8 +29,9 @@ class ServerPresence(ServerCore):
         """End the version this event made (if it changed anything) and send each client
         that needs an update, and has none in flight, what brings it from the version it
         holds to this one, sealed in its session (changes made while an update is in
-        flight go in the next). After a restart: only once the clients asked to
-        register again are back (or their waits ran out), not once for each."""
+        flight go in the next). After a restart, nothing goes until the clients asked to
+        register again are back (or their waits ran out): each then gets one whole table,
+        not one per return."""
         if self._returning:
             self._returning = {n for n in self._returning if ("rekey", n) in self._retry}
             if self._returning:
@@ -41,21 +40,20 @@ class ServerPresence(ServerCore):
         effects: list[Effect] = []
         clients: set[str] = set()
         updates = self.followers.updates(
-            self.roster, self.new_id, encode, reachable=self._session_of
+            self.roster, self.new_id, encode, lambda record: self._session_of(record) is not None
         )
-        for record, part, plaintext in updates:  # encoded once for all, sealed for each
+        for record, part, plaintext in updates:
             session = self._session_of(record)
-            assert session is not None  # ``reachable``
+            assert session is not None  # reachable: it has one
             kind = ServerWait.TABLE if isinstance(part, Table) else ServerWait.DELTA
             send = Send(part, session.seal_bytes(TO_CLIENT, plaintext), record.addr)
-            waiting = Waiting(kind, record.name)
-            effects.append(self._wait((record.name, part.id), send, now, waiting))
+            key = (record.name, part.id)
+            effects.append(self._wait(key, send, now, Waiting(kind, record.name)))
             clients.add(record.name)
         if clients:
             version = self.roster.version
-            effects.insert(
-                0, Log(f"table version {version} sent to {len(clients)} clients", "debug")
-            )
+            log = Log(f"table version {version} sent to {len(clients)} clients", "debug")
+            effects.insert(0, log)
         return effects
 
     def _slow_down_if_resent(self, effects: list[Effect], now: float) -> None:
@@ -76,12 +74,11 @@ class ServerPresence(ServerCore):
         self.followers.acked(pending.context.recipient, pending.key, held)
         return []
 
-    # --- presence ---------------------------------------------------------------------
+    # --- presence -----------------------------------------------------------------------
 
     def _set_presence(self, record: ClientRecord, presence: Presence) -> list[Effect]:
-        """What follows from it: a client back online gets the table's update; one going
-        offline gets nothing more and its delivery stops (a relay's sender is told the
-        message is stored)."""
+        """What follows from it: a client going offline gets no more table updates, and
+        its delivery stops (a relay's sender is told the message is stored)."""
         self.roster.set_presence(record, presence)
         if presence is Presence.ONLINE:
             self.followers.online(record.name)
@@ -92,9 +89,11 @@ class ServerPresence(ServerCore):
     def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
         self._end_waits(self.followers.lost(record.name, pending.key))
-        current = self._sent_in_current_session(pending, record)
-        silent = record.presence is Presence.SILENT and current
-        if silent and self.followers.is_joining(record.name):
+        if (
+            record.presence is Presence.SILENT
+            and self._sent_in_current_session(pending, record)
+            and self.followers.is_joining(record.name)
+        ):
             return self._undo_registration(record)  # the update sent once more: no ACK
         return self._no_ack_from(record, pending)
 
@@ -114,35 +113,34 @@ class ServerPresence(ServerCore):
     # --- registrations that never complete ----------------------------------------------
 
     def _displace(self, old: ClientRecord) -> list[Effect]:
-        """Another name registered from ``old``'s address: ``old`` has left it (and its
-        session ends)."""
-        if self.followers.joined_new(old.name) and not self.mailboxes.count(old.name):
-            return self._remove(old)  # its registration never completed, and never will
-        effects: list[Effect] = []
-        if old.online:
-            effects += self._set_presence(old, Presence.SILENT)
+        """Another name registered from ``old``'s address: ``old`` has left it (the same
+        person under another name, or another person on a port it freed)."""
         self._end_session(old)
+        if self.followers.joined_new(old.name) and self._holds_nothing_of(old.name):
+            return self._remove(old)  # its registration never completed, and never will
+        effects = self._set_presence(old, Presence.SILENT) if old.online else []
         # Stored too: after a restart the displaced name must not come back online here.
         return [*effects, ClientSaved.of(old)]
 
     def _undo_registration(self, record: ClientRecord) -> list[Effect]:
         """``record``'s first table was never ACKed, nor the update sent once more: a
-        name it brought leaves the table (unless messages were stored for it); a name
-        known before stays offline."""
-        if not self.followers.give_up_joining(record.name) or self.mailboxes.count(record.name):
+        name it bound leaves the table (unless something is stored for it or from it); a
+        name bound before stays offline."""
+        new = self.followers.give_up_joining(record.name)
+        if not new or not self._holds_nothing_of(record.name):
             return []
         return self._remove(record)
 
+    def _holds_nothing_of(self, name: str) -> bool:
+        """Whether nothing is stored for ``name`` or from it (removing it would lose it)."""
+        return not self.mailboxes.count(name) and not self.mailboxes.sent_by(name)
+
     def _remove(self, record: ClientRecord) -> list[Effect]:
-        """``record``'s name leaves the table: its binding, its session, and what it sent
-        that is still stored (as the database's ``ClientRemoved`` does)."""
         self._end_waits(self.followers.removed(record.name))
-        stopped = self._stop_stream(record.name)
         self._end_session(record)
+        self.mailboxes.drop(record.name)
         self.roster.remove(record.name)
-        self.mailboxes.drop_sender(record.name)
         return [
-            *stopped,
-            Log(f"{record.name} never completed its registration: removed"),
+            Log(f"{record.name} never completed its registration: removed (name unbound)"),
             ClientRemoved(record.name),
         ]

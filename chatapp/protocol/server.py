@@ -6,8 +6,8 @@ announced as a change (``chatapp.protocol.changes``), placed before the answer
 that depends on it: the runtime commits it before it sends anything that
 follows. What happens to each pending request is in its row of
 ``chatapp.protocol.waits.ServerWait``. This module holds the handshake, the
-requests, rolling back and the table of handlers; ``server_core``,
-``presence`` and ``server_delivery`` the rest.
+requests and the table of handlers; ``server_core`` and ``server_delivery``
+the rest.
 """
 
 from __future__ import annotations
@@ -91,8 +91,7 @@ class ServerProtocol(ServerDelivery):
         """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
         ``epoch`` tells tables of one start from another's (a new one on every start);
         ``origin`` and ``last_n`` are the store's sequence numbers (a fresh origin by
-        default); ``table_window`` bounds the table's updates unanswered at once (their
-        ACKs must fit in the socket's receive buffer)."""
+        default); ``table_window`` bounds the table's updates unanswered at once."""
         entropy = entropy or SystemEntropy()
         origin = origin or entropy.token_bytes(8).hex()
         super().__init__(
@@ -132,25 +131,26 @@ class ServerProtocol(ServerDelivery):
         of their effects went out: forget them, go back to what ``disk`` (the database)
         holds, and refuse every request that asked for a change (never "done"; a retry
         is redone). What goes back: the records, with each name's binding to its key and
-        its session id; the sessions made since (forgotten) and those ended since (kept
-        again, if the database still names them); the stored messages; the deliveries
-        under way; the table, to its version at the checkpoint, and what the server
-        knows of each client's copy (the updates started since are dropped, so that no
-        client hears of a change the database does not hold; each client online is then
-        sent what differs, if anything). The sequence counter does not go back (a
-        number given and lost is skipped, never given twice). A database that is not
-        this server's any more (another key, another origin) stops the server."""
+        its session id; the sessions (made since: forgotten; ended since: back); the
+        table, to its version at the checkpoint, and what the server knows of each
+        client's copy (the updates started since are dropped: no client hears of a
+        change the database does not hold); the stored messages; the deliveries under
+        way. The sequence counter does not go back (a number given and lost is skipped,
+        never given twice). A database that is not this server's any more (another
+        key, another origin) stops it."""
         if disk.key != self.identity.seed or disk.origin != self.mailboxes.origin:
             why = "the database holds another server's key or counter now: stopping"
             return [Log(why, "warning", summary=True), Exit(1)]
         ended = self._end_waits_since_checkpoint()
         self.roster.reload(disk.clients)
+        online = {record.name for record in disk.clients if record.online}
+        self._end_waits(self.followers.reload(online, self.roster.clients, ended))
+        # The sessions the database names: those made since are forgotten, those ended
+        # since (a registration again, a displacement) come back.
         sids = {record.sid for record in self.clients.values()}
         sessions = {**self._sessions_ended, **self.codec.sessions}
         self.codec.sessions = {s: v for s, v in sessions.items() if s in sids}
         self._sessions_ended.clear()
-        online = {record.name for record in disk.clients if record.online}
-        self._end_waits(self.followers.reload(online, self.roster.clients, ended))
         flights = self.mailboxes.flights
         delivering = {name for name, f in flights.items() if f.wait in self._retry}
         self.mailboxes.reload(disk.mailbox, delivering=delivering)
@@ -292,7 +292,7 @@ class ServerProtocol(ServerDelivery):
         if displaced is not None and displaced != message.name:
             effects += self._displace(self.clients[displaced])
         holder = self.clients.get(message.name)
-        # New: unknown, or brought by a registration that has not completed either.
+        # New: unbound, or bound by a registration that has not completed either.
         new = holder is None or self.followers.joined_new(message.name)
         record = ClientRecord(message.name, addr, message.key, holder.sid if holder else b"")
         session = self._new_session(record)

@@ -1,12 +1,10 @@
-"""What every part of the server's state machine stands on: its state (the client
-table and its versions, who holds which version, the mailboxes, the sessions)
-and how it seals what it sends.
+"""What every part of the server's state machine stands on: its state, how it seals
+what it sends, presence, and the table.
 
-The server's rules are split over four modules, each a layer of one class:
-``server_core`` (this), ``presence`` (who is online, every client's copy of
-the table, registrations that never complete), ``server_delivery`` (saves,
-relays, the delivery stream, channel messages) and ``server`` (the handshake,
-the requests, rolling back, and the table of handlers).
+The server's rules are split over three modules, each a layer of one class:
+``server_core`` (this), ``server_delivery`` (saves, relays, the delivery
+stream, channel messages) and ``server`` (the handshake, the requests, and the
+table of handlers).
 """
 
 from __future__ import annotations
@@ -79,6 +77,8 @@ class ServerCore(Machine[Waiting]):
         mailboxes: Mailboxes,
         table_window: Window,
     ) -> None:
+        """``table_window`` bounds the table's updates unanswered at once (their ACKs must
+        fit in the socket's receive buffer)."""
         super().__init__(timers)
         self.identity = identity
         self.entropy = entropy
@@ -96,9 +96,7 @@ class ServerCore(Machine[Waiting]):
         #: The keys of the clients whose registrations were answered since the checkpoint
         #: (a refusal must be boxed to the key, should the commit fail).
         self._registering: dict[Hashable, bytes] = {}
-        #: The sessions ended since the checkpoint (a rollback keeps those the database
-        #: still names).
-        self._sessions_ended: dict[bytes, Session] = {}
+        self._sessions_ended: dict[bytes, Session] = {}  # since the checkpoint
 
     @property
     def clients(self) -> dict[str, ClientRecord]:
@@ -165,8 +163,6 @@ class ServerCore(Machine[Waiting]):
             return pending.send.addr == record.addr
         return data[1 : 1 + SID_BYTES] == record.sid
 
-    # --- sessions --------------------------------------------------------------------
-
     def _stop_stream(self, name: str) -> list[Effect]:
         """Nothing more goes to ``name`` in its delivery under way (overridden by the
         delivery layer: a relay's sender is told the message is stored)."""
@@ -175,8 +171,8 @@ class ServerCore(Machine[Waiting]):
 
     def _end_session(self, record: ClientRecord) -> None:
         session = self.codec.sessions.pop(record.sid, None) if record.sid else None
-        if session is not None:
-            self._sessions_ended[session.sid] = session
+        if session is not None:  # given back if the database still names it (a rollback)
+            self._sessions_ended.setdefault(session.sid, session)
 
     def _new_session(self, record: ClientRecord) -> Session:
         session = Session(

@@ -1,5 +1,6 @@
 """The server's delivery rules: saves, relays, each recipient's delivery stream, and
-channel messages (a layer of the server's state machine; see ``server_core``).
+channel messages (a layer of the server's state machine, on ``presence``; see
+``server_core``).
 
 A save is stored first, with its place in the recipient's stream (the
 mailbox limit is checked then, on every path), and committed before anything

@@ -106,16 +106,11 @@ class RawClient:
     def ack(self, msg_id: str) -> bytes:
         return self.seal(Ack(msg_id))
 
-    def ack_for(self, message: Message) -> bytes:
-        """The ACK this client owes the server for ``message``, sealed. A part of the table
-        or of a delta is answered with the version it brings: a raw client keeps no
-        table, and says it holds what each brings, so that the server sends it what a
-        client that applies everything would need."""
-        if isinstance(message, Table):
-            return self.seal(TableAck(message.id, message.epoch, message.version))
-        if isinstance(message, TableDelta):
-            return self.seal(TableAck(message.id, message.epoch, message.to))
-        return self.ack(message.id)
+    def table_ack(self, part: Table | TableDelta) -> bytes:
+        """The ACK of a table part or a delta, saying this client holds what it brings
+        (it keeps no table of its own, only the keys)."""
+        version = part.version if isinstance(part, Table) else part.to
+        return self.seal(TableAck(part.id, part.epoch, version))
 
     def post(self, text: str, msg_id: str | None = None) -> bytes:
         """A signed channel message, sealed."""

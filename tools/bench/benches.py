@@ -669,8 +669,8 @@ def _traced_bytes(build: object) -> int:
 
 def _online_server(records: list[ClientRecord]) -> ServerProtocol:
     """A server whose clients all registered in this epoch, each in a session of its own
-    (its key kept by the server), and hold its current table: their records, the table's
-    parts and history, and what it knows of their copies."""
+    (its key kept by the server), and hold its current table: their records, the
+    table's parts and history, and what it knows of their copies."""
     server = ServerProtocol(identity=Identity.generate(), epoch=1)
     for record in records:
         server.roster.add(record)

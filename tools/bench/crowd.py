@@ -1,15 +1,17 @@
 """A crowd of simulated clients for the ``registrations`` benchmark: raw non-blocking
 UDP sockets and one epoll, no Trio, each socket one client.
 
-Each client speaks protocol 2 with the project's own code (``RawClient``: a key of
-its own, the handshake, a session): it registers (hello, challenge, register,
-registered), opens what the server seals in its session, and keeps what a real
-client keeps of the table: the epoch and version it holds (not the entries; a test
-checks those), putting parts together as a client does, and ACKs every part, sealed,
-with the version it then holds. It retries each step of its registration as a
-client does (the same datagram every 500 ms, 5 tries). The crowd counts what the
-server sends: datagrams, bytes, and how many were repeats (the same id again to
-the same client: retries).
+Each client speaks protocol 2 with the project's own code (``RawClient``: the
+handshake, a session; one key for the whole crowd, a name each): it registers
+(hello, challenge, register, registered), opens what the server seals in its
+session, and keeps what a real client keeps of the table: the epoch and version
+it holds (not the entries; a test checks those), putting parts together as a
+client does, and ACKs every part, sealed, with the version it then holds. It
+retries each step of its registration as a client does (the same datagram every
+500 ms, 5 tries; a late answer to an earlier step is ignored), and one that runs
+out of tries starts again from its hello, as a person would, counted in
+``restarts``. The crowd counts what the server sends: datagrams, bytes, and how
+many were repeats (the same id again to the same client: retries).
 
 What arrives in the clear and is not a handshake (a table, a delta, a chat) is a
 baseline's fan-out: counted and ACKed in the clear, as the bare programs expect.
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from chatapp.protocol.sealing import TO_CLIENT
+from chatapp.protocol.crypto import Identity
+from chatapp.protocol.sealing import SESSION_KIND, TO_CLIENT
 from chatapp.testing.raw import RawClient
 from chatapp.wire import Ack, TableAck, WireError, encode
 
@@ -145,12 +148,13 @@ class Crowd:
         self.server = server
         self.selector = selectors.EpollSelector()
         self.members: list[Member] = []
+        identity = Identity.generate()  # one key for the crowd: a name each is what counts
         for index in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((HOST, 0))
             sock.setblocking(False)
-            raw = RawClient(f"{prefix}{index}", sock.getsockname()[1])
+            raw = RawClient(f"{prefix}{index}", sock.getsockname()[1], identity)
             self.members.append(Member(sock, raw))
             self.selector.register(sock, selectors.EVENT_READ, index)
         self.counts = Counts()
@@ -193,7 +197,7 @@ class Crowd:
 
     def _handle(self, index: int, member: Member, data: bytes, addr: tuple[str, int]) -> None:
         session = member.raw.codec.session
-        sealed = data[:1] == b"\x01" and session is not None
+        sealed = data[:1] == bytes((SESSION_KIND,)) and session is not None
         try:
             # Opened (the session's counter and MAC checked) and read no further than
             # the envelope: the server's cost is what is measured, not the crowd's.

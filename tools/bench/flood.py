@@ -278,6 +278,12 @@ def _phase(
     return tally, report
 
 
+def _handshakes(report: dict[str, Any]) -> dict[str, Any]:
+    """A registration flood's handshakes: hellos sent, registers sent for the challenges
+    that came back, registrations the server answered."""
+    return {key: report[key] for key in ("hellos", "registers", "registered") if key in report}
+
+
 def _figures(
     kind: str,
     label: str,
@@ -296,6 +302,7 @@ def _figures(
         "unanswered": tally.unanswered,
         "shown_twice": lost[1],
         "kernel_drops_at_server": report.get("kernel_drops_at_server"),
+        **_handshakes(report),
     }
     return [
         Figure(

@@ -28,6 +28,7 @@ from chatapp.wire import (
     Rekey,
     Relay,
     Table,
+    TableAck,
     TableDelta,
     encode,
     tag_of,
@@ -155,7 +156,7 @@ def settle(clients: list[SimClient], seconds: float) -> None:
 
 
 #: What a client must ACK whenever it comes, as a real client does.
-_ACKED = (Table, TableDelta, Mailbox, Relay, ChannelDelivery, NotStored)
+_ACKED = (Mailbox, Relay, ChannelDelivery, NotStored)
 
 
 def _answers(client: SimClient, server: tuple[str, int]) -> Iterator[Head]:
@@ -190,12 +191,17 @@ def _read(
         if started is not None:
             client.outstanding[register.id] = started
             client.sock.sendto(encode(register), server)
-            client.datagrams += 1
         return None
     if isinstance(message, Registered):
         raw.codec.session = Session(message.sid, message.session_key)
+    elif isinstance(message, Table | TableDelta):
+        # A simulated client keeps no table: it says it holds what each part brings.
+        version = message.version if isinstance(message, Table) else message.to
+        client.sock.sendto(raw.seal(TableAck(message.id, message.epoch, version)), addr)
+        client.datagrams += 1
+        return None
     elif isinstance(message, _ACKED):
-        client.sock.sendto(raw.ack_for(message), addr)
+        client.sock.sendto(raw.ack(message.id), addr)
         client.datagrams += 1
         return None
     if message is None or isinstance(message, Rekey):
@@ -206,8 +212,8 @@ def _read(
 def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
     msg_id = client.next_id()
     client.outstanding[msg_id] = now
-    client.datagrams += 1
     client.sock.sendto(request(client, msg_id), server)
+    client.datagrams += 1
 
 
 def run_closed_loop(
@@ -223,8 +229,8 @@ def run_closed_loop(
 ) -> LoadResult:
     """Keep ``window`` requests in flight per client for ``duration`` seconds.
 
-    A request is done when a datagram of any type but ``table``, ``delta`` or ``mailbox``
-    comes back with its id; those are ACKed, as a client must. Completions during the
+    A request is done when a datagram of any type but ``table`` or ``mailbox``
+    comes back with its id; those two are ACKed, as a client must. Completions during the
     first ``warmup`` seconds are not counted. Without ``repeat`` each client
     sends only its first ``window`` requests, and (``until_done``) the run
     ends when they are all answered.

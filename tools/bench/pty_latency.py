@@ -236,7 +236,7 @@ def floor(peer_port: int, server_port: int) -> None:
             message = me.open(data)  # a table teaches it the peers' keys
             if isinstance(message, Table | TableDelta):
                 tags.update((entry.name, entry.tag) for entry in message.entries)
-                sock.sendto(me.ack_for(message), server)
+                sock.sendto(me.table_ack(message), server)
 
     threading.Thread(target=receive, daemon=True).start()
     threading.Timer(MAX_PROCESS_SECONDS, os._exit, (0,)).start()

@@ -121,9 +121,9 @@ class InnerHead(msgspec.Struct):
     t: str
     id: str = ""
     post: str = ""
-    epoch: int = 0
+    epoch: int = 0  # a table part's or a delta's
     version: int = 0  # a table part's
-    to: int = 0  # a delta's
+    to: int | str = 0  # a delta's version (a save's recipient)
 
 
 decode_inner_head = msgspec.json.Decoder(InnerHead).decode
@@ -238,12 +238,14 @@ class _Receivers:
     def _sealed(self, receiver: _Receiver, head: InnerHead, addr: Any) -> None:
         if head.t not in ("channel", "table", "delta", "mailbox", "not_stored", "relay"):
             return
-        raw = receiver.raw
-        if head.t in ("table", "delta"):  # it holds what the part brings (it keeps no table)
-            version = head.version if head.t == "table" else head.to
-            receiver.sock.sendto(raw.seal(TableAck(head.id, head.epoch, version)), addr)
+        if head.t in ("table", "delta"):
+            # A receiver keeps no table: it says it holds what each part brings, and the
+            # server sends it what a client that applies everything needs.
+            version = head.version if head.t == "table" else int(head.to)
+            ack = receiver.raw.seal(TableAck(head.id, head.epoch, version))
         else:
-            receiver.sock.sendto(raw.ack(head.id), addr)
+            ack = receiver.raw.ack(head.id)
+        receiver.sock.sendto(ack, addr)
         if receiver.dead:
             return
         if head.t == "channel":

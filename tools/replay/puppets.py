@@ -136,13 +136,11 @@ class Rewriter:
         recorded: Normaliser,
         live: Normaliser,
         under_test: str,
-        server: str,
         new_addresses: Mapping[str, Address],
     ) -> None:
         self.recorded = recorded
         self.live = live
         self.under_test = under_test
-        self.server = server
         self.new_addresses = new_addresses
 
     def message_of(self, msg: dict[str, Any] | None, puppet: str) -> Message | None:
@@ -159,8 +157,8 @@ class Rewriter:
         for key, value in msg.items():
             if key in ("id", "delivery", "post"):
                 result[key] = self._id(value, puppet)
-            elif key == "epoch" and self.under_test == self.server:
-                result[key] = self.live.epochs.get(self.server, value)  # the table it holds
+            elif key == "epoch":  # the table the node under test holds, in this run
+                result[key] = self.live.epochs.get(self.under_test, value)
             elif key == "port" and isinstance(value, int):
                 node = self.recorded.ports.get(value, "")
                 result[key] = self.new_addresses[node][1] if node in self.new_addresses else value

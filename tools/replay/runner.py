@@ -391,7 +391,7 @@ class Runner:
         if destination is None:
             return  # the node under test is not running: nothing to answer
         rewriter = Rewriter(
-            self.recorded_names, self.progress.names, under_test, self.server, self.new_addresses
+            self.recorded_names, self.progress.names, under_test, self.new_addresses
         )
         puppet = self.puppets[event.node]
         message = rewriter.message_of(event.msg, event.node)

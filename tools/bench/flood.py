@@ -214,7 +214,9 @@ def _server_and_clients(
 ) -> Iterator[tuple[int, subprocess.Popen[bytes], list[_Client], Path]]:
     port = free_port()
     log = scratch / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The clients' keys, pins and delivery marks in the scratch directory, never the
+    # user's own state directory.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(scratch / "state")}
     env.pop("CHATAPP_TRACE", None)
     command = [sys.executable, "-m", "chatapp", "serve", str(port), "--host", HOST]
     with open(log, "wb") as out:

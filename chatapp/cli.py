@@ -148,7 +148,9 @@ def _mailbox_limit(value: int) -> int:
 
 
 DEFAULT_RATE = int(Limits().per_address_rate)
-DEFAULT_JOINS = int(Limits().registrations_per_ip_burst)
+#: A registration is two handshake steps (a hello, a register).
+STEPS_PER_JOIN = 2
+DEFAULT_JOINS = int(Limits().handshakes_per_ip_burst) // STEPS_PER_JOIN
 
 
 def _limits(rate: int, joins: int) -> Limits | None:
@@ -161,8 +163,8 @@ def _limits(rate: int, joins: int) -> Limits | None:
     return Limits(
         per_address_rate=rate or unlimited,
         per_address_burst=rate or unlimited,
-        registrations_per_ip_rate=joins / 60 or unlimited,
-        registrations_per_ip_burst=joins or unlimited,
+        handshakes_per_ip_rate=joins * STEPS_PER_JOIN / 60 or unlimited,
+        handshakes_per_ip_burst=joins * STEPS_PER_JOIN or unlimited,
     )
 
 
@@ -208,8 +210,8 @@ JoinLimitOption = Annotated[
     int,
     typer.Option(
         metavar="N",
-        help="Registrations per minute from one IP address (all at once if need be); the"
-        " excess is dropped unread. 0: no limit.",
+        help="Registrations per minute from one IP address (all at once if need be), each"
+        " two handshake datagrams; the excess is dropped unread. 0: no limit.",
     ),
 ]
 
@@ -239,8 +241,7 @@ def serve(
             help=(
                 "SQLite file for the table and the mailbox (default: one per port under"
                 " the user's data directory); ':memory:' keeps nothing;"
-                " postgresql://USER@HOST:PORT/DB: a PostgreSQL database that several"
-                " servers share."
+                " postgresql://USER@HOST:PORT/DB: a PostgreSQL database."
             ),
         ),
     ] = None,
@@ -298,21 +299,20 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
-    server: Annotated[
-        list[str] | None,
+    state_dir: Annotated[
+        str | None,
         typer.Option(
-            "--server",
-            metavar="IP:PORT",
+            metavar="DIR",
             help=(
-                "Another server sharing the first one's database (repeatable): the client"
-                " moves to the next when its server stops answering."
+                "Where NAME's key, the pinned server keys and the delivery marks live"
+                " (default: $XDG_STATE_HOME/chatapp, or ~/.local/state/chatapp)."
             ),
         ),
     ] = None,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:
-    """Join as NAME, listening on CLIENT_PORT."""
+    """Join as NAME, listening on CLIENT_PORT. The first join of NAME makes its key."""
     from chatapp.app import run_client
     from chatapp.launch import ClientOptions
 
@@ -325,17 +325,34 @@ def join(
         trace=_trace_path(trace),
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
-        other_servers=tuple(_server_address(value) for value in server or ()),
+        state_dir=state_dir,
     )
     _run(run_client, options, sys.argv, command="join")
 
 
-def _server_address(value: str) -> tuple[str, int]:
-    """``--server IP:PORT``."""
-    ip, colon, port = value.rpartition(":")
-    if not colon:
-        raise BadArgument(f"--server takes IP:PORT, such as 127.0.0.1:8002, not {value!r}")
-    return _ipv4(ip), _port(port, "the port of --server")
+@app.command(cls=WordsCommand)
+def release(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name to release.")],
+    db: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help="The server's SQLite file (default: the port's)."),
+    ] = None,
+    port: Annotated[
+        str, typer.Option(metavar="PORT", help="The server's port, to find its default file.")
+    ] = "8001",
+) -> None:
+    """Release NAME on a stopped server: unbind it from its key, so that the next client to
+    register NAME binds its own, and delete the messages stored for it."""
+    from chatapp.release import release_name
+
+    path = db or _default_db(_port(port, "--port"))
+    raise SystemExit(release_name(_name(name), path))
+
+
+def _default_db(port: int) -> str:
+    from chatapp.sqlite_store import default_db_path
+
+    return default_db_path(port)
 
 
 @app.command(cls=WordsCommand)

@@ -6,18 +6,23 @@ options name (the database, the trace) and runs the node until it exits; with
 line, the demo and scenarios, the replay, the benchmarks and the tests all
 start nodes with it; they differ only in the network, the screen, the log and
 the recorder they pass, and in the options that fix what a real run leaves to
-chance (message ids, tokens, the epoch, the wall clock).
+chance (the seed of the node's randomness, the epoch, the wall clock) or reads
+from disk (a client's state directory, or the state it starts from).
+
+A node that records a trace draws its randomness from a seeded generator and
+writes the seed, and what it read from disk, into the trace: a replay given
+them sends the same bytes.
 """
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -25,15 +30,30 @@ from chatapp.net import UDP, Endpoint, Network
 from chatapp.node import Input, Node, Screen
 from chatapp.protocol.admission import Admission, Limits
 from chatapp.protocol.client import ClientProtocol
-from chatapp.protocol.common import IdFactory, Log, Timers
+from chatapp.protocol.common import Log, Timers
+from chatapp.protocol.crypto import (
+    KEY_BYTES,
+    Entropy,
+    Identity,
+    SeededEntropy,
+    SystemEntropy,
+    b64,
+    fingerprint,
+)
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.protocol.server import ServerProtocol
 from chatapp.protocol.tables import Window
+from chatapp.statefiles import (
+    PINS_FILE,
+    ClientFiles,
+    StateError,
+    default_state_dir,
+    load_identity,
+    read_pins,
+)
 from chatapp.store import MemoryStore, Store
 from chatapp.trace import JsonlRecorder, NullRecorder, Recorder
-
-if TYPE_CHECKING:
-    from chatapp.pg_store import PgStore
+from chatapp.wire import fmt_addr
 
 
 class StartupError(Exception):
@@ -53,10 +73,9 @@ class ServerOptions:
     timers: Timers = Timers()
     name: str = "server"  # the node's name in traces
     # What a real run leaves to chance or to the clock (None); tests and replays fix them.
-    id_prefix: str | None = None
     epoch: int | None = None
     wall_offset: float | None = None  # trio.current_time() + this = Unix time
-    token_prefix: str | None = None
+    entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
 
 
 @dataclass(frozen=True)
@@ -69,19 +88,29 @@ class ClientOptions:
     trace: str | None = None
     verbose: bool = False
     timers: Timers = Timers()
-    id_prefix: str | None = None  # None: the name and a random part
-    #: Servers sharing the first one's database, moved to in turn when it stops answering.
-    other_servers: tuple[tuple[str, int], ...] = ()
+    state_dir: str | None = None  # None: $XDG_STATE_HOME/chatapp
+    entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
+    # A replay's: what the recorded client read from disk; then nothing is read.
+    start_from: ClientStart | None = None
+
+
+@dataclass(frozen=True)
+class ClientStart:
+    """What a client reads from its state directory when it starts."""
+
+    key: bytes  # the seed of its Ed25519 key
+    pinned: bytes | None = None  # the key pinned for its server
+    marks: dict[bytes, dict[str, int]] = field(default_factory=dict)
 
 
 Options = ServerOptions | ClientOptions
 
 
 def open_store(db: str | None, port: int) -> Store:
-    """The store ``--db`` names (SQLite or memory: a shared PostgreSQL database is opened
-    by ``run_node``, off the event loop)."""
     if db == ":memory:":
         return MemoryStore()
+    if db is not None and db.startswith(("postgresql://", "postgres://")):
+        return _open_postgres(db, port)
     from chatapp.sqlite_store import SqliteStore, default_db_path
 
     path = db or default_db_path(port)
@@ -89,6 +118,26 @@ def open_store(db: str | None, port: int) -> Store:
         return SqliteStore(path)
     except Exception as exc:  # sqlite3.Error, OSError: any reason the file cannot be used
         raise StartupError(f"cannot open the database {path}: {exc}") from None
+
+
+def _open_postgres(url: str, port: int) -> Store:
+    """A PostgreSQL database: connected, migrated and read before the server starts."""
+    # Imported here: a client, or a server on SQLite, never loads psycopg.
+    from chatapp.pg_store import PgStore, server_id
+
+    store = PgStore(url, server_id(port))
+    try:
+        store.open()
+    except Exception as exc:  # psycopg.Error, OSError: any reason the database cannot be used
+        store.close()
+        line = str(exc).strip().replace("\n", " ")
+        raise StartupError(f"cannot use the database {_without_password(url)}: {line}") from None
+    return store
+
+
+def _without_password(url: str) -> str:
+    """``url`` as it may be shown: a password in it replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 async def run_node(
@@ -120,63 +169,18 @@ async def run_node(
         if recorder is None:
             recorder = _open_recorder(options)
             resources.callback(recorder.close)
-        shared: PgStore | None = None
+        entropy, seed = _entropy(options, recorder)
         if isinstance(options, ServerOptions):
-            if store is None and options.db is not None and _is_postgres_url(options.db):
-                store = shared = await _open_shared(options.db, endpoint.local_address[1])
-                resources.push_async_callback(shared.aclose)
-            elif store is None:
+            if store is None:
                 store = open_store(options.db, options.port)
                 resources.callback(store.close)
-            node = _server_node(options, endpoint, store, recorder, log)
+            node = _server_node(options, endpoint, store, recorder, log, entropy, seed)
         else:
-            node = _client_node(options, endpoint, recorder, screen, make_screen, log)
+            node = _client_node(options, endpoint, recorder, log, entropy, seed)
+            node.screen = make_screen(node) if make_screen is not None else screen
         argv = argv if argv is not None else _argv(options, endpoint)
-        if shared is not None:
-            return await _run_shared(node, shared, inputs, argv, log, task_status)
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status
-
-
-def _is_postgres_url(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-async def _open_shared(url: str, port: int) -> PgStore:
-    """A PostgreSQL database shared with other servers: connected, migrated, read."""
-    # Imported here: a client, or a server on SQLite, never loads psycopg.
-    from chatapp.pg_store import PgStore, server_id
-
-    store = PgStore(url, server_id(port))
-    try:
-        await trio.to_thread.run_sync(store.open)
-    except Exception as exc:  # psycopg.Error, OSError: any reason the database cannot be used
-        line = str(exc).strip().replace("\n", " ")
-        raise StartupError(f"cannot use the database {_without_password(url)}: {line}") from None
-    return store
-
-
-async def _run_shared(
-    node: Node,
-    store: PgStore,
-    inputs: trio.MemoryReceiveChannel[Input] | None,
-    argv: list[str],
-    log: Callable[[Log], None],
-    task_status: trio.TaskStatus[Node],
-) -> int:
-    """A server node with the tasks that keep it in step with the other servers."""
-    from chatapp.shared import SharedLink
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(SharedLink(store, node, log).run)
-        status = await node.run(inputs, argv=argv, task_status=task_status)
-        nursery.cancel_scope.cancel()
-    return status
-
-
-def _without_password(url: str) -> str:
-    """``url`` as a log line may show it."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _ignore(entry: Log) -> None:
@@ -204,34 +208,49 @@ def _open_recorder(options: Options) -> Recorder:
         raise StartupError(f"cannot write the trace {options.trace}: {exc.strerror}") from None
 
 
+def _entropy(options: Options, recorder: Recorder) -> tuple[Entropy, bytes | None]:
+    """The node's randomness: the system's, unless it records a trace (then a generator
+    seeded from the system, whose seed goes into the trace) or replays one."""
+    seed = options.entropy_seed
+    if seed is None and not isinstance(recorder, NullRecorder):
+        seed = os.urandom(KEY_BYTES)
+    return (SeededEntropy(seed), seed) if seed is not None else (SystemEntropy(), None)
+
+
 def _server_node(
     options: ServerOptions,
     endpoint: Endpoint,
     store: Store,
     recorder: Recorder,
     log: Callable[[Log], None],
+    entropy: Entropy,
+    seed: bytes | None,
 ) -> Node:
+    disk = store.load()
+    identity = Identity(disk.key)
     protocol = ServerProtocol(
+        identity=identity,
+        entropy=entropy,
         timers=options.timers,
-        id_prefix=options.id_prefix or "s" + secrets.token_hex(3),
         epoch=time.time_ns() // 1_000_000 if options.epoch is None else options.epoch,
         wall_offset=(
             time.time() - trio.current_time()
             if options.wall_offset is None
             else options.wall_offset
         ),
-        token_factory=(IdFactory(options.token_prefix) if options.token_prefix else _random_token),
         mailbox_limit=options.mailbox_limit,
+        origin=disk.origin,
+        last_n=disk.last_n,
         table_window=table_window(endpoint),
     )
-    clients, mailbox = store.load()  # a shared store read its tables when it opened
-    protocol.restore(clients, mailbox, getattr(store, "elsewhere", ()))
-    recorder.restored(options.name, clients, mailbox)  # a replay starts from the same state
-    waiting = sum(len(items) for items in mailbox.values())
+    protocol.restore(disk.clients, disk.mailbox)
+    recorder.restored(options.name, disk)  # a replay starts from the same state
+    waiting = sum(len(items) for items in disk.mailbox.values())
     log(
         Log(
             f"chatapp server listening on UDP {options.host}:{endpoint.local_address[1]}"
-            f" ({len(clients)} known clients, {waiting} stored messages); Ctrl-C stops it"
+            f" ({len(disk.clients)} known clients, {waiting} stored messages;"
+            f" key {fingerprint(identity.public)}); Ctrl-C stops it"
         )
     )
     buffer = getattr(endpoint, "receive_buffer", None)
@@ -240,6 +259,7 @@ def _server_node(
             Log(f"socket receive buffer: {buffer // 1024} KiB (net.core.rmem_max caps it)", "debug")
         )
     admission = Admission(options.limits) if options.limits is not None else None
+    started = {"seed": b64(seed)} if seed is not None else {}
     return Node(
         options.name,
         protocol,
@@ -248,7 +268,22 @@ def _server_node(
         recorder=recorder,
         store=store,
         admission=admission,
+        started=started,
     )
+
+
+def _client_start(options: ClientOptions, files: ClientFiles) -> ClientStart:
+    if options.start_from is not None:
+        return options.start_from
+    try:
+        identity, _ = load_identity(files.state_dir, options.name)
+        pinned = read_pins(files.state_dir).get(fmt_addr((options.server_ip, options.server_port)))
+        marks = files.load_marks([pinned] if pinned is not None else [])
+    except StateError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {files.state_dir}: {exc}") from None
+    return ClientStart(identity.seed, pinned, marks)
 
 
 #: Bytes of receive buffer a small datagram takes (the kernel's bookkeeping: about 830
@@ -267,30 +302,39 @@ def table_window(endpoint: Endpoint) -> Window:
     return Window(parts=max(64, size // 2 // DATAGRAM_FOOTPRINT))
 
 
-def _random_token() -> str:
-    return secrets.token_hex(8)
-
-
 def _client_node(
     options: ClientOptions,
     endpoint: Endpoint,
     recorder: Recorder,
-    screen: Screen | None,
-    make_screen: Callable[[Node], Screen] | None,
     log: Callable[[Log], None],
+    entropy: Entropy,
+    seed: bytes | None,
 ) -> Node:
+    state_dir = Path(options.state_dir) if options.state_dir else default_state_dir()
+    files = ClientFiles(state_dir, options.name)
+    start = _client_start(options, files)
     protocol = ClientProtocol(
         options.name,
         (options.server_ip, options.server_port),
         endpoint.local_address[1],
+        identity=Identity(start.key),
+        entropy=entropy,
+        pinned=start.pinned,
+        marks={key: dict(marks) for key, marks in start.marks.items()},
         timers=options.timers,
-        id_prefix=options.id_prefix or options.name + "." + secrets.token_hex(3),
-        other_servers=options.other_servers,
+        pins_file=str(state_dir / PINS_FILE),
     )
-    node = Node(options.name, protocol, endpoint, screen=screen, log=log, recorder=recorder)
-    if make_screen is not None:
-        node.screen = make_screen(node)
-    return node
+    started: dict[str, object] = {}
+    if seed is not None:  # the trace holds what a replay needs: secrets (it says so)
+        started = {
+            "seed": b64(seed),
+            "key": b64(start.key),
+            "pinned": b64(start.pinned) if start.pinned else "",
+            "marks": {b64(key): marks for key, marks in start.marks.items()},
+        }
+    return Node(
+        options.name, protocol, endpoint, log=log, recorder=recorder, store=files, started=started
+    )
 
 
 def _argv(options: Options, endpoint: Endpoint) -> list[str]:
@@ -303,6 +347,7 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
 
 __all__ = [
     "ClientOptions",
+    "ClientStart",
     "Options",
     "ServerOptions",
     "StartupError",

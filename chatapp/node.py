@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Protocol, cast
 
 import trio
 
 from chatapp import screen
 from chatapp.net import Admit, Endpoint
 from chatapp.protocol.admission import Admission
-from chatapp.protocol.changes import Change, ClientRecord
+from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
-from chatapp.store import MemoryStore, Store
+from chatapp.store import Store
 from chatapp.trace import NullRecorder, Recorder
-from chatapp.wire import Address, StoredItem
+from chatapp.wire import Address
 
 #: What a client's input channel carries (``chatapp.protocol.inputs``).
 Input = ClientInput
@@ -61,8 +61,24 @@ class Screen(Protocol):
 
 
 AnyProtocol = ClientProtocol | ServerProtocol
-T = TypeVar("T")
-Disk = tuple[list[ClientRecord], dict[str, list[StoredItem]]]
+
+
+class Committer(Protocol):
+    """Where a node commits its changes: a server's store, a client's state files."""
+
+    #: Whether a commit reaches a disk (worth gathering several changes per commit).
+    durable: bool
+
+    async def commit(self, changes: list[Change]) -> None: ...
+
+
+class _Nowhere:
+    """A node that keeps nothing (a test's): a change is a bug."""
+
+    durable = False
+
+    async def commit(self, changes: list[Change]) -> None:
+        raise RuntimeError(f"this node has nowhere to keep {changes!r}")
 
 
 def _admit_all(data: bytes, addr: Address, now: float) -> bool:
@@ -87,17 +103,21 @@ class Node:
         screen: Screen | None = None,
         log: Callable[[Log], None] | None = None,
         recorder: Recorder | None = None,
-        store: Store | None = None,
+        store: Committer | None = None,
         admission: Admission | None = None,
+        started: Mapping[str, object] | None = None,
     ) -> None:
-        """``admission`` decides, before decoding, which datagrams are handled at all."""
+        """``admission`` decides, before decoding, which datagrams are handled at all;
+        ``started``: what the trace's start event records besides the node's address
+        (the seed of its randomness, what it read from disk)."""
         self.name = name
         self.protocol = protocol
         self.endpoint = endpoint
         self.screen = screen
         self.log = log or (lambda entry: None)
         self.recorder = recorder or NullRecorder()
-        self.store: Store = store or MemoryStore()
+        self.store: Committer = store or _Nowhere()
+        self.started = started or {}
         self.admission = admission
         self._admit: Admit = admission.admit if admission is not None else _admit_all
         self.exit_status: int | None = None
@@ -128,7 +148,8 @@ class Node:
         """Run until the node exits (returns its status) or is cancelled; started (with
         ``nursery.start``) once its tasks run."""
         role = "client" if isinstance(self.protocol, ClientProtocol) else "server"
-        self.recorder.node_started(self.name, role, argv or [], self.endpoint.local_address)
+        local = self.endpoint.local_address
+        self.recorder.node_started(self.name, role, argv or [], local, self.started)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
@@ -254,16 +275,6 @@ class Node:
             self.screen.typed()
         await self._handle(client.handle_input, item)
 
-    async def handle_outside(
-        self, read: Callable[[], Awaitable[T]], handler: Callable[[T, float], list[Effect]]
-    ) -> None:
-        """What came from elsewhere than the node's socket (another server's changes to a
-        shared database): ``read`` it, then hand it to ``handler``, both under the node's
-        lock, so that none of the node's own handlings runs in between."""
-        async with self._lock:
-            value = await read()
-            await self._apply_locked(handler(value, trio.current_time()))
-
     # --- carrying out effects ---------------------------------------------------------
 
     async def _handle(self, handler: Callable[..., list[Effect]], *args: object) -> None:
@@ -285,7 +296,7 @@ class Node:
         # answer leaves before the change it reports is on disk.
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and not await self._commit(changes):
-            effects = await self._roll_back()
+            effects = self._roll_back()
         for effect in effects:
             if isinstance(effect, Send):
                 await self._send(effect)
@@ -330,22 +341,20 @@ class Node:
             self.log(Log("database writes work again"))
         return True
 
-    async def _roll_back(self) -> list[Effect]:
-        """After a failed commit: none of the handling's effects leave, and the server's
-        state machine goes back to what the database holds (only a server has changes)."""
+    def _roll_back(self) -> list[Effect]:
+        """After a failed commit: none of the handling's effects leave, and the state
+        machine goes back to what its disk holds (a server's database; a client's state
+        file, whose marks it remembers)."""
         protocol = self.protocol
-        assert isinstance(protocol, ServerProtocol)
-        # A store across a network reads without blocking the loop (``load_async``).
-        load_async: Callable[[], Awaitable[Disk]] | None = getattr(self.store, "load_async", None)
+        if isinstance(protocol, ClientProtocol):
+            return protocol.rollback(trio.current_time())
         try:
-            clients, mailbox = await load_async() if load_async else self.store.load()
+            disk = cast(Store, self.store).load()
         except Exception as exc:  # a database that can be neither written nor read
             self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
             self.stop()
             return []
-        # A shared store also says whose table other servers push.
-        elsewhere = getattr(self.store, "elsewhere", None)
-        return protocol.rollback(clients, mailbox, trio.current_time(), elsewhere)
+        return protocol.rollback(disk, trio.current_time())
 
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address

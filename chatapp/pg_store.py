@@ -1,36 +1,30 @@
-"""The shared store: a PostgreSQL database that any number of servers use at once.
+"""A PostgreSQL store (``--db postgresql://...``): chatapp's tables in a database
+server rather than a file.
 
-Each server keeps the whole table and every mailbox in memory, as with SQLite,
-and commits its own changes (``chatapp.protocol.changes``, through the one
-``apply_changes``) in one transaction before it sends the answer that depends on
-them. In the same transaction it writes the changes themselves, encoded, to
-``changelog`` and notifies the channel ``chatapp`` with ``SERVER SEQ`` (a small
-payload: the rows live in the table). The other servers LISTEN, read the row and
-apply the changes to what they hold (``chatapp.shared``); a server that lost its
-listening connection reads the tables again.
+Under protocol 2 this store serves one chatapp server per database: the server's
+key, the client table (each name's binding to a key and session) and the
+delivery streams, as ``chatapp.sqlite_store`` keeps them. Changes
+(``chatapp.protocol.changes``, through the one ``apply_changes``) are committed in
+one transaction before the answer that depends on them. Several servers sharing
+one database (issue 14: the changelog, NOTIFY, heartbeats, failover) were built
+for protocol 1 and are not ported to protocol 2 yet: ``open`` refuses a database
+another running server holds.
 
-Every client row names its ``home``: the server that saved it last, which is the
-one that pushes the table to it. Servers record a heartbeat in ``servers``; the
-online clients of a server whose heartbeat is older than ``HEARTBEAT_TIMEOUT``
-(and of one that is not there at all) are marked offline by whichever server sees
-it first, in one transaction, announced like any other change.
-
-Blocking calls run in worker threads (``chatapp.pg_pool``); the Trio loop never
-waits on the database.
+Blocking calls run in a worker thread; the Trio loop never waits on the database.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+import threading
 from typing import Any, Literal, TypeVar
 
 import msgspec
 import psycopg
 import trio
 
-from chatapp.pg_pool import TrioPool, connect
+from chatapp.pg_pool import connect
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
@@ -41,9 +35,11 @@ from chatapp.protocol.changes import (
     Presence,
     apply_changes,
 )
-from chatapp.wire import MsgId, Name, Port, StoredItem, Text, Token
+from chatapp.protocol.crypto import Identity
+from chatapp.store import ServerDisk, new_origin
+from chatapp.wire import Name, Port, StoredItem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: version reached -> the statements that reach it from the one before (run as one string).
 MIGRATIONS: dict[int, str] = {
@@ -83,20 +79,44 @@ MIGRATIONS: dict[int, str] = {
         );
         CREATE INDEX changelog_by_time ON changelog (at);
     """,
+    # Protocol 2: names bound to keys, the server's key in the database, delivery
+    # streams numbered (origin, n). Protocol 1's clients had no keys (they bind one
+    # when they next register); its stored messages were not signed and go.
+    2: """
+        CREATE TABLE server_key (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+                                 seed bytea NOT NULL);
+        DROP TABLE changelog;
+        ALTER TABLE servers ADD COLUMN origin text, ADD COLUMN last_n bigint NOT NULL DEFAULT 0;
+        DROP TABLE clients;
+        CREATE TABLE clients (
+            name text PRIMARY KEY,
+            ip text NOT NULL,
+            port integer NOT NULL,
+            key bytea NOT NULL,
+            sid bytea NOT NULL,
+            presence text NOT NULL,
+            changed bigint NOT NULL,
+            home text
+        );
+        DROP TABLE mailbox;
+        CREATE TABLE mailbox (
+            origin text NOT NULL,
+            n bigint NOT NULL,
+            recipient text NOT NULL,
+            id text NOT NULL,
+            kind text NOT NULL,
+            sender text NOT NULL,
+            stored_at double precision NOT NULL,
+            text text NOT NULL,
+            sig bytea NOT NULL,
+            sealed bytea NOT NULL,
+            PRIMARY KEY (origin, n),
+            UNIQUE (recipient, sender, id)
+        );
+        CREATE INDEX mailbox_by_recipient ON mailbox (recipient, origin, n);
+    """,
 }
 
-#: The channel every server LISTENs on; a payload is ``SERVER SEQ`` (a row of changelog).
-CHANNEL = "chatapp"
-#: A server records its heartbeat this often (seconds) ...
-HEARTBEAT_INTERVAL = 1.0
-#: ... and one whose heartbeat is older than this is taken for stopped: its online
-#: clients are marked offline (the README says so).
-HEARTBEAT_TIMEOUT = 10.0
-#: How long a changelog row is kept (a server that missed more reads the tables again).
-CHANGELOG_KEPT = 30.0
-#: How long a server whose commit failed keeps asking the database for what it holds
-#: (it cannot go on without it: then it stops).
-RELOAD_PATIENCE = 30.0
 #: The key of the advisory lock that one migration at a time holds.
 _MIGRATION_LOCK = 0x43484154  # "CHAT"
 
@@ -105,15 +125,9 @@ class StoreError(psycopg.DatabaseError):
     """The database cannot be used by this server (said in one line)."""
 
 
-class NameTaken(psycopg.DatabaseError):
-    """A commit would have taken a name that a client of another running server holds
-    online at another address (two servers registering one name at once: the first
-    commit wins, this one is rolled back)."""
-
-
 def server_id(port: int) -> str:
     """A server's name in the database: its host and UDP port (a server restarted on the
-    same port is the same server, and takes its clients back)."""
+    same port is the same server: same origin, same sequence counter)."""
     return f"{socket.gethostname()}:{port}"
 
 
@@ -124,18 +138,9 @@ class _ClientRow(msgspec.Struct):
     name: Name
     ip: str
     port: Port
-    token: Token
+    key: bytes
+    sid: bytes
     presence: Literal["online", "deregistered", "silent"]
-    home: str | None
-
-
-class _MailboxRow(msgspec.Struct):
-    recipient: Name
-    id: MsgId
-    kind: Literal["direct", "channel"]
-    sender: Name
-    text: Text
-    stored_at: float
 
 
 R = TypeVar("R")
@@ -149,147 +154,131 @@ def _checked(values: tuple[Any, ...], kind: type[R], table: str) -> R:
         raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
 
 
-# --- the changes, as changelog holds them ---------------------------------------------------
-
-_KINDS: dict[str, type[Change]] = {
-    kind.__name__: kind for kind in (ClientSaved, ClientRemoved, MessageStored, MessagesRemoved)
-}
-
-
-def encode_changes(changes: list[Change]) -> bytes:
-    return msgspec.msgpack.encode(
-        [(type(change).__name__, msgspec.to_builtins(change)) for change in changes]
-    )
-
-
-def decode_changes(data: bytes) -> list[Change]:
-    """The changes of a changelog row; ``ValueError`` if it is not one chatapp wrote."""
+def _item(
+    origin: str, n: int, msg_id: str, kind: str, sender: str, stored_at: float,
+    text: str, sig: bytes, sealed: bytes,
+) -> StoredItem:  # fmt: skip
+    """A stored row as an item, checked as a datagram's would be."""
+    fields = {
+        "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
+        "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
+    }  # fmt: skip
     try:
-        rows = msgspec.msgpack.decode(data, type=list[tuple[str, dict[str, Any]]])
-        return [msgspec.convert(fields, _KINDS[kind]) for kind, fields in rows]
-    except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
-        raise ValueError(f"a changelog row is not one chatapp writes: {exc}") from None
+        return msgspec.convert(fields, StoredItem, from_attributes=False)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise StoreError(f"a row of mailbox is not one chatapp writes: {exc}") from None
 
 
 # --- what a server reads ---------------------------------------------------------------
 
 
-@dataclass
-class Snapshot:
-    """The tables as one transaction saw them."""
+def _identity(conn: psycopg.Connection[Any], me: str) -> tuple[bytes, str, int]:
+    """The server key (made by the first server to start), this server's origin and
+    the highest sequence number it gave."""
+    conn.execute(
+        "INSERT INTO server_key (seed) VALUES (%s) ON CONFLICT DO NOTHING",
+        (Identity.generate().seed,),
+    )
+    conn.execute(
+        "INSERT INTO servers (id, origin) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE"
+        " SET beat = now(), origin = coalesce(servers.origin, excluded.origin)",
+        (me, new_origin()),
+    )
+    seed_row = conn.execute("SELECT seed FROM server_key").fetchone()
+    meta_row = conn.execute("SELECT origin, last_n FROM servers WHERE id = %s", (me,)).fetchone()
+    seed = bytes(seed_row[0]) if seed_row else b""
+    if len(seed) != 32:
+        raise StoreError("the server's key in the database is not 32 bytes")
+    if meta_row is None or not isinstance(meta_row[0], str) or not meta_row[0]:
+        raise StoreError("the database's sequence counter is not one chatapp writes")
+    return seed, meta_row[0], int(meta_row[1])
 
-    clients: list[ClientRecord]  # oldest change first
-    mailbox: dict[str, list[StoredItem]]  # oldest first
-    homes: dict[str, str | None]  # name -> the server that pushes its table
-    logged: set[int] = field(default_factory=set)  # changelog rows already in the tables
 
-    def elsewhere(self, me: str) -> set[str]:
-        return {name for name, home in self.homes.items() if home != me}
-
-
-def _read(conn: psycopg.Connection[Any]) -> Snapshot:
-    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-    clients, homes = [], {}
+def _read(conn: psycopg.Connection[Any], me: str) -> ServerDisk:
+    seed, origin, last_n = _identity(conn, me)
+    clients = []
     for values in conn.execute(
-        "SELECT name, ip, port, token, presence, home FROM clients ORDER BY changed"
+        "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed"
     ):
-        row = _checked(values, _ClientRow, "clients")
+        row = _checked(tuple(bytes(v) if isinstance(v, memoryview) else v for v in values),
+                       _ClientRow, "clients")  # fmt: skip
         try:
             ipaddress.IPv4Address(row.ip)
         except ValueError:
             raise StoreError(f"a row of clients has {row.ip!r} for an IPv4 address") from None
         clients.append(
-            ClientRecord(row.name, (row.ip, row.port), row.token, Presence(row.presence))
+            ClientRecord(row.name, (row.ip, row.port), row.key, row.sid, Presence(row.presence))
         )
-        homes[row.name] = row.home
     mailbox: dict[str, list[StoredItem]] = {}
-    for values in conn.execute(
-        "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
+    for recipient, *row in conn.execute(
+        "SELECT recipient, origin, n, id, kind, sender, stored_at, text, sig, sealed"
+        " FROM mailbox ORDER BY origin, n"
     ):
-        stored = _checked(values, _MailboxRow, "mailbox")
-        mailbox.setdefault(stored.recipient, []).append(
-            StoredItem(stored.id, stored.kind, stored.sender, stored.text, stored.stored_at)
-        )
-    logged = {seq for (seq,) in conn.execute("SELECT seq FROM changelog")}
-    return Snapshot(clients, mailbox, homes, logged)
+        if not isinstance(recipient, str):
+            raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
+        mailbox.setdefault(recipient, []).append(_item(*row))
+    return ServerDisk(seed, origin, last_n, clients, mailbox)
 
 
 # --- the store -----------------------------------------------------------------------------
 
 
 class PgStore:
-    """chatapp's tables in a PostgreSQL database shared with other servers."""
+    """chatapp's tables in a PostgreSQL database."""
 
     durable = True
 
-    def __init__(self, url: str, me: str, *, pool_size: int = 3) -> None:
-        """Not connected yet: ``open`` connects, migrates and records the first heartbeat."""
+    def __init__(self, url: str, me: str) -> None:
+        """Not connected yet: ``open`` connects, migrates and reads."""
         self.url = url
         self.me = me
-        self.pool = TrioPool(url, pool_size)
-        #: The names whose table another server pushes (as of the last ``load``).
-        self.elsewhere: set[str] = set()
-        self._loaded: Snapshot | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._guard = threading.Lock()
+        self._loaded: ServerDisk | None = None
 
     def open(self) -> None:
-        """Connect, create or migrate the schema, record this server's first heartbeat,
-        read the tables (blocking: call it in a worker thread)."""
-        with connect(self.url) as conn:
+        """Connect, create or migrate the schema, read the tables (blocking: call it in a
+        worker thread)."""
+        self._conn = conn = connect(self.url)
+        try:
             with conn.transaction():
                 _migrate(conn)
             with conn.transaction():
-                _beat(conn, self.me)
+                self._loaded = _read(conn, self.me)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.url)
+        return self._conn
+
+    def load(self) -> ServerDisk:
+        """The server's key, its origin and counter, the clients (oldest change first)
+        and the stored messages (oldest first)."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            return loaded
+        with self._guard:
+            conn = self._connection()
             with conn.transaction():
-                self._loaded = _read(conn)
-
-    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        """The clients and stored messages as last committed (blocking: at start, or in a
-        worker thread)."""
-        snapshot, self._loaded = self._loaded, None
-        if snapshot is None:
-            with connect(self.url) as conn, conn.transaction():
-                snapshot = _read(conn)
-        self.elsewhere = snapshot.elsewhere(self.me)
-        return snapshot.clients, snapshot.mailbox
-
-    async def load_async(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        """``load`` without blocking the loop (after a failed commit). A database that does
-        not answer is asked again for up to ``RELOAD_PATIENCE`` seconds."""
-        deadline = trio.current_time() + RELOAD_PATIENCE
-        while True:
-            try:
-                snapshot = await self.pool.run(_read)
-                break
-            except psycopg.OperationalError:
-                if trio.current_time() >= deadline:
-                    raise
-                await trio.sleep(0.5)
-        self.elsewhere = snapshot.elsewhere(self.me)
-        return snapshot.clients, snapshot.mailbox
-
-    async def snapshot(self) -> Snapshot:
-        return await self.pool.run(_read)
+                return _read(conn, self.me)
 
     async def commit(self, changes: list[Change]) -> None:
-        self._loaded = None  # what was read at start is not what the tables hold now
-        await self.pool.run(_commit, changes, self.me)
+        # Not abandoned on cancel: a commit that started finishes before the node goes on.
+        await trio.to_thread.run_sync(self._commit, changes)
 
-    async def changelog(self, seqs: list[int]) -> dict[int, tuple[str, bytes]]:
-        """The changelog rows ``seqs`` that are still kept: seq -> (server, changes)."""
-        return await self.pool.run(_changelog, seqs)
-
-    async def beat(self) -> None:
-        await self.pool.run(_beat, self.me)
-
-    async def sweep(self) -> list[Change]:
-        """Mark offline the online clients of stopped servers; the changes made."""
-        return await self.pool.run(_sweep, self.me)
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()
+    def _commit(self, changes: list[Change]) -> None:
+        with self._guard:
+            conn = self._connection()
+            with conn.transaction(), conn.pipeline():
+                apply_changes(changes, _Transaction(conn, self.me))
 
     def close(self) -> None:
-        """The pool is closed by ``aclose`` (its connections belong to worker threads)."""
+        with self._guard:
+            if self._conn is not None:
+                self._conn.close()
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> None:
@@ -325,57 +314,6 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def _commit(conn: psycopg.Connection[Any], changes: list[Change], me: str) -> None:
-    with conn.pipeline():
-        apply_changes(changes, _Transaction(conn, me))
-        _announce(conn, changes, me)
-
-
-def _announce(conn: psycopg.Connection[Any], changes: list[Change], me: str) -> None:
-    """The changes to changelog and their row's number to every listening server; both
-    take effect at the commit (a notification is sent only if it commits)."""
-    conn.execute(
-        "WITH logged AS (INSERT INTO changelog (server, changes) VALUES (%s, %s) RETURNING seq)"
-        " SELECT pg_notify(%s, %s || ' ' || seq) FROM logged",
-        (me, encode_changes(changes), CHANNEL, me),
-    )
-
-
-def _changelog(conn: psycopg.Connection[Any], seqs: list[int]) -> dict[int, tuple[str, bytes]]:
-    rows = conn.execute("SELECT seq, server, changes FROM changelog WHERE seq = ANY(%s)", (seqs,))
-    return {seq: (server, bytes(data)) for seq, server, data in rows}
-
-
-def _beat(conn: psycopg.Connection[Any], me: str) -> None:
-    conn.execute(
-        "INSERT INTO servers (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET beat = now()", (me,)
-    )
-    conn.execute(
-        "DELETE FROM changelog WHERE at < now() - make_interval(secs => %s)", (CHANGELOG_KEPT,)
-    )
-
-
-def _sweep(conn: psycopg.Connection[Any], me: str) -> list[Change]:
-    # SKIP LOCKED: two servers sweeping at once do not wait for each other.
-    conn.execute(
-        "DELETE FROM servers WHERE id IN (SELECT id FROM servers"
-        " WHERE beat < now() - make_interval(secs => %s) AND id <> %s FOR UPDATE SKIP LOCKED)",
-        (HEARTBEAT_TIMEOUT, me),
-    )
-    rows = conn.execute(
-        "UPDATE clients SET presence = 'silent', home = NULL, changed = nextval('client_changes')"
-        " WHERE presence = 'online'"
-        " AND (home IS NULL OR NOT EXISTS (SELECT 1 FROM servers WHERE id = home))"
-        " RETURNING name, ip, port, token"
-    ).fetchall()
-    changes: list[Change] = [
-        ClientSaved(name, ip, port, token, Presence.SILENT) for name, ip, port, token in rows
-    ]
-    if changes:
-        _announce(conn, changes, me)
-    return changes
-
-
 class _Transaction:
     """The SQL of each kind of change, inside a transaction (``ChangeSink``)."""
 
@@ -384,51 +322,49 @@ class _Transaction:
         self._me = me
 
     def save_client(self, change: ClientSaved) -> None:
-        # The row is replaced unless another running server's client holds the name
-        # online at another address: then the name is that client's, and this
-        # transaction is rolled back (the row is locked while a concurrent one decides).
-        taken = self._conn.execute(
-            "INSERT INTO clients (name, ip, port, token, presence, changed, home)"
-            " VALUES (%s, %s, %s, %s, %s, nextval('client_changes'), %s)"
+        self._conn.execute(
+            "INSERT INTO clients (name, ip, port, key, sid, presence, changed, home)"
+            " VALUES (%s, %s, %s, %s, %s, %s, nextval('client_changes'), %s)"
             " ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port,"
-            " token = excluded.token, presence = excluded.presence,"
-            " changed = excluded.changed, home = excluded.home"
-            " WHERE clients.presence <> 'online' OR clients.home IS NOT DISTINCT FROM excluded.home"
-            " OR (clients.ip = excluded.ip AND clients.port = excluded.port)"
-            " OR NOT EXISTS (SELECT 1 FROM servers WHERE id = clients.home)"
-            " RETURNING name",
-            (change.name, change.ip, change.port, change.token, change.presence.value, self._me),
-        ).fetchone()
-        if taken is None:
-            raise NameTaken(f"the name {change.name} is online at another server")
+            " key = excluded.key, sid = excluded.sid, presence = excluded.presence,"
+            " changed = excluded.changed, home = excluded.home",
+            (
+                change.name, change.ip, change.port, change.key, change.sid,
+                change.presence.value, self._me,
+            ),
+        )  # fmt: skip
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._conn.execute("DELETE FROM clients WHERE name = %s", (change.name,))
+        # what was stored for it, and what it sent (its key is gone: it could not be
+        # verified any more)
+        self._conn.execute(
+            "DELETE FROM mailbox WHERE recipient = %s OR sender = %s", (change.name, change.name)
+        )
 
     def store_message(self, change: MessageStored) -> None:
         item = change.item
         self._conn.execute(
-            "INSERT INTO mailbox (recipient, id, kind, sender, text, stored_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (recipient, id) DO NOTHING",
-            (change.recipient, item.id, item.kind, item.sender, item.text, item.stored_at),
+            "INSERT INTO mailbox (origin, n, recipient, id, kind, sender, stored_at, text,"
+            " sig, sealed) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (
+                item.seq.origin, item.seq.n, change.recipient, item.id, item.kind,
+                item.sender, item.stored_at, item.text, item.sig, item.sealed,
+            ),
+        )  # fmt: skip
+        # The counter never goes back, even when every item it numbered is deleted.
+        self._conn.execute(
+            "UPDATE servers SET last_n = greatest(last_n, %s) WHERE id = %s AND origin = %s",
+            (item.seq.n, self._me, item.seq.origin),
         )
 
     def remove_messages(self, change: MessagesRemoved) -> None:
-        self._conn.execute(
-            "DELETE FROM mailbox WHERE recipient = %s AND id = ANY(%s)",
-            (change.recipient, list(change.ids)),
-        )
+        for seq in change.seqs:
+            self._conn.execute(
+                "DELETE FROM mailbox WHERE origin = %s AND n = %s AND recipient = %s",
+                (seq.origin, seq.n, change.recipient),
+            )
 
 
-__all__ = [
-    "CHANNEL",
-    "HEARTBEAT_INTERVAL",
-    "HEARTBEAT_TIMEOUT",
-    "NameTaken",
-    "PgStore",
-    "Snapshot",
-    "StoreError",
-    "decode_changes",
-    "encode_changes",
-    "server_id",
-]
+__all__ = ["PgStore", "StoreError", "server_id"]

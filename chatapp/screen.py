@@ -60,13 +60,14 @@ def stored_channel(stored_at: float, sender: str, text: str) -> str:
 # --- our lines ------------------------------------------------------------------
 
 HELP = (
-    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table | exit."
-    " help COMMAND explains one.]"
+    "[Commands: send NAME MESSAGE | send_all MESSAGE | dereg NAME | reg NAME | table"
+    " | fingerprint [NAME] | exit. help COMMAND explains one.]"
 )
 OFFLINE_ONLY_REG = "[You are offline. The only command now is: reg NAME (or exit).]"
 ALREADY_ONLINE = "[You are already online.]"
 STILL_JOINING = "[Still waiting for the server to accept the registration. Try again in a moment.]"
 BUSY_DEREGISTERING = "[Going offline is in progress. Wait for the server's answer.]"
+LEAVING = "[Leaving once the requests in flight are answered (Ctrl-C leaves now).]"
 REG_NOT_ANSWERED = "[Server not responding. You are still offline; try reg again later.]"
 EMPTY_TABLE = "[The client table is empty.]"
 CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; try again later.]"
@@ -75,8 +76,14 @@ CANNOT_STORE = "[The server cannot store anything right now. Nothing was saved; 
 #: ``help COMMAND``: one line on each command (aliases share their command's line).
 _TABLE_HELP = "[table (or list): the client table, with who is online.]"
 _EXIT_HELP = (
-    "[exit (or quit, Ctrl-D, Ctrl-C): leave. Leaving does not deregister:"
-    " the server finds out when you stop answering.]"
+    "[exit (or quit, Ctrl-D): leave, once the requests in flight are answered; Ctrl-C"
+    " leaves at once. Leaving does not deregister: the server finds out when you stop"
+    " answering.]"
+)
+_FINGERPRINT_HELP = (
+    "[fingerprint (or key): your key's fingerprint. fingerprint NAME: NAME's, and the"
+    " safety number to compare with NAME out of band (the same on both sides: no one is"
+    " in between).]"
 )
 COMMAND_HELP = {
     "send": (
@@ -91,6 +98,8 @@ COMMAND_HELP = {
     "reg": "[reg NAME: come back online after dereg, and receive what was stored for you.]",
     "table": _TABLE_HELP,
     "list": _TABLE_HELP,
+    "fingerprint": _FINGERPRINT_HELP,
+    "key": _FINGERPRINT_HELP,
     "help": "[help COMMAND: what COMMAND does; help alone lists the commands.]",
     "exit": _EXIT_HELP,
     "quit": _EXIT_HELP,
@@ -143,10 +152,6 @@ def request_refused(reason: str) -> str:
     return f"[The server refused: {reason}]"
 
 
-def moving_server(old: str, new: str) -> str:
-    return f"[Server {old} not responding. Moving to server {new}.]"
-
-
 def join_not_answered(server: str) -> str:
     return f"[Server {server} not responding. Is `chatapp serve` running there?]"
 
@@ -165,3 +170,49 @@ def trace_stopped(reason: str) -> str:
 
 def bad_input(detail: str) -> str:
     return f"[Could not read that line: {detail}. Nothing was sent.]"
+
+
+# --- keys and trust ----------------------------------------------------------------
+
+
+def server_key_changed(server: str, pinned: str, offered: str, pins_file: str) -> str:
+    return (
+        f"[The server at {server} answered with a different key than the one pinned for it:"
+        f" pinned {pinned}, offered {offered}. Someone may be in the middle, or the server's"
+        f" key was changed. If you know it was changed on purpose, remove the line for"
+        f" {server} from {pins_file} and join again.]"
+    )
+
+
+def own_fingerprint(name: str, fingerprint: str) -> str:
+    return f"[Your key ({name}): {fingerprint}]"
+
+
+def peer_fingerprint(name: str, fingerprint: str) -> str:
+    return f"[{name}'s key: {fingerprint}]"
+
+
+def safety_number(name: str, number: str) -> str:
+    return (
+        f"[Safety number with {name}: {number}. Compare it with {name} out of band:"
+        " the same number on both sides means no one is in between.]"
+    )
+
+
+def no_key_for(name: str) -> str:
+    return f"[{name} is not in the client table: no key to show.]"
+
+
+def not_stored(names: list[str], more: int) -> str:
+    who = ", ".join(names) + (f" and {more} more" if more else "")
+    return (
+        f"[Your channel message could not be stored for {who} (mailbox full):"
+        " they will not see it.]"
+    )
+
+
+def bad_key_file(path: str, why: str) -> str:
+    return (
+        f"the key file {path} {why}. It was not changed; fix it (or move it away to make"
+        " a new key, which the server will refuse for a name bound to the old one)"
+    )

@@ -1,5 +1,9 @@
 """The durable store: SQLite in WAL mode, called off the event loop.
 
+It holds the server's key (made at the first start), each name's binding to a
+key, the clients' records and the delivery streams (with the counter of their
+sequence numbers, which never goes back).
+
 A run of changes (``chatapp.protocol.changes``) is one transaction, committed in a worker thread
 before the node sends the ACK that depends on it; so a message the server
 has ACKed as saved survives a crash of the server (SIGKILL included).
@@ -27,7 +31,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 import trio
@@ -42,9 +46,11 @@ from chatapp.protocol.changes import (
     Presence,
     apply_changes,
 )
-from chatapp.wire import MsgId, Name, Port, StoredItem, Text, Token
+from chatapp.protocol.crypto import Identity
+from chatapp.store import ServerDisk, new_origin
+from chatapp.wire import Key, Name, Port, StoredItem
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: version reached -> the statements that reach it from the one before. Statements are
 #: split on ';', so none may contain one in a literal.
@@ -75,6 +81,40 @@ MIGRATIONS: dict[int, str] = {
         ALTER TABLE clients ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
         UPDATE clients SET changed = rowid;
     """,
+    # Protocol 2: names bound to keys, sessions, sealed direct messages, and a delivery
+    # stream per recipient (sequence numbers that never go back). Nothing of protocol 1
+    # carries over: its clients had no keys (they bind one when they next register), and
+    # a database with messages stored by protocol 1 is refused before this runs.
+    3: """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+        DROP TABLE clients;
+        CREATE TABLE clients (
+            name TEXT PRIMARY KEY,
+            ip TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            key BLOB NOT NULL,
+            sid BLOB NOT NULL,
+            presence TEXT NOT NULL,
+            changed INTEGER NOT NULL
+        );
+        DROP INDEX mailbox_by_recipient;
+        DROP TABLE mailbox;
+        CREATE TABLE mailbox (
+            origin TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            recipient TEXT NOT NULL,
+            id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            stored_at REAL NOT NULL,
+            text TEXT NOT NULL,
+            sig BLOB NOT NULL,
+            sealed BLOB NOT NULL,
+            PRIMARY KEY (origin, n),
+            UNIQUE (recipient, sender, id)
+        );
+        CREATE INDEX mailbox_by_recipient ON mailbox (recipient, origin, n);
+    """,
 }
 
 #: How long opening waits for another process's lock before giving up.
@@ -94,19 +134,9 @@ class _ClientRow(msgspec.Struct):
     name: Name
     ip: str
     port: Port
-    token: Token
+    key: Key
+    sid: Annotated[bytes, msgspec.Meta(max_length=8)]  # a session's id (none yet: empty)
     presence: Literal["online", "deregistered", "silent"]
-
-
-class _MailboxRow(msgspec.Struct):
-    """A row of ``mailbox`` as chatapp writes it (a recipient and a ``StoredItem``)."""
-
-    recipient: Name
-    id: MsgId
-    kind: Literal["direct", "channel"]
-    sender: Name
-    text: Text
-    stored_at: float
 
 
 def _tables(db: sqlite3.Connection) -> dict[str, list[str]]:
@@ -160,11 +190,10 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")  # take the lock now, not at the first save
             self._db.execute("COMMIT")
             self._migrate()
+            self._ensure_identity()
             # Read everything now, so a damaged file is refused at start (one error line)
             # rather than surfacing later as a traceback.
-            self._loaded: tuple[list[ClientRecord], dict[str, list[StoredItem]]] | None = (
-                self._read()
-            )
+            self._loaded: ServerDisk | None = self._read()
         except sqlite3.OperationalError as exc:
             self._db.close()
             if "locked" in str(exc):
@@ -200,6 +229,14 @@ class SqliteStore:
                 f"the database has schema version {version}; this chatapp knows up to"
                 f" {SCHEMA_VERSION} (use a newer chatapp, or another --db)"
             )
+        if 1 <= version < 3:
+            stored = self._db.execute("SELECT count(*) FROM mailbox").fetchone()[0]
+            if stored:
+                raise StoreError(
+                    f"the database holds {stored} messages stored by chatapp 1 (protocol 1),"
+                    " which protocol 2 cannot deliver: let chatapp 1 deliver them first,"
+                    " or use another --db"
+                )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -253,12 +290,35 @@ class SqliteStore:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _read(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
+    def _ensure_identity(self) -> None:
+        """The server's key and the store's origin, made once, at the first start."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, value in (
+                ("server_key", Identity.generate().seed),
+                ("origin", new_origin()),
+                ("last_n", 0),
+            ):
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _read(self) -> ServerDisk:
         """Every row, checked against the types chatapp writes (a row of the wrong type
         would otherwise surface later, as an error in the middle of serving)."""
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        server_key, origin, last_n = (meta.get(k) for k in ("server_key", "origin", "last_n"))
+        if not isinstance(server_key, bytes) or len(server_key) != 32:
+            raise StoreError("the server's key in the database is not 32 bytes")
+        if not isinstance(origin, str) or not origin or not isinstance(last_n, int):
+            raise StoreError("the database's sequence counter is not one chatapp writes")
         clients = []
         for values in self._db.execute(
-            "SELECT name, ip, port, token, presence FROM clients ORDER BY changed, rowid"
+            "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed, rowid"
         ):
             row = _checked(values, _ClientRow, "clients")
             try:
@@ -266,22 +326,21 @@ class SqliteStore:
             except ValueError:
                 raise StoreError(f"a row of clients has {row.ip!r} for an IPv4 address") from None
             clients.append(
-                ClientRecord(row.name, (row.ip, row.port), row.token, Presence(row.presence))
+                ClientRecord(row.name, (row.ip, row.port), row.key, row.sid, Presence(row.presence))
             )
         mailbox: dict[str, list[StoredItem]] = {}
-        for recipient, *item in self._db.execute(
-            "SELECT recipient, id, kind, sender, text, stored_at FROM mailbox ORDER BY seq"
+        for recipient, *row in self._db.execute(
+            "SELECT recipient, origin, n, id, kind, sender, stored_at, text, sig, sealed"
+            " FROM mailbox ORDER BY origin, n"
         ):
-            checked = _checked((recipient, *item), _MailboxRow, "mailbox")
-            mailbox.setdefault(checked.recipient, []).append(
-                StoredItem(
-                    checked.id, checked.kind, checked.sender, checked.text, checked.stored_at
-                )
-            )
-        return clients, mailbox
+            if not isinstance(recipient, str):
+                raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
+            mailbox.setdefault(recipient, []).append(_item(*row))
+        return ServerDisk(server_key, origin, last_n, clients, mailbox)
 
-    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        """The clients (oldest change first) and the stored messages (oldest first)."""
+    def load(self) -> ServerDisk:
+        """The server's key, the clients (oldest change first) and the stored messages
+        (oldest first)."""
         loaded, self._loaded = self._loaded, None
         return loaded if loaded is not None else self._read()
 
@@ -305,6 +364,17 @@ class SqliteStore:
                         db.execute("ROLLBACK")
                 raise
 
+    def release(self, name: str) -> tuple[bool, int]:
+        """Unbind ``name`` (an operator's command, on a stopped server): its binding, its
+        record and what was stored for it go. (Whether it was bound, messages deleted.)"""
+        with self._guard:
+            bound = self._db.execute("SELECT 1 FROM clients WHERE name = ?", (name,)).fetchone()
+            (stored,) = self._db.execute(
+                "SELECT count(*) FROM mailbox WHERE recipient = ? OR sender = ?", (name, name)
+            ).fetchone()
+        self._commit([ClientRemoved(name)])
+        return bound is not None, int(stored)
+
     def pragma(self, name: str) -> object:
         """A setting as SQLite reports it (``journal_mode``, ``synchronous``, ...)."""
         with self._guard:
@@ -327,6 +397,21 @@ def _checked(values: tuple[object, ...], kind: type[T], table: str) -> T:
         raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
 
 
+def _item(
+    origin: str, n: int, msg_id: str, kind: str, sender: str, stored_at: float,
+    text: str, sig: bytes, sealed: bytes,
+) -> StoredItem:  # fmt: skip
+    """A stored row as an item, checked as a datagram's would be."""
+    fields = {
+        "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
+        "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
+    }  # fmt: skip
+    try:
+        return msgspec.convert(fields, StoredItem, from_attributes=False)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise StoreError(f"a row of mailbox is not one chatapp writes: {exc}") from None
+
+
 class _Transaction:
     """The SQL of each kind of change, inside a transaction the store has begun."""
 
@@ -335,26 +420,39 @@ class _Transaction:
 
     def save_client(self, change: ClientSaved) -> None:
         self._db.execute(
-            "INSERT INTO clients (name, ip, port, token, presence, changed)"
-            " VALUES (?, ?, ?, ?, ?, (SELECT coalesce(max(changed), 0) + 1 FROM clients))"
+            "INSERT INTO clients (name, ip, port, key, sid, presence, changed)"
+            " VALUES (?, ?, ?, ?, ?, ?, (SELECT coalesce(max(changed), 0) + 1 FROM clients))"
             " ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, port=excluded.port,"
-            " token=excluded.token, presence=excluded.presence, changed=excluded.changed",
-            (change.name, change.ip, change.port, change.token, change.presence.value),
+            " key=excluded.key, sid=excluded.sid, presence=excluded.presence,"
+            " changed=excluded.changed",
+            (change.name, change.ip, change.port, change.key, change.sid, change.presence.value),
         )
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._db.execute("DELETE FROM clients WHERE name = ?", (change.name,))
+        # what was stored for it, and what it sent (its key is gone: it could not be
+        # verified any more)
+        self._db.execute(
+            "DELETE FROM mailbox WHERE recipient = ? OR sender = ?", (change.name, change.name)
+        )
 
     def store_message(self, change: MessageStored) -> None:
         item = change.item
         self._db.execute(
-            "INSERT OR IGNORE INTO mailbox (recipient, id, kind, sender, text, stored_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (change.recipient, item.id, item.kind, item.sender, item.text, item.stored_at),
+            "INSERT OR IGNORE INTO mailbox (origin, n, recipient, id, kind, sender, stored_at,"
+            " text, sig, sealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.seq.origin, item.seq.n, change.recipient, item.id, item.kind,
+                item.sender, item.stored_at, item.text, item.sig, item.sealed,
+            ),
+        )  # fmt: skip
+        # The counter never goes back, even when every item it numbered is deleted.
+        self._db.execute(
+            "UPDATE meta SET value = max(value, ?) WHERE key = 'last_n'", (item.seq.n,)
         )
 
     def remove_messages(self, change: MessagesRemoved) -> None:
         self._db.executemany(
-            "DELETE FROM mailbox WHERE recipient = ? AND id = ?",
-            [(change.recipient, msg_id) for msg_id in change.ids],
+            "DELETE FROM mailbox WHERE origin = ? AND n = ? AND recipient = ?",
+            [(seq.origin, seq.n, change.recipient) for seq in change.seqs],
         )

@@ -1,4 +1,5 @@
-"""Where the server keeps what must survive a crash: the client table and the mailbox.
+"""Where the server keeps what must survive a crash: its key, the client table (each
+name's binding to a key), and the delivery streams.
 
 The server's state machine announces every change as an effect
 (``chatapp.protocol.changes``); the node commits each run of them in one
@@ -10,7 +11,9 @@ durable default.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from chatapp.protocol.changes import (
@@ -22,16 +25,32 @@ from chatapp.protocol.changes import (
     MessageStored,
     apply_changes,
 )
-from chatapp.wire import StoredItem
+from chatapp.protocol.crypto import Identity
+from chatapp.wire import Seq, StoredItem
+
+
+def new_origin() -> str:
+    """A store's origin: the first part of the sequence numbers it gives."""
+    return os.urandom(8).hex()
+
+
+@dataclass
+class ServerDisk:
+    """What a server reads from its store when it starts."""
+
+    key: bytes  # the seed of the server's Ed25519 key
+    origin: str
+    last_n: int  # the highest sequence number ever given (they never go back)
+    clients: list[ClientRecord]  # oldest change first
+    mailbox: dict[str, list[StoredItem]]  # recipient -> stored items, oldest first
 
 
 class Store(Protocol):
     #: Whether a commit reaches a disk (worth gathering several changes per commit).
     durable: bool
 
-    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
-        """The clients (oldest change first) and the stored messages (oldest first) as
-        last committed."""
+    def load(self) -> ServerDisk:
+        """What was last committed."""
         ...
 
     async def commit(self, changes: list[Change]) -> None:
@@ -42,7 +61,8 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """A store in memory: what was committed is there until the process ends.
+    """A store in memory: what was committed is there until the process ends (its key
+    too: a server restarted on a new ``MemoryStore`` is a server with a new key).
 
     ``changes`` are applied at once, as a database would hold them when a server
     starts (a replay starts its server from the recorded server's database this way).
@@ -50,15 +70,30 @@ class MemoryStore:
 
     durable = False
 
-    def __init__(self, changes: Iterable[Change] = ()) -> None:
+    def __init__(
+        self,
+        changes: Iterable[Change] = (),
+        *,
+        key: bytes | None = None,
+        origin: str | None = None,
+        last_n: int = 0,
+    ) -> None:
+        self.key = key if key is not None else Identity.generate().seed
+        self.origin = origin or new_origin()
+        self.last_n = last_n
         self._clients: dict[str, ClientSaved] = {}
-        self._mailbox: dict[str, dict[str, StoredItem]] = {}
+        self._mailbox: dict[str, dict[Seq, StoredItem]] = {}
+        self._kept: dict[str, set[tuple[str, str]]] = {}  # (sender, id) of each stored item
         apply_changes(changes, self)
 
-    def load(self) -> tuple[list[ClientRecord], dict[str, list[StoredItem]]]:
+    def load(self) -> ServerDisk:
         clients = [saved.record() for saved in self._clients.values()]
-        mailbox = {name: list(box.values()) for name, box in self._mailbox.items() if box}
-        return clients, mailbox
+        mailbox = {
+            name: sorted(box.values(), key=lambda item: (item.seq.origin, item.seq.n))
+            for name, box in self._mailbox.items()
+            if box
+        }
+        return ServerDisk(self.key, self.origin, self.last_n, clients, mailbox)
 
     async def commit(self, changes: list[Change]) -> None:
         apply_changes(changes, self)
@@ -66,7 +101,7 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
-    # --- the ChangeSink side -----------------------------------------------------------
+    # --- the ServerSink side -----------------------------------------------------------
 
     def save_client(self, change: ClientSaved) -> None:
         self._clients.pop(change.name, None)  # saved last: last in the order of changes
@@ -74,11 +109,27 @@ class MemoryStore:
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._clients.pop(change.name, None)
+        self._mailbox.pop(change.name, None)
+        self._kept.pop(change.name, None)
+        for recipient, box in self._mailbox.items():  # and what it sent
+            for seq in [seq for seq, item in box.items() if item.sender == change.name]:
+                item = box.pop(seq)
+                self._kept[recipient].discard((item.sender, item.id))
 
     def store_message(self, change: MessageStored) -> None:
-        self._mailbox.setdefault(change.recipient, {}).setdefault(change.item.id, change.item)
+        item = change.item
+        kept = self._kept.setdefault(change.recipient, set())
+        if (item.sender, item.id) in kept:
+            return  # the same message again changes nothing
+        kept.add((item.sender, item.id))
+        self._mailbox.setdefault(change.recipient, {})[item.seq] = item
+        if item.seq.origin == self.origin:
+            self.last_n = max(self.last_n, item.seq.n)
 
     def remove_messages(self, change: MessagesRemoved) -> None:
         box = self._mailbox.get(change.recipient, {})
-        for msg_id in change.ids:
-            box.pop(msg_id, None)
+        kept = self._kept.get(change.recipient, set())
+        for seq in change.seqs:
+            item = box.pop(seq, None)
+            if item is not None:
+                kept.discard((item.sender, item.id))

@@ -103,12 +103,12 @@ def open_history(environ: Mapping[str, str] | None = None) -> History:
 # --- completion ----------------------------------------------------------------------
 
 #: Commands whose argument is a name from the client table.
-_NAME_COMMANDS = ("send", "dereg", "reg")
+_NAME_COMMANDS = ("send", "dereg", "reg", "fingerprint", "key")
 
 
 class CommandCompleter(Completer):
     """Tab: the command words, then a name from the client table for ``send``,
-    ``dereg`` and ``reg``."""
+    ``dereg``, ``reg`` and ``fingerprint`` (or ``key``)."""
 
     def __init__(self, commands: Iterable[str], names: Callable[[], Iterable[str]]) -> None:
         self._commands = sorted(commands)

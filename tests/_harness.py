@@ -39,7 +39,7 @@ from chatapp.protocol.common import Log, Timers
 from chatapp.protocol.server import ServerProtocol
 from chatapp.store import MemoryStore, Store
 from chatapp.testing import CapturedScreen, MemoryNetwork
-from chatapp.wire import Address, Lookup, encode
+from chatapp.wire import Address, Hello, encode
 
 WALL_OFFSET = 1_648_153_596.0
 
@@ -148,7 +148,6 @@ async def start_server(
         host=addr[0],
         timers=timers,
         mailbox_limit=mailbox_limit,
-        id_prefix=f"s{epoch}",
         epoch=epoch,
         wall_offset=WALL_OFFSET,
     )
@@ -177,9 +176,12 @@ async def start_client(
     server: Address,
     *,
     timers: Timers = Timers(),
+    state_dir: str | None = None,
 ) -> VirtualClient:
+    """A client at ``addr``; its keys in ``state_dir`` (by default the test's
+    ``$XDG_STATE_HOME``, a directory of its own: see ``conftest.py``)."""
     options = ClientOptions(
-        name, server[0], server[1], addr[1], host=addr[0], timers=timers, id_prefix=name
+        name, server[0], server[1], addr[1], host=addr[0], timers=timers, state_dir=state_dir
     )
     screen = CapturedScreen()
     send_input, receive_input = trio.open_memory_channel[Input](0)
@@ -400,10 +402,10 @@ def join(name: str, server_port: int, port: int, env: dict[str, str], *options: 
 
 
 def wait_until_serving(server_port: int, timeout: float = 20.0) -> int:
-    """Wait until a chatapp server answers on ``server_port``: a lookup with a
-    made-up token always draws a refusal, and changes nothing (the server logs a
-    warning for it). The port the probes came from."""
-    probe = encode(Lookup("probe.1", "nobody", "not-a-token"))
+    """Wait until a chatapp server answers on ``server_port``: a hello draws a
+    challenge, and changes nothing (the server keeps no state for it). The port the
+    probes came from."""
+    probe = encode(Hello("probe.1", "probe", 1024, bytes(32)))
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))

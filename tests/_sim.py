@@ -5,6 +5,11 @@ carrying each ``Send`` effect's bytes to the node at its address, in order. Loss
 is a rule that drops a datagram; time moves only when a test advances it, and
 every timer fires at exactly its deadline. Used by ``tests/test_protocol_client.py``
 and ``tests/test_protocol_server.py``.
+
+Keys are fixed per label (``key_of``): a client joined again under its label is
+the same person (its key, its pinned server key, its delivery marks), one
+joined under another label with the same name is an impostor with its own key.
+Every node draws from a seeded generator, so a run is the same every time.
 """
 
 from __future__ import annotations
@@ -16,13 +21,23 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from chatapp import screen
-from chatapp.protocol.changes import Change
+from chatapp.protocol.changes import Change, DeliveryMarked, ServerPinned
 from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
+from chatapp.protocol.crypto import Identity, SeededEntropy, blake2b
 from chatapp.protocol.server import ServerProtocol
 from chatapp.protocol.tables import Window
-from chatapp.store import MemoryStore
-from chatapp.wire import MAX_DATAGRAM, Address, Message, Table, TableDelta, TableEntry, encode
+from chatapp.store import MemoryStore, ServerDisk
+from chatapp.wire import (
+    MAX_DATAGRAM,
+    Address,
+    Chat,
+    Message,
+    Table,
+    TableDelta,
+    TableEntry,
+    encode,
+)
 
 SERVER: Address = ("10.0.0.1", 8001)
 SERVER_TEXT = "10.0.0.1:8001"
@@ -77,15 +92,7 @@ class Sim:
     duplicate: list[Rule] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        tokens = itertools.count(1)
-        self.server = ServerProtocol(
-            timers=self.timers,
-            id_prefix="s",
-            wall_offset=self.wall_offset,
-            token_factory=lambda: f"tok{next(tokens)}",
-            mailbox_limit=self.mailbox_limit,
-            table_window=self.table_window,
-        )
+        self.server = self._new_server(MemoryStore(key=SERVER_KEY.seed, origin=ORIGIN).load())
         self.nodes: dict[Address, AnyNode] = {SERVER: self.server}
         self.addr: dict[str, Address] = {"server": SERVER}
         self.clients: dict[str, ClientProtocol] = {}
@@ -100,6 +107,25 @@ class Sim:
         self.delivered: list[Datagram] = []
         self._queue: deque[Datagram] = deque()
         self._ports = itertools.count(9001, 100)
+        self._starts = itertools.count(1)
+        #: What each label's client keeps on disk: the server key it pinned, its marks.
+        self.pins: dict[str, bytes] = {}
+        self.marks: dict[str, dict[bytes, dict[str, int]]] = {}
+
+    def _new_server(self, disk: ServerDisk, epoch: int = 0) -> ServerProtocol:
+        server = ServerProtocol(
+            identity=Identity(disk.key),
+            entropy=SeededEntropy(bytes([epoch]) * 32),
+            timers=self.timers,
+            epoch=epoch,
+            wall_offset=self.wall_offset,
+            mailbox_limit=self.mailbox_limit,
+            origin=disk.origin,
+            table_window=self.table_window,
+            last_n=disk.last_n,
+        )
+        server.restore(disk.clients, disk.mailbox)
+        return server
 
     # --- nodes ---------------------------------------------------------------------
 
@@ -110,7 +136,16 @@ class Sim:
         label = label or name
         port = port or next(self._ports)
         addr = (CLIENT_IP, port)
-        client = ClientProtocol(name, SERVER, port, timers=self.timers, id_prefix=label)
+        client = ClientProtocol(
+            name,
+            SERVER,
+            port,
+            identity=key_of(label),
+            entropy=SeededEntropy(bytes([next(self._starts)]) * 32),
+            pinned=self.pins.get(label),
+            marks={key: dict(marks) for key, marks in self.marks.get(label, {}).items()},
+            timers=self.timers,
+        )
         self.nodes[addr] = client
         self.addr[label] = addr
         self.clients[label] = client
@@ -131,14 +166,13 @@ class Sim:
     def restart_server(self, *, from_database: bool = False) -> ServerProtocol:
         """A new server at the same address: with an empty memory, or (``from_database``)
         with what every change committed so far left in a store, as after a crash."""
-        self.server = ServerProtocol(
-            timers=self.timers, id_prefix="s2", epoch=1, wall_offset=self.wall_offset
+        store = MemoryStore(
+            self.persisted if from_database else (), key=SERVER_KEY.seed, origin=ORIGIN
         )
+        self.server = self._new_server(store.load(), epoch=1)
         self.nodes[SERVER] = self.server
-        if from_database:
-            self.server.restore(*MemoryStore(self.persisted).load())
-            self.apply(SERVER, self.server.start(self.now))
-            self.pump()
+        self.apply(SERVER, self.server.start(self.now))
+        self.pump()
         return self.server
 
     def label_of(self, addr: Address) -> str:
@@ -154,8 +188,30 @@ class Sim:
         return effects
 
     def inject(self, src: Address, message: Message, dst: Address) -> list[Effect]:
-        """A datagram from outside the simulation (a forger, a stray packet)."""
-        effects = self.nodes[dst].handle_datagram(encode(message), src, self.now)
+        """A plaintext datagram from outside the simulation (a forger, a stray packet)."""
+        return self.inject_raw(src, encode(message), dst)
+
+    def from_server(self, label: str, message: Message) -> list[Effect]:
+        """``message`` sealed in ``label``'s session, from the server (as if it sent it)."""
+        record = self.server.clients[self.clients[label].name]
+        session = self.server.codec.sessions[record.sid]
+        data = self.server.codec.seal(session, message)
+        return self.inject_raw(SERVER, data, self.addr[label])
+
+    def from_client(self, label: str, message: Message) -> list[Effect]:
+        """``message`` sealed in ``label``'s session (as if the client sent it)."""
+        data = self.clients[label].codec.to_server(message)
+        return self.inject_raw(self.addr[label], data, SERVER)
+
+    def opened(self, label: str, sealed: bytes) -> tuple[str, str]:
+        """(sender, text) of a sealed direct message, as ``label`` opens it."""
+        sender, chat = self.clients[label].codec.open_sealed(sealed)
+        assert isinstance(chat, Chat)
+        return sender, chat.text
+
+    def inject_raw(self, src: Address, data: bytes, dst: Address) -> list[Effect]:
+        """Bytes from outside the simulation: a forged, altered or replayed datagram."""
+        effects = self.nodes[dst].handle_datagram(data, src, self.now)
         self.apply(dst, effects)
         self.pump()
         return effects
@@ -180,6 +236,10 @@ class Sim:
                 self.nodes.pop(addr, None)
             elif isinstance(effect, Log):
                 self.logs.append((label, effect))
+            elif isinstance(effect, ServerPinned):
+                self.pins[label] = effect.key
+            elif isinstance(effect, DeliveryMarked):
+                self.marks.setdefault(label, {})[effect.server_key] = dict(effect.marks)
             elif isinstance(effect, Change):
                 self.persisted.append(effect)
             else:
@@ -278,5 +338,24 @@ def trio_of_clients(**options: object) -> Sim:
     return sim
 
 
-def entry(name: str, port: int, online: bool = True) -> TableEntry:
-    return TableEntry(name, CLIENT_IP, port, online)
+def entry(name: str, port: int, online: bool = True) -> Row:
+    """A table entry as ``rows`` shows it (its key and session id left out)."""
+    return (name, CLIENT_IP, port, online)
+
+
+Row = tuple[str, str, int, bool]
+
+
+def rows(table: dict[str, TableEntry]) -> dict[str, Row]:
+    """A client's table, each entry without its key and session id."""
+    return {name: (e.name, e.ip, e.port, e.online) for name, e in table.items()}
+
+
+def key_of(label: str) -> Identity:
+    """The key of the client joined under ``label`` (the same every run)."""
+    return Identity(blake2b(label.encode(), 32, person=b"chatapp-test"))
+
+
+#: The server's key in every simulation.
+SERVER_KEY = Identity(b"S" * 32)
+ORIGIN = "o1"

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: a throwaway PostgreSQL server.
+"""Fixtures shared by the test modules: every test's keys and state files go to a
+directory of its own, never the user's; a throwaway PostgreSQL server.
 
 ``pg_server`` starts one cluster for the whole run, on first use (initdb and
 pg_ctl in a temporary directory, 127.0.0.1 on a free port; see
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,10 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_database_numbers)}"
     yield pg_server.create_database(name)
     pg_server.drop_database(name)
+
+
+@pytest.fixture(autouse=True)
+def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    state = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state

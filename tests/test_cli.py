@@ -38,6 +38,8 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (["serve", "--help"], ["Usage: chatapp serve", "PORT", "1024-65535", "--quiet"]),
         (["join", "--help"], ["Usage: chatapp join", "NAME", "SERVER_IP", "CLIENT_PORT"]),
         (["demo", "--help"], ["Usage: chatapp demo", "--test"]),
+        (["release", "--help"], ["Usage: chatapp release", "NAME", "--db", "stopped server"]),
+        (["join", "--help"], ["--state-dir", "XDG_STATE_HOME"]),
     ],
 )
 def test_help(args: list[str], mentions: list[str]) -> None:
@@ -144,6 +146,9 @@ GOOD = ["user1", "127.0.0.1", "8001", "9001"]
         (["frobnicate"], "No such command 'frobnicate'"),
         (["--frobnicate"], "No such option: --frobnicate"),
         (["demo", "--test", "4"], "--test"),
+        (["release"], "Missing argument 'NAME'"),
+        (["release", "bad name"], "NAME must be 1 to 32"),
+        (["release", "user1", "--port", "80"], "--port must be a whole number"),
         # the seed's spelling, with bad values
         (["-s", "80"], "PORT must be a whole number from 1024 to 65535"),
         (["-s", "8001", "8002"], "unexpected extra argument"),
@@ -283,3 +288,27 @@ def test_the_installed_demo_plays_a_seed_test_from_anywhere(tmp_path: Path) -> N
     assert (done.returncode, done.stderr) == (0, "")
     assert "--- Test 3: every seed line matched" in done.stdout
     assert "user3  | >>> Channel_Message user1 : hi" in done.stdout
+
+
+def test_a_client_with_a_bad_key_file_stops_with_one_line_and_status_1(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / "user1.key").write_bytes(b"x" * 32)
+    (keys / "user1.key").chmod(0o644)  # readable by others: refused, not replaced
+    done = subprocess.run(
+        [*chatapp_command(), "join", *GOOD, "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("chatapp: error: the key file")
+    assert "can be read by others (mode 0o644; chatapp makes it 0600)" in done.stderr
+    assert (keys / "user1.key").read_bytes() == b"x" * 32
+
+
+def test_release_refuses_a_memory_database(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main(["release", "user1", "--db", ":memory:"], capsys)
+    assert status == 2 and out == ""
+    assert err == "chatapp: error: a --db :memory: server keeps no names to release\n"

@@ -37,7 +37,7 @@ from chatapp import screen
 pytestmark = pytest.mark.e2e
 
 #: Texts long enough to fill a small disk in a few dozen messages.
-FILL = "x" * 6000
+FILL = "x" * 5700
 
 
 @dataclass
@@ -259,7 +259,7 @@ def test_a_database_deleted_under_the_server_stops_every_acknowledgement(tmp_pat
         restarted = serve(int(run.server.args[1]), chatapp_env(tmp_path), db=db)
         run.procs.append(restarted)
         restarted.wait_for(
-            lambda lines: any("(0 known clients, 0 stored messages)" in x for x in lines),
+            lambda lines: any("(0 known clients, 0 stored messages;" in x for x in lines),
             5,
             "an empty database",
         )

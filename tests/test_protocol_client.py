@@ -9,6 +9,7 @@ from _harness import first_only
 from _sim import (
     CLIENT_IP,
     SERVER,
+    SERVER_KEY,
     SERVER_TEXT,
     TABLES,
     TU,
@@ -16,26 +17,37 @@ from _sim import (
     Sim,
     between,
     entry,
+    key_of,
+    rows,
     trio_of_clients,
 )
+from msgspec.structs import replace
 
 from chatapp import screen
 from chatapp.protocol.changes import MessagesRemoved, MessageStored
-from chatapp.protocol.client import ClientState
+from chatapp.protocol.client import WAITING_LINES_LIMIT, ClientState
+from chatapp.protocol.codecs import Sender, Via
 from chatapp.protocol.common import Exit, Log, Received, Send, Show, Timers
 from chatapp.protocol.inputs import Signal
+from chatapp.protocol.sealing import TO_CLIENT, Session
 from chatapp.testing import SEED_SCREENS
 from chatapp.wire import (
     MAX_DATAGRAM,
     Ack,
+    Challenge,
     ChannelDelivery,
     ChannelPost,
     Chat,
     Deregister,
+    Hello,
     Lookup,
     LookupResult,
     Mailbox,
+    Message,
     Register,
+    Registered,
+    Rekey,
+    Relay,
     Saved,
     SaveMessage,
     Table,
@@ -52,68 +64,92 @@ def test_join_shows_table_updated_and_keeps_the_whole_table() -> None:
     user1 = sim.join("user1")
     assert user1.state is ClientState.ONLINE
     assert sim.lines("user1") == [TU]
-    assert user1.table == {"user1": entry("user1", 9001)}
+    assert rows(user1.table) == {"user1": entry("user1", 9001)}
 
     user2 = sim.join("user2")
     assert sim.lines("user1") == [TU, TU]
     assert sim.lines("user2") == [TU]
     both = {"user1": entry("user1", 9001), "user2": entry("user2", 9101)}
-    assert user1.table == user2.table == both
+    assert rows(user1.table) == rows(user2.table) == both
 
     sim.join("user3")
     assert sim.lines("user1") == [TU, TU, TU]
     assert sim.lines("user2") == [TU, TU]
     assert sim.lines("user3") == [TU]
-    assert sim.clients["user3"].table == user1.table
+    assert rows(sim.clients["user3"].table) == rows(user1.table)
     # every table was ACKed: nothing is left to re-send
     sim.settle()
     assert sim.lines("user1") == [TU, TU, TU]
 
 
-def test_the_register_datagram_carries_name_and_port() -> None:
+def test_the_handshake_carries_name_port_and_key_and_is_signed() -> None:
     sim = Sim()
-    sim.join("user1", port=9013)
+    user1 = sim.join("user1", port=9013)
+    (hello,) = sim.datagrams(Hello)
+    (challenge,) = sim.datagrams(Challenge)
     (register,) = sim.datagrams(Register)
-    assert (register.message.name, register.message.port) == ("user1", 9013)  # type: ignore[union-attr]
-    assert register.dst == SERVER
+    assert isinstance(hello.message, Hello) and isinstance(register.message, Register)
+    assert (register.message.name, register.message.port) == ("user1", 9013)
+    assert register.message.key == hello.message.key == key_of("user1").public
+    assert register.dst == hello.dst == SERVER
+    assert isinstance(challenge.message, Challenge)
+    assert challenge.message.server_key == SERVER_KEY.public
+    assert register.message.cookie == challenge.message.cookie
+    # the server's key is pinned once the registered answer proved it
+    assert sim.pins["user1"] == SERVER_KEY.public == user1.pinned
+    assert sim.server.clients["user1"].key == key_of("user1").public
 
 
-def test_a_name_online_elsewhere_is_refused_and_the_holder_is_not_disturbed() -> None:
+def test_a_name_bound_to_another_key_is_refused_and_the_holder_is_not_disturbed() -> None:
     sim = Sim()
     holder = sim.join("user1")
+    sim.settle()
+    before = len(sim.sent)
     sim.join("user1", label="impostor")
     assert sim.lines("impostor") == [
-        "[Registration refused: the name user1 is online at 10.0.0.2:9001. Choose another name.]"
+        "[Registration refused: the name user1 belongs to another key. Choose another name.]"
     ]
     assert sim.exits == {"impostor": 1}
     assert sim.lines("user1") == [TU]
-    assert holder.table == {"user1": entry("user1", 9001)}
+    assert rows(holder.table) == {"user1": entry("user1", 9001)}
     assert sim.server.clients["user1"].addr == (CLIENT_IP, 9001)
+    # not one datagram went to the holder: it is not even asked
+    assert [d for d in sim.sent[before:] if d.dst == sim.addr["user1"]] == []
 
 
-def test_a_name_whose_holder_left_silently_can_be_taken_from_another_port() -> None:
-    # Ctrl-C does not deregister: the server still has the name online. A new client
-    # asking for it from another port is not refused at once; the holder is asked first,
-    # and only its silence gives the name away (after one ACK timeout).
+def test_a_name_bound_to_another_key_is_refused_offline_too() -> None:
+    sim = Sim()
+    sim.join("user1")
+    sim.type("user1", "dereg user1")
+    sim.kill("user1")
+    sim.join("user1", label="impostor", port=9002)
+    sim.settle()
+    assert sim.exits == {"impostor": 1}
+    assert sim.server.clients["user1"].addr == (CLIENT_IP, 9001)
+    assert sim.server.clients["user1"].key == key_of("user1").public
+
+
+def test_the_holder_of_a_name_comes_back_from_another_port_with_its_key() -> None:
+    # Ctrl-C does not deregister: the server still has the name online. The same person,
+    # restarted on another port with its key, takes its name at once (no check needed).
     sim = Sim()
     sim.join("user1")
     sim.settle()
     sim.kill("user1")
-    sim.join("user1", label="again", port=9002)
-    sim.settle()
-    assert sim.lines("again") == [TU]
-    assert "again" not in sim.exits
+    sim.join("user1", port=9002)
+    assert sim.lines("user1")[-1:] == [TU]
+    assert "user1" not in sim.exits
     assert sim.server.clients["user1"].addr == (CLIENT_IP, 9002)
     assert sim.server.clients["user1"].online
 
 
-def test_an_unanswered_registration_gets_five_tries_of_500_ms() -> None:
+def test_an_unanswered_hello_gets_five_tries_of_500_ms() -> None:
     sim = Sim()
     sim.kill("server")
     sim.join("user1")
     sim.advance_to(2.499)
     assert sim.lines("user1") == []
-    assert [d.at for d in sim.datagrams(Register)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [d.at for d in sim.datagrams(Hello)] == [0.0, 0.5, 1.0, 1.5, 2.0]
     sim.advance_to(5.0)
     assert sim.timed("user1") == [
         (2.5, f"[Server {SERVER_TEXT} not responding. Is `chatapp serve` running there?]"),
@@ -124,14 +160,16 @@ def test_an_unanswered_registration_gets_five_tries_of_500_ms() -> None:
 
 def test_a_lost_registered_answer_is_retried_and_registers_once() -> None:
     sim = Sim()
-    sim.drop.append(first_only(lambda src, send: src == SERVER))
+    sim.drop.append(first_only(lambda src, send: isinstance(send.message, Registered)))
     user1 = sim.join("user1")
     assert user1.state is ClientState.JOINING
     sim.run(0.5)
     assert user1.state is ClientState.ONLINE
     sim.settle()
     assert sim.lines("user1") == [TU]
-    assert user1.token == sim.server.clients["user1"].token == "tok1"
+    # the retry got the same answer: one session
+    assert user1.sid == sim.server.clients["user1"].sid
+    assert len(sim.server.codec.sessions) == 1
 
 
 def test_a_table_replaces_the_old_one_and_each_arrival_is_shown() -> None:
@@ -139,11 +177,11 @@ def test_a_table_replaces_the_old_one_and_each_arrival_is_shown() -> None:
     user2 = sim.clients["user2"]
     sim.type("user1", "dereg user1")
     assert sim.lines("user2") == [TU, TU, TU]
-    assert user2.table["user1"] == entry("user1", 9001, online=False)
+    assert rows(user2.table)["user1"] == entry("user1", 9001, online=False)
     sim.kill("user3")
     sim.type("user1", "reg user1")
     assert sim.lines("user2") == [TU, TU, TU, TU]
-    assert user2.table["user1"] == entry("user1", 9001, online=True)
+    assert rows(user2.table)["user1"] == entry("user1", 9001, online=True)
 
 
 def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
@@ -153,9 +191,10 @@ def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
     sim.join("user2")  # to user1: a delta from 1 to 2
     assert sim.lines("user1") == [TU, TU]
     assert sim.lines("user2") == [TU]
-    # every copy is ACKed, with the version held
+    # a copy of a session datagram is a replay: dropped before anything else, not ACKed;
+    # each table or delta is ACKed once, with the version held
     acks = [d.message for d in sim.datagrams(TableAck, src="user1", dst="server")]
-    assert [(a.epoch, a.version) for a in acks] == [(0, 1), (0, 1), (0, 2), (0, 2)]  # type: ignore[union-attr]
+    assert [(a.epoch, a.version) for a in acks] == [(0, 1), (0, 2)]  # type: ignore[union-attr]
 
     # the ACK of the next delta is lost: the server re-sends it 500 ms later
     sim.drop.append(first_only(between(sim, "user2", "server", TableAck)))
@@ -170,12 +209,14 @@ def test_a_repeated_or_resent_table_is_acked_again_but_shown_once() -> None:
 
 
 def test_an_older_table_arriving_late_does_not_replace_a_newer_one() -> None:
+    """The first table again, sealed afresh in the session (a late arrival, not a copy):
+    ACKed with the version held, and not taken."""
     sim = trio_of_clients()
     user1 = sim.clients["user1"]
     old = next(d.message for d in sim.datagrams(Table, dst="user1"))
-    assert isinstance(old, Table) and old.entries == [entry("user1", 9001)]
+    assert isinstance(old, Table) and [e.name for e in old.entries] == ["user1"]
     mark = len(sim.lines("user1"))
-    effects = sim.inject(SERVER, old, sim.addr["user1"])
+    effects = sim.from_server("user1", old)
     assert [e.message for e in effects if isinstance(e, Send)] == [TableAck(old.id, 0, 3)]
     assert len(user1.table) == 3
     assert sim.lines_since("user1", mark) == []
@@ -276,8 +317,10 @@ def test_control_characters_from_the_network_cannot_fake_screen_lines() -> None:
     # A datagram is untrusted: a line break or an escape sequence in its text would let a
     # peer forge "[Message has been received ...]" lines or repaint the terminal.
     sim = trio_of_clients()
-    forged = Chat("x.1", "user3", "hi\n[Client Table Updated]\x1b[2J")
-    effects = sim.clients["user2"].handle_message(forged, ("127.0.0.1", 9999), 10.0)
+    user2 = sim.clients["user2"]
+    forged = Chat("x.1", "hi\n[Client Table Updated]\x1b[2J", user2.sid)
+    sender = Sender(Via.PEER, ("127.0.0.1", 9999), "user3")
+    effects = user2.handle_message(forged, sender, 10.0)
     shown = [e.line for e in effects if isinstance(e, Show)]
     assert shown == ["user3 : hi\\x0a[Client Table Updated]\\x1b[2J"]
 
@@ -322,8 +365,11 @@ def test_the_server_delivers_itself_when_the_direct_try_is_lost() -> None:
         (0.5, "[No ACK from user2, message sent to server.]"),
         (0.5, "[Message has been received by user2.]"),
     ]
-    delivered = sim.datagrams(Chat, src="server", dst="user2")
-    assert len(delivered) == 1
+    # the sealed datagram the peer never got, relayed by the server (stored until ACKed)
+    (relayed,) = sim.datagrams(Relay, src="server", dst="user2")
+    (save,) = sim.datagrams(SaveMessage)
+    assert isinstance(relayed.message, Relay) and isinstance(save.message, SaveMessage)
+    assert relayed.message.sealed == save.message.sealed == sim.datagrams(Chat)[0].send.data
     assert sim.server.mailbox == {}
 
 
@@ -458,7 +504,8 @@ def test_an_offline_client_neither_shows_nor_acks_direct_messages() -> None:
     sim.type("user1", "dereg user1")
     mark = len(sim.lines("user1"))
     before = len(sim.datagrams(Ack, src="user1"))
-    sim.clients["user2"].table["user1"] = entry("user1", 9001)  # as if its table were stale
+    stale = sim.clients["user2"].table["user1"]  # as if its table were stale:
+    sim.clients["user2"].table["user1"] = replace(stale, online=True, tag=sim.clients["user1"].sid)
     sim.type("user2", "send user1 are you there?")
     sim.settle()
     assert sim.lines_since("user1", mark) == []
@@ -675,7 +722,8 @@ def test_a_lookup_answered_with_another_name_sends_nothing() -> None:
     sim.drop.append(lambda src, send: isinstance(send.message, LookupResult))
     sim.type("user1", "send user9 hi")
     (lookup,) = sim.datagrams(Lookup)
-    sim.inject(SERVER, LookupResult(lookup.message.id, entry("user2", 9101)), sim.addr["user1"])
+    found = sim.clients["user2"].table["user2"]
+    sim.from_server("user1", LookupResult(lookup.message.id, found))
     assert sim.lines("user1")[-1] == screen.unknown_user("user9")
     assert sim.datagrams(Chat, src="user1") == []
     assert "user9" not in sim.clients["user1"].table
@@ -719,7 +767,8 @@ def test_a_message_too_long_for_a_datagram_is_refused_with_a_clear_line() -> Non
     before = len(sim.sent)
     limit = _limit(sim)
     assert len(sim.sent) == before
-    assert 7000 < limit < MAX_DATAGRAM
+    # the sealed datagram travels in base64 inside a save, a relay or a batch
+    assert 5500 < limit < MAX_DATAGRAM
     sim.type("user1", "send_all " + "y" * (limit + 1))
     assert sim.lines("user1")[-1] == screen.too_long(limit + 1, limit)
     assert len(sim.sent) == before
@@ -748,41 +797,50 @@ def test_the_longest_allowed_message_fits_every_datagram_that_carries_it() -> No
     # the harness checks every datagram against MAX_DATAGRAM as it is sent
 
 
-# === refusals: wrong address or token =========================================================
+# === a server that forgot, and forgers ========================================================
 
 
-def test_a_forgetful_server_refuses_a_dereg_and_the_client_stays_online() -> None:
+def test_a_server_that_forgot_the_session_asks_the_client_to_rekey_and_the_dereg_goes_on() -> None:
     sim = trio_of_clients()
-    sim.restart_server()
+    old_sid = sim.clients["user1"].sid
+    sim.restart_server()  # no database: it knows no one
     sim.type("user1", "dereg user1")
-    assert sim.lines("user1")[-1] == (
-        "[The server refused: user1 is not registered from 10.0.0.2:9001."
-        " Restart the client to join again.]"
-    )
-    assert sim.clients["user1"].state is ClientState.ONLINE
-    assert "user1" not in sim.exits
+    assert sim.datagrams(Rekey, dst="user1")
+    assert sim.lines("user1")[-1] == "[You are now offline. Bye.]"
+    assert sim.clients["user1"].state is ClientState.OFFLINE
+    assert sim.clients["user1"].sid != old_sid
+    # the dereg went once, in the new session, with its original id
+    (first, *retries) = sim.datagrams(Deregister, src="user1")
+    assert all(d.message.id == first.message.id for d in retries)
 
 
-def test_a_refused_reg_leaves_the_client_offline() -> None:
+def test_a_reg_after_the_server_forgot_registers_again_and_comes_back_online() -> None:
     sim = trio_of_clients()
     sim.type("user1", "dereg user1")
     sim.restart_server()
     sim.type("user1", "reg user1")
-    assert sim.lines("user1")[-1].startswith("[The server refused: user1 is not registered")
-    assert sim.clients["user1"].state is ClientState.OFFLINE
+    assert sim.clients["user1"].state is ClientState.ONLINE
+    assert sim.server.clients["user1"].online
 
 
 def test_tables_channel_and_mailbox_from_anyone_but_the_server_are_ignored() -> None:
     sim = trio_of_clients()
     forger = (CLIENT_IP, 6666)
     user2 = sim.addr["user2"]
+    sid = sim.clients["user2"].sid
     mark = len(sim.lines("user2"))
-    fake = Table("f.1", 99, 99, 0, 1, [entry("user1", 6666)])
-    sim.inject(forger, fake, user2)
-    sim.inject(forger, ChannelDelivery("f.2", "user1", "fake"), user2)
-    sim.inject(forger, Mailbox("f.3", "f.4", []), user2)
+    fakes: list[Message] = [
+        Table("f.1", 99, 99, 0, 1, [sim.clients["user2"].table["user3"]]),
+        ChannelDelivery("f.2", "user1", "f.2", "fake", b"s" * 64, key_of("user1").public),
+        Mailbox("f.3", "f.4", []),
+    ]
+    for fake in fakes:
+        sim.inject(forger, fake, user2)  # in the clear
+        forged = Session(sid, b"k" * 32).seal(TO_CLIENT, fake)  # in the session, a wrong key
+        sim.inject_raw(forger, forged, user2)
+        sim.inject_raw(SERVER, forged, user2)  # from the server's address too
     assert sim.lines_since("user2", mark) == []
-    assert sim.clients["user2"].table["user1"] == entry("user1", 9001)
+    assert rows(sim.clients["user2"].table)["user1"] == entry("user1", 9001)
     assert [d for d in sim.sent if d.dst == forger] == []
 
 
@@ -793,9 +851,9 @@ def test_a_bad_datagram_is_logged_and_the_client_keeps_working() -> None:
     received, log = effects
     assert received == Received(None, received.error) and received.error  # type: ignore[union-attr]
     assert isinstance(log, Log) and log.level == "warning"
-    register = Register("x.1", "x", 1)
-    effects = user2.handle_datagram(encode(register), (CLIENT_IP, 6666), sim.now)
-    assert effects[0] == Received(register)
+    hello = Hello("x.1", "x", 1, b"k" * 32)
+    effects = user2.handle_datagram(encode(hello), (CLIENT_IP, 6666), sim.now)
+    assert effects[0].message is None  # type: ignore[union-attr]
     assert [type(e) for e in effects[1:]] == [Log]
     sim.type("user1", "send user2 still fine")
     assert sim.lines("user2")[-1] == "user1 : still fine"
@@ -853,22 +911,56 @@ def test_help_and_table() -> None:
 
 
 def test_commands_while_joining_or_deregistering_wait_for_the_server() -> None:
+    """A request typed while the state settles waits its turn and goes, in order, once
+    the server has answered; past the limit of lines waiting, a line is refused as it
+    was before lines could wait."""
     sim = Sim()
     sim.drop.append(lambda src, send: src == SERVER)
-    sim.join("user1")
+    user1 = sim.join("user1")
     sim.type("user1", "send user1 hi")
-    assert sim.lines("user1")[-1] == (
+    for n in range(WAITING_LINES_LIMIT - 1):
+        sim.type("user1", f"send_all {n}")
+    assert sim.lines("user1") == [] and user1.lines_waiting == WAITING_LINES_LIMIT
+    sim.type("user1", "send_all one too many")
+    assert sim.lines("user1") == [
         "[Still waiting for the server to accept the registration. Try again in a moment.]"
-    )
+    ]
     sim.drop.clear()
-    sim.run(0.5)
-    assert sim.clients["user1"].state is ClientState.ONLINE
+    sim.run(0.5)  # the hello again: answered
+    assert user1.state is ClientState.ONLINE and user1.lines_waiting == 0
+    lines = sim.lines("user1")
+    assert lines.count(screen.CHANNEL_ACKED) == WAITING_LINES_LIMIT - 1
+    assert "user1 : hi" in lines and screen.received_by("user1") in lines
+    requests = sim.datagrams((Chat, ChannelPost), src="user1")
+    assert isinstance(requests[0].message, Chat)  # they went in the order typed
+    channel = [d.message.text for d in requests if isinstance(d.message, ChannelPost)]
+    assert channel == [str(n) for n in range(WAITING_LINES_LIMIT - 1)]
+
     sim.drop.append(lambda src, send: src == SERVER)
     sim.type("user1", "dereg user1")
+    mark = len(sim.lines("user1"))
     sim.type("user1", "send_all hi")
-    assert sim.lines("user1")[-1] == "[Going offline is in progress. Wait for the server's answer.]"
+    sim.type("user1", "help reg")  # behind a line that waits: it waits too
     sim.type("user1", "reg user1")
-    assert sim.lines("user1")[-1] == "[Going offline is in progress. Wait for the server's answer.]"
+    assert sim.lines_since("user1", mark) == [] and user1.lines_waiting == 3
+    sim.drop.clear()
+    sim.run(0.5)  # the dereg again: answered; then each line in the state it finds
+    assert sim.lines_since("user1", mark)[:3] == [
+        screen.YOU_ARE_OFFLINE,
+        screen.OFFLINE_ONLY_REG,
+        screen.COMMAND_HELP["reg"],
+    ]
+    assert user1.state is ClientState.ONLINE  # the reg went, once offline
+
+
+def test_a_line_past_the_limit_while_going_offline_is_refused_as_before() -> None:
+    sim = trio_of_clients()
+    sim.drop.append(lambda src, send: src == SERVER)
+    sim.type("user1", "dereg user1")
+    for n in range(WAITING_LINES_LIMIT):
+        sim.type("user1", f"send_all {n}")
+    sim.type("user1", "send_all one too many")
+    assert sim.lines("user1")[-1] == screen.BUSY_DEREGISTERING
 
 
 def test_reg_not_answered_keeps_the_client_offline_and_reg_can_be_tried_again() -> None:
@@ -978,8 +1070,15 @@ def test_requests_while_rejoining_wait_for_the_server() -> None:
     sim.drop.append(lambda src, send: src == SERVER)
     sim.type("user1", "reg user1")
     before = len(sim.sent)
-    for line in ("reg user1", "send user2 hi", "send_all hi", "dereg user1"):
+    mark = len(sim.lines("user1"))
+    for line in ("send user2 hi", "send_all hi", "dereg user1"):
         sim.type("user1", line)
-        assert sim.lines("user1")[-1] == screen.STILL_JOINING, line
-    assert len(sim.sent) == before
+    assert sim.lines_since("user1", mark) == []
+    assert len(sim.sent) == before  # nothing sent: they wait
     assert sim.clients["user1"].state is ClientState.REJOINING
+    sim.drop.clear()
+    sim.run(0.5)  # the reg again: answered, then the three lines in order
+    lines = sim.lines_since("user1", mark)
+    assert screen.received_by("user2") in lines and screen.CHANNEL_ACKED in lines
+    assert lines[-1] == screen.YOU_ARE_OFFLINE
+    assert "user1 : hi" in sim.lines("user2")

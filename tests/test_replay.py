@@ -3,6 +3,7 @@ build fails with a diff that points at the change."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,8 +22,9 @@ from chatapp_tools.replay.traces import read_trace
 
 from chatapp.node import Node
 from chatapp.protocol.common import Timers
+from chatapp.protocol.sealing import TO_SERVER, Session
 from chatapp.protocol.waits import WaitRule
-from chatapp.wire import TableDelta
+from chatapp.wire import ChannelPost, TableDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -165,6 +167,59 @@ def test_a_removed_datagram_fails_at_that_datagram(
     assert "First divergence: datagrams user2 sent to user3" in out
     assert "the replay has an event the recording does not" in out
     assert 'chat "hello"' in out
+
+
+def test_an_altered_ciphertext_in_a_trace_is_refused_as_it_would_be_live(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A played node sends the recorded bytes: one byte changed in user3's sealed chat to
+    user1 does not open, and user1 takes nothing from it, as it would take nothing live."""
+
+    def alter(lines: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+        for line in lines:
+            msg = line.get("msg") or {}
+            if line.get("ev") == "send" and line["node"] == "user3" and msg.get("t") == "chat":
+                data = bytearray(base64.b64decode(line["raw_b64"]))
+                data[-5] ^= 0x20  # inside the box
+                line["raw_b64"] = base64.b64encode(bytes(data)).decode()
+                return lines
+        raise AssertionError("no such datagram")
+
+    code, out = chat_replay(capsys, trace_path("test1"), "--node", "user1")
+    assert code == 0, out  # unaltered, the played bytes fit the node as they are
+    code, out = chat_replay(capsys, edited(tmp_path, "test1", alter), "--node", "user1")
+    assert code == 1, out
+    assert "FAIL" in out and "does not open" in out, out
+
+
+def test_an_altered_signature_in_a_trace_is_refused_as_it_would_be_live(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """user1's channel message of test3 with its signature changed, sealed again in its
+    session (the trace holds the session's key: it holds secrets) so that only the
+    signature is wrong: the server under test refuses it, as it would live."""
+
+    def alter(lines: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+        session = None
+        for line in lines:
+            msg = line.get("msg") or {}
+            if line.get("node") == "user1" and msg.get("t") == "registered":
+                sid, key = base64.b64decode(msg["sid"]), base64.b64decode(msg["session_key"])
+                session = Session(sid, key)
+            if line.get("ev") == "send" and line["node"] == "user1" and msg.get("t") == "send_all":
+                assert session is not None
+                data = base64.b64decode(line["raw_b64"])
+                session.sent = int.from_bytes(data[9:17], "big") - 1  # the same counter
+                sig = bytearray(base64.b64decode(msg["sig"]))
+                sig[0] ^= 1
+                post = ChannelPost(msg["id"], msg["text"], bytes(sig))
+                line["raw_b64"] = base64.b64encode(session.seal(TO_SERVER, post)).decode()
+                return lines
+        raise AssertionError("no such datagram")
+
+    code, out = chat_replay(capsys, edited(tmp_path, "test3", alter), "--node", "server")
+    assert code == 1, out
+    assert "the message's signature does not verify" in out, out
 
 
 def test_a_build_with_a_doubled_ack_timeout_fails_on_timing(
@@ -480,3 +535,32 @@ def test_chatapp_demo_records_traces_that_replay(
     assert set(trace.header.nodes) == {"server", "user1", "user2", "user3"}
     code, out = chat_replay(capsys, str(tmp_path / "test3.jsonl"))
     assert code == 0, out
+    # the server alone against the recorded clients (their bytes as recorded)
+    code, out = chat_replay(capsys, str(tmp_path / "test3.jsonl"), "--node", "server")
+    assert code == 0, out
+    assert "PASS: server behaved as recorded" in out
+
+
+def test_a_replayed_server_starts_with_the_epoch_it_had_in_the_recording() -> None:
+    # Played clients send their recorded table_acks as they are (sealed): they name the
+    # recorded server's epoch, which a live server drew from the clock. The replayed
+    # server starts with it: the first epoch the recording shows it sending after its
+    # start (edited here in the readable ``msg``: the sealed bytes cannot be).
+    from chatapp_tools.replay.plan import ReplayOptions
+    from chatapp_tools.replay.runner import Runner
+    from chatapp_tools.replay.traces import parse_trace
+
+    from chatapp.trace import Start
+
+    lines = Path(trace_path("test1")).read_text(encoding="utf-8").splitlines()
+    edited = []
+    for line in lines:
+        event = json.loads(line)
+        msg = event.get("msg")
+        if event.get("node") == "server" and isinstance(msg, dict) and "epoch" in msg:
+            msg["epoch"] = 1_796_207_601_234
+        edited.append(json.dumps(event))
+    trace = parse_trace("\n".join(edited) + "\n")
+    runner = Runner(trace, ReplayOptions(node="server"))
+    (start,) = [e for e in trace.events if isinstance(e, Start) and e.node == "server"]
+    assert runner._recorded_epoch(start) == 1_796_207_601_234

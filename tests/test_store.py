@@ -15,6 +15,7 @@ from chatapp import screen
 from chatapp.launch import StartupError, open_store
 from chatapp.protocol.changes import (
     Change,
+    ClientRemoved,
     ClientSaved,
     MessagesRemoved,
     MessageStored,
@@ -30,7 +31,7 @@ from chatapp.sqlite_store import (
 )
 from chatapp.store import MemoryStore
 from chatapp.testing import MemoryNetwork
-from chatapp.wire import MAX_DATAGRAM, StoredItem
+from chatapp.wire import MAX_DATAGRAM, Seq, StoredItem
 
 SERVER = ("127.0.0.1", 8001)
 X = ("127.0.0.1", 9001)
@@ -39,11 +40,22 @@ Z = ("127.0.0.1", 9201)
 
 
 def _client(name: str, addr: tuple[str, int], presence: str = "online") -> ClientSaved:
-    return ClientSaved(name, addr[0], addr[1], f"tok-{name}", Presence(presence))
+    key = name.encode().ljust(32, b".")
+    return ClientSaved(
+        name, addr[0], addr[1], key, b"sid-" + name.encode()[-4:], Presence(presence)
+    )
 
 
-def _item(msg_id: str, text: str = "hello?", kind: str = "direct") -> StoredItem:
-    return StoredItem(msg_id, kind, "user2", text, 1648153596.7672942)  # type: ignore[arg-type]
+def _item(n: int, msg_id: str, text: str = "hello?", kind: str = "channel") -> StoredItem:
+    return StoredItem(
+        Seq("o1", n),
+        msg_id,
+        kind,
+        "user2",
+        1648153596.7672942,
+        text=text,
+        sig=b"s" * 64,  # type: ignore[arg-type]
+    )
 
 
 # --- the store on its own ------------------------------------------------------------
@@ -52,32 +64,43 @@ def _item(msg_id: str, text: str = "hello?", kind: str = "direct") -> StoredItem
 @pytest.mark.parametrize("kind", ["sqlite", "memory"])
 async def test_what_is_committed_is_loaded_again(tmp_path: Path, kind: str) -> None:
     """Both stores take the changes through the one ``apply_changes``, with the same
-    meaning: a record saved last comes last, a message stored twice is kept once."""
+    meaning: a record saved last comes last, a message stored twice is kept once, the
+    sequence numbers never go back, and the server's key stays."""
     path = str(tmp_path / "db.sqlite3")
-    store: SqliteStore | MemoryStore = SqliteStore(path) if kind == "sqlite" else MemoryStore()
-    await store.commit([_client("user1", X), _client("user2", Y)])
-    await store.commit([MessageStored("user1", _item(i)) for i in ("a", "b")])
-    await store.commit([MessageStored("user1", _item("a"))])  # stored twice: kept once
-    await store.commit([MessagesRemoved("user1", ("a",)), _client("user1", X, "deregistered")])
+    store: SqliteStore | MemoryStore = (
+        SqliteStore(path) if kind == "sqlite" else MemoryStore(origin="o1")
+    )
+    key = store.load().key
+    await store.commit([_client("user1", X), _client("user2", Y), _client("user3", Z)])
+    await store.commit([MessageStored("user1", _item(n, i)) for n, i in ((1, "a"), (2, "b"))])
+    await store.commit([MessageStored("user1", _item(3, "a"))])  # stored twice: kept once
+    await store.commit([MessageStored("user3", _item(4, "c"))])
+    await store.commit(
+        [MessagesRemoved("user1", (Seq("o1", 1),)), _client("user1", X, "deregistered")]
+    )
+    await store.commit([ClientRemoved("user3")])  # released: its record and its mailbox go
     if isinstance(store, SqliteStore):
         store.close()
         store = SqliteStore(path)  # after reopening
 
-    clients, mailbox = store.load()
-    assert [(c.name, c.addr, c.token, c.presence) for c in clients] == [
-        ("user2", Y, "tok-user2", Presence.ONLINE),
-        ("user1", X, "tok-user1", Presence.DEREGISTERED),  # changed last
+    disk = store.load()
+    assert disk.key == key and len(key) == 32
+    assert [(c.name, c.addr, c.key, c.sid, c.presence) for c in disk.clients] == [
+        ("user2", Y, _client("user2", Y).key, b"sid-ser2", Presence.ONLINE),
+        ("user1", X, _client("user1", X).key, b"sid-ser1", Presence.DEREGISTERED),
     ]
-    assert mailbox == {"user1": [_item("b")]}
+    assert disk.mailbox == {"user1": [_item(2, "b")]}
+    assert disk.last_n >= 4 if kind == "sqlite" else disk.last_n >= 2
 
 
 async def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
     path = str(tmp_path / "db.sqlite3")
     store = SqliteStore(path)
-    with pytest.raises(TypeError, match="not a change a store knows"):
-        await store.commit([MessageStored("user1", _item("a")), Change()])
+    with pytest.raises(TypeError, match="not a change"):
+        await store.commit([MessageStored("user1", _item(1, "a")), Change()])
     store.close()
-    assert SqliteStore(path).load() == ([], {})
+    disk = SqliteStore(path).load()
+    assert (disk.clients, disk.mailbox, disk.last_n) == ([], {}, 0)
 
 
 async def test_the_name_changed_last_owns_a_shared_address_after_restore(tmp_path: Path) -> None:
@@ -88,8 +111,19 @@ async def test_the_name_changed_last_owns_a_shared_address_after_restore(tmp_pat
     await store.commit([_client("user1", X)])
     await store.commit([_client("user1", X, "silent"), _client("user2", X)])
     store.close()
-    clients, _ = SqliteStore(path).load()
+    clients = SqliteStore(path).load().clients
     assert [c.name for c in clients if c.addr == X][-1] == "user2"
+
+
+def test_the_server_key_and_the_origin_are_made_once_and_kept(tmp_path: Path) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    first = SqliteStore(path)
+    disk = first.load()
+    first.close()
+    again = SqliteStore(path).load()
+    assert (again.key, again.origin) == (disk.key, disk.origin)
+    other = SqliteStore(str(tmp_path / "other.sqlite3")).load()
+    assert other.key != disk.key and other.origin != disk.origin
 
 
 def test_the_file_is_in_wal_mode_with_the_current_schema_version(tmp_path: Path) -> None:
@@ -103,32 +137,51 @@ def test_the_file_is_in_wal_mode_with_the_current_schema_version(tmp_path: Path)
         db.close()
 
 
-def test_a_version_1_database_migrates_forward_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
+def _version_2_database(path: Path, *, with_mail: bool) -> None:
     db = sqlite3.connect(path)
     db.executescript(MIGRATIONS[1])
-    db.execute("INSERT INTO clients VALUES ('user1', '127.0.0.1', 9001, 't1', 'deregistered')")
-    db.execute("INSERT INTO clients VALUES ('user2', '127.0.0.1', 9101, 't2', 'online')")
-    db.execute(
-        "INSERT INTO mailbox (recipient, id, kind, sender, text, stored_at)"
-        " VALUES ('user1', 'm1', 'direct', 'user2', 'hello?', 1648153596.7672942)"
-    )
-    db.execute("PRAGMA user_version=1")
+    db.executescript(MIGRATIONS[2])
+    db.execute("INSERT INTO clients VALUES ('user1', '127.0.0.1', 9001, 't1', 'online', 1)")
+    if with_mail:
+        db.execute(
+            "INSERT INTO mailbox (recipient, id, kind, sender, text, stored_at)"
+            " VALUES ('user1', 'm1', 'direct', 'user2', 'hello?', 1648153596.7672942)"
+        )
+    db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
 
+
+def test_a_database_of_chatapp_1_migrates_forward_when_it_holds_no_messages(
+    tmp_path: Path,
+) -> None:
+    # Its clients had no keys: they bind one when they next register.
+    path = tmp_path / "old.sqlite3"
+    _version_2_database(path, with_mail=False)
     store = SqliteStore(str(path))
-    clients, mailbox = store.load()
+    disk = store.load()
     store.close()
-    assert [(c.name, c.presence) for c in clients] == [
-        ("user1", Presence.DEREGISTERED),
-        ("user2", Presence.ONLINE),
-    ]
-    assert mailbox == {"user1": [StoredItem("m1", "direct", "user2", "hello?", 1648153596.7672942)]}
+    assert (disk.clients, disk.mailbox) == ([], {})
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert "changed" in {row[1] for row in db.execute("PRAGMA table_info(clients)")}
+        assert "key" in {row[1] for row in db.execute("PRAGMA table_info(clients)")}
+    finally:
+        db.close()
+
+
+def test_a_database_of_chatapp_1_with_stored_messages_is_refused_not_emptied(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    _version_2_database(path, with_mail=True)
+    with pytest.raises(StartupError, match="holds 1 messages stored by chatapp 1") as caught:
+        open_store(str(path), 8001)
+    assert "\n" not in str(caught.value)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT count(*) FROM mailbox").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         db.close()
 
@@ -238,10 +291,11 @@ async def test_the_save_is_acked_only_after_the_commit(
         assert store.committed == []
         store.release.set()
         await y.expect(screen.SAVED_BY_SERVER)  # the client's retries get the ACK now
-        assert [item.text for item in store.committed] == ["hello?"]
+        assert [(item.kind, item.sender) for item in store.committed] == [("direct", "user2")]
         await server.stop()
         nursery.cancel_scope.cancel()
-    assert [item.text for item in SqliteStore(path).load()[1]["user1"]] == ["hello?"]
+    (item,) = SqliteStore(path).load().mailbox["user1"]
+    assert x.protocol.codec.open_sealed(item.sealed)[1].text == "hello?"  # type: ignore[attr-defined]
 
 
 async def test_a_restarted_server_delivers_what_it_saved(
@@ -276,7 +330,7 @@ async def test_a_restarted_server_delivers_what_it_saved(
         await trio.sleep(2)
         nursery.cancel_scope.cancel()
     # ...and, once user1 ACKed them, deletes them.
-    assert SqliteStore(path).load()[1] == {}
+    assert SqliteStore(path).load().mailbox == {}
 
 
 def shown_time(line: str) -> float:
@@ -356,55 +410,55 @@ async def test_a_burst_of_saves_shares_commits_and_no_answer_leaves_before_its_c
     tmp_path: Path,
 ) -> None:
     from chatapp.launch import ServerOptions, run_node
-    from chatapp.net import Endpoint, UdpEndpoint
-    from chatapp.wire import Saved, SaveMessage, Table, decode, encode
+    from chatapp.net import UdpEndpoint
+    from chatapp.protocol.common import Send
+    from chatapp.protocol.crypto import Identity
+    from chatapp.testing import RawClient, handshake
+    from chatapp.wire import Chat, Saved, SaveMessage
 
     count = 200
     path = str(tmp_path / "db.sqlite3")
-    sender = await UdpEndpoint.bind("127.0.0.1", 0)
+    user2 = Identity(b"2" * 32)
     setup = SqliteStore(path)
-    await setup.commit(
-        [_client("user1", sender.local_address), _client("user2", Y, "deregistered")]
-    )
+    offline = ClientSaved("user2", *Y, user2.public, b"s" * 8, Presence.DEREGISTERED)
+    await setup.commit([offline])
     setup.close()
     store = _WatchedStore(path)
     answered_before_commit: list[str] = []
-
-    class BurstFirst:
-        """Real UDP, whose server socket holds the whole burst before the server reads
-        any of it, and whose answers are checked against what was committed."""
-
-        async def listen(self, host: str, port: int) -> Endpoint:
-            endpoint = await UdpEndpoint.bind(host, port)
-            real_send = endpoint.send
-
-            async def checked_send(data: bytes, addr: tuple[str, int]) -> None:
-                message = decode(data)
-                if isinstance(message, Saved) and message.id not in store.committed_ids:
-                    answered_before_commit.append(message.id)
-                await real_send(data, addr)
-
-            endpoint.send = checked_send  # type: ignore[method-assign]
-            for i in range(count):
-                save = SaveMessage(f"m{i}", "user1", "user2", f"hello {i}", "tok-user1")
-                await sender.send(encode(save), endpoint.local_address)
-            return endpoint
-
     options = ServerOptions(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
-        node = await nursery.start(partial(run_node, options, network=BurstFirst(), store=store))
+        node = await nursery.start(partial(run_node, options, store=store))
+        real_send = node._send
+
+        async def checked_send(effect: Send) -> None:
+            message = effect.message
+            if isinstance(message, Saved) and message.id not in store.committed_ids:
+                answered_before_commit.append(message.id)
+            await real_send(effect)
+
+        node._send = checked_send  # type: ignore[method-assign]
+        server = ("127.0.0.1", node.endpoint.local_address[1])
+        sender = await UdpEndpoint.bind("127.0.0.1", 0)
+        client = RawClient("user1", sender.local_address[1])
+        await handshake(sender, server, client)
+        saves = []
+        for i in range(count):
+            chat = Chat(f"m{i}", f"hello {i}", bytes(8))
+            sealed = client.codec.to_peer(user2.public, chat)
+            saves.append(client.seal(SaveMessage(f"m{i}", "user2", sealed)))
+        for data in saves:  # a UDP send that does not block does not yield: one burst
+            await sender.send(data, server)
         answers: set[str] = set()
         with trio.fail_after(10):
             while len(answers) < count:
                 data, _ = await sender.receive()
-                message = decode(data)
-                if isinstance(message, Table):
-                    continue  # a restarted server tells its online clients the table
-                assert isinstance(message, Saved) and message.outcome == "stored"
-                answers.add(message.id)
+                message = client.open(data)
+                if isinstance(message, Saved):
+                    assert message.outcome == "stored"
+                    answers.add(message.id)
         node.stop()
     assert answered_before_commit == []
     assert store.commits < count  # grouped: one fsync served many saves
     store.close()
-    assert len(SqliteStore(path).load()[1]["user2"]) == count
+    assert len(SqliteStore(path).load().mailbox["user2"]) == count
     sender.close()

@@ -12,45 +12,74 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from _sim import CLIENT_IP, TABLES, entry
+from _sim import CLIENT_IP, TABLES, key_of
 
 from chatapp.protocol.changes import Change, ClientRecord, Presence
 from chatapp.protocol.common import Effect, Send
+from chatapp.protocol.crypto import Identity
 from chatapp.protocol.roster import Roster
-from chatapp.protocol.server import ServerProtocol
-from chatapp.protocol.server_state import CANNOT_STORE
+from chatapp.protocol.server import CANNOT_STORE, ServerProtocol
 from chatapp.protocol.tables import TableCopy
 from chatapp.store import MemoryStore
+from chatapp.testing.raw import RawClient
 from chatapp.wire import (
     Address,
     Deregister,
     Message,
     Refused,
-    Register,
     Table,
     TableAck,
     TableDelta,
+    TableEntry,
     encode,
 )
 
 X, Y, Z, W = ((CLIENT_IP, port) for port in (9001, 9002, 9003, 9004))
+#: The key and session id of the records made for the roster alone.
+KEY, TAG = bytes(range(32)), bytes(range(8))
+
+
+def row(e: TableEntry) -> tuple[str, str, int, bool]:
+    return (e.name, e.ip, e.port, e.online)
 
 
 class Runtime:
     """A server as the runtime drives it: each handling's changes committed (or, when
     ``fails``, the commit fails and the server rolls back), then what it sends goes out
     and the server is checkpointed. Every table part that goes out reaches a ``TableCopy``
-    per address."""
+    per address; each client (a ``RawClient`` per address) seals what it sends in its
+    session."""
 
     def __init__(self) -> None:
         self.store = MemoryStore()
-        tokens = (f"t{n}" for n in range(1, 1000))
-        self.server = ServerProtocol(id_prefix="s", token_factory=tokens.__next__)
+        disk = self.store.load()
+        self.server = ServerProtocol(identity=Identity(disk.key), origin=disk.origin)
+        self.clients: dict[Address, RawClient] = {}
         self.copies: dict[Address, TableCopy] = {}
         self.now = 0.0
 
     def handle(self, message: Message, addr: Address, *, fails: bool = False) -> list[Send]:
-        return self._carry_out(self.server.handle_message(message, addr, self.now), fails)
+        """``message`` from the client at ``addr``, sealed in its session."""
+        return self.receive(self.clients[addr].seal(message), addr, fails=fails)
+
+    def receive(self, data: bytes, addr: Address, *, fails: bool = False) -> list[Send]:
+        effects = self.server.handle_datagram(data, addr, self.now)[1:]
+        return self._carry_out(effects, fails)
+
+    def register(self, name: str, addr: Address, *, fails: bool = False) -> list[Send]:
+        """``name`` registers from ``addr`` with its key: the handshake, the register's
+        commit failing if ``fails``; what the server sends for the register."""
+        raw = RawClient(name, addr[1], key_of(name))
+        [challenge] = self.receive(raw.hello(), addr)
+        register = raw.answer(challenge.data)
+        assert register is not None
+        sent = self.receive(register, addr, fails=fails)
+        for send in sent:
+            if send.addr == addr:
+                raw.answer(send.data)  # registered (a session), or refused
+        if raw.registered:
+            self.clients[addr] = raw
+        return sent
 
     def timer(self, until: float, *, fails: bool = False) -> list[Send]:
         """Every deadline up to ``until``, each a handling (the commit of the first one
@@ -67,7 +96,7 @@ class Runtime:
     def _carry_out(self, effects: list[Effect], fails: bool) -> list[Send]:
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and fails:
-            effects = self.server.rollback(*self.store.load(), self.now)
+            effects = self.server.rollback(self.store.load(), self.now)
         elif changes:
             trio.run(self.store.commit, changes)
         self.server.checkpoint()
@@ -89,10 +118,10 @@ class Runtime:
                 sent += self.handle(answer, send.addr)
 
     def join(self, name: str, addr: Address) -> None:
-        self.ack(self.handle(Register(f"r.{name}", name, addr[1]), addr))
+        self.ack(self.register(name, addr))
 
     def database_table(self) -> dict[str, object]:
-        return {record.name: record.entry() for record in self.store.load()[0]}
+        return {record.name: record.entry() for record in self.store.load().clients}
 
 
 def table_parts(sent: list[Send]) -> list[Send]:
@@ -103,48 +132,49 @@ def storage_refusal(request_id: str) -> Refused:
     return Refused(request_id, CANNOT_STORE, "storage")
 
 
+def is_storage_refusal(message: Message) -> bool:
+    return isinstance(message, Refused) and message.cause == "storage"
+
+
 def test_a_rollback_takes_the_table_back_and_sends_only_what_differs() -> None:
     run = Runtime()
     run.join("user1", X)
     run.join("user2", Y)
     version = run.server.roster.version
     # user2 goes offline and user3 registers, but neither commit goes through
-    assert table_parts(run.handle(Deregister("d2", "user2", "t2"), Y, fails=True)) == []
-    assert table_parts(run.handle(Register("r3", "user3", Z[1]), Z, fails=True)) == []
+    assert table_parts(run.handle(Deregister("d2", "user2"), Y, fails=True)) == []
+    assert table_parts(run.register("user3", Z, fails=True)) == []
     assert run.server.roster.version == version
     assert set(run.server.clients) == {"user1", "user2"}
     # the next change that does go through: a delta of that change alone
-    sent = run.handle(Register("r4", "user4", W[1]), W)
+    sent = run.register("user4", W)
     (delta,) = [s.message for s in table_parts(sent) if s.addr == X]
     assert isinstance(delta, TableDelta)
-    assert (delta.from_, delta.to, delta.entries, delta.gone) == (
-        version,
-        version + 1,
-        [entry("user4", W[1])],
-        [],
-    )
+    assert (delta.from_, delta.to, delta.gone) == (version, version + 1, [])
+    assert [row(e) for e in delta.entries] == [("user4", CLIENT_IP, W[1], True)]
 
 
 def test_an_update_sent_before_the_failure_goes_on_and_nothing_of_the_failure_follows() -> None:
     run = Runtime()
     run.join("user1", X)
     run.join("user2", Y)
-    sent = run.handle(Register("r3", "user3", Z[1]), Z)  # committed: deltas to user1 and 2
+    sent = run.register("user3", Z)  # committed: deltas to user1 and 2
     version = run.server.roster.version
     run.ack(sent, only=lambda send: send.addr == Z)  # user3 takes its table
     in_flight = sorted((s for s in table_parts(sent) if s.addr in (X, Y)), key=lambda s: s.addr)
     assert [s.addr for s in in_flight] == [X, Y]
     # user2 deregisters while its delta is unanswered; the commit fails
-    sent = run.handle(Deregister("d2", "user2", "t2"), Y, fails=True)
+    sent = run.handle(Deregister("d2", "user2"), Y, fails=True)
     assert sent[0].message == storage_refusal("d2")
     assert run.server.roster.version == version
     # user1's delta is still retried, as it was sent; user2's, which the dereg ended, is
     # made again (the same change: nothing of the dereg)
     (again,) = table_parts(sent)
     assert again.addr == Y and isinstance(again.message, TableDelta)
-    assert (again.message.to, again.message.entries) == (version, [entry("user3", Z[1])])
-    retried = run.timer(run.now + 0.5)
-    assert (X, in_flight[0].data) in {(s.addr, s.data) for s in table_parts(retried)}
+    assert again.message.to == version
+    assert [row(e) for e in again.message.entries] == [("user3", CLIENT_IP, Z[1], True)]
+    retried = run.timer(run.now + 0.5)  # (sealed afresh: the same message, new bytes)
+    assert (X, in_flight[0].message) in [(s.addr, s.message) for s in table_parts(retried)]
     # answered: both hold the version the database has, and nothing more is sent
     run.ack([in_flight[0], again])
     for addr in (X, Y):
@@ -161,25 +191,29 @@ def test_a_failed_registration_gives_back_the_version_the_client_held() -> None:
     run.join("user1", X)
     run.join("user2", Y)
     version = run.server.roster.version
+    sid = run.server.clients["user1"].sid
     # user1 registers again from its address (a client started again on its port)
-    sent = run.handle(Register("r1.again", "user1", X[1]), X, fails=True)
-    assert [s.message for s in sent] == [storage_refusal("r1.again")]
+    sent = run.register("user1", X, fails=True)
+    assert [is_storage_refusal(s.message) for s in sent] == [True]  # boxed to its key
     assert run.server.followers.held["user1"] == version  # not sent the whole table again
     assert not run.server.followers.is_joining("user1")
-    assert run.server.clients["user1"].token == "t1"
+    assert run.server.clients["user1"].sid == sid
+    assert sid in run.server.codec.sessions  # the session it had goes on
     assert table_parts(run.timer(run.now + 5)) == []
+    run.join("user3", Z)  # and user1 hears of the next change in it
+    assert run.copies[X].entries == run.database_table()
 
 
 def test_an_undone_registration_that_fails_to_commit_is_undone_later() -> None:
     run = Runtime()
     run.join("user1", X)
     # user3 registers and never answers its table
-    sent = run.handle(Register("r3", "user3", Z[1]), Z)
+    sent = run.register("user3", Z)
     run.ack(sent, only=lambda send: send.addr != Z)
     assert run.server.followers.joined_new("user3")
     # another name from its address undoes it, but that commit fails
-    sent = run.handle(Register("r4", "user4", Z[1]), Z, fails=True)
-    assert sent[0].message == storage_refusal("r4")
+    sent = run.register("user4", Z, fails=True)
+    assert is_storage_refusal(sent[0].message)
     assert set(run.server.clients) == {"user1", "user3"}
     assert run.server.followers.joined_new("user3")  # still a registration to undo
     # the database's table to user3 again (the displacement had ended its update)
@@ -198,7 +232,7 @@ def test_a_failed_timer_handling_leaves_a_silent_client_online_with_an_update_du
     run = Runtime()
     run.join("user1", X)
     run.join("user2", Y)
-    sent = run.handle(Register("r3", "user3", Z[1]), Z)
+    sent = run.register("user3", Z)
     run.ack(sent, only=lambda send: send.addr != Y)  # user2 does not answer its delta
     version = run.server.roster.version
     # its tries run out: marked offline (and probed), but that commit fails
@@ -219,7 +253,8 @@ def records(*names: str, offline: tuple[str, ...] = ()) -> list[ClientRecord]:
         ClientRecord(
             name,
             (CLIENT_IP, 1000 + index),
-            "t",
+            KEY,
+            TAG,
             Presence.SILENT if name in offline else Presence.ONLINE,
         )
         for index, name in enumerate(names)

@@ -13,24 +13,42 @@ from collections.abc import Callable
 
 import pytest
 from _harness import first_only
-from _sim import CLIENT_IP, SERVER, TABLES, TU, Sim, between, entry, trio_of_clients
+from _sim import CLIENT_IP, SERVER, TABLES, TU, Sim, between, key_of, trio_of_clients
 
 from chatapp.protocol import roster as roster_module
 from chatapp.protocol.changes import ClientRecord, ClientRemoved, ClientSaved, Presence
+from chatapp.protocol.client import ClientState
+from chatapp.protocol.codecs import Sender, Via
 from chatapp.protocol.common import Effect, Send
 from chatapp.protocol.roster import Roster
 from chatapp.protocol.tables import TableCopy, Window
+from chatapp.testing.raw import RawClient
 from chatapp.wire import (
     MAX_DATAGRAM,
-    Register,
-    Saved,
+    Address,
     Table,
     TableAck,
     TableDelta,
     TableEntry,
-    decode,
     encode,
 )
+
+#: The key and the session id (tag) of every entry made here (the rules do not read them).
+KEY, TAG = bytes(range(32)), bytes(range(8))
+
+
+def entry(name: str, port: int, online: bool = True) -> TableEntry:
+    return TableEntry(name, CLIENT_IP, port, online, KEY, TAG)
+
+
+def record(name: str, addr: Address) -> ClientRecord:
+    return ClientRecord(name, addr, KEY, TAG)
+
+
+def row(e: TableEntry) -> tuple[str, str, int, bool]:
+    """An entry without its key and session id."""
+    return (e.name, e.ip, e.port, e.online)
+
 
 A, B, C = entry("a", 1), entry("b", 2), entry("c", 3)
 
@@ -146,7 +164,7 @@ def test_a_part_numbered_past_its_count_is_ignored() -> None:
 def roster_with(*names: str) -> Roster:
     roster = Roster(epoch=5)
     for index, name in enumerate(names):
-        roster.add(ClientRecord(name, (CLIENT_IP, 1000 + index), "t"))
+        roster.add(record(name, (CLIENT_IP, 1000 + index)))
         roster.close_version()
     return roster
 
@@ -228,7 +246,7 @@ def test_a_name_that_left_and_came_back_is_not_listed_as_gone() -> None:
     roster = roster_with("a", "b")
     roster.remove("a")
     roster.close_version()
-    roster.add(ClientRecord("a", (CLIENT_IP, 4242), "t"))
+    roster.add(record("a", (CLIENT_IP, 4242)))
     roster.close_version()
     (update,) = update_for(roster, 2)
     assert isinstance(update, TableDelta) and update.gone == []
@@ -279,7 +297,7 @@ def test_a_name_keeps_its_part_and_a_name_that_left_makes_room() -> None:
     before = [[e.name for e in p.entries] for p, _ in roster.whole(ids(), encode)]
     roster.set_presence(roster.clients[names[5]], Presence.SILENT)
     roster.remove(names[6])
-    roster.add(ClientRecord("newcomer", (CLIENT_IP, 9), "t"))
+    roster.add(record("newcomer", (CLIENT_IP, 9)))
     roster.close_version()
     after = [[e.name for e in p.entries] for p, _ in roster.whole(ids(), encode)]
     # names[5] changed in place, names[6] left its part, the newcomer joined the last
@@ -304,12 +322,9 @@ def test_registering_sends_the_whole_table_to_the_newcomer_and_deltas_to_the_oth
     ]
     for d in updates:
         if isinstance(d.message, TableDelta):
-            assert (d.message.from_, d.message.to, d.message.entries) == (
-                3,
-                4,
-                [entry("user4", 9301)],
-            )
-            assert len(d.send.data) < 200
+            assert (d.message.from_, d.message.to) == (3, 4)
+            assert [row(e) for e in d.message.entries] == [("user4", CLIENT_IP, 9301, True)]
+            assert len(d.send.data) < 300  # sealed, with the newcomer's key and session id
     assert all(sim.clients[n].table == sim.clients["user4"].table for n in ("user1", "user2"))
 
 
@@ -321,7 +336,7 @@ def test_a_client_that_says_it_holds_an_older_version_gets_the_delta_from_there(
     (lost,) = sim.datagrams(TableDelta, dst="user1", since=sim.now)
     sim.drop.clear()
     # user1 answers as a client that holds version 2 (a gap it could not place, say)
-    sim.inject(sim.addr["user1"], TableAck(lost.message.id, 0, 2), SERVER)
+    sim.from_client("user1", TableAck(lost.message.id, 0, 2))
     resent = sim.datagrams(TableDelta, dst="user1")[-1].message
     assert isinstance(resent, TableDelta) and (resent.from_, resent.to) == (2, 4)
     assert {e.name for e in resent.entries} == {"user2", "user3"}
@@ -334,7 +349,7 @@ def test_a_client_whose_table_is_of_another_epoch_gets_the_whole_table() -> None
     sim.type("user2", "dereg user2")
     (lost,) = sim.datagrams(TableDelta, dst="user1", since=sim.now)
     sim.drop.clear()
-    sim.inject(sim.addr["user1"], TableAck(lost.message.id, 99, 7), SERVER)
+    sim.from_client("user1", TableAck(lost.message.id, 99, 7))
     resent = sim.datagrams(TABLES, dst="user1")[-1].message
     assert isinstance(resent, Table) and resent.version == 4
 
@@ -349,10 +364,10 @@ def test_a_delta_that_reorders_behind_the_next_one_is_placed_and_shown_once() ->
     sim.drop.clear()
     mark = len(sim.lines("user1"))
     later = delta(0, 4, 5, entry("user9", 1))  # a delta from 4 that overtook it
-    effects = user1.handle_message(later, SERVER, sim.now)
+    effects = user1.handle_message(later, Sender(Via.SERVER, SERVER), sim.now)
     assert [e.message for e in effects if isinstance(e, Send)] == [TableAck(later.id, 0, 3)]
-    sim.inject(SERVER, first.message, sim.addr["user1"])
-    sim.inject(SERVER, first.message, sim.addr["user1"])  # and again: a duplicate
+    sim.from_server("user1", first.message)
+    sim.from_server("user1", first.message)  # and again (sealed afresh: a resend)
     assert sim.lines_since("user1", mark) == [TU]
     assert user1.table["user2"].online is False
 
@@ -363,7 +378,7 @@ def test_a_restarted_server_sends_every_online_client_the_whole_table_of_its_epo
     marks = {name: len(sim.lines(name)) for name in ("user1", "user2", "user3")}
     old_delta = sim.datagrams(TableDelta, dst="user1")[-1].message
     mark = len(sim.sent)
-    sim.restart_server(from_database=True)  # epoch 1, version 1
+    sim.restart_server(from_database=True)  # epoch 1: the clients rekey, then version 1
     sent = [d for d in sim.sent[mark:] if isinstance(d.message, TABLES)]
     assert {(sim.label_of(d.dst), type(d.message)) for d in sent} == {
         ("user1", Table),
@@ -372,8 +387,8 @@ def test_a_restarted_server_sends_every_online_client_the_whole_table_of_its_epo
     assert sim.lines_since("user1", marks["user1"]) == [TU]
     assert sim.lines_since("user3", marks["user3"]) == []
     assert (sim.clients["user1"].copy.epoch, sim.clients["user1"].copy.version) == (1, 1)
-    # a late delta of the old epoch changes nothing
-    sim.inject(SERVER, old_delta, sim.addr["user1"])
+    # a late delta of the old epoch (sealed in the new session) changes nothing
+    sim.from_server("user1", old_delta)
     assert sim.lines_since("user1", marks["user1"]) == [TU]
     sim.join("user4")
     assert sim.datagrams(TableDelta, dst="user1")[-1].message.epoch == 1  # type: ignore[union-attr]
@@ -389,14 +404,16 @@ def test_a_storm_of_joins_costs_each_client_a_bounded_number_of_deltas() -> None
     # each client's ACK of its first delta comes back behind all of them.
     for n in range(storm):
         addr = ("10.0.2.1", 30000 + n)
-        sim.add_node(f"peer{n}", addr, AckingPeer())
-        message = Register(f"peer{n}.1", f"peer{n}", addr[1])
-        sim.apply(addr, [Send(message, encode(message), SERVER)])
+        peer = AckingPeer(RawClient(f"peer{n}", addr[1], key_of(f"peer{n}")))
+        sim.add_node(f"peer{n}", addr, peer)
+        sim.apply(addr, [peer.hello()])
     sim.pump()
     sim.settle()
     for name in ("user1", "user2", "user3"):
-        deltas = [d for d in sim.sent[mark:] if d.dst == sim.addr[name]]
-        assert 1 <= len(deltas) <= 3, (name, len(deltas))
+        deltas = [d.message for d in sim.sent[mark:] if d.dst == sim.addr[name]]
+        # (a delta of 200 entries with their keys is sent in parts)
+        updates = {(d.from_, d.to) for d in deltas if isinstance(d, TableDelta)}
+        assert 1 <= len(updates) <= 3, (name, updates)
         assert set(sim.clients[name].table) == set(sim.server.clients)
         assert sim.clients[name].copy.version == sim.server.roster.version
     assert len(sim.lines("user1")) <= 3 + 3
@@ -441,7 +458,7 @@ def test_a_full_window_holds_the_others_back_until_parts_are_answered() -> None:
 
 
 def test_the_window_counts_bytes_too() -> None:
-    sim = Sim(table_window=Window(parts=1000, bytes=800))  # a small table and a few deltas
+    sim = Sim(table_window=Window(parts=1000, bytes=1400))  # a small table and a few deltas
     for n in range(10):
         sim.join(f"user{n}")
     sim.run(1.0)
@@ -450,7 +467,7 @@ def test_the_window_counts_bytes_too() -> None:
     sim.join("user10")
     updates = [d for d in sim.sent[mark:] if isinstance(d.message, TABLES)]
     assert 2 <= len(updates) <= 5
-    assert sum(len(d.send.data) for d in updates[:-1]) < 800
+    assert sum(len(d.send.data) for d in updates[:-1]) < 1400
 
 
 def test_parts_sent_again_halve_the_window_and_answered_updates_grow_it_back() -> None:
@@ -475,18 +492,26 @@ def test_parts_sent_again_halve_the_window_and_answered_updates_grow_it_back() -
 
 
 class AckingPeer:
-    """A client that ACKs every part with the version it brings (a client that applies
-    everything)."""
+    """A client that registers through the handshake, then ACKs every part with the
+    version it brings (a client that applies everything); ``ghost``: it says nothing
+    once registered."""
+
+    def __init__(self, raw: RawClient, *, ghost: bool = False) -> None:
+        self.raw = raw
+        self.ghost = ghost
+
+    def hello(self) -> Send:
+        data = self.raw.hello()
+        return Send(self.raw.open(data) or Table("", 0, 0, 0, 1, []), data, SERVER)
 
     def handle_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> list[Effect]:
-        message = decode(data)
-        if isinstance(message, Table):
-            ack = TableAck(message.id, message.epoch, message.version)
-        elif isinstance(message, TableDelta):
-            ack = TableAck(message.id, message.epoch, message.to)
-        else:
+        if not self.raw.registered:
+            reply = self.raw.answer(data)
+            return [] if reply is None else [Send(Table("", 0, 0, 0, 1, []), reply, SERVER)]
+        message = self.raw.open(data)
+        if self.ghost or not isinstance(message, Table | TableDelta):
             return []
-        return [Send(ack, encode(ack), addr)]
+        return [Send(message, self.raw.table_ack(message), addr)]
 
     def handle_timer(self, now: float) -> list[Effect]:
         return []
@@ -499,13 +524,14 @@ class AckingPeer:
 
 
 def ghost(sim: Sim, name: str, port: int) -> tuple[str, int]:
-    """A client that registers ``name`` from ``port`` and then says nothing at all (what
-    the server sends there is lost)."""
+    """A client that registers ``name`` (with the key of the label ``name``) from
+    ``port`` and then says nothing at all."""
     addr = (CLIENT_IP, port)
-    sim.addr[name], sim.screens[name] = addr, []
-    message = Register(f"{name}.1", name, port)
-    sim.apply(addr, [Send(message, encode(message), SERVER)])
+    peer = AckingPeer(RawClient(name, port, key_of(name)), ghost=True)
+    sim.add_node(name, addr, peer)
+    sim.apply(addr, [peer.hello()])
     sim.pump()
+    assert peer.raw.registered
     return addr
 
 
@@ -528,6 +554,29 @@ def test_a_new_name_whose_first_table_is_never_acked_leaves_the_table_and_the_da
     assert sim.server.next_deadline() is None
 
 
+def test_a_name_undone_is_unbound_unless_it_sent_something_still_stored() -> None:
+    # A name is its key's only once its registration completes: undone, it is free for
+    # any key. One whose channel message is still stored for someone stays (offline):
+    # removing it would take that message (its sender's key gone) with it.
+    sim = trio_of_clients()
+    sim.type("user3", "dereg user3")
+    poster = sim.nodes[ghost(sim, "poster", 7001)]
+    assert isinstance(poster, AckingPeer)
+    post = poster.raw.post("boo")
+    sim.apply(sim.addr["poster"], [Send(Table("", 0, 0, 0, 1, []), post, SERVER)])
+    sim.pump()
+    assert [i.sender for i in sim.server.mailbox["user3"]] == ["poster"]
+    ghost(sim, "ghost", 7000)  # after the post: nothing is stored for it
+    sim.run(5.0)  # both registrations run out of tries
+    assert "ghost" not in sim.server.clients and ClientRemoved("ghost") in sim.persisted
+    assert sim.server.clients["poster"].presence is Presence.SILENT
+    assert [i.sender for i in sim.server.mailbox["user3"]] == ["poster"]
+    sim.settle()
+    impostor = sim.join("ghost", label="other")  # another key: the name is free
+    assert impostor.state is ClientState.ONLINE
+    assert sim.server.clients["ghost"].key == key_of("other").public
+
+
 def test_a_known_name_whose_registration_never_completes_only_goes_offline() -> None:
     sim = trio_of_clients()
     sim.kill("user1")
@@ -545,7 +594,7 @@ def test_a_name_with_stored_messages_is_kept_offline() -> None:
     sim.run(2.6)  # offline (silent)
     sim.type("user1", "send ghost are you there?")
     sim.settle()
-    assert [i.text for i in sim.server.mailbox["ghost"]] == ["are you there?"]
+    assert [i.sender for i in sim.server.mailbox["ghost"]] == ["user1"]
     assert sim.server.clients["ghost"].presence is Presence.SILENT
     assert screen_saved(sim, "user1")
 
@@ -566,17 +615,20 @@ def test_a_new_name_from_the_address_of_one_that_never_completed_replaces_it_at_
     assert set(sim.clients["user1"].table) == {"user1", "user2", "user3"}
 
 
-def test_a_message_the_server_was_delivering_to_a_name_that_is_undone_is_refused() -> None:
+def test_a_name_a_message_is_stored_for_is_never_undone_even_displaced() -> None:
+    """The server stores a save before it relays it: a name something is stored for
+    stays (offline), whatever happens to its registration, and the sender is told the
+    message is saved."""
     sim = trio_of_clients()
     ghost(sim, "ghost", 7000)
-    sim.type("user1", "send ghost hi")  # no ACK: the server tries itself (0.5 -> 1.0)
+    sim.type("user1", "send ghost hi")  # no ACK: saved, stored, relayed (0.5 -> 1.0)
     sim.run(0.7)
-    ghost(sim, "other", 7000)  # ghost's address now registers another name: ghost goes
+    ghost(sim, "other", 7000)  # ghost's address now registers another name
     sim.settle()
-    assert "ghost" not in sim.server.clients
-    assert sim.timed("user1")[6] == (1.0, "[The server refused: there is no user named ghost.]")
-    assert sim.datagrams(Saved) == []
-    assert "user1" not in sim.exits
+    assert sim.server.clients["ghost"].presence is Presence.SILENT
+    assert [item.sender for item in sim.server.mailbox["ghost"]] == ["user1"]
+    assert screen_saved(sim, "user1") and "user1" not in sim.exits
+    assert not any(isinstance(c, ClientRemoved) and c.name == "ghost" for c in sim.persisted)
 
 
 def test_a_completed_registration_is_never_undone() -> None:
@@ -586,4 +638,7 @@ def test_a_completed_registration_is_never_undone() -> None:
     sim.settle()
     assert sim.server.clients["user3"].presence is Presence.SILENT
     assert not any(isinstance(c, ClientRemoved) for c in sim.persisted)
-    assert ClientSaved("user3", CLIENT_IP, 9201, "tok3", Presence.SILENT) in sim.persisted
+    assert any(
+        isinstance(c, ClientSaved) and c.name == "user3" and c.presence is Presence.SILENT
+        for c in sim.persisted
+    )

@@ -18,6 +18,7 @@ from chatapp import screen
 from chatapp.input_line import Output
 from chatapp.protocol.client import COMMANDS, ClientProtocol, nearest_command
 from chatapp.protocol.common import Show
+from chatapp.protocol.crypto import Identity
 from chatapp.terminal import (
     CommandCompleter,
     Mode,
@@ -111,7 +112,7 @@ def shown(client: ClientProtocol, line: str) -> list[str]:
 
 
 def test_help_explains_one_command() -> None:
-    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001)
+    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001, identity=Identity.generate())
     assert shown(client, "help") == [screen.HELP]
     assert shown(client, "help send") == [screen.COMMAND_HELP["send"]]
     assert shown(client, "help  list ") == [screen.COMMAND_HELP["table"]]
@@ -130,7 +131,7 @@ def test_every_command_has_its_help_and_is_in_the_list() -> None:
 
 
 def test_an_unknown_command_suggests_the_nearest_one() -> None:
-    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001)
+    client = ClientProtocol("user1", ("127.0.0.1", 8001), 9001, identity=Identity.generate())
     assert shown(client, "sendall hi") == [
         "[Unknown command 'sendall'. Did you mean 'send_all'? Type help for the commands.]"
     ]

@@ -35,7 +35,7 @@ from chatapp.trace import (
     Start,
     TraceError,
 )
-from chatapp.wire import Chat, Registered, encode
+from chatapp.wire import Hello, Registered, encode, to_builtins
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,9 +46,9 @@ def record_a_little(path: Path) -> None:
         recorder.node_started(
             "user1", "client", ["/opt/bin/chatapp", "join", "user1"], ("127.0.0.1", 9001)
         )
-        chat = Chat("user1.1", "user1", "hi")
+        hello = Hello("user1.1", "user1", 9001, b"k" * 32)
         here, there = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
-        recorder.sent("user1", here, there, encode(chat), chat)
+        recorder.sent("user1", here, there, encode(hello), hello)
         recorder.received("user1", here, there, b"\xff\x00", Received(None, "bad"))
         await trio.sleep(0.25)
         recorder.typed("user1", "send user2 hi")
@@ -79,17 +79,21 @@ def test_written_trace_reads_back_with_header_and_every_event(tmp_path: Path) ->
     assert [event.seq for event in trace.events] == list(range(1, 7))
     assert trace.events[3].t == pytest.approx(0.25)  # virtual time, as it ran
     sent = trace.events[1]
+    key = base64.b64encode(b"k" * 32).decode()
     assert isinstance(sent, Send) and sent.msg == {
-        "t": "chat",
+        "t": "hello",
         "id": "user1.1",
-        "sender": "user1",
-        "text": "hi",
+        "name": "user1",
+        "port": 9001,
+        "key": key,
     }
     bad = trace.events[2]
     assert isinstance(bad, Recv) and bad.data == b"\xff\x00" and bad.error == "bad"
     # on disk: chatapp's own datagram as readable text, other bytes in base64
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[2]["raw"] == '{"t":"chat","id":"user1.1","sender":"user1","text":"hi"}'
+    assert lines[2]["raw"] == (
+        '{"t":"hello","id":"user1.1","name":"user1","port":9001,"key":"' + key + '"}'
+    )
     assert "raw" not in lines[3] and base64.b64decode(lines[3]["raw_b64"]) == b"\xff\x00"
 
 
@@ -112,28 +116,24 @@ def test_reading_checks_format_version_and_every_line(tmp_path: Path) -> None:
         parse_trace(lines[1])
 
 
-def test_normaliser_labels_ids_tokens_ports_and_times() -> None:
-    registered = Registered("user1.ab12.1", "f00dfeed")
+def test_normaliser_labels_ids_ports_times_and_the_cryptographys_values() -> None:
+    registered = Registered("Zz1-ab12cd34ef56", b"s" * 8, b"k" * 32, b"b" * 8)
+    msg = to_builtins(registered)
     events: list[Event] = [
         Start(1, 0.0, "server", "server", "127.0.0.1:8001"),
         Start(2, 0.0, "user1", "client", "0.0.0.0:9001"),
-        Send(
-            3,
-            0.0,
-            "server",
-            "127.0.0.1:8001",
-            "127.0.0.1:9001",
-            msg={"t": "registered", "id": "user1.ab12.1", "token": "f00dfeed"},
-            raw=encode(registered).decode(),
-        ),
+        Send(3, 0.0, "server", "127.0.0.1:8001", "127.0.0.1:9001", msg=msg, raw_b64="AA=="),
     ]
     names = Normaliser.of(events)
     assert names.address("127.0.0.1:9001") == "user1"
-    assert names.message({"t": "registered", "id": "user1.ab12.1", "token": "f00dfeed"}) == {
+    assert names.message(msg) == {
         "t": "registered",
         "id": "server#1",
-        "token": "token@user1",
+        "sid": "<sid>",
+        "session_key": "<session key>",
+        "boot": "<boot>",
     }
+    key, tag = base64.b64encode(b"K" * 32).decode(), base64.b64encode(b"T" * 8).decode()
     table = {
         "t": "table",
         "id": "s9.3",
@@ -141,9 +141,15 @@ def test_normaliser_labels_ids_tokens_ports_and_times() -> None:
         "version": 2,
         "part": 0,
         "parts": 1,
-        "entries": [["user1", "127.0.0.1", 9001, True]],
+        "entries": [
+            ["user1", "127.0.0.1", 9001, True, key, tag],
+            ["x", "1.2.3.4", 1, False, key, ""],
+        ],
     }
-    assert names.message(table)["entries"] == [["user1", "user1", True]]
+    assert names.message(table)["entries"] == [
+        ["user1", "user1", True, key, "<sid>"],
+        ["x", "?1.2.3.4:1", False, key, ""],
+    ]
     assert names.message(table)["epoch"] == "<epoch>"
     assert names.text("(1648153596.7672942) user2 : hello?") == "({time}) user2 : hello?"
 
@@ -254,24 +260,45 @@ def test_processes_sharing_one_trace_file_and_ctrl_c_then_replay(tmp_path: Path)
     assert comparison.passed, comparison.divergences
 
 
-def test_a_server_that_starts_from_its_database_replays_from_the_same_state() -> None:
-    """What a server read from its database is in the trace (a ``restore`` event),
-    so a replay starts from it: here a stored message waiting for user1."""
+def test_a_server_that_starts_from_its_database_replays_from_the_same_state(
+    tmp_path: Path,
+) -> None:
+    """What a server read from its database is in the trace (a ``restore`` event, its
+    key included), so a replay starts from it: here a stored message waiting for user1,
+    sealed by user2 for user1's key."""
     from chatapp.protocol.changes import ClientSaved, MessageStored, Presence
+    from chatapp.protocol.codecs import ClientCodec
+    from chatapp.protocol.crypto import Identity, SystemEntropy
     from chatapp.store import MemoryStore
     from chatapp.testing import MemoryNetwork, parse_scenario, play_scenario
     from chatapp.trace import MemoryRecorder, Restored
-    from chatapp.wire import StoredItem
+    from chatapp.wire import Chat, Seq, StoredItem
+
+    user1, user2 = Identity(b"1" * 32), Identity(b"2" * 32)
+    (tmp_path / "keys").mkdir(mode=0o700)
+    (tmp_path / "keys" / "user1.key").write_bytes(user1.seed)
+    os.chmod(tmp_path / "keys" / "user1.key", 0o600)
+    sealer = ClientCodec(user2, "user2", lambda name: None, SystemEntropy())
+    sealed = sealer.to_peer(user1.public, Chat("user2-msg-0001", "kept for you", bytes(8)))
+    item = StoredItem(
+        Seq("o1", 7), "user2-msg-0001", "direct", "user2", 1648153596.5, sealed=sealed
+    )
+    server_key = Identity.generate().seed
 
     def database() -> MemoryStore:
         return MemoryStore(
             [
-                ClientSaved("user1", "127.0.0.1", 40999, "old-token", Presence.DEREGISTERED),
-                MessageStored(
-                    "user1",
-                    StoredItem("user2.x.7", "direct", "user2", "kept for you", 1648153596.5),
+                ClientSaved(
+                    "user1", "127.0.0.1", 40999, user1.public, b"o" * 8, Presence.DEREGISTERED
                 ),
-            ]
+                ClientSaved(
+                    "user2", "127.0.0.1", 40998, user2.public, b"p" * 8, Presence.DEREGISTERED
+                ),
+                MessageStored("user1", item),
+            ],
+            key=server_key,
+            origin="o1",
+            last_n=7,
         )
 
     steps = parse_scenario(
@@ -282,13 +309,16 @@ def test_a_server_that_starts_from_its_database_replays_from_the_same_state() ->
 
     async def record() -> MemoryRecorder:
         recorder = MemoryRecorder(timers=Timers())
-        await play_scenario(steps, MemoryNetwork(), recorder=recorder, store_factory=database)
+        await play_scenario(
+            steps, MemoryNetwork(), recorder=recorder, store_factory=database, state_dir=tmp_path
+        )
         return recorder
 
     recorded = trio.run(record, clock=trio.testing.MockClock(autojump_threshold=0)).trace()
     restore = recorded.events[0]
     assert isinstance(restore, Restored) and restore.clients[0][0] == "user1"
-    assert restore.mailbox["user1"][0].text == "kept for you"
+    assert restore.mailbox["user1"][0].sealed == sealed
+    assert base64.b64decode(restore.server_key) == server_key
     for virtual in (True, False):
         replayed, _ = run_replay(recorded, ReplayOptions(virtual=virtual))
         comparison = compare(recorded, replayed)

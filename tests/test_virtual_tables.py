@@ -136,7 +136,7 @@ class FlakyStore(MemoryStore):
     """A store whose commits fail at random (one in four) until it is ``steady``."""
 
     def __init__(self, seed: int) -> None:
-        super().__init__()
+        super().__init__(key=b"K" * 32, origin="o1")
         self.random = random.Random(seed)
         self.steady = False
         self.failed = 0
@@ -149,7 +149,7 @@ class FlakyStore(MemoryStore):
         await super().commit(changes)
 
     def table(self) -> dict[str, TableEntry]:
-        return {record.name: record.entry() for record in self.load()[0]}
+        return {record.name: record.entry() for record in self.load().clients}
 
 
 @dataclass

@@ -5,12 +5,16 @@ from chatapp.protocol.changes import (
     ClientRecord,
     ClientRemoved,
     ClientSaved,
+    DeliveryMarked,
     MessagesRemoved,
     MessageStored,
     Presence,
+    ServerPinned,
 )
 from chatapp.protocol.client import ClientProtocol, ClientState
+from chatapp.protocol.codecs import Sender, Via
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show, Timers
+from chatapp.protocol.crypto import Entropy, Identity, SeededEntropy, SystemEntropy
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
 from chatapp.protocol.waits import ClientWait, ServerWait
@@ -25,17 +29,25 @@ __all__ = [
     "ClientSaved",
     "ClientState",
     "ClientWait",
+    "DeliveryMarked",
     "Effect",
+    "Entropy",
     "Exit",
+    "Identity",
     "Log",
     "MessageStored",
     "MessagesRemoved",
     "Presence",
     "Received",
+    "SeededEntropy",
     "Send",
+    "Sender",
+    "ServerPinned",
     "ServerProtocol",
     "ServerWait",
     "Show",
     "Signal",
+    "SystemEntropy",
     "Timers",
+    "Via",
 ]

@@ -1,11 +1,13 @@
 """Who is heard: bounded work per sender, decided before a datagram is decoded.
 
 Every source address (IP and port) has a token bucket: a datagram takes a token, and
-one without a token is dropped at once (the cost of a dictionary lookup). Registrations,
-which cost the server the most (a record, a commit, a table to every online client),
-also take a token from a bucket of their source IP, so that one machine cannot register
-names without end from many ports; that bucket holds enough for a class of 200 people
-joining within a minute from behind one NAT address.
+one without a token is dropped at once (the cost of a dictionary lookup). The steps of
+a handshake (``hello``, then ``register``: the plaintext datagrams, known by their first
+byte), whose registrations cost the server the most (a record, a commit, a table to
+every online client), also take a token from a bucket of their source IP, so that one
+machine cannot register names without end from many ports; that bucket holds enough
+for a class of 200 people joining within a minute from behind one NAT address (two
+steps each, with room for retries).
 
 An address that floods (dropped at more than ``shut_out_rate`` a second) is shut out
 for a while: the node has the kernel drop its datagrams at the socket (a filter), so
@@ -21,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from chatapp.wire import Address, fmt_addr, may_be_registration
+from chatapp.protocol.sealing import is_handshake
+from chatapp.wire import Address, fmt_addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +36,12 @@ class Limits:
     #: also what a flood gets read and decoded before it is found and shut out.
     per_address_rate: float = 500.0
     per_address_burst: float = 500.0
-    #: Registrations per source IP: 250 at once (a class of 200 joining together, and
-    #: room for retries), then 250 a minute. Each costs every online client a table, so
-    #: this also bounds how long a storm of them keeps the server busy.
-    registrations_per_ip_rate: float = 250 / 60
-    registrations_per_ip_burst: float = 250.0
+    #: Handshake steps (a ``hello`` and a ``register`` per registration) per source IP:
+    #: 500 at once (a class of 200 joining together, and room for retries and stale
+    #: cookies), then 500 a minute: 250 registrations. Each costs every online client a
+    #: table, so this also bounds how long a storm of them keeps the server busy.
+    handshakes_per_ip_rate: float = 500 / 60
+    handshakes_per_ip_burst: float = 500.0
     #: Sources remembered; past that the oldest is forgotten (and starts again full).
     tracked_sources: int = 65536
     #: An address whose datagrams are dropped faster than this (over a second) is a
@@ -98,10 +102,8 @@ class Admission:
         self._per_address = Buckets(
             limits.per_address_rate, limits.per_address_burst, limits.tracked_sources
         )
-        self._registrations = Buckets(
-            limits.registrations_per_ip_rate,
-            limits.registrations_per_ip_burst,
-            limits.tracked_sources,
+        self._handshakes = Buckets(
+            limits.handshakes_per_ip_rate, limits.handshakes_per_ip_burst, limits.tracked_sources
         )
         #: Datagrams dropped since the node started.
         self.dropped = 0
@@ -119,7 +121,7 @@ class Admission:
     def admit(self, data: bytes, addr: Address, now: float) -> bool:
         """Whether the datagram ``data`` from ``addr`` is handled (else it is dropped)."""
         if self._per_address.take(addr, now) and (
-            not may_be_registration(data) or self._registrations.take(addr[0], now)
+            not is_handshake(data) or self._handshakes.take(addr[0], now)
         ):
             return True
         self.dropped += 1

@@ -3,42 +3,45 @@
 Feed it datagrams (``handle_datagram``), what the person does (``handle_input``:
 a typed line, Ctrl-C, a hang-up, a line that could not be read) and timer
 expiries (``handle_timer``), each with the current time; it returns the effects
-to carry out (datagrams to send, lines to show, an exit) and says when it next
-needs to wake (``next_deadline``). What happens to each pending request is in
-its row of ``chatapp.protocol.waits.ClientWait``.
+to carry out (datagrams to send, lines to show, changes to write, an exit) and
+says when it next needs to wake (``next_deadline``). What happens to each
+pending request is in its row of ``chatapp.protocol.waits.ClientWait``. This
+module holds the commands, the answers and the table of handlers;
+``client_core`` and ``client_delivery`` the rest.
 """
 
 from __future__ import annotations
 
 import difflib
-import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 from chatapp import screen
-from chatapp.protocol.common import (
-    Codec,
-    Effect,
-    Exit,
-    IdFactory,
-    Log,
-    Pending,
-    SeenIds,
-    Show,
-    Timers,
-    dropped,
+from chatapp.protocol.changes import NO_TAG
+from chatapp.protocol.client_core import ClientState, Waiting
+from chatapp.protocol.client_delivery import ClientDelivery
+from chatapp.protocol.codecs import Sender, Via
+from chatapp.protocol.common import Effect, Log, Pending, SeenIds, Send, Show, Timers, dropped
+from chatapp.protocol.crypto import (
+    CHANNEL_DOMAIN,
+    SIGNATURE_BYTES,
+    BadKey,
+    Entropy,
+    Identity,
+    SystemEntropy,
+    fingerprint,
+    safety_number,
 )
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
-from chatapp.protocol.machine import Machine
-from chatapp.protocol.tables import TableCopy
+from chatapp.protocol.sealing import PEER_OVERHEAD, SESSION_OVERHEAD
 from chatapp.protocol.waits import ClientWait
 from chatapp.wire import (
     MAX_DATAGRAM,
     NAME_PATTERN,
     Ack,
     Address,
+    Challenge,
     ChannelDelivery,
     ChannelPost,
     Chat,
@@ -47,115 +50,163 @@ from chatapp.wire import (
     LookupResult,
     Mailbox,
     Message,
+    NotStored,
     Refused,
-    Register,
     Registered,
+    Rekey,
+    Relay,
     Reregister,
     Saved,
     SaveMessage,
+    Seq,
+    StoredItem,
     Table,
-    TableAck,
     TableDelta,
     TableEntry,
-    fmt_addr,
-    tag_of,
+    encode,
 )
 
+__all__ = ["ClientProtocol", "ClientState", "Waiting"]
 
-class ClientState(enum.Enum):
-    JOINING = "joining"
-    ONLINE = "online"
-    DEREGISTERING = "deregistering"
-    OFFLINE = "offline"
-    REJOINING = "rejoining"
-    EXITED = "exited"
-
-
-#: States in which the client is (or is about to be) online: it shows and ACKs what arrives.
-_LISTENING = {
-    ClientState.JOINING,
-    ClientState.ONLINE,
-    ClientState.DEREGISTERING,
-    ClientState.REJOINING,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """A pending request: its row in the table of waits; ``to`` and ``text`` for messages."""
-
-    kind: ClientWait
-    to: str = ""
-    text: str = ""
-    moves: int = 0  # the other servers this request was sent to after the first
-
-
-# Room left in a datagram for the envelope of the largest message that carries text.
+# Room left in a datagram beyond the largest form a message's text travels in.
 _ENVELOPE_ALLOWANCE = 64
+#: Characters that fit in every datagram whatever they are (each JSON-escaped to 6 bytes
+#: at most, then base64 in a save or a batch): no need to work the sizes out.
+_SURELY_FITS = 800
+#: While the client waits for the server to settle its state (the registration, a
+#: dereg, a reg), the lines typed meanwhile wait their turn, at most this many; past
+#: that a line is refused, as it was before lines could wait.
+WAITING_LINES_LIMIT = 100
+#: The states in which a typed line waits for the server's answer before it is carried out.
+SETTLING = frozenset({ClientState.JOINING, ClientState.DEREGISTERING, ClientState.REJOINING})
 
 
-class ClientProtocol(Machine[Waiting]):
+class ClientProtocol(ClientDelivery):
     def __init__(
         self,
         name: str,
         server: Address,
         port: int,
         *,
+        identity: Identity,
+        entropy: Entropy | None = None,
+        pinned: bytes | None = None,
+        marks: dict[bytes, dict[str, int]] | None = None,
         timers: Timers = Timers(),
-        id_prefix: str = "c",
-        codec: Codec | None = None,
-        other_servers: tuple[Address, ...] = (),
+        pins_file: str = "known_servers",
     ) -> None:
-        """``other_servers``: servers sharing the first one's database, moved to in turn
-        when the current one stops answering."""
-        super().__init__(timers, codec)
-        self.name = name
-        self.server = server
-        self.servers = [server, *(s for s in other_servers if s != server)]
-        self.port = port
-        self.state = ClientState.JOINING
-        self.copy = TableCopy()  # the server's table as this client has it
-        self.token = ""
-        self._new_id = IdFactory(id_prefix)
-        self._seen = SeenIds()
+        """``pinned``: the key pinned for ``server`` (None: trust on first use); ``marks``:
+        per server key, the highest stored message shown per origin."""
+        super().__init__(
+            name, server, port,
+            identity=identity, entropy=entropy or SystemEntropy(), pinned=pinned,
+            marks=marks if marks is not None else {}, timers=timers, pins_file=pins_file,
+        )  # fmt: skip
         self._deliveries_shown = SeenIds(capacity=1024)
-
-    @property
-    def table(self) -> dict[str, TableEntry]:
-        """The client table, by name."""
-        return self.copy.entries
+        self._marks_moved = []
 
     # --- entry points -----------------------------------------------------------------
 
-    def start(self, now: float) -> list[Effect]:
-        register = Register(self._new_id(), self.name, self.port)
-        return [self._request(register, now, Waiting(ClientWait.JOIN))]
-
     def handle_timer(self, now: float) -> list[Effect]:
-        return self._expired(now)
+        return self._expired(now) + self._settled(now)
 
-    def _may_give_up(self, pending: Pending[Waiting]) -> bool:
-        return self.state is not ClientState.EXITED
+    def next_deadline(self) -> float | None:
+        deadline = super().next_deadline()
+        if self._table_due is None or not self._waiting_lines:
+            return deadline
+        return self._table_due if deadline is None else min(deadline, self._table_due)
 
-    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+    def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
         if self.state is ClientState.EXITED:
             return []
-        handler = self._message_handlers.get(type(message))
+        handler = self._message_handlers.get((type(message), sender.via))
         if handler is None:
-            return [dropped(message, addr, "a client does not take it")]
-        return handler(self, message, addr, now)
+            return [
+                dropped(message, sender.addr, f"a client does not take it ({sender.via.value})")
+            ]
+        return handler(self, message, sender, now) + self._settled(now)
 
     def handle_input(self, item: ClientInput, now: float) -> list[Effect]:
-        """A typed line, a signal, or a line that could not be read."""
+        """A typed line, a signal, or a line that could not be read. A line typed while
+        the state settles waits its turn (``_settled``)."""
         if item is Signal.INTERRUPT:
             return self._exit(0, screen.KEYBOARD_INTERRUPT)  # a silent leave: no dereg
-        if item is Signal.HANG_UP:
-            return self._exit(0)  # end of input or a closed terminal: leave quietly
         if self.state is ClientState.EXITED:
             return []
+        if item is Signal.HANG_UP:
+            return self._leave(())  # end of input, a closed terminal: quietly
+        if self._leaving is not None:
+            return [Log("leaving: a line typed after exit is not carried out", "debug")]
         if isinstance(item, BadInput):
             return [Show(screen.bad_input(item.detail))]
-        return self._command(item, now)
+        if self._must_wait(item, now):
+            if len(self._waiting_lines) >= WAITING_LINES_LIMIT:  # refused, as before
+                busy = self.state is ClientState.DEREGISTERING
+                return [Show(screen.BUSY_DEREGISTERING if busy else screen.STILL_JOINING)]
+            self._waiting_lines.append(item)
+            return []
+        return self._command(item, now) + self._settled(now)
+
+    # --- lines that wait, and leaving ----------------------------------------------------
+
+    @property
+    def lines_waiting(self) -> int:
+        """How many typed lines wait for their turn."""
+        return len(self._waiting_lines)
+
+    @property
+    def leaving(self) -> bool:
+        """Whether the client leaves once what it waits for is done."""
+        return self._leaving is not None
+
+    def _must_wait(self, line: str, now: float) -> bool:
+        """Whether ``line`` waits: a request to the server while the state settles, and
+        any line behind one that waits (in order). ``exit`` never does: it leaves once
+        those are done."""
+        word = line.strip().partition(" ")[0]
+        if not word or self._command_handlers.get(word) is ClientProtocol._cmd_exit:
+            return False
+        return bool(self._waiting_lines) or (
+            self._settling(now) and word in self._requests_to_server
+        )
+
+    def _settling(self, now: float) -> bool:
+        """Whether the client waits for the server to settle its state: its registration
+        (and the first table, for as long as the server tries to send it), a ``dereg``,
+        a ``reg``."""
+        if self._table_due is not None and now >= self._table_due:
+            self._table_due = None  # no table came: what waited goes without it
+        return self.state in SETTLING or self._table_due is not None
+
+    def _settled(self, now: float) -> list[Effect]:
+        """What follows every handling: the lines that waited are carried out, in order,
+        once the state has settled (until one unsettles it again: a ``dereg``); then a
+        client that is leaving goes, once nothing it waits for is left."""
+        effects: list[Effect] = []
+        while (
+            self._waiting_lines and self.state is not ClientState.EXITED and not self._settling(now)
+        ):
+            effects += self._command(self._waiting_lines.popleft(), now)
+        if self._leaving is not None and self._nothing_holds_exit():
+            effects += self._exit(0, *self._leaving)
+        return effects
+
+    def _nothing_holds_exit(self) -> bool:
+        """Whether a leaving client may go: no line waits, and no request in flight is
+        one whose answer it waits for (its row says ``holds_exit``)."""
+        if self.state is ClientState.EXITED or self._waiting_lines:
+            return False
+        return not any(pending.context.kind.rule.holds_exit for pending in self._retry.values())
+
+    def _leave(self, lines: tuple[str, ...]) -> list[Effect]:
+        """Leave (showing ``lines`` as it goes) once the lines that wait are carried out
+        and the requests in flight answered or given up; at once if there are none."""
+        if self._leaving is not None:
+            return []  # leaving already (an exit, then the end of the script's input)
+        self._leaving = lines
+        if self._nothing_holds_exit():
+            return self._exit(0, *lines)
+        return [Show(screen.LEAVING)] if lines else []
 
     def _command(self, line: str, now: float) -> list[Effect]:
         line = line.strip()
@@ -184,9 +235,9 @@ class ClientProtocol(Machine[Waiting]):
             # end, 2.5 s later, in a false "server is not responding".
             return [Show(screen.unknown_user(to))]
         if entry is None:
-            lookup = Lookup(self._new_id(), to, self.token)
-            return [self._request(lookup, now, Waiting(ClientWait.LOOKUP, to, text))]
-        return [self._send_direct(entry, text, now)]
+            lookup = Lookup(self.new_id(), to)
+            return self._request(lookup, now, Waiting(ClientWait.LOOKUP, to, text))
+        return self._send_direct(entry, text, now)
 
     def _cmd_send_all(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -195,8 +246,10 @@ class ClientProtocol(Machine[Waiting]):
             return refusal
         if refusal := self._refuse_if_too_long(rest, self.name):
             return refusal
-        post = ChannelPost(self._new_id(), self.name, rest, self.token)
-        return [self._request(post, now, Waiting(ClientWait.CHANNEL, text=rest))]
+        post_id = self.new_id()
+        signed = (self.name.encode(), post_id.encode(), rest.encode())
+        post = ChannelPost(post_id, rest, self.identity.sign(CHANNEL_DOMAIN, *signed))
+        return self._request(post, now, Waiting(ClientWait.CHANNEL, text=rest))
 
     def _cmd_dereg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -206,8 +259,7 @@ class ClientProtocol(Machine[Waiting]):
         if refusal := self._refuse_unless_online():
             return refusal
         self.state = ClientState.DEREGISTERING
-        dereg = Deregister(self._new_id(), self.name, self.token)
-        return [self._request(dereg, now, Waiting(ClientWait.DEREG))]
+        return self._request(Deregister(self.new_id(), self.name), now, Waiting(ClientWait.DEREG))
 
     def _cmd_reg(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -217,13 +269,24 @@ class ClientProtocol(Machine[Waiting]):
         if self.state is not ClientState.OFFLINE:
             return [Show(self._busy_line())]
         self.state = ClientState.REJOINING
-        reg = Reregister(self._new_id(), self.name, self.token)
-        return [self._request(reg, now, Waiting(ClientWait.REG))]
+        return self._request(Reregister(self.new_id(), self.name), now, Waiting(ClientWait.REG))
 
     def _cmd_table(self, rest: str, now: float) -> list[Effect]:
         entries = sorted(self.table.values(), key=lambda e: e.name)
         rows = [(e.name, e.ip, e.port, e.online) for e in entries]
         return [Show(line) for line in screen.table_lines(rows)]
+
+    def _cmd_fingerprint(self, rest: str, now: float) -> list[Effect]:
+        own = self.identity.public
+        if not rest or rest == self.name:
+            return [Show(screen.own_fingerprint(self.name, fingerprint(own)))]
+        entry = self.table.get(rest)
+        if entry is None:
+            return [Show(screen.no_key_for(rest))]
+        return [
+            Show(screen.peer_fingerprint(rest, fingerprint(entry.key))),
+            Show(screen.safety_number(rest, safety_number(own, entry.key))),
+        ]
 
     def _cmd_help(self, rest: str, now: float) -> list[Effect]:
         if not rest:
@@ -234,7 +297,11 @@ class ClientProtocol(Machine[Waiting]):
         return [Show(screen.no_help(word, nearest_command(word)))]
 
     def _cmd_exit(self, rest: str, now: float) -> list[Effect]:
-        return self._exit(0, screen.EXITING)
+        return self._leave((screen.EXITING,))
+
+    #: The commands that ask the server something, or whose answer depends on the state
+    #: the server settles (the others, such as ``help``, are answered here and now).
+    _requests_to_server: ClassVar[frozenset[str]] = frozenset({"send", "send_all", "dereg", "reg"})
 
     _command_handlers: ClassVar[dict[str, Callable[[ClientProtocol, str, float], list[Effect]]]] = {
         "send": _cmd_send,
@@ -243,6 +310,8 @@ class ClientProtocol(Machine[Waiting]):
         "reg": _cmd_reg,
         "table": _cmd_table,
         "list": _cmd_table,
+        "fingerprint": _cmd_fingerprint,
+        "key": _cmd_fingerprint,
         "help": _cmd_help,
         "exit": _cmd_exit,
         "quit": _cmd_exit,
@@ -261,42 +330,30 @@ class ClientProtocol(Machine[Waiting]):
         }.get(self.state, screen.STILL_JOINING)
 
     def _refuse_if_too_long(self, text: str, to: str) -> list[Effect]:
-        # The save form is the largest datagram that carries a message's text.
-        probe = SaveMessage("x" * 32, self.name, to if len(to) <= 32 else self.name, text, "t" * 32)
-        size = len(self.codec.encode(probe)) + _ENVELOPE_ALLOWANCE
-        if size <= MAX_DATAGRAM:
+        to = to if len(to) <= 32 else self.name
+        if len(text) <= _SURELY_FITS or _fits(text, self.name, to):
             return []
-        limit = MAX_DATAGRAM - (size - len(text.encode()))
-        return [Show(screen.too_long(len(text.encode()), max(limit, 0)))]
+        low, high = 0, len(text.encode())  # the longest plain text that fits, for the line
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if _fits("x" * middle, self.name, to) else (low, middle - 1)
+        return [Show(screen.too_long(len(text.encode()), low))]
 
     # --- sending ----------------------------------------------------------------------
 
-    def _request(self, message: Message, now: float, waiting: Waiting) -> Effect:
-        return self._wait(message.id, self.send(message, self.server), now, waiting)
-
-    def _send_direct(self, entry: TableEntry, text: str, now: float) -> Effect:
-        chat = Chat(self._new_id(), self.name, text)
+    def _send_direct(self, entry: TableEntry, text: str, now: float) -> list[Effect]:
+        chat = Chat(self.new_id(), text, entry.tag if entry.tag else NO_TAG)
+        try:
+            data = self.codec.to_peer(entry.key, chat)
+        except BadKey:
+            return [Show(screen.unknown_user(entry.name))]
         waiting = Waiting(ClientWait.DIRECT, entry.name, text)
-        return self._wait(chat.id, self.send(chat, (entry.ip, entry.port)), now, waiting)
-
-    def _exit(self, status: int, *lines: str) -> list[Effect]:
-        self.state = ClientState.EXITED
-        return [*(Show(line) for line in lines), Exit(status)]
+        return [self._wait(chat.id, Send(chat, data, (entry.ip, entry.port)), now, waiting)]
 
     # --- answers: the ``on_answer`` and ``on_refusal`` handlers of ClientWait ---------------
 
-    def _on_answer(self, message: Message, addr: Address, now: float) -> list[Effect]:
-        return self._answered(message.id, message, addr, now)
-
-    def _joined(self, pending: Pending[Waiting], answer: Registered, now: float) -> list[Effect]:
-        self.token = answer.token
-        self.state = ClientState.ONLINE
-        return []
-
-    def _join_refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
-        if answer.cause == "storage":
-            return self._exit(1, screen.CANNOT_STORE, screen.EXITING)
-        return self._exit(1, screen.refused(answer.reason))
+    def _on_answer(self, message: Message, sender: Sender, now: float) -> list[Effect]:
+        return self._answered(message.id, message, sender, now)
 
     def _direct_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
         return [Show(screen.received_by(pending.context.to))]
@@ -334,7 +391,7 @@ class ClientProtocol(Machine[Waiting]):
         if answer.entry is None or answer.entry.name != waiting.to:
             return [Show(screen.unknown_user(waiting.to))]
         self.table[waiting.to] = answer.entry
-        return [self._send_direct(answer.entry, waiting.text, now)]
+        return self._send_direct(answer.entry, waiting.text, now)
 
     def _refused(self, pending: Pending[Waiting], answer: Refused, now: float) -> list[Effect]:
         if answer.cause == "storage":  # the database failed: nothing was done
@@ -343,31 +400,14 @@ class ClientProtocol(Machine[Waiting]):
 
     # --- giving up: the ``on_give_up`` handlers of ClientWait ----------------------------
 
-    def _give_up(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        """A request to a server that is not answered goes to the next server, if there is
-        one it was not sent to; the row's handler runs once none is left."""
-        waiting = pending.context
-        if waiting.kind is ClientWait.DIRECT or waiting.moves + 1 >= len(self.servers):
-            return super()._give_up(pending, now)
-        effects: list[Effect] = []
-        if pending.send.addr == self.server:  # the current server stopped answering
-            old = self.server
-            self.server = self.servers[(self.servers.index(old) + 1) % len(self.servers)]
-            # The next server's tables are numbered on its own: its first whole table
-            # replaces this copy, whatever its version (the entries serve until then).
-            self.copy.epoch, self.copy.version = -1, -1
-            effects.append(Show(screen.moving_server(fmt_addr(old), fmt_addr(self.server))))
-        moved = Waiting(waiting.kind, waiting.to, waiting.text, waiting.moves + 1)
-        send = self.send(pending.send.message, self.server)
-        return [*effects, self._wait(pending.key, send, now, moved)]
-
     def _hand_to_server(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        """No ACK from the peer: the server delivers the message or stores it (same id)."""
+        """No ACK from the peer: the same sealed datagram goes to the server, which delivers
+        or stores it without being able to read it (same id)."""
         waiting = pending.context
-        save = SaveMessage(str(pending.key), self.name, waiting.to, waiting.text, self.token)
+        save = SaveMessage(str(pending.key), waiting.to, pending.send.data)
         return [
             Show(screen.no_ack(waiting.to)),
-            self._request(save, now, Waiting(ClientWait.SAVE, waiting.to)),
+            *self._request(save, now, Waiting(ClientWait.SAVE, waiting.to)),
         ]
 
     def _save_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
@@ -375,9 +415,6 @@ class ClientProtocol(Machine[Waiting]):
 
     def _dereg_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return self._exit(1, screen.SERVER_NOT_RESPONDING, screen.EXITING)
-
-    def _join_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        return self._exit(1, screen.join_not_answered(fmt_addr(self.server)), screen.EXITING)
 
     def _post_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return [Show(screen.SERVER_NOT_RESPONDING_CHANNEL)]
@@ -389,68 +426,45 @@ class ClientProtocol(Machine[Waiting]):
     def _lookup_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         return [Show(screen.lookup_not_answered(pending.context.to))]
 
-    # --- what arrives unasked -----------------------------------------------------------
-
-    def _on_chat(self, message: Chat, addr: Address, now: float) -> list[Effect]:
-        if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a message from {message.sender}", "debug")]
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        if self._seen.add(message.id):
-            effects.append(Show(screen.chat(message.sender, message.text)))
-        return effects
-
-    def _on_channel(self, message: ChannelDelivery, addr: Address, now: float) -> list[Effect]:
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        if self._seen.add(message.id):
-            effects.append(Show(screen.channel_message(message.sender, message.text)))
-        return effects
-
-    def _on_mailbox(self, message: Mailbox, addr: Address, now: float) -> list[Effect]:
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        effects: list[Effect] = [self.send(Ack(message.id), addr)]
-        for item in message.items:
-            if not self._seen.add(item.id):
-                continue
-            if self._deliveries_shown.add(message.delivery):
-                effects.append(Show(screen.YOU_HAVE_MESSAGE))
-            format_line = screen.stored_direct if item.kind == "direct" else screen.stored_channel
-            effects.append(Show(format_line(item.stored_at, item.sender, item.text)))
-        return effects
-
-    def _on_table(self, message: Table | TableDelta, addr: Address, now: float) -> list[Effect]:
-        """A part of the whole table or of a delta: ACKed with the version held after
-        taking it; shown once when it completes an update that was applied."""
-        if refusal := self._refuse_unless_from_server(message, addr):
-            return refusal
-        applied = self.copy.take(message)
-        ack = TableAck(message.id, self.copy.epoch, self.copy.version)
-        effects: list[Effect] = [self.send(ack, addr)]
-        if applied:
-            effects.append(Show(screen.TABLE_UPDATED))
-        return effects
-
-    def _refuse_unless_from_server(self, message: Message, addr: Address) -> list[Effect]:
-        if addr != self.server:
-            return [dropped(message, addr, "it did not come from the server")]
-        if self.state not in _LISTENING:
-            return [Log(f"offline: ignored a {tag_of(message)} from the server", "debug")]
-        return []
-
-    _message_handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
-        Ack: _on_answer,
-        Registered: _on_answer,
-        Refused: _on_answer,
-        Saved: _on_answer,
-        LookupResult: _on_answer,
-        Chat: _on_chat,
-        ChannelDelivery: _on_channel,
-        Mailbox: _on_mailbox,
-        Table: _on_table,
-        TableDelta: _on_table,
+    #: What a client takes, by message type and how its sender was authenticated:
+    #: anything else is dropped (a table from a peer, a chat in the clear, ...).
+    _message_handlers: ClassVar[dict[tuple[type, Via], Callable[..., list[Effect]]]] = {
+        (Challenge, Via.PLAIN): ClientDelivery._on_challenge,
+        (Registered, Via.SERVER): _on_answer,
+        (Refused, Via.SERVER): _on_answer,
+        (Ack, Via.SERVER): _on_answer,
+        (Saved, Via.SERVER): _on_answer,
+        (LookupResult, Via.SERVER): _on_answer,
+        (Rekey, Via.SERVER): ClientDelivery._on_rekey,
+        (Ack, Via.PEER): ClientDelivery._on_peer_ack,
+        (Chat, Via.PEER): ClientDelivery._on_chat,
+        (ChannelDelivery, Via.SERVER): ClientDelivery._on_channel,
+        (Relay, Via.SERVER): ClientDelivery._on_relay,
+        (Mailbox, Via.SERVER): ClientDelivery._on_mailbox,
+        (NotStored, Via.SERVER): ClientDelivery._on_not_stored,
+        (Table, Via.SERVER): ClientDelivery._on_table,
+        (TableDelta, Via.SERVER): ClientDelivery._on_table,
     }
+
+
+def _fits(text: str, sender: str, to: str) -> bool:
+    return _largest_datagram(text, sender, to) + _ENVELOPE_ALLOWANCE <= MAX_DATAGRAM
+
+
+def _largest_datagram(text: str, sender: str, to: str) -> int:
+    """The largest datagram ``text`` travels in, from ``sender`` to ``to``: a batch of stored
+    messages holding it alone (sealed for a peer, or signed for the channel)."""
+    msg_id = "i" * 16
+    peer = PEER_OVERHEAD + len(sender) + len(encode(Chat(msg_id, text, NO_TAG)))
+    seq = Seq("o" * 16, 10**12)
+    stored_at = 1e9 + 0.123456789
+    direct = StoredItem(seq, msg_id, "direct", sender, stored_at, sealed=b"s" * peer)
+    channel = StoredItem(
+        seq, msg_id, "channel", sender, stored_at, text=text, sig=b"s" * SIGNATURE_BYTES
+    )
+    save = SaveMessage(msg_id, to, b"s" * peer)
+    sizes = [len(encode(Mailbox(msg_id, msg_id, [item]))) for item in (direct, channel)]
+    return SESSION_OVERHEAD + max(*sizes, len(encode(save)))
 
 
 #: The commands typed at the client's prompt (for completion and suggestions).

@@ -11,10 +11,10 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from chatapp.protocol.changes import Change
-from chatapp.wire import Address, Message, WireError, decode, encode, fmt_addr, tag_of
+from chatapp.wire import Address, Message, WireError, fmt_addr, tag_of
 
 # --- effects -------------------------------------------------------------------
 
@@ -64,36 +64,33 @@ class Received:
 Effect = Send | Show | Log | Exit | Received | Change
 
 
+class TokenBucket:
+    """At most ``rate`` events a second, ``burst`` at once (time passed in)."""
+
+    __slots__ = ("_allowance", "_last", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._allowance = burst
+        self._last: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._last is not None:
+            self._allowance = min(self.burst, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        if self._allowance >= 1:
+            self._allowance -= 1
+            return True
+        return False
+
+
 def dropped(message: Message, addr: Address, why: str) -> Log:
     return Log(f"dropped a {tag_of(message)} from {fmt_addr(addr)}: {why}", "warning")
 
 
 def bad_datagram(addr: Address, error: WireError) -> Log:
     return Log(f"dropped a bad datagram from {fmt_addr(addr)}: {error}", "warning")
-
-
-# --- the codec: the one place where a machine turns messages into bytes and back ----------
-
-
-class Codec(Protocol):
-    def encode(self, message: Message) -> bytes: ...
-
-    def decode(self, data: bytes) -> Message:
-        """The message in ``data``; ``WireError`` if it is not one."""
-        ...
-
-
-class PlainCodec:
-    """Messages as the JSON of ``chatapp.wire``, checked against its types."""
-
-    def encode(self, message: Message) -> bytes:
-        return encode(message)
-
-    def decode(self, data: bytes) -> Message:
-        return decode(data)
-
-
-PLAIN = PlainCodec()
 
 
 # --- settings -------------------------------------------------------------------
@@ -107,56 +104,62 @@ class Timers:
     tries: int = 5
 
 
-# --- ids --------------------------------------------------------------------------
-
-
-class IdFactory:
-    """Message ids: a per-process prefix (random in real runs, fixed in tests) and a counter."""
-
-    def __init__(self, prefix: str) -> None:
-        self._prefix = prefix
-        self._counter = itertools.count(1)
-
-    def __call__(self) -> str:
-        return f"{self._prefix}.{next(self._counter)}"
+# --- remembering ----------------------------------------------------------------------
 
 
 class SeenIds:
-    """A bounded set of recently seen message ids: a duplicate is ACKed again, not shown again."""
+    """A bounded set of recently seen messages, by (authenticated sender, id): a duplicate
+    is ACKed again, not shown again."""
 
     def __init__(self, capacity: int = 65536) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[Hashable, None] = OrderedDict()
         self._capacity = capacity
+        self._since_checkpoint: list[Hashable] = []
 
-    def add(self, msg_id: str) -> bool:
+    def add(self, msg_id: Hashable) -> bool:
         """Remember ``msg_id``; True if it is new."""
         if msg_id in self._ids:
             self._ids.move_to_end(msg_id)
             return False
         self._ids[msg_id] = None
+        self._since_checkpoint.append(msg_id)
         if len(self._ids) > self._capacity:
             self._ids.popitem(last=False)
         return True
 
-    def __contains__(self, msg_id: str) -> bool:
+    def checkpoint(self) -> None:
+        """What was added so far stands (it was shown)."""
+        self._since_checkpoint.clear()
+
+    def forget_since_checkpoint(self) -> None:
+        """What was added since the last checkpoint was never shown: it is new again."""
+        for msg_id in self._since_checkpoint:
+            self._ids.pop(msg_id, None)
+        self._since_checkpoint.clear()
+
+    def __contains__(self, msg_id: Hashable) -> bool:
         return msg_id in self._ids
 
 
 class RecentAnswers:
-    """Answers to recent requests, by (address, id): a retry is answered again, not redone.
-    ``None`` stands for a request still being worked on (its answer is not known yet)."""
+    """Answers to recent requests, by (who asked, id): a retry is answered again, not
+    redone. Who asked is a client's name (in its session) or an address (a
+    registration). ``None`` stands for a request still being worked on."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
-        self._answers: OrderedDict[tuple[Address, str], list[Send] | None] = OrderedDict()
-        self._since_checkpoint: list[tuple[Address, str]] = []
+        self._answers: OrderedDict[tuple[Hashable, str], list[Send] | None] = OrderedDict()
+        self._since_checkpoint: list[tuple[Hashable, str]] = []
 
-    def lookup(self, key: tuple[Address, str]) -> tuple[bool, list[Send] | None]:
+    def lookup(self, key: tuple[Hashable, str]) -> tuple[bool, list[Send] | None]:
         if key in self._answers:
             return True, self._answers[key]
         return False, None
 
-    def remember(self, key: tuple[Address, str], answer: list[Send] | None) -> None:
+    def forget(self, key: tuple[Hashable, str]) -> None:
+        self._answers.pop(key, None)
+
+    def remember(self, key: tuple[Hashable, str], answer: list[Send] | None) -> None:
         self._answers[key] = answer
         self._answers.move_to_end(key)
         self._since_checkpoint.append(key)
@@ -168,7 +171,7 @@ class RecentAnswers:
         self._since_checkpoint.clear()
 
     def forget_since_checkpoint(
-        self, refusal: Callable[[tuple[Address, str], list[Send]], Send | None]
+        self, refusal: Callable[[tuple[Hashable, str], list[Send]], Send | None]
     ) -> list[Send]:
         """The changes of what was remembered since the last checkpoint were not committed,
         and its answers were held back: what to send now. ``refusal(key, answer)`` says
@@ -252,9 +255,10 @@ class RetryQueue(Generic[C]):
             heapq.heappop(heap)
         return None
 
-    def expire(self, now: float) -> tuple[list[Send], list[Pending[C]]]:
-        """Re-send what has tries left; return (the re-sends, the waits that gave up)."""
-        resends: list[Send] = []
+    def expire(self, now: float) -> tuple[list[Pending[C]], list[Pending[C]]]:
+        """Move on the waits whose try ran out: (those to send again, those that gave up).
+        The caller seals each re-send afresh (a session datagram never repeats a counter)."""
+        resends: list[Pending[C]] = []
         given_up: list[Pending[C]] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -266,7 +270,7 @@ class RetryQueue(Generic[C]):
                 pending.tries_left -= 1
                 pending.deadline = deadline + pending.timeout
                 heapq.heappush(heap, (pending.deadline, next(self._order), key))
-                resends.append(pending.send)
+                resends.append(pending)
             else:
                 del self._pending[key]
                 given_up.append(pending)

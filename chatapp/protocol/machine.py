@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
 
+from chatapp.protocol.codecs import Sender
 from chatapp.protocol.common import (
-    PLAIN,
-    Codec,
     Effect,
     Log,
     Pending,
@@ -19,6 +18,7 @@ from chatapp.protocol.common import (
     bad_datagram,
     dropped,
 )
+from chatapp.protocol.sealing import Replayed
 from chatapp.protocol.waits import Wait
 from chatapp.wire import Address, Message, WireError, fmt_addr, tag_of
 
@@ -30,45 +30,57 @@ class Waiting(Protocol):
     def kind(self) -> Wait: ...
 
 
+class Codec(Protocol):
+    def decode(self, data: bytes, addr: Address) -> tuple[Message, Sender]:
+        """The message in ``data`` and who sent it; ``WireError`` if it is not one."""
+        ...
+
+
 W = TypeVar("W", bound=Waiting)
 
 
 class Machine(Generic[W]):
-    """Every datagram enters through ``handle_datagram`` and every one that leaves is
-    made by ``send``: both go through ``codec``, the one place to change how messages
-    look on the wire. Answers and timeouts run the handlers that the pending request's
-    row names (``chatapp.protocol.waits``)."""
+    """Every datagram enters through ``handle_datagram``: ``codec`` opens it and says
+    who sent it, as far as that could be proven, before any rule sees it. Answers and
+    timeouts run the handlers that the pending request's row names
+    (``chatapp.protocol.waits``)."""
 
-    def __init__(self, timers: Timers, codec: Codec | None) -> None:
+    codec: Codec
+
+    def __init__(self, timers: Timers) -> None:
         self.timers = timers
-        self.codec: Codec = codec if codec is not None else PLAIN
         self._retry: RetryQueue[W] = RetryQueue()
         #: Datagrams dropped because they did not decode (the log lines about them are
         #: rate-limited; this count is not).
         self.undecodable = 0
         self._started: list[Hashable] = []  # waits started since the last checkpoint
 
-    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
+    def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
         raise NotImplementedError
 
     def handle_datagram(self, data: bytes, addr: Address, now: float) -> list[Effect]:
-        """Check ``data`` before any rule sees it: a bad datagram is dropped and logged.
-        The first effect is always a ``Received``."""
+        """Open ``data`` before any rule sees it: a bad datagram is dropped and logged and
+        changes nothing. The first effect is always a ``Received``."""
         try:
-            message = self.codec.decode(data)
+            message, sender = self.codec.decode(data, addr)
+        except WireError as exc:
+            self.undecodable += not isinstance(exc, Replayed)  # a copy is no bad datagram
+            return [Received(None, str(exc)), *self._undecodable(exc, addr, now)]
         except Exception as exc:
             # Decoding is total: whatever the bytes (and whatever a codec's own checks
             # miss: a limit such as RecursionError or MemoryError, a bug), the datagram is
             # dropped here and nothing else happens.
             self.undecodable += 1
-            error = exc if isinstance(exc, WireError) else WireError(_unexpected(exc))
+            error = WireError(_unexpected(exc))
             return [Received(None, str(error)), bad_datagram(addr, error)]
         effects: list[Effect] = [Received(message)]
-        effects += self.handle_message(message, addr, now)
+        effects += self.handle_message(message, sender, now)
         return effects
 
-    def send(self, message: Message, addr: Address) -> Send:
-        return Send(message, self.codec.encode(message), addr)
+    def _undecodable(self, error: WireError, addr: Address, now: float) -> list[Effect]:
+        if isinstance(error, Replayed):  # a network may duplicate: not worth a warning
+            return [Log(f"dropped a copy from {fmt_addr(addr)}: {error}", "debug")]
+        return [bad_datagram(addr, error)]
 
     def next_deadline(self) -> float | None:
         return self._retry.next_deadline()
@@ -98,33 +110,45 @@ class Machine(Generic[W]):
         self._started.append(key)
         return self._retry.start(key, effect, now, waiting, tries=tries, timeout=timeout)
 
-    def _answered(self, key: Hashable, message: Message, addr: Address, now: float) -> list[Effect]:
-        """``message`` ends the wait ``key`` if it came from where the request went and its
-        row takes it as an answer; the row names the handler."""
+    def _answered(
+        self, key: Hashable, message: Message, sender: Sender, now: float
+    ) -> list[Effect]:
+        """``message`` ends the wait ``key`` if it came from whom the request went to and
+        its row takes it as an answer; the row names the handler."""
         pending = self._retry.get(key)
-        if pending is None or pending.send.addr != addr:
-            late = f"{tag_of(message)} {message.id} from {fmt_addr(addr)}"
+        if pending is None or not self._from_addressee(pending, message, sender):
+            late = f"{tag_of(message)} {message.id} from {fmt_addr(sender.addr)}"
             return [Log(f"ignored a late or unknown {late}", "debug")]
         handler = pending.context.kind.rule.ended_by(message)
         if handler is None:
-            return [dropped(message, addr, f"it does not answer a {pending.context.kind} wait")]
+            why = f"it does not answer a {pending.context.kind} wait"
+            return [dropped(message, sender.addr, why)]
         self._retry.end(key)
         effects: list[Effect] = getattr(self, handler)(pending, message, now)
         return effects
 
+    def _from_addressee(self, pending: Pending[W], message: Message, sender: Sender) -> bool:
+        """Whether ``sender`` is the one ``pending`` waits on an answer from."""
+        raise NotImplementedError
+
     def _expired(self, now: float) -> list[Effect]:
-        """Send again what has tries left; run the give-up handler of the rest."""
-        resends, given_up = self._retry.expire(now)
-        effects: list[Effect] = list(resends)
+        """Send again what has tries left (sealed afresh); run the give-up handler of the
+        rest."""
+        due, given_up = self._retry.expire(now)
+        effects: list[Effect] = []
+        for pending in due:
+            resend = self._reseal(pending)
+            if resend is not None:
+                pending.send = resend
+                effects.append(resend)
         for pending in given_up:
             if self._may_give_up(pending):
-                effects += self._give_up(pending, now)
+                effects += getattr(self, pending.context.kind.rule.on_give_up)(pending, now)
         return effects
 
-    def _give_up(self, pending: Pending[W], now: float) -> list[Effect]:
-        """A wait ran out of tries: its row's give-up handler."""
-        effects: list[Effect] = getattr(self, pending.context.kind.rule.on_give_up)(pending, now)
-        return effects
+    def _reseal(self, pending: Pending[W]) -> Send | None:
+        """The datagram for another try of ``pending`` (None: not now)."""
+        return pending.send
 
     def _may_give_up(self, pending: Pending[W]) -> bool:
         """Whether a wait that ran out still matters (a machine that exited: no)."""

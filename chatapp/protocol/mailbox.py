@@ -1,82 +1,150 @@
-"""The server's mailbox: messages kept for clients that are offline, and its rules.
+"""The server's mailbox: every recipient's delivery stream, and its rules.
 
-At most ``limit`` messages per client; the same message (by id) is kept once;
-a message leaves only when its recipient has ACKed the batch that carried it.
+Everything stored for a recipient is one stream in the order it was stored:
+each item gets a sequence number ``(origin, n)`` (``origin``: the store that
+keeps it; ``n``: its counter, which never goes back), and the items of one
+origin are delivered in ``n`` order. At most ``limit`` items per recipient,
+checked whenever anything is stored; the same message (by sender and id) is
+kept once; an item leaves only when its recipient has ACKed the batch or the
+relay that carried it. At most one batch or relay is in flight per recipient.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Literal
+
+import msgspec
+
 from chatapp.protocol.changes import MessagesRemoved, MessageStored
-from chatapp.protocol.common import Effect, Log
-from chatapp.protocol.packing import fitting
-from chatapp.wire import StoredItem
+from chatapp.protocol.packing import ENVELOPE_ALLOWANCE
+from chatapp.protocol.sealing import SESSION_OVERHEAD
+from chatapp.wire import MAX_DATAGRAM, Seq, StoredItem
 
 DEFAULT_MAILBOX_LIMIT = 1000
 #: The most ``--mailbox-limit`` allows (the benchmarks use it for "no limit").
 MAX_MAILBOX_LIMIT = 100_000_000
+#: The most items a batch looks at when it packs a datagram.
+_BATCH_SCAN = 256
+#: Bytes of a sender's entry in a batch's keys, besides its name: "": "<44 base64>",
+_KEY_ENTRY = 52
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Flight:
+    """A recipient's delivery under way: its id (the client shows ``[You have message]``
+    once per delivery) and the wait of the batch or relay in flight, if any."""
+
+    delivery: str
+    wait: Hashable | None = None
 
 
 class Mailboxes:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, origin: str, last_n: int = 0) -> None:
         self.limit = limit
-        #: recipient -> stored messages, oldest first (a recipient with none has no entry)
-        self.boxes: dict[str, list[StoredItem]] = {}
-        #: recipient -> the delivery id of the batches being sent to it
-        self.in_flight: dict[str, str] = {}
+        self.origin = origin
+        self.last_n = last_n
+        #: recipient -> (sender, id) -> item, oldest first (a recipient with none has no entry)
+        self.boxes: dict[str, dict[tuple[str, str], StoredItem]] = {}
+        #: recipient -> its delivery under way
+        self.flights: dict[str, Flight] = {}
+        self._sent: Counter[str] = Counter()  # sender -> items of its stored
 
     def restore(self, boxes: dict[str, list[StoredItem]]) -> None:
-        self.boxes = {name: list(items) for name, items in boxes.items() if items}
+        self.boxes = {
+            name: {(item.sender, item.id): item for item in items}
+            for name, items in boxes.items()
+            if items
+        }
+        self._sent = Counter(sender for box in self.boxes.values() for sender, _ in box)
+
+    def sent_by(self, sender: str) -> int:
+        """How many stored items ``sender`` sent."""
+        return self._sent[sender]
+
+    def items(self, recipient: str) -> list[StoredItem]:
+        return list(self.boxes.get(recipient, {}).values())
+
+    def count(self, recipient: str) -> int:
+        return len(self.boxes.get(recipient, ()))
 
     def reload(self, boxes: dict[str, list[StoredItem]], *, delivering: set[str]) -> None:
         """The messages as ``boxes`` have them (the database's); a delivery goes on only to
-        the recipients ``delivering`` names (a batch of theirs is still waited on)."""
+        the recipients ``delivering`` names (a batch of theirs is still waited on). The
+        counter stays where it is: it never goes back."""
         self.restore(boxes)
-        self.in_flight = {name: d for name, d in self.in_flight.items() if name in delivering}
+        self.flights = {name: f for name, f in self.flights.items() if name in delivering}
 
     def is_full(self, recipient: str) -> bool:
-        return len(self.boxes.get(recipient, [])) >= self.limit
+        return self.count(recipient) >= self.limit
 
-    def store(self, recipient: str, item: StoredItem, *, enforce_limit: bool) -> list[Effect]:
-        """Keep ``item`` for ``recipient`` (``enforce_limit``: not if the box is full)."""
-        box = self.boxes.setdefault(recipient, [])
-        if enforce_limit and len(box) >= self.limit:
-            return [Log(f"mailbox of {recipient} is full: dropped a channel message", "warning")]
-        for stored in box[-8:]:  # a loop, not any(<genexpr>): this runs for every save
-            if stored.id == item.id:
-                return []  # the same message stored twice (a retry raced a timeout)
-        box.append(item)
-        return [MessageStored(recipient, item), Log(f"stored a message for {recipient}")]
+    def holds(self, recipient: str, sender: str, msg_id: str) -> bool:
+        return (sender, msg_id) in self.boxes.get(recipient, {})
 
-    def adopt(self, recipient: str, item: StoredItem) -> bool:
-        """Hold ``item``, which another server stored for ``recipient`` (its limit was
-        checked there); False if it is held already."""
-        box = self.boxes.setdefault(recipient, [])
-        if any(stored.id == item.id for stored in box):
-            return False
-        box.append(item)
-        return True
+    def store(
+        self,
+        recipient: str,
+        kind: Literal["direct", "channel"],
+        sender: str,
+        msg_id: str,
+        stored_at: float,
+        *,
+        text: str = "",
+        sig: bytes = b"",
+        sealed: bytes = b"",
+    ) -> MessageStored | None:
+        """Keep a message for ``recipient`` with the next sequence number; None if it is
+        kept already or the box is full (the caller checks ``is_full`` to tell which)."""
+        box = self.boxes.setdefault(recipient, {})
+        key = (sender, msg_id)
+        if key in box or len(box) >= self.limit:
+            if not box:
+                del self.boxes[recipient]
+            return None
+        self.last_n += 1
+        seq = Seq(self.origin, self.last_n)
+        item = StoredItem(seq, msg_id, kind, sender, stored_at, text, sig, sealed)
+        box[key] = item
+        self._sent[sender] += 1
+        return MessageStored(recipient, item)
+
+    def head(self, recipient: str) -> StoredItem | None:
+        box = self.boxes.get(recipient)
+        return next(iter(box.values())) if box else None
 
     def next_batch(self, recipient: str) -> list[StoredItem]:
-        """The oldest messages for ``recipient`` that fit in one datagram."""
-        box = self.boxes[recipient]
-        return box[: fitting(box)]
+        """The oldest messages for ``recipient`` that fit in one datagram, with the key of
+        each of their senders (at least one message, so that a batch is never empty)."""
+        budget = MAX_DATAGRAM - ENVELOPE_ALLOWANCE - SESSION_OVERHEAD
+        batch: list[StoredItem] = []
+        senders: set[str] = set()
+        for item in islice(self.boxes.get(recipient, {}).values(), _BATCH_SCAN):
+            cost = len(_encoder.encode(item)) + 1
+            if item.sender not in senders:
+                cost += len(item.sender) + _KEY_ENTRY
+            if cost > budget and batch:
+                break
+            budget -= cost
+            batch.append(item)
+            senders.add(item.sender)
+        return batch
 
-    def remove(self, recipient: str, ids: tuple[str, ...]) -> MessagesRemoved:
-        """The batch of ``ids`` was ACKed: they go."""
-        box = self.boxes.get(recipient, [])
-        count = len(ids)
-        if tuple(item.id for item in box[:count]) == ids:
-            # The usual case, the batch still at the front: a slice, not a scan of the whole
-            # mailbox per batch (10,000 stored messages would cost 150 scans of thousands).
-            remaining = box[count:]
-        else:
-            delivered = set(ids)
-            remaining = [item for item in box if item.id not in delivered]
-        self.boxes[recipient] = remaining
-        return MessagesRemoved(recipient, ids)
-
-    def delivered_all(self, recipient: str) -> None:
-        """The delivery to ``recipient`` is over (an empty box goes)."""
-        self.in_flight.pop(recipient, None)
-        if not self.boxes.get(recipient):
+    def remove(self, recipient: str, items: list[StoredItem]) -> MessagesRemoved:
+        """The batch (or relay) of ``items`` was ACKed: they go."""
+        box = self.boxes.get(recipient, {})
+        for item in items:
+            if box.pop((item.sender, item.id), None) is not None:
+                self._sent[item.sender] -= 1
+        if not box:
             self.boxes.pop(recipient, None)
+        return MessagesRemoved(recipient, tuple(item.seq for item in items))
+
+    def drop(self, recipient: str) -> None:
+        """Everything kept for ``recipient`` goes (its name left the table)."""
+        for sender, _ in self.boxes.pop(recipient, {}):
+            self._sent[sender] -= 1
+        self.flights.pop(recipient, None)

@@ -1,59 +1,59 @@
-"""The server's part that keeps track of who is online and of every client's copy
-of the table: the presence rules, the table updates (one in flight per client,
-``chatapp.protocol.tables``), and registrations that never complete.
+"""Who is online, and every client's copy of the table (a layer of the server's state
+machine; see ``server_core``): the presence rules, the table's updates (one in flight
+per client, ``chatapp.protocol.tables``, each part sealed in the client's session), and
+registrations that never complete.
 
-It builds on what the server holds (``chatapp.protocol.server_state``), and
-``ServerProtocol`` (``chatapp.protocol.server``) on it with the requests' rules.
-A client that stops ACKing is marked offline (silent) and sent its update once
-more, so that a live client whose ACKs were lost comes back by contact; a
-registration whose first table is never ACKed, that time either, is undone: a
-name it brought leaves the table and the database.
+A client that stops ACKing in its session is marked offline (silent) and sent its
+update once more, so that a live client whose ACKs were lost comes back by contact; a
+registration whose first table is never ACKed, that time either, is undone: a name it
+bound (unless something is stored for it or from it) is unbound and leaves the table
+and the database.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 
-from chatapp.protocol.changes import ClientRecord, ClientRemoved, Presence
+from chatapp.protocol.changes import ClientRecord, ClientRemoved, ClientSaved, Presence
 from chatapp.protocol.common import Effect, Log, Pending, Send
-from chatapp.protocol.server_state import ServerState, Waiting
+from chatapp.protocol.sealing import TO_CLIENT
+from chatapp.protocol.server_core import ServerCore, Waiting
 from chatapp.protocol.waits import ServerWait
-from chatapp.wire import Table, TableAck, TableDelta
+from chatapp.wire import Table, TableAck, TableDelta, encode
 
 
-class ServerPresence(ServerState):
-    """Who is online, and every client's copy of the table (what the server holds:
-    ``ServerState``; the requests' rules: ``ServerProtocol``)."""
-
-    def start(self, now: float) -> list[Effect]:
-        """After a restart, a new epoch: the clients that were online get the whole table."""
-        for record in self.clients.values():
-            if record.online and record.name not in self.elsewhere:
-                self.roster.touch()
-                self.followers.online(record.name)
-        return self._flush_table(now)
-
+class ServerPresence(ServerCore):
     # --- the table --------------------------------------------------------------------
 
     def _flush_table(self, now: float) -> list[Effect]:
         """End the version this event made (if it changed anything) and send each client
         that needs an update, and has none in flight, what brings it from the version it
-        holds to this one (changes made while an update is in flight go in the next)."""
+        holds to this one, sealed in its session (changes made while an update is in
+        flight go in the next). After a restart, nothing goes until the clients asked to
+        register again are back (or their waits ran out): each then gets one whole table,
+        not one per return."""
+        if self._returning:
+            self._returning = {n for n in self._returning if ("rekey", n) in self._retry}
+            if self._returning:
+                return []
         self.roster.close_version()
         effects: list[Effect] = []
         clients: set[str] = set()
-        for record, part, data in self.followers.updates(
-            self.roster, self._new_id, self.codec.encode
-        ):
+        updates = self.followers.updates(
+            self.roster, self.new_id, encode, lambda record: self._session_of(record) is not None
+        )
+        for record, part, plaintext in updates:
+            session = self._session_of(record)
+            assert session is not None  # reachable: it has one
             kind = ServerWait.TABLE if isinstance(part, Table) else ServerWait.DELTA
-            send, key = Send(part, data, record.addr), (record.addr, part.id)
+            send = Send(part, session.seal_bytes(TO_CLIENT, plaintext), record.addr)
+            key = (record.name, part.id)
             effects.append(self._wait(key, send, now, Waiting(kind, record.name)))
             clients.add(record.name)
         if clients:
             version = self.roster.version
-            effects.insert(
-                0, Log(f"table version {version} sent to {len(clients)} clients", "debug")
-            )
+            log = Log(f"table version {version} sent to {len(clients)} clients", "debug")
+            effects.insert(0, log)
         return effects
 
     def _slow_down_if_resent(self, effects: list[Effect], now: float) -> None:
@@ -74,59 +74,73 @@ class ServerPresence(ServerState):
         self.followers.acked(pending.context.recipient, pending.key, held)
         return []
 
-    # --- presence ---------------------------------------------------------------------
+    # --- presence -----------------------------------------------------------------------
 
-    def _set_presence(self, record: ClientRecord, presence: Presence) -> None:
+    def _set_presence(self, record: ClientRecord, presence: Presence) -> list[Effect]:
+        """What follows from it: a client going offline gets no more table updates, and
+        its delivery stops (a relay's sender is told the message is stored)."""
         self.roster.set_presence(record, presence)
         if presence is Presence.ONLINE:
             self.followers.online(record.name)
-        else:
-            self._end_waits(self.followers.offline(record.name))
-            self.mailboxes.in_flight.pop(record.name, None)
+            return []
+        self._end_waits(self.followers.offline(record.name))
+        return self._stop_stream(record.name)
 
     def _went_silent(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
         self._end_waits(self.followers.lost(record.name, pending.key))
-        silent = record.presence is Presence.SILENT and pending.send.addr == record.addr
-        if silent and self.followers.is_joining(record.name):
+        if (
+            record.presence is Presence.SILENT
+            and self._sent_in_current_session(pending, record)
+            and self.followers.is_joining(record.name)
+        ):
             return self._undo_registration(record)  # the update sent once more: no ACK
         return self._no_ack_from(record, pending)
 
     def _no_ack_from(self, record: ClientRecord, pending: Pending[Waiting]) -> list[Effect]:
-        """A client that did not ACK at its address is offline (and gets the next table as
-        a probe: a lost datagram should not keep a live client offline)."""
-        if pending.send.addr != record.addr or not record.online:
+        """A client that did not ACK in its session is offline (and gets the next table
+        update as a probe: a lost datagram should not keep a live client offline)."""
+        if not record.online or not self._sent_in_current_session(pending, record):
             return []
-        self._set_presence(record, Presence.SILENT)
+        stopped = self._set_presence(record, Presence.SILENT)
         self.followers.probe(record.name)
         return [
             Log(f"no ACK from {record.name} ({pending.context.kind}): marked offline", "warning"),
-            self._saved(record),
+            ClientSaved.of(record),
+            *stopped,
         ]
 
     # --- registrations that never complete ----------------------------------------------
 
     def _displace(self, old: ClientRecord) -> list[Effect]:
-        """Another name registered from ``old``'s address: ``old`` has left it."""
-        if self.followers.joined_new(old.name) and not self.mailbox.get(old.name):
+        """Another name registered from ``old``'s address: ``old`` has left it (the same
+        person under another name, or another person on a port it freed)."""
+        self._end_session(old)
+        if self.followers.joined_new(old.name) and self._holds_nothing_of(old.name):
             return self._remove(old)  # its registration never completed, and never will
-        if old.online:
-            self._set_presence(old, Presence.SILENT)
+        effects = self._set_presence(old, Presence.SILENT) if old.online else []
         # Stored too: after a restart the displaced name must not come back online here.
-        return [self._saved(old)]
+        return [*effects, ClientSaved.of(old)]
 
     def _undo_registration(self, record: ClientRecord) -> list[Effect]:
         """``record``'s first table was never ACKed, nor the update sent once more: a
-        name it brought leaves the table (unless messages were stored for it); a name
-        known before stays offline."""
-        if not self.followers.give_up_joining(record.name) or self.mailbox.get(record.name):
+        name it bound leaves the table (unless something is stored for it or from it); a
+        name bound before stays offline."""
+        new = self.followers.give_up_joining(record.name)
+        if not new or not self._holds_nothing_of(record.name):
             return []
         return self._remove(record)
 
+    def _holds_nothing_of(self, name: str) -> bool:
+        """Whether nothing is stored for ``name`` or from it (removing it would lose it)."""
+        return not self.mailboxes.count(name) and not self.mailboxes.sent_by(name)
+
     def _remove(self, record: ClientRecord) -> list[Effect]:
         self._end_waits(self.followers.removed(record.name))
+        self._end_session(record)
+        self.mailboxes.drop(record.name)
         self.roster.remove(record.name)
         return [
-            Log(f"{record.name} never completed its registration: removed"),
+            Log(f"{record.name} never completed its registration: removed (name unbound)"),
             ClientRemoved(record.name),
         ]

@@ -111,22 +111,13 @@ class Roster:
     def name_at(self, addr: Address) -> str | None:
         return self._by_addr.get(addr)
 
-    def authenticated(self, name: str | None, token: str, addr: Address) -> ClientRecord | None:
-        """The record of the client at ``addr`` if ``token`` is its token (and ``name``
-        its name)."""
-        registered = self._by_addr.get(addr)
-        record = self.clients.get(registered) if registered else None
-        if record is None or record.token != token or (name is not None and record.name != name):
-            return None
-        return record
-
     # --- changes ----------------------------------------------------------------------
 
     def add(self, record: ClientRecord) -> None:
         """``record`` holds its name and its address from now on."""
         holder = self.clients.get(record.name)
-        if holder is not None:
-            self._by_addr.pop(holder.addr, None)
+        if holder is not None and self._by_addr.get(holder.addr) == holder.name:
+            del self._by_addr[holder.addr]
         self.clients[record.name] = record
         self._by_addr[record.addr] = record.name
         self._note(record)
@@ -137,7 +128,9 @@ class Roster:
 
     def remove(self, name: str) -> None:
         """``name`` leaves the table (its record is forgotten)."""
-        record = self.clients.pop(name)
+        record = self.clients.pop(name, None)
+        if record is None:
+            return
         if self._by_addr.get(record.addr) == name:
             del self._by_addr[record.addr]
         self._leave(name)

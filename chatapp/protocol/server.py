@@ -1,388 +1,401 @@
 """The server's rules, as a state machine with no I/O.
 
-The server keeps the client table and a mailbox for clients that are offline.
-Everything it must remember across a crash is announced as a change
-(``chatapp.protocol.changes``), placed before the ACK that depends on it: the
-runtime commits it before it sends anything that follows. What happens to
-each pending request is in its row of ``chatapp.protocol.waits.ServerWait``.
+The server keeps the client table, the binding of each name to its key, and a
+delivery stream per recipient. Everything it must remember across a crash is
+announced as a change (``chatapp.protocol.changes``), placed before the answer
+that depends on it: the runtime commits it before it sends anything that
+follows. What happens to each pending request is in its row of
+``chatapp.protocol.waits.ServerWait``. This module holds the handshake, the
+requests and the table of handlers; ``server_core`` and ``server_delivery``
+the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import ClassVar, Protocol
 
-import msgspec
-
-from chatapp.protocol.changes import ClientRecord, MessageStored, Presence
-from chatapp.protocol.common import Effect, Log, Pending, Send, dropped
-from chatapp.protocol.server_state import Waiting
-from chatapp.protocol.sharing import ServerSharing
+from chatapp.protocol.changes import ClientRecord, ClientSaved, Presence
+from chatapp.protocol.codecs import Sender, Via
+from chatapp.protocol.common import Effect, Exit, Log, Pending, Send, Timers, dropped
+from chatapp.protocol.crypto import (
+    BOX_NONCE_BYTES,
+    REGISTER_DOMAIN,
+    REKEY_DOMAIN,
+    BadKey,
+    Entropy,
+    Identity,
+    SystemEntropy,
+    cookie,
+    fingerprint,
+    verify,
+)
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
+from chatapp.protocol.server_core import Waiting
+from chatapp.protocol.server_delivery import ServerDelivery
+from chatapp.protocol.tables import Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     Ack,
     Address,
-    ChannelDelivery,
+    Challenge,
     ChannelPost,
-    Chat,
     Deregister,
+    Hello,
     Lookup,
     LookupResult,
-    Mailbox,
     Message,
     Refused,
     Register,
     Registered,
+    Rekey,
     Reregister,
     Saved,
     SaveMessage,
     StoredItem,
     TableAck,
-    TableDelta,
+    encode,
     fmt_addr,
 )
 
+#: Seconds a cookie's time bucket lasts; a cookie is good in its bucket and the next.
+COOKIE_PERIOD = 30.0
+#: The reason given with a ``storage`` refusal.
+CANNOT_STORE = "the server cannot store anything right now (its database failed)."
 
-class ServerProtocol(ServerSharing):
-    """The server's rules: the requests' (what it holds: ``ServerState``; who is online
-    and every client's copy of the table: ``ServerPresence``; the changes of other servers
-    sharing its database: ``ServerSharing``)."""
+
+class Disk(Protocol):
+    """What the database holds (``chatapp.store.ServerDisk``), as a rollback reads it."""
+
+    key: bytes
+    origin: str
+    last_n: int
+    clients: list[ClientRecord]
+    mailbox: dict[str, list[StoredItem]]
+
+
+class ServerProtocol(ServerDelivery):
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        entropy: Entropy | None = None,
+        timers: Timers = Timers(),
+        epoch: int = 0,
+        wall_offset: float = 0.0,
+        mailbox_limit: int = DEFAULT_MAILBOX_LIMIT,
+        origin: str = "",
+        last_n: int = 0,
+        table_window: Window = Window(),
+    ) -> None:
+        """``wall_offset`` turns ``now`` into Unix time for the stored messages' timestamps;
+        ``epoch`` tells tables of one start from another's (a new one on every start);
+        ``origin`` and ``last_n`` are the store's sequence numbers (a fresh origin by
+        default); ``table_window`` bounds the table's updates unanswered at once."""
+        entropy = entropy or SystemEntropy()
+        origin = origin or entropy.token_bytes(8).hex()
+        super().__init__(
+            identity=identity,
+            entropy=entropy,
+            timers=timers,
+            epoch=epoch,
+            wall_offset=wall_offset,
+            mailboxes=Mailboxes(mailbox_limit, origin, last_n),
+            table_window=table_window,
+        )
+        self._unstored = {}
+
+    # --- restoring from the database --------------------------------------------------
+
+    def restore(
+        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
+    ) -> None:
+        self.roster.restore(clients)
+        self.mailboxes.restore(mailbox)
+
+    @property
+    def mailbox(self) -> dict[str, list[StoredItem]]:
+        """The stored messages, by recipient, oldest first."""
+        return {name: list(box.values()) for name, box in self.mailboxes.boxes.items()}
+
+    def checkpoint(self) -> None:
+        super().checkpoint()
+        self._recent.checkpoint()
+        self.roster.checkpoint()
+        self.followers.checkpoint()
+        self._registering.clear()
+        self._sessions_ended.clear()
+
+    def rollback(self, disk: Disk, now: float) -> list[Effect]:
+        """The database did not take the changes made since the last checkpoint, and none
+        of their effects went out: forget them, go back to what ``disk`` (the database)
+        holds, and refuse every request that asked for a change (never "done"; a retry
+        is redone). What goes back: the records, with each name's binding to its key and
+        its session id; the sessions (made since: forgotten; ended since: back); the
+        table, to its version at the checkpoint, and what the server knows of each
+        client's copy (the updates started since are dropped: no client hears of a
+        change the database does not hold); the stored messages; the deliveries under
+        way. The sequence counter does not go back (a number given and lost is skipped,
+        never given twice). A database that is not this server's any more (another
+        key, another origin) stops it."""
+        if disk.key != self.identity.seed or disk.origin != self.mailboxes.origin:
+            why = "the database holds another server's key or counter now: stopping"
+            return [Log(why, "warning", summary=True), Exit(1)]
+        ended = self._end_waits_since_checkpoint()
+        self.roster.reload(disk.clients)
+        online = {record.name for record in disk.clients if record.online}
+        self._end_waits(self.followers.reload(online, self.roster.clients, ended))
+        # The sessions the database names: those made since are forgotten, those ended
+        # since (a registration again, a displacement) come back.
+        sids = {record.sid for record in self.clients.values()}
+        sessions = {**self._sessions_ended, **self.codec.sessions}
+        self.codec.sessions = {s: v for s, v in sessions.items() if s in sids}
+        self._sessions_ended.clear()
+        flights = self.mailboxes.flights
+        delivering = {name for name, f in flights.items() if f.wait in self._retry}
+        self.mailboxes.reload(disk.mailbox, delivering=delivering)
+        self.mailboxes.last_n = max(self.mailboxes.last_n, disk.last_n)
+        answers = self._recent.forget_since_checkpoint(self._storage_refusal)
+        self._registering.clear()
+        refused = sum(
+            isinstance(send.message, Refused) and send.message.cause == "storage"
+            for send in answers
+        )
+        log = Log(f"rolled back to what the database holds; refused {refused} requests it needed")
+        # What is stored goes on to the recipients online (a batch whose ACK the database
+        # did not take comes again: the client ACKs it and shows nothing twice).
+        resumed = [e for r in self.clients.values() for e in self._start_stream(r, now)]
+        return [log, *answers, *self._flush_table(now), *resumed]
+
+    def _storage_refusal(self, key: tuple[Hashable, str], answer: list[Send]) -> Send | None:
+        """None if ``answer`` stands without the database (a refusal; a message delivered,
+        or stored by an earlier commit), else the refusal that replaces it: in the
+        client's session, or boxed to its key (a registration)."""
+        if all(self._stands(send.message, key) for send in answer):
+            return None
+        refusal = Refused(key[1], CANNOT_STORE, "storage")
+        who = key[0]
+        if isinstance(who, str):
+            record = self.clients.get(who)
+            return self._to_client(record, refusal) if record is not None else None
+        client_key = self._registering.get(key)
+        if client_key is None:
+            return None
+        nonce = self.entropy.token_bytes(BOX_NONCE_BYTES)
+        return Send(refusal, self.codec.box_answer(client_key, nonce, refusal), answer[0].addr)
+
+    def _stands(self, answer: Message, key: tuple[Hashable, str]) -> bool:
+        if isinstance(answer, Refused):
+            return True
+        if not isinstance(answer, Saved):
+            return False
+        # "stored" for a message the database holds (a relay cut short by this event)
+        stored = any(key in box for box in self.mailboxes.boxes.values())
+        return answer.outcome == "delivered" or stored
+
+    def start(self, now: float) -> list[Effect]:
+        """After a restart, ask every client that was online to register again: the
+        sessions' keys were not kept. One that does not is marked offline. The table
+        goes out once they are all back (or their waits ran out), not once for each."""
+        self.started_at = now
+        effects: list[Effect] = []
+        for record in self.clients.values():
+            if record.online and record.sid:
+                sig = self.identity.sign(REKEY_DOMAIN, record.sid, self.boot)
+                rekey = Rekey(self.new_id(), record.sid, self.boot, sig)
+                send = Send(rekey, encode(rekey), record.addr)
+                waiting = Waiting(ServerWait.REKEY, record.name)
+                effects.append(self._wait(("rekey", record.name), send, now, waiting))
+                self._returning.add(record.name)
+        return effects
 
     # --- entry points -----------------------------------------------------------------
 
     def handle_timer(self, now: float) -> list[Effect]:
         effects = self._expired(now)
         self._slow_down_if_resent(effects, now)
-        return effects + self._flush_table(now)
+        return effects + self._flushed(now)
 
-    def _may_give_up(self, pending: Pending[Waiting]) -> bool:
-        # A registration undone meanwhile: nothing is left to do for that name, except
-        # answering a sender who waits on a message's fate.
-        waiting = pending.context
-        return waiting.recipient in self.clients or waiting.kind is ServerWait.DELIVER
+    def _flushed(self, now: float) -> list[Effect]:
+        """What goes once for all the changes of one event: the table, the notices."""
+        return self._flush_table(now) + self._flush_notices(now)
 
-    def handle_message(self, message: Message, addr: Address, now: float) -> list[Effect]:
-        handler = self._handlers.get(type(message))
+    def handle_message(self, message: Message, sender: Sender, now: float) -> list[Effect]:
+        handler = self._handlers.get((type(message), sender.via))
         if handler is None:
-            return [dropped(message, addr, "the server does not take it")]
-        effects = self._presence_by_contact(message, addr, now)
-        done, answer = self._recent.lookup((addr, message.id))
+            why = f"the server does not take it ({sender.via.value})"
+            return [dropped(message, sender.addr, why)]
+        if sender.via is Via.CLIENT:
+            effects = self._from_client(handler, message, self.clients[sender.name], now)
+        else:
+            effects = handler(self, message, sender, now)
+        return effects + self._flushed(now)
+
+    def _from_client(
+        self,
+        handler: Callable[..., list[Effect]],
+        message: Message,
+        record: ClientRecord,
+        now: float,
+    ) -> list[Effect]:
+        effects = self._presence_by_contact(message, record, now)
+        done, answer = self._recent.lookup((record.name, message.id))
         if done and isinstance(message, _REQUESTS):
             # A retry or a late duplicate: answered again (or still waited on), never
             # redone; an old dereg must not take offline a client that has since come back.
-            effects += answer or []
-        else:
-            effects += handler(self, message, addr, now)
-        return effects + self._flush_table(now)
+            return effects + self._replay_answer(record, answer)
+        return effects + handler(self, message, record, now)
 
-    # --- registration -----------------------------------------------------------------
+    # --- the handshake ----------------------------------------------------------------
 
-    def _on_register(self, message: Register, addr: Address, now: float) -> list[Effect]:
+    def _on_hello(self, message: Hello, sender: Sender, now: float) -> list[Effect]:
+        return [self._challenge(message, sender.addr, now)]
+
+    def _challenge(self, asked: Hello | Register, addr: Address, now: float) -> Send:
+        """A challenge, and nothing kept: the cookie remembers for the server. No bigger
+        than the hello, so that a forged source address gains an attacker nothing."""
+        challenge = Challenge(
+            asked.id, self.identity.public, self._cookie(asked, addr, self._bucket(now))
+        )
+        return Send(challenge, encode(challenge), addr)
+
+    def _cookie(self, asked: Hello | Register, addr: Address, bucket: int) -> bytes:
+        fields = (addr[0].encode(), str(addr[1]).encode(), asked.name.encode(), asked.key)
+        return cookie(self.cookie_secret, *fields, str(asked.port).encode(), str(bucket).encode())
+
+    def _bucket(self, now: float) -> int:
+        return int((now - self.started_at) // COOKIE_PERIOD)
+
+    def _on_register(self, message: Register, sender: Sender, now: float) -> list[Effect]:
+        addr = sender.addr
+        done, answer = self._recent.lookup((addr, message.id))
+        if done:
+            return list(answer or [])  # the same answer (the same session) for a retry
+        bucket = self._bucket(now)
+        if message.cookie not in (self._cookie(message, addr, b) for b in (bucket, bucket - 1)):
+            log = Log(f"a stale cookie from {fmt_addr(addr)}: challenged again", "debug")
+            return [log, self._challenge(message, addr, now)]
+        port = str(message.port).encode()
+        signed = (self.identity.public, message.cookie, message.name.encode(), port)
+        if not verify(message.key, message.sig, REGISTER_DOMAIN, *signed):
+            return [Log(f"a register from {fmt_addr(addr)} whose signature fails", "warning")]
         holder = self.clients.get(message.name)
-        if holder is not None and holder.online and holder.addr != addr:
-            if holder.name in self.elsewhere:
-                # Another server's client: that server checks on it; this one cannot.
-                return self._refuse_claim(holder, message, addr)
-            return self._challenge_holder(holder, message, addr, now)
+        if holder is not None and holder.key != message.key:
+            # Bound to another key: refused, and the holder is not disturbed at all.
+            why = f"the name {message.name} belongs to another key. Choose another name."
+            return self._refuse_registration(message, addr, why)
         return self._register(message, addr, now)
 
-    def _challenge_holder(
-        self, holder: ClientRecord, claim: Register, addr: Address, now: float
-    ) -> list[Effect]:
-        """Someone else asks for an online name. Its holder may have left without a word
-        (Ctrl-C) and be about to come back from another port: ask the holder first, with a
-        delta that changes nothing (ACKed, not shown), and refuse the claim only if it
-        answers."""
-        self._recent.remember((addr, claim.id), None)  # the claim's retries wait for the answer
-        version = self.roster.version
-        probe = TableDelta(self._new_id(), self.roster.epoch, version, version, 0, 1, [], [])
-        waiting = Waiting(ServerWait.CLAIM, holder.name, reply_to=addr, claim=claim)
-        return [
-            Log(f"{claim.name} asked for from {fmt_addr(addr)}: checking on its holder", "debug"),
-            self._wait((holder.addr, probe.id), self.send(probe, holder.addr), now, waiting),
-        ]
-
-    def _refuse_claim(self, holder: ClientRecord, claim: Register, addr: Address) -> list[Effect]:
-        reason = f"the name {claim.name} is online at {fmt_addr(holder.addr)}. Choose another name."
-        reply = self.send(Refused(claim.id, reason), addr)
-        self._recent.remember((addr, claim.id), [reply])
-        return [Log(f"refused {claim.name} from {fmt_addr(addr)}: name in use"), reply]
-
     def _register(self, message: Register, addr: Address, now: float) -> list[Effect]:
-        displaced = self.roster.name_at(addr)
         effects: list[Effect] = []
+        displaced = self.roster.name_at(addr)
         if displaced is not None and displaced != message.name:
             effects += self._displace(self.clients[displaced])
-        # New: unknown, or brought by a registration that has not completed either.
-        new = message.name not in self.clients or self.followers.joined_new(message.name)
-        record = ClientRecord(message.name, addr, self._new_token())
+        holder = self.clients.get(message.name)
+        # New: unbound, or bound by a registration that has not completed either.
+        new = holder is None or self.followers.joined_new(message.name)
+        record = ClientRecord(message.name, addr, message.key, holder.sid if holder else b"")
+        session = self._new_session(record)
+        effects += self._stop_stream(message.name)  # what went in the old session is lost
         self.roster.add(record)
         self._end_waits(self.followers.joined(record.name, new=new))
-        registered = self.send(Registered(message.id, record.token), addr)
+        self._end_rekey_wait(message, now)
+        granted = Registered(message.id, session.sid, session.key, self.boot)
+        nonce = self.entropy.token_bytes(BOX_NONCE_BYTES)
+        registered = Send(granted, self.codec.box_answer(message.key, nonce, granted), addr)
         self._recent.remember((addr, message.id), [registered])
-        return [
-            *effects,
-            self._saved(record),
-            Log(f"registered {record.name} at {fmt_addr(addr)}"),
-            registered,
-            *self._start_mailbox(record, now),
-        ]
+        self._registering[(addr, message.id)] = message.key
+        bound = "" if holder else f" (name bound to key {fingerprint(message.key)})"
+        log = Log(f"registered {record.name} at {fmt_addr(addr)}{bound}")
+        effects += [ClientSaved.of(record), log, registered]
+        return effects + self._start_stream(record, now)
 
-    def _on_deregister(self, message: Deregister, addr: Address, now: float) -> list[Effect]:
-        record, refusal = self._authenticate(message.name, message.token, message.id, addr)
-        if record is None:
-            return refusal
-        ack = self.send(Ack(message.id), addr)
-        self._recent.remember((addr, message.id), [ack])
+    def _refuse_registration(self, message: Register, addr: Address, why: str) -> list[Effect]:
+        refusal = Refused(message.id, why)
+        try:
+            boxed = self.codec.box_answer(
+                message.key, self.entropy.token_bytes(BOX_NONCE_BYTES), refusal
+            )
+        except BadKey:
+            return [Log(f"a register from {fmt_addr(addr)} with a key that is not one", "warning")]
+        reply = Send(refusal, boxed, addr)
+        self._recent.remember((addr, message.id), [reply])
+        return [Log(f"refused {message.name} from {fmt_addr(addr)}: {why}"), reply]
+
+    def _end_rekey_wait(self, message: Register, now: float) -> None:
+        pending = self._retry.end(("rekey", message.name))
+        if pending is not None:
+            getattr(self, pending.context.kind.rule.on_answer)(pending, message, now)
+
+    def _rekeyed(self, pending: Pending[Waiting], answer: Register, now: float) -> list[Effect]:
+        return []  # the registration that ended the wait did the rest
+
+    def _rekey_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        record = self.clients[pending.context.recipient]
+        if not record.online:
+            return []
+        effects = self._set_presence(record, Presence.SILENT)
+        log = Log(f"{record.name} did not come back after the restart: marked offline")
+        return [log, ClientSaved.of(record), *effects]
+
+    # --- requests in a session ------------------------------------------------------
+
+    def _on_deregister(self, message: Deregister, record: ClientRecord, now: float) -> list[Effect]:
+        if message.name != record.name:
+            return self._refuse(record, message.id, f"you can only deregister {record.name}.")
+        ack = self._answer(record, Ack(message.id))
         if record.presence is Presence.DEREGISTERED:
-            return [ack]
-        self._set_presence(record, Presence.DEREGISTERED)
-        return [self._saved(record), Log(f"{record.name} deregistered"), ack]
+            return ack
+        stopped = self._set_presence(record, Presence.DEREGISTERED)
+        return [ClientSaved.of(record), Log(f"{record.name} deregistered"), *stopped, *ack]
 
-    def _on_reregister(self, message: Reregister, addr: Address, now: float) -> list[Effect]:
-        record, refusal = self._authenticate(message.name, message.token, message.id, addr)
-        if record is None:
-            return refusal
+    def _on_reregister(self, message: Reregister, record: ClientRecord, now: float) -> list[Effect]:
+        if message.name != record.name:
+            return self._refuse(record, message.id, f"you can only register {record.name}.")
         effects: list[Effect] = []
         if not record.online:
-            self._set_presence(record, Presence.ONLINE)
-            effects += [self._saved(record), Log(f"{record.name} is back online")]
-        ack = self.send(Ack(message.id), addr)
-        self._recent.remember((addr, message.id), [ack])
-        effects.append(ack)
-        return effects + self._start_mailbox(record, now)
+            effects += self._set_presence(record, Presence.ONLINE)
+            effects += [ClientSaved.of(record), Log(f"{record.name} is back online")]
+        effects += self._answer(record, Ack(message.id))
+        return effects + self._restart_stream(record, now)
 
-    def _on_lookup(self, message: Lookup, addr: Address, now: float) -> list[Effect]:
-        record, refusal = self._authenticate(None, message.token, message.id, addr)
-        if record is None:
-            return refusal
+    def _on_lookup(self, message: Lookup, record: ClientRecord, now: float) -> list[Effect]:
         found = self.clients.get(message.name)
-        return [self.send(LookupResult(message.id, found.entry() if found else None), addr)]
+        result = LookupResult(message.id, found.entry() if found else None)
+        send = self._to_client(record, result)
+        return [send] if send else []
 
-    # --- messages ---------------------------------------------------------------------
+    def _on_ack(self, message: Ack | TableAck, record: ClientRecord, now: float) -> list[Effect]:
+        sender = Sender(Via.CLIENT, record.addr, record.name)
+        return self._answered((record.name, message.id), message, sender, now)
 
-    def _on_save(self, message: SaveMessage, addr: Address, now: float) -> list[Effect]:
-        key = (addr, message.id)
-        sender, refusal = self._authenticate(message.sender, message.token, message.id, addr)
-        if sender is None:
-            return refusal
-        recipient = self.clients.get(message.to)
-        if recipient is None:
-            return self._refuse(key, f"there is no user named {message.to}.")
-        item = StoredItem(message.id, "direct", message.sender, message.text, self._wall(now))
-        if recipient.online:
-            self._recent.remember(key, None)
-            chat = self.send(Chat(message.id, message.sender, message.text), recipient.addr)
-            waiting = Waiting(ServerWait.DELIVER, recipient.name, item, reply_to=addr)
-            return [self._wait((recipient.addr, message.id), chat, now, waiting)]
-        return self._store_and_answer(recipient.name, item, addr, message.id)
-
-    def _store_and_answer(
-        self, recipient: str, item: StoredItem, sender_addr: Address, request_id: str
+    def _presence_by_contact(
+        self, message: Message, record: ClientRecord, now: float
     ) -> list[Effect]:
-        key = (sender_addr, request_id)
-        if self.mailboxes.is_full(recipient):
-            limit = self.mailboxes.limit
-            return self._refuse(
-                key, f"the mailbox of {recipient} is full ({limit} messages). Try later."
-            )
-        answer = self.send(Saved(request_id, "stored"), sender_addr)
-        self._recent.remember(key, [answer])
-        return [*self.mailboxes.store(recipient, item, enforce_limit=False), answer]
-
-    def _on_channel_post(self, message: ChannelPost, addr: Address, now: float) -> list[Effect]:
-        sender, refusal = self._authenticate(message.sender, message.token, message.id, addr)
-        if sender is None:
-            return refusal
-        ack = self.send(Ack(message.id), addr)
-        self._recent.remember((addr, message.id), [ack])
-        item = StoredItem(message.id, "channel", message.sender, message.text, self._wall(now))
-        delivery = ChannelDelivery(message.id, message.sender, message.text)
-        delivery_data = self.codec.encode(delivery)  # once for every receiver
-        stored: list[Effect] = []
-        sent: list[Effect] = []
-        for record in self.clients.values():
-            if record.name == sender.name:
-                continue
-            if record.online and record.name not in self.elsewhere:
-                waiting = Waiting(ServerWait.CHANNEL, record.name, item)
-                effect = Send(delivery, delivery_data, record.addr)
-                sent.append(self._wait((record.addr, message.id), effect, now, waiting))
-            else:
-                stored += self.mailboxes.store(record.name, item, enforce_limit=True)
-        log = Log(
-            f"channel message from {sender.name}: sent to {len(sent)},"
-            f" stored for {sum(isinstance(e, MessageStored) for e in stored)}"
-        )
-        return [*stored, log, ack, *sent]
-
-    # --- ACKs: the ``on_answer`` handlers of ServerWait ----------------------------------
-
-    def _on_ack(self, message: Ack | TableAck, addr: Address, now: float) -> list[Effect]:
-        return self._answered((addr, message.id), message, addr, now)
-
-    def _channel_delivered(self, pending: Pending[Waiting], ack: Ack, now: float) -> list[Effect]:
-        if pending.context.item_ids:  # stored already (by another server): delivered now
-            return [self.mailboxes.remove(pending.context.recipient, pending.context.item_ids)]
-        return []
-
-    def _delivered(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
-        waiting = pending.context
-        assert waiting.item is not None
-        log = Log(f"delivered {waiting.item.sender}'s message to {waiting.recipient}")
-        return [log, self._answer_saved(waiting, "delivered")]
-
-    def _holder_answered(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
-        """The holder of a claimed name is there: the claim is refused."""
-        waiting = pending.context
-        assert waiting.claim is not None and waiting.reply_to is not None
-        holder = self.clients[waiting.recipient]
-        return self._refuse_claim(holder, waiting.claim, waiting.reply_to)
-
-    # --- giving up: the ``on_give_up`` handlers of ServerWait ---------------------------
-
-    def _channel_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        record = self.clients[pending.context.recipient]
-        marked = self._no_ack_from(record, pending)
-        if pending.context.item_ids:  # stored already: it stays
-            return marked
-        return marked + self._store_late(record, pending.context, now, enforce_limit=True)
-
-    def _undelivered(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        """A saved message the server could not deliver itself: stored, and the sender
-        told so."""
-        record = self.clients.get(pending.context.recipient)
-        if record is None:  # the recipient's registration was undone meanwhile
-            waiting = pending.context
-            assert waiting.item is not None and waiting.reply_to is not None
-            reason = f"there is no user named {waiting.recipient}."
-            return self._refuse((waiting.reply_to, waiting.item.id), reason)
-        marked = self._no_ack_from(record, pending)
-        stored = self._store_late(record, pending.context, now, enforce_limit=False)
-        return [*marked, *stored, self._answer_saved(pending.context, "stored")]
-
-    def _holder_gone(self, pending: Pending[Waiting], now: float) -> list[Effect]:
-        """The holder of a claimed name did not answer: it is offline, and the claim wins."""
-        waiting = pending.context
-        assert waiting.claim is not None and waiting.reply_to is not None
-        holder = self.clients[waiting.recipient]
-        effects: list[Effect] = []
-        if holder.online:
-            self._set_presence(holder, Presence.SILENT)
-            effects += [
-                Log(f"no ACK from {holder.name} (claim): marked offline", "warning"),
-                self._saved(holder),
-            ]
-        current = self.clients.get(waiting.claim.name)
-        if current is not None and current.online and current.addr != waiting.reply_to:
-            return effects + self._refuse_claim(current, waiting.claim, waiting.reply_to)
-        return effects + self._register(waiting.claim, waiting.reply_to, now)
-
-    def _store_late(
-        self, record: ClientRecord, waiting: Waiting, now: float, *, enforce_limit: bool
-    ) -> list[Effect]:
-        # Stamped now, when it is stored: a message stored at once while this wait ran
-        # is older, and the mailbox must stay oldest first by the times it shows.
-        assert waiting.item is not None
-        item = msgspec.structs.replace(waiting.item, stored_at=self._wall(now))
-        return self.mailboxes.store(record.name, item, enforce_limit=enforce_limit)
-
-    def _answer_saved(self, waiting: Waiting, outcome: str) -> Send:
-        assert waiting.item is not None and waiting.reply_to is not None
-        answer = self.send(Saved(waiting.item.id, outcome), waiting.reply_to)  # type: ignore[arg-type]
-        self._recent.remember((waiting.reply_to, waiting.item.id), [answer])
-        return answer
-
-    # --- the mailbox ------------------------------------------------------------------
-
-    def _start_mailbox(self, record: ClientRecord, now: float) -> list[Effect]:
-        if not self.mailbox.get(record.name) or record.name in self.mailboxes.in_flight:
-            return []
-        delivery = self._new_id()
-        self.mailboxes.in_flight[record.name] = delivery
-        return [
-            Log(f"delivering {len(self.mailbox[record.name])} stored messages to {record.name}"),
-            self._send_batch(record, delivery, now),
-        ]
-
-    def _relay_channel(self, record: ClientRecord, item: StoredItem, now: float) -> list[Effect]:
-        delivery = ChannelDelivery(item.id, item.sender, item.text)
-        waiting = Waiting(ServerWait.CHANNEL, record.name, item, item_ids=(item.id,))
-        return [self._wait((record.addr, item.id), self.send(delivery, record.addr), now, waiting)]
-
-    def _send_batch(self, record: ClientRecord, delivery: str, now: float) -> Effect:
-        items = self.mailboxes.next_batch(record.name)
-        batch = Mailbox(self._new_id(), delivery, items)
-        ids = tuple(item.id for item in items)
-        waiting = Waiting(ServerWait.MAILBOX, record.name, item_ids=ids)
-        return self._wait((record.addr, batch.id), self.send(batch, record.addr), now, waiting)
-
-    def _mailbox_acked(self, pending: Pending[Waiting], answer: Ack, now: float) -> list[Effect]:
-        name = pending.context.recipient
-        effects: list[Effect] = [self.mailboxes.remove(name, pending.context.item_ids)]
-        record = self.clients[name]
-        delivery = self.mailboxes.in_flight.get(name)
-        if self.mailbox[name] and delivery is not None and record.online:
-            effects.append(self._send_batch(record, delivery, now))
-        else:
-            self.mailboxes.delivered_all(name)
-        return effects
-
-    # --- presence ---------------------------------------------------------------------
-
-    def _presence_by_contact(self, message: Message, addr: Address, now: float) -> list[Effect]:
         """A client marked offline because it stopped ACKing is online again once it speaks."""
-        name = self.roster.name_at(addr)
-        if name is None or isinstance(message, (Register, Deregister)):
-            return []  # a registration speaks for itself; a dereg is not a return
-        record = self.clients[name]
-        if record.presence is Presence.SILENT:
-            line = f"heard from {name} again: back online"
-        elif name in self.elsewhere and record.online:
-            line = f"{name} moved here from another server"
-        else:
-            return []
+        if record.presence is not Presence.SILENT or isinstance(message, Deregister):
+            return []  # a dereg is not a return
         self._set_presence(record, Presence.ONLINE)
         return [
-            Log(line),
-            self._saved(record),
-            *self._start_mailbox(record, now),
+            Log(f"heard from {record.name} again: back online"),
+            ClientSaved.of(record),
+            *self._restart_stream(record, now),
         ]
 
-    # --- helpers ----------------------------------------------------------------------
-
-    def _authenticate(
-        self, name: str | None, token: str, request_id: str, addr: Address
-    ) -> tuple[ClientRecord | None, list[Effect]]:
-        """The record of the client at ``addr`` if ``token`` is its token (and ``name``
-        its name); else the refusal."""
-        record = self.roster.authenticated(name, token, addr)
-        if record is not None:
-            return record, []
-        who, where = name or "a client", fmt_addr(addr)
-        reason = f"{who} is not registered from {where}. Restart the client to join again."
-        log = Log(f"refused a request for {who} from {where}: wrong address or token", "warning")
-        return None, [log, self.send(Refused(request_id, reason), addr)]
-
-    def _refuse(self, key: tuple[Address, str], reason: str) -> list[Effect]:
-        answer = self.send(Refused(key[1], reason), key[0])
-        self._recent.remember(key, [answer])
-        return [Log(f"refused a request from {fmt_addr(key[0])}: {reason}"), answer]
-
-    def _wall(self, now: float) -> float:
-        return now + self.wall_offset
-
-    _handlers: ClassVar[dict[type, Callable[..., list[Effect]]]] = {
-        Register: _on_register,
-        Deregister: _on_deregister,
-        Reregister: _on_reregister,
-        Lookup: _on_lookup,
-        SaveMessage: _on_save,
-        ChannelPost: _on_channel_post,
-        Ack: _on_ack,
-        TableAck: _on_ack,
+    #: What the server takes, by message type and how its sender was authenticated:
+    #: anything else is dropped (a handshake message in a session, a request in the clear).
+    _handlers: ClassVar[dict[tuple[type, Via], Callable[..., list[Effect]]]] = {
+        (Hello, Via.PLAIN): _on_hello,
+        (Register, Via.PLAIN): _on_register,
+        (Deregister, Via.CLIENT): _on_deregister,
+        (Reregister, Via.CLIENT): _on_reregister,
+        (Lookup, Via.CLIENT): _on_lookup,
+        (SaveMessage, Via.CLIENT): ServerDelivery._on_save,
+        (ChannelPost, Via.CLIENT): ServerDelivery._on_channel_post,
+        (Ack, Via.CLIENT): _on_ack,
+        (TableAck, Via.CLIENT): _on_ack,
     }
 
 
 #: Requests whose answers the server remembers, so that a repeat is answered, not redone.
-_REQUESTS = (Register, Deregister, Reregister, SaveMessage, ChannelPost)
+_REQUESTS = (Deregister, Reregister, SaveMessage, ChannelPost)

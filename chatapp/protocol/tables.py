@@ -152,17 +152,25 @@ class Followers:
         self._joining.pop(name, None)
         return self.offline(name)
 
-    def updates(self, roster: Roster, new_id: Callable[[], str], encode: Encode) -> list[Outgoing]:
+    def updates(
+        self,
+        roster: Roster,
+        new_id: Callable[[], str],
+        encode: Encode,
+        reachable: Callable[[ClientRecord], bool] = lambda record: True,
+    ) -> list[Outgoing]:
         """At the end of an event (the roster has made its version): what to send now.
         Each client that needs an update and has none in flight gets what brings it from
         the version it holds to the current one, first come first, while the window has
-        room (it may go past by one update); it waits on ``(its address, id)`` of each
-        part."""
+        room (it may go past by one update); it waits on ``(its name, id)`` of each part.
+        A client that cannot be reached now (no session: it has yet to register again)
+        stays due."""
         if roster.version != self._version:  # every client that held the last one is behind
             self._version = roster.version
             self._due.update(self._idle)
             self._idle.clear()
         sends: list[Outgoing] = []
+        unreachable: list[str] = []
         while self._due and self._parts_out < self._allowed and self._bytes_out < self.window.bytes:
             name, _ = self._due.popitem(last=False)
             record = roster.clients.get(name)
@@ -171,14 +179,18 @@ class Followers:
                 if record is not None:
                     self._idle[name] = None
                 continue
+            if not reachable(record):
+                unreachable.append(name)
+                continue
             update = roster.update_for(held, new_id, encode)
             flight = _Flight(self._version, isinstance(update[0][0], Table))
             for part, data in update:
-                flight.waits[(record.addr, part.id)] = len(data)
+                flight.waits[(record.name, part.id)] = len(data)
                 sends.append((record, part, data))
             self._flights[name] = flight
             self._parts_out += len(flight.waits)
             self._bytes_out += sum(flight.waits.values())
+        self._due.update(dict.fromkeys(unreachable))
         return sends
 
     def acked(self, name: str, wait: Hashable, version: int | None) -> None:

@@ -10,7 +10,9 @@ rows (``wait_table_markdown``; a test keeps the two the same), and the replay
 tool's checks take the tries, the timeouts and the answers from here.
 
 To add a wait: add a row to ``ClientWait`` or ``ServerWait`` and write the
-handlers it names on the state machine (a test checks that they exist).
+handlers it names on the state machine (a test checks that they exist). A client
+that is leaving (``exit``, the end of its input) waits for the rows that say
+``holds_exit``: the requests a person typed.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ from chatapp import screen
 from chatapp.protocol.common import Timers
 from chatapp.wire import (
     Ack,
+    Challenge,
     ChannelDelivery,
     ChannelPost,
     Chat,
     Deregister,
+    Hello,
     Lookup,
     LookupResult,
     Mailbox,
     Message,
+    NotStored,
     Refused,
     Register,
     Registered,
+    Rekey,
+    Relay,
     Reregister,
     Saved,
     SaveMessage,
@@ -61,6 +68,9 @@ class WaitRule:
     on_give_up: str  # ... for the last try's timeout
     what: str  # the README's name for the wait
     gives_up: str  # the README's "when it runs out"
+    #: (A client's wait) whether a client that is leaving (``exit``, the end of its
+    #: input) waits for its answer or its last try first: a request someone typed.
+    holds_exit: bool = False
 
     def tries_for(self, timers: Timers) -> int:
         return timers.tries if self.tries == TRIES else self.tries
@@ -103,28 +113,41 @@ def _exits(*lines: str) -> str:
 
 
 class ClientWait(Wait):
-    JOIN = WaitRule(
-        Register, (Registered,), TRIES, ACK_TIMEOUT, "_joined", "_join_refused", "_join_lost",
-        "`register`", _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING))  # fmt: skip
+    HELLO = WaitRule(
+        Hello, (Challenge,), TRIES, ACK_TIMEOUT, "_challenged", None, "_hello_lost",
+        "`hello` (joining, or after a `rekey`)",
+        _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING)
+        + " (only other keys answered: the changed-key line, exit 1; after a `rekey`:"
+        " the client keeps its session)")  # fmt: skip
+    REGISTER = WaitRule(
+        Register, (Registered, Challenge), TRIES, ACK_TIMEOUT, "_registered", "_join_refused",
+        "_register_lost", "`register` (a stale cookie: a new `challenge`, answered again)",
+        _exits(screen.join_not_answered("HOST:PORT"), screen.EXITING))  # fmt: skip
     DIRECT = WaitRule(
-        Chat, (Ack,), 1, ACK_TIMEOUT, "_direct_acked", "_refused", "_hand_to_server",
-        "direct `chat` to a peer", _code(screen.no_ack("NAME")) + ", then `save`")  # fmt: skip
+        Chat, (Ack,), 1, ACK_TIMEOUT, "_direct_acked", None, "_hand_to_server",
+        "direct `chat` to a peer", _code(screen.no_ack("NAME")) + ", then `save`",
+        holds_exit=True)  # fmt: skip
     SAVE = WaitRule(
         SaveMessage, (Saved,), TRIES, ACK_TIMEOUT, "_saved", "_refused", "_save_lost",
-        "`save`", _exits(screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING))  # fmt: skip
+        "`save`", _exits(screen.SEND_FAILED, screen.SERVER_SHUT_DOWN, screen.EXITING),
+        holds_exit=True)  # fmt: skip
     DEREG = WaitRule(
         Deregister, (Ack,), TRIES, ACK_TIMEOUT, "_deregistered", "_dereg_refused", "_dereg_lost",
-        "`dereg`", _exits(screen.SERVER_NOT_RESPONDING, screen.EXITING))  # fmt: skip
+        "`dereg`", _exits(screen.SERVER_NOT_RESPONDING, screen.EXITING),
+        holds_exit=True)  # fmt: skip
     REG = WaitRule(
         Reregister, (Ack,), TRIES, ACK_TIMEOUT, "_reregistered", "_reg_refused", "_reg_lost",
-        "`reg`", _code(screen.REG_NOT_ANSWERED) + "; the client stays offline")  # fmt: skip
+        "`reg`", _code(screen.REG_NOT_ANSWERED) + "; the client stays offline",
+        holds_exit=True)  # fmt: skip
     CHANNEL = WaitRule(
         ChannelPost, (Ack,), TRIES, ACK_TIMEOUT, "_posted", "_refused", "_post_lost",
-        "`send_all`", _code(screen.SERVER_NOT_RESPONDING_CHANNEL))  # fmt: skip
+        "`send_all`", _code(screen.SERVER_NOT_RESPONDING_CHANNEL),
+        holds_exit=True)  # fmt: skip
     LOOKUP = WaitRule(
         Lookup, (LookupResult,), TRIES, ACK_TIMEOUT, "_looked_up", "_refused", "_lookup_lost",
         "`lookup` (a `send` to a name not in the table)",
-        _code(screen.lookup_not_answered("NAME")))  # fmt: skip
+        _code(screen.lookup_not_answered("NAME")),
+        holds_exit=True)  # fmt: skip
 
 
 _OFFLINE = "the client is marked offline"
@@ -142,21 +165,27 @@ class ServerWait(Wait):
         "server: a `delta` of the table to a client",
         f"{_OFFLINE} (stored messages are kept) and sent its update once more")  # fmt: skip
     MAILBOX = WaitRule(
-        Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_mailbox_acked", None, "_went_silent",
-        "server: `mailbox` to a client", f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+        Mailbox, (Ack,), TRIES, ACK_TIMEOUT, "_batch_acked", None, "_went_silent",
+        "server: `mailbox` (a batch of stored messages) to a client",
+        f"{_OFFLINE} (stored messages are kept)")  # fmt: skip
+    RELAY = WaitRule(
+        Relay, (Ack,), 1, ACK_TIMEOUT, "_relay_acked", None, "_relay_lost",
+        "server: `relay` (a `save` for a client that is online, stored first)",
+        f"{_OFFLINE}, the message stays stored (`saved`: `stored`), the table to the"
+        " others")  # fmt: skip
     CHANNEL = WaitRule(
         ChannelDelivery, (Ack,), 1, ACK_TIMEOUT, "_channel_delivered", None, "_channel_lost",
         "server: `channel`",
-        f"{_OFFLINE}, the message stored, the table to the others")  # fmt: skip
-    DELIVER = WaitRule(
-        Chat, (Ack,), 1, ACK_TIMEOUT, "_delivered", None, "_undelivered",
-        "server: delivering a `save` itself (a `chat`)",
-        f"{_OFFLINE}, the message stored (`saved`: `stored`), the table to the others")  # fmt: skip
-    CLAIM = WaitRule(
-        TableDelta, (TableAck,), 1, ACK_TIMEOUT, "_holder_answered", None, "_holder_gone",
-        "server: an empty `delta` to the holder of a name another address asks for",
-        "the holder is marked offline and the name goes to the other address"
-        " (if it answers: `refused`)")  # fmt: skip
+        f"{_OFFLINE}, the message stored (if its mailbox is full: `not_stored` to the"
+        " sender), the table to the others")  # fmt: skip
+    NOTICE = WaitRule(
+        NotStored, (Ack,), TRIES, ACK_TIMEOUT, "_notice_acked", None, "_went_silent",
+        "server: `not_stored` (a channel message some mailboxes had no room for)",
+        _OFFLINE)  # fmt: skip
+    REKEY = WaitRule(
+        Rekey, (), TRIES, ACK_TIMEOUT, "_rekeyed", None, "_rekey_lost",
+        "server: `rekey` to each client online before a restart (ended by its"
+        " registration)", f"{_OFFLINE} (silently)")  # fmt: skip
 
 
 ROLES: dict[str, type[Wait]] = {"client": ClientWait, "server": ServerWait}
@@ -197,10 +226,15 @@ _TIMES = "\u00d7"  # the multiplication sign
 
 def wait_table_markdown(timers: Timers = Timers()) -> str:
     """The README's table of waits, made from the rows."""
-    lines = [f"| wait | tries {_TIMES} timeout | when it runs out |", "|---|---|---|"]
-    for rule in all_rules():
-        timeout_ms = round(rule.timeout_for(timers) * 1000)
-        lines.append(
-            f"| {rule.what} | {rule.tries_for(timers)} {_TIMES} {timeout_ms} ms | {rule.gives_up} |"
-        )
+    lines = [
+        f"| wait | tries {_TIMES} timeout | when it runs out | `exit` waits for it |",
+        "|---|---|---|---|",
+    ]
+    for role, table in ROLES.items():
+        for wait in table:
+            rule = wait.rule
+            timeout_ms = round(rule.timeout_for(timers) * 1000)
+            holds = "-" if role == "server" else ("yes" if rule.holds_exit else "no")
+            tries = f"{rule.tries_for(timers)} {_TIMES} {timeout_ms} ms"
+            lines.append(f"| {rule.what} | {tries} | {rule.gives_up} | {holds} |")
     return "\n".join(lines) + "\n"

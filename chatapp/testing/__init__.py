@@ -6,12 +6,15 @@ the replay use to run nodes without a terminal or a real network.
 - ``CapturedScreen``: a client's screen that keeps its lines;
 - the scenario player (``Cluster``, ``play_scenario``): a server and clients
   driven by a scenario file, over real UDP or the memory network;
-- the seed's expected screens (``SEED_SCREENS``, ``SEED_LINES``).
+- the seed's expected screens (``SEED_SCREENS``, ``SEED_LINES``);
+- ``RawClient``: a client in a few calls over a plain socket (load generators,
+  attackers with keys of their own).
 
 Nodes are started with ``chatapp.launch.run_node``, as the command line starts them.
 """
 
 from chatapp.testing.network import Faults, MemoryEndpoint, MemoryNetwork
+from chatapp.testing.raw import RawClient, handshake
 from chatapp.testing.scenario import (
     Cluster,
     ScenarioError,
@@ -32,8 +35,10 @@ __all__ = [
     "Faults",
     "MemoryEndpoint",
     "MemoryNetwork",
+    "RawClient",
     "ScenarioError",
     "Step",
+    "handshake",
     "line_matches",
     "load_scenario",
     "parse_scenario",

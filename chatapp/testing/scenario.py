@@ -21,6 +21,8 @@ scenarios this way.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +127,11 @@ class Cluster:
         wall_offset: float = 1_648_153_596.0,
         expect_timeout: float = EXPECT_TIMEOUT,
         host: str = "127.0.0.1",
+        state_dir: Path | None = None,
     ) -> None:
+        """``state_dir``: the clients' state directory (their keys, the pinned server
+        keys): one for all, as on one machine. By default a temporary one, removed by
+        ``shutdown``."""
         self._nursery = nursery
         self.network = network
         self.host = host
@@ -140,6 +146,8 @@ class Cluster:
         self._server_done = trio.Event()
         self.clients: dict[str, ClientHandle] = {}
         self._epoch = 0
+        self._own_state_dir = state_dir is None
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="chatapp-cluster-"))
 
     async def play(self, steps: list[Step]) -> None:
         for step in steps:
@@ -157,10 +165,8 @@ class Cluster:
             port=0,
             host=self.host,
             timers=self.timers,
-            id_prefix=f"s{self._epoch}",
             epoch=self._epoch,
             wall_offset=self._wall_offset,
-            token_prefix=f"t{self._epoch}",
         )
         self._server_done = trio.Event()
         node = await self._nursery.start(self._run_server, options, self._server_done)
@@ -199,7 +205,7 @@ class Cluster:
             port=0,
             host=self.host,
             timers=self.timers,
-            id_prefix=name,
+            state_dir=str(self.state_dir),
         )
         handle = ClientHandle(screen, send_input)
         self.clients[name] = handle
@@ -280,12 +286,14 @@ class Cluster:
             raise ScenarioError(f"line {step.line_no}: no client named {step.node}") from None
 
     async def shutdown(self) -> None:
-        """Stop every node that is still running."""
+        """Stop every node that is still running (and remove a state directory of its own)."""
         for handle in self.clients.values():
             if handle.node is not None:
                 handle.node.stop()
         if self.server is not None:
             self.server.stop()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 async def play_scenario(
@@ -293,7 +301,9 @@ async def play_scenario(
     network: Network,
     **cluster_options: object,
 ) -> Cluster:
-    """Play ``steps`` to the end, then stop every node; the cluster keeps what each showed."""
+    """Play ``steps`` to the end, then stop every node; the cluster keeps what each showed.
+    The clients' keys live in a temporary directory (unless the options give a
+    ``state_dir``), removed at the end."""
     async with trio.open_nursery() as nursery:
         cluster = Cluster(nursery, network, **cluster_options)  # type: ignore[arg-type]
         try:

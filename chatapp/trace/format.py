@@ -25,7 +25,7 @@ from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.wire import Address, Message, StoredItem
 
 FORMAT = "chatapp-trace"
-VERSION = 1
+VERSION = 2
 
 #: ``HOST:PORT``, as ``fmt_addr`` writes it; every address in a trace is checked against it.
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]*:[0-9]{1,5}$")]
@@ -89,10 +89,22 @@ class _Event(msgspec.Struct, tag_field="ev", omit_defaults=True, forbid_unknown_
     node: str
 
 
+Base64 = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+
+
 class Start(_Event, tag="start"):
+    """A node starts. A node that records draws its randomness from a generator whose
+    ``seed`` is here; a client also writes what it read from disk: its ``key`` (the seed
+    of its Ed25519 key: a secret), the server's key it had ``pinned``, and its ``marks``
+    (by the server's key, per origin, the highest stored message shown)."""
+
     role: Literal["server", "client"]
     local: HostPort
     argv: list[str] = []
+    seed: Base64 = ""
+    key: Base64 = ""
+    pinned: Base64 = ""
+    marks: dict[Base64, dict[str, int]] = {}
 
 
 class Datagram(_Event):
@@ -135,10 +147,15 @@ class Exited(_Event, tag="exit"):
 
 
 class Restored(_Event, tag="restore"):
-    """What a server read from its database before it started: without it, a replay
-    could not know the clients and messages a run began with."""
+    """What a server read from its database before it started: its key (a secret), the
+    counter of its sequence numbers, the clients and the stored messages. Without it,
+    a replay could not start from the state a run began with."""
 
-    clients: list[tuple[str, str, int, str, Presence]]  # name, ip, port, token, presence
+    server_key: Base64
+    origin: str
+    last_n: int
+    # name, ip, port, key, sid (base64), presence
+    clients: list[tuple[str, str, int, Base64, Base64, Presence]] = []
     mailbox: dict[str, list[StoredItem]] = {}  # recipient -> stored items, oldest first
 
 
@@ -231,6 +248,11 @@ def _read_header(record: dict[str, Any], path: str, number: int) -> Header:
         raise TraceError(
             f"{path}: trace format version {header.version} is newer than this chatapp reads"
             f" ({VERSION}); upgrade chatapp"
+        )
+    if header.version == 1:
+        raise TraceError(
+            f"{path}: recorded by chatapp 1 (trace format 1, protocol 1), whose datagrams"
+            " this chatapp does not speak; record it again"
         )
     if header.version < 1:
         raise TraceError(f"{path}:{number}: bad format version {header.version}")

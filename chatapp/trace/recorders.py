@@ -13,13 +13,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
 
-from chatapp.protocol.changes import ClientRecord
 from chatapp.protocol.common import Received, Timers
+from chatapp.protocol.crypto import b64
 from chatapp.protocol.inputs import ClientInput
 from chatapp.trace.format import (
     FORMAT,
@@ -31,13 +31,24 @@ from chatapp.trace.format import (
     input_line,
     raw_text,
 )
-from chatapp.wire import Address, Message, StoredItem, fmt_addr
+from chatapp.wire import Address, Message, fmt_addr
+
+if TYPE_CHECKING:
+    from chatapp.store import ServerDisk
 
 
 class Recorder(Protocol):
     """Where a node reports what it does (``NullRecorder`` when not tracing)."""
 
-    def node_started(self, node: str, role: str, argv: list[str], local: Address) -> None:
+    def node_started(
+        self,
+        node: str,
+        role: str,
+        argv: list[str],
+        local: Address,
+        started: Mapping[str, object] | None = None,
+    ) -> None:
+        """``started``: the seed of the node's randomness, what a client read from disk."""
         return None
 
     def sent(
@@ -61,9 +72,7 @@ class Recorder(Protocol):
     def node_exited(self, node: str, status: int) -> None:
         return None
 
-    def restored(
-        self, node: str, clients: list[ClientRecord], mailbox: Mapping[str, list[StoredItem]]
-    ) -> None:
+    def restored(self, node: str, disk: ServerDisk) -> None:
         """What a server read from its database before it started."""
         return None
 
@@ -138,10 +147,18 @@ class TraceRecorder(Recorder):
         t = round(trio.current_time() - self._t0, 6)
         self._sink({"seq": self._seq, "t": t, "node": node, "ev": ev, **fields})
 
-    def node_started(self, node: str, role: str, argv: list[str], local: Address) -> None:
+    def node_started(
+        self,
+        node: str,
+        role: str,
+        argv: list[str],
+        local: Address,
+        started: Mapping[str, object] | None = None,
+    ) -> None:
         argv = public_argv(argv)
         self.header["nodes"][node] = {"role": role, "argv": argv, "address": fmt_addr(local)}
-        self._event(node, "start", role=role, local=fmt_addr(local), argv=argv)
+        extra = {key: value for key, value in (started or {}).items() if value}
+        self._event(node, "start", role=role, local=fmt_addr(local), argv=argv, **extra)
 
     def sent(
         self, node: str, local: Address, peer: Address, data: bytes, msg: Message | None
@@ -198,18 +215,20 @@ class TraceRecorder(Recorder):
     def node_exited(self, node: str, status: int) -> None:
         self._event(node, "exit", status=status)
 
-    def restored(
-        self, node: str, clients: list[ClientRecord], mailbox: Mapping[str, list[StoredItem]]
-    ) -> None:
-        if not clients and not any(mailbox.values()):
-            return  # a fresh database: nothing to say
-        rows = [[r.name, r.addr[0], r.addr[1], r.token, r.presence.value] for r in clients]
+    def restored(self, node: str, disk: ServerDisk) -> None:
+        rows = [
+            [r.name, r.addr[0], r.addr[1], b64(r.key), b64(r.sid), r.presence.value]
+            for r in disk.clients
+        ]
         boxes = {
             name: [msgspec.to_builtins(item) for item in items]
-            for name, items in mailbox.items()
+            for name, items in disk.mailbox.items()
             if items
         }
-        self._event(node, "restore", clients=rows, mailbox=boxes)
+        self._event(
+            node, "restore", server_key=b64(disk.key), origin=disk.origin,
+            last_n=disk.last_n, clients=rows, mailbox=boxes,
+        )  # fmt: skip
 
     def close(self) -> None:
         if not self._header_written:

@@ -17,8 +17,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from chatapp.typer_support import UsageError, WordsCommand, new_app, usage_error_line
 from chatapp.typer_support import version_option as _version_option
 
-from .benches import BENCHMARKS, FULL, QUICK, TINY
+from .benches import BENCHMARKS
 from .report import Figure, machine_info, rich_table, unavailable, write_json
+from .sizes import FULL, QUICK, TINY
 
 PROG = "chatapp-bench"
 #: The table's width when stdout is not a terminal (a file keeps every column whole).

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,26 +26,30 @@ from chatapp import screen
 from chatapp.launch import ClientOptions, open_store, run_node
 from chatapp.protocol.changes import Change, ClientRecord, ClientSaved, MessageStored, Presence
 from chatapp.protocol.client import ClientProtocol
+from chatapp.protocol.codecs import ClientCodec
 from chatapp.protocol.common import Received, Timers
+from chatapp.protocol.crypto import Identity, SystemEntropy
 from chatapp.protocol.inputs import ClientInput
 from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT
+from chatapp.protocol.sealing import PEER_OVERHEAD, Session
 from chatapp.protocol.server import ServerProtocol
 from chatapp.sqlite_store import SqliteStore
 from chatapp.testing import CapturedScreen
 from chatapp.trace import NullRecorder
 from chatapp.wire import (
     Address,
-    ChannelDelivery,
-    ChannelPost,
     Chat,
     Deregister,
     Mailbox,
     SaveMessage,
+    Seq,
     StoredItem,
     encode,
 )
 
 from . import registrations
+from .crypto import bench_crypto
+from .fanout import bench_fanout
 from .flood import bench_flood
 from .loadgen import (
     HOST,
@@ -63,6 +65,7 @@ from .loadgen import (
     settle,
 )
 from .procs import (
+    STATE_DIR,
     BenchError,
     Worker,
     chatapp_client,
@@ -73,6 +76,7 @@ from .procs import (
     wait_for_file_text,
 )
 from .report import Figure, median, percentile, unavailable
+from .sizes import Sizes, scratch
 
 #: The ACK timeout of the servers the suite starts (they run with the default timers).
 ACK_TIMEOUT = Timers().ack_timeout
@@ -80,73 +84,6 @@ ACK_TIMEOUT = Timers().ack_timeout
 #: buffer a chatapp server asks for (and the bare echo server too).
 BURST = 2000
 TEXT = "hello nice to meet you."  # the seed's first direct message
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How much each benchmark does; one set per mode."""
-
-    rtt_rounds: int
-    load_seconds: float
-    load_clients: int
-    window: int
-    fanout: tuple[tuple[int, int], ...]
-    fanout_trials: int
-    memory_clients: tuple[int, ...]
-    mailbox_messages: int
-    rounds: int  # capacity: the loads take turns this many times; the best round counts
-    bursts: int  # capacity: bursts of BURST saves per round (the saturated figures)
-    online: tuple[int, ...]  # registrations: the N one registration is measured at
-    samples: int  # registrations: how many at each N
-    storm: int  # registrations: how many at once
-    flood_junk: int  # flood: junk datagrams from one address
-    flood_registrations: int  # flood: registrations from one address
-
-
-TINY = Sizes(30, 0.2, 8, 2, ((10, 0), (10, 2)), 1, (2000,), 300, 1, 1, (50,), 3, 50, 20_000, 1_000)
-QUICK = Sizes(
-    300,
-    0.5,
-    32,
-    4,
-    ((10, 0), (100, 0), (1000, 0), (1000, 10), (1000, 100)),
-    1,
-    (10_000,),
-    10_000,
-    2,
-    4,
-    (1000, 5000),
-    3,
-    5000,
-    200_000,
-    5_000,
-)
-FULL = Sizes(
-    2000,
-    3.0,
-    32,
-    4,
-    tuple((n, d) for n in (10, 100, 1000) for d in (0, 10, 100)),
-    3,
-    (10_000, 100_000),
-    10_000,
-    3,
-    15,
-    (1000, 5000, 10_000),
-    10,
-    10_000,
-    1_000_000,
-    20_000,
-)
-
-
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="chatapp-bench-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- direct message round trip ---------------------------------------------------------
@@ -179,7 +116,8 @@ async def _round_trips(
 
     captured = CapturedScreen(on_line)
     send_input, receive_input = trio.open_memory_channel[ClientInput](16)
-    options = ClientOptions("user1", HOST, server_port, 0, host=HOST, id_prefix="user1.bench")
+    state_dir = tempfile.mkdtemp(dir=STATE_DIR)
+    options = ClientOptions("user1", HOST, server_port, 0, host=HOST, state_dir=state_dir)
     payload = b"x" * size
     chat: list[float] = []
     floor: list[float] = []
@@ -217,7 +155,8 @@ async def _round_trips(
 
 def bench_round_trip(sizes: Sizes) -> list[Figure]:
     warmup = max(10, sizes.rtt_rounds // 10)
-    size = len(encode(Chat("user1.bench.1234567.1", "user1", TEXT)))
+    # the floor pings the size of a sealed peer datagram: what a direct message weighs
+    size = PEER_OVERHEAD + len("user1") + len(encode(Chat("i" * 16, TEXT, bytes(8))))
     with (
         Worker("echo") as echo,
         chatapp_server() as server_port,
@@ -250,26 +189,37 @@ def bench_round_trip(sizes: Sizes) -> list[Figure]:
 # --- server capacity, tracing, the durable mailbox ---------------------------------------
 
 
+#: What the baseline is sent for a save: a sealed direct message's size of bytes.
+_PLAIN_SEALED = b"\x02" + b"x" * 100
+
+
 def _save_request(client: SimClient, msg_id: str) -> bytes:
-    return encode(SaveMessage(msg_id, client.name, "sink", TEXT, client.token or "t"))
+    """A save of a direct message for the offline "sink" (sealed in the session; in
+    plaintext to the echo baseline, which only reflects it)."""
+    if client.raw is None:
+        return encode(SaveMessage(msg_id, "sink", _PLAIN_SEALED))
+    return client.raw.seal(SaveMessage(msg_id, "sink", client.sealed))
 
 
-def _register_sink(server: Address) -> None:
-    """An offline client ("sink") that every save is addressed to, so each one is stored."""
+def _register_sink(server: Address) -> bytes:
+    """An offline client ("sink") that every save is addressed to, so each one is stored;
+    its key (the saves are sealed for it)."""
     [sink] = open_clients(1, "sink")
-    sink.name = "sink"
+    assert sink.raw is not None
+    sink.name = sink.raw.name = sink.raw.codec.name = "sink"
     try:
         register_all([sink], server)
         run_closed_loop(
             [sink],
             server,
-            lambda c, msg_id: encode(Deregister(msg_id, c.name, c.token)),
+            lambda c, msg_id: c.raw.seal(Deregister(msg_id, c.name)),  # type: ignore[union-attr]
             window=1,
             duration=5.0,
             repeat=False,
         )
     finally:
         close_clients([sink])
+    return sink.raw.identity.public
 
 
 class _Target:
@@ -278,12 +228,16 @@ class _Target:
     def __init__(self, port: int, clients: int, register: bool, pid: int | None = None) -> None:
         self.server = (HOST, port)
         self.pid = pid
-        self.clients = open_clients(clients, "c")
+        self.clients = open_clients(clients, "c", keys=register)
         self.best: dict[str, float] = {}
         self.extra: dict[str, float] = {}
         if register:
-            _register_sink(self.server)
+            sink = _register_sink(self.server)
             register_all(self.clients, self.server)
+            for client in self.clients:  # one sealed message each, saved again and again
+                assert client.raw is not None
+                chat = Chat(client.raw.new_id(), TEXT, bytes(8))
+                client.sealed = client.raw.codec.to_peer(sink, chat)
 
     def load(self, phase: str, request: Request, sizes: Sizes, window: int) -> None:
         before = cpu_seconds(self.pid) if self.pid else None
@@ -313,8 +267,8 @@ class _Target:
             self.extra[f"{phase}_generator_cpu_share"] = result.cpu / max(result.elapsed, 1e-9)
         settle(self.clients, 0.05)
         if phase == "registrations":
-            # Each registration gave a new token, and the answers to the last ones in flight
-            # were not read: register once more so that the saves that follow are accepted.
+            # Each registration made a new session, and the answers to the last ones in
+            # flight were not read: register once more so that the saves are accepted.
             register_all(self.clients, self.server)
 
     def saturate(self, sizes: Sizes) -> None:
@@ -412,13 +366,13 @@ def bench_capacity(sizes: Sizes) -> list[Figure]:
 def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     limit = MAX_MAILBOX_LIMIT  # every save is stored for one offline client: never "mailbox full"
     n = sizes.load_clients
-    scratch = stack.enter_context(_scratch())
+    work = stack.enter_context(scratch())
     echo_worker = stack.enter_context(Worker("echo"))
     started = stack.enter_context(
         chatapp_servers(
             {"mailbox_limit": limit, "unlimited": True},
-            {"mailbox_limit": limit, "unlimited": True, "trace": str(scratch / "trace.jsonl")},
-            {"mailbox_limit": limit, "unlimited": True, "db": str(scratch / "server.sqlite3")},
+            {"mailbox_limit": limit, "unlimited": True, "trace": str(work / "trace.jsonl")},
+            {"mailbox_limit": limit, "unlimited": True, "db": str(work / "server.sqlite3")},
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
@@ -429,7 +383,7 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     }
     for target in targets.values():
         stack.callback(target.close)
-    pragmas = _store_pragmas(scratch / "pragmas.sqlite3")
+    pragmas = _store_pragmas(work / "pragmas.sqlite3")
     for _ in range(sizes.rounds):
         echo.load("saves", _save_request, sizes, sizes.window)
         targets["plain"].load("saves", _save_request, sizes, sizes.window)
@@ -440,7 +394,7 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
         targets["traced"].saturate(sizes)
     floor = 0.0
     for index in range(2):  # the disk is shared too: take turns, keep the best
-        path = scratch / f"floor{index}.sqlite3"
+        path = work / f"floor{index}.sqlite3"
         floor = max(floor, _sqlite_floor(path, sizes.load_seconds, pragmas))
         targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
     return _Capacity(echo, targets["plain"], targets["traced"], targets["sqlite"], floor, pragmas)
@@ -570,12 +524,13 @@ def _sqlite_figure(measured: _Capacity) -> Figure:
 
 
 def _prepare_db(
-    path: Path, clients: list[tuple[str, int, str, str]], mailbox: dict[str, list[StoredItem]]
+    path: Path, clients: list[tuple[str, int, bytes, str]], mailbox: dict[str, list[StoredItem]]
 ) -> None:
-    """A server database with these clients and stored messages, as if a server had run."""
+    """A server database with these clients (name, port, key, presence) and stored
+    messages, as if a server had run."""
     changes: list[Change] = [
-        ClientSaved(name, HOST, port, token, Presence(presence))
-        for name, port, token, presence in clients
+        ClientSaved(name, HOST, port, key, f"sid-{index:04d}".encode(), Presence(presence))
+        for index, (name, port, key, presence) in enumerate(clients)
     ]
     changes += [
         MessageStored(recipient, item) for recipient, items in mailbox.items() for item in items
@@ -603,10 +558,11 @@ class _Counting(NullRecorder):
 
 
 async def _reg_delivery(
-    server_port: int, port: int, token: str, count: int, recorder: _Counting
+    server_port: int, port: int, state_dir: str, count: int, recorder: _Counting
 ) -> float:
     """From the moment alice (offline, with ``count`` stored messages) starts again until
-    she has shown them all: her registration brings them, as ``reg`` would."""
+    she has shown them all: her registration brings them, as ``reg`` would (each batch's
+    delivery marks written to her state file before its lines are shown)."""
     shown = [0]
     done = trio.Event()
 
@@ -616,7 +572,7 @@ async def _reg_delivery(
             if shown[0] >= count:
                 done.set()
 
-    options = ClientOptions("alice", HOST, server_port, port, host=HOST, id_prefix="alice.bench")
+    options = ClientOptions("alice", HOST, server_port, port, host=HOST, state_dir=state_dir)
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         node = await nursery.start(
@@ -637,20 +593,35 @@ async def _stop_and_wait(port: int, rounds: int, request_size: int) -> float:
         return sum([await _ping(sock, request, port) for _ in range(rounds)])
 
 
+def _sealed_for_alice(count: int, alice: Identity, bob: Identity) -> list[StoredItem]:
+    """``count`` direct messages bob sealed for alice, stored while she was offline."""
+    codec = ClientCodec(bob, "bob", lambda name: None, SystemEntropy())
+    items = []
+    for i in range(count):
+        msg_id = f"bob-message-{i:05d}"
+        sealed = codec.to_peer(alice.public, Chat(msg_id, f"message {i}: {TEXT}", bytes(8)))
+        seq = Seq("bench", i + 1)
+        items.append(StoredItem(seq, msg_id, "direct", "bob", 1_700_000_000.0 + i, sealed=sealed))
+    return items
+
+
 def bench_mailbox(sizes: Sizes) -> list[Figure]:
     count = sizes.mailbox_messages
-    token = secrets.token_hex(8)
     port = free_port()
-    items = [
-        StoredItem(f"bob.{i}", "direct", "bob", f"message {i}: {TEXT}", 1_700_000_000.0 + i)
-        for i in range(count)
-    ]
+    alice, bob = Identity.generate(), Identity.generate()
+    items = _sealed_for_alice(count, alice, bob)
     recorder = _Counting()
-    with _scratch() as scratch:
-        db = scratch / "server.sqlite3"
-        _prepare_db(db, [("alice", port, token, "deregistered")], {"alice": items})
+    with scratch() as work:
+        db = work / "server.sqlite3"
+        clients = [("alice", port, alice.public, "deregistered")]
+        clients.append(("bob", free_port(), bob.public, "deregistered"))
+        _prepare_db(db, clients, {"alice": items})
+        (work / "keys").mkdir(mode=0o700)
+        key_file = work / "keys" / "alice.key"
+        key_file.write_bytes(alice.seed)
+        key_file.chmod(0o600)
         with chatapp_server(db=str(db)) as server_port:
-            elapsed = trio.run(_reg_delivery, server_port, port, token, count, recorder)
+            elapsed = trio.run(_reg_delivery, server_port, port, str(work), count, recorder)
     batches = max(recorder.batches, 1)
     size = recorder.bytes // batches
     with Worker("echo", reply_size=size) as echo:
@@ -669,160 +640,6 @@ def bench_mailbox(sizes: Sizes) -> list[Figure]:
     ]
 
 
-# --- channel fan-out ----------------------------------------------------------------------------
-
-
-def _poll(receivers: Worker, sender: SimClient, done: object, timeout: float) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        report = receivers.command('{"do": "report"}')
-        if done(report) or time.monotonic() > deadline:  # type: ignore[operator]
-            return report  # type: ignore[no-any-return]
-        settle([sender], 0.01)  # the sender is a client too: it ACKs its tables meanwhile
-
-
-def _wait_quiet(receivers: Worker, sender: SimClient, quiet: float = ACK_TIMEOUT + 0.1) -> int:
-    """Until no table has reached a receiver for ``quiet`` s (longer than one retry interval),
-    so that a trial starts with no table broadcast or retry in flight; returns the tables seen."""
-    receivers.command('{"do": "reset"}')
-    start = time.monotonic()
-    deadline = start + 15.0
-    while time.monotonic() < deadline:
-        report = receivers.command('{"do": "report"}')
-        if time.monotonic() - max(report["table_last"], start) >= quiet:
-            return int(report["tables"])
-        settle([sender], 0.05)
-    raise BenchError("the server kept sending tables: some clients do not ACK them")
-
-
-def _fanout_trial(
-    receivers: Worker, sender: SimClient, target: Address, n: int, d: int, floor: bool
-) -> tuple[float, float]:
-    """Seconds from the post to the last live ACK or (with dead clients) the server's give-up,
-    and to the last table part that reports the dead offline."""
-    receivers.command('{"do": "reset"}')
-    msg_id = sender.next_id()
-    if floor:
-        data = encode(ChannelDelivery(msg_id, sender.name, TEXT))
-    else:
-        data = encode(ChannelPost(msg_id, sender.name, TEXT, sender.token))
-    start = time.monotonic()
-    sender.sock.sendto(data, target)
-
-    def done(report: dict[str, object]) -> bool:
-        acks = report["acks"].get(msg_id)  # type: ignore[attr-defined]
-        live_done = acks is not None and acks[0] >= n
-        return live_done and (floor or d == 0 or report["table_first"] > start)  # type: ignore[operator]
-
-    report = _poll(receivers, sender, done, 5.0)
-    acks = report["acks"].get(msg_id)  # type: ignore[attr-defined]
-    if acks is None or acks[0] < n or not done(report):
-        got = 0 if acks is None else acks[0]
-        raise BenchError(
-            f"fan-out to {n} (+{d} dead{', floor' if floor else ''}) did not complete:"
-            f" {got} ACKs, tables {report['tables']}"
-        )
-    end = acks[2]
-    tables = end
-    if d and not floor:
-        end = max(end, report["table_first"])
-        tables = max(end, report["table_last"])
-    return end - start, tables - start
-
-
-def _fanout_figure(
-    n: int, d: int, results: list[tuple[float, float]], floor: float, false_offline: int
-) -> Figure:
-    if d:
-        strict = (n, d) == (1000, 100)  # the issue's bound; elsewhere "about one timeout"
-        goal = "~1 timeout" + ("; < 0.7 s" if strict else "")
-        limit = 0.7 if strict else ACK_TIMEOUT * 1.5
-        return Figure(
-            f"fanout_n{n}_d{d}",
-            f"send_all -> done, N={n} D={d}",
-            median([r[0] for r in results]),
-            "s",
-            floor + ACK_TIMEOUT,
-            f"Trio fan-out + 1 ACK timeout, {ACK_TIMEOUT:g} s",
-            "lower",
-            goal=goal,
-            goal_on="value",
-            goal_limit=limit,
-            extra={
-                "trials": len(results),
-                "table_settled_s": median([r[1] for r in results]),
-                "ack_timeout_s": ACK_TIMEOUT,
-            },
-        )
-    return Figure(
-        f"fanout_n{n}_d0",
-        f"send_all -> done, N={n} D=0",
-        median([r[0] for r in results]),
-        "s",
-        floor,
-        "Trio fan-out",
-        "lower",
-        goal="~N x 1 datagram",
-        note="the server lost ACKs and marked live clients offline" if false_offline else "",
-        extra={"trials": len(results), "tables_after": false_offline},
-    )
-
-
-def bench_fanout(sizes: Sizes) -> list[Figure]:
-    max_n = max(n for n, _ in sizes.fanout)
-    max_d = max(d for _, d in sizes.fanout)
-    figures: list[Figure] = []
-    with (
-        Worker("receivers", live=max_n, dead=max_d) as receivers,
-        _scratch() as scratch,
-        Worker("fanout") as floor_worker,
-    ):
-        live, dead = receivers.ready["live"], receivers.ready["dead"]
-        floors: dict[int, float] = {}
-        [sender] = open_clients(1, "sender")
-        sender.name = "sender"
-        try:
-            for n in sorted({n for n, _ in sizes.fanout}):
-                floor_worker.command(f'{{"targets": {live[:n]}}}')
-                target = (HOST, floor_worker.ready["port"])
-                floor_times = [
-                    _fanout_trial(receivers, sender, target, n, 0, True)[0]
-                    for _ in range(3 * sizes.fanout_trials)
-                ]
-                floors[n] = median(floor_times)
-            for index, (n, d) in enumerate(sizes.fanout):
-                sender.token = secrets.token_hex(8)
-                clients = [("sender", sender.port, sender.token, "online")]
-                clients += [(f"live{i}", p, f"tl{i}", "online") for i, p in enumerate(live[:n])]
-                clients += [(f"dead{i}", p, f"td{i}", "online") for i, p in enumerate(dead[:d])]
-                results = []
-                false_offline = 0
-                # With dead clients, each trial has a server of its own: bringing a hundred
-                # dead clients back would cost a hundred table broadcasts to everyone.
-                server_runs = sizes.fanout_trials if d else 1
-                trial_count = 1 if d else 3 * sizes.fanout_trials
-                for run in range(server_runs):
-                    db = scratch / f"fanout{index}-{run}.sqlite3"
-                    _prepare_db(db, clients, {})
-                    with chatapp_server(db=str(db)) as port:
-                        _wait_quiet(receivers, sender)  # a restarted server sends the table
-                        if d:
-                            receivers.command('{"do": "die"}')
-                        for _ in range(trial_count):
-                            results.append(
-                                _fanout_trial(receivers, sender, (HOST, port), n, d, False)
-                            )
-                        receivers.command(f'{{"do": "revive", "port": {port}, "count": 0}}')
-                        # With no dead clients, no table may follow: one would mean that the
-                        # server missed live ACKs and marked live clients offline.
-                        if not d and sizes.fanout_trials > 1:  # a quiet wait: full runs only
-                            false_offline = _wait_quiet(receivers, sender)
-                figures.append(_fanout_figure(n, d, results, floors[n], false_offline))
-        finally:
-            close_clients([sender])
-    return figures
-
-
 # --- memory per registered client ----------------------------------------------------------
 
 
@@ -831,7 +648,8 @@ def _records(count: int) -> list[ClientRecord]:
         ClientRecord(
             f"user{i}",
             (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 60000),
-            secrets.token_hex(8),
+            secrets.token_bytes(32),  # its key
+            secrets.token_bytes(8),  # its session's id
         )
         for i in range(count)
     ]
@@ -850,17 +668,19 @@ def _traced_bytes(build: object) -> int:
 
 
 def _online_server(records: list[ClientRecord]) -> ServerProtocol:
-    """A server whose clients all registered in this epoch and hold its current table:
-    their records, the table's parts and history, and what it knows of their copies."""
-    server = ServerProtocol(id_prefix="s", epoch=1)
+    """A server whose clients all registered in this epoch, each in a session of its own
+    (its key kept by the server), and hold its current table: their records, the
+    table's parts and history, and what it knows of their copies."""
+    server = ServerProtocol(identity=Identity.generate(), epoch=1)
     for record in records:
         server.roster.add(record)
+        session = Session(record.sid, secrets.token_bytes(32), record.name)
+        server.codec.sessions[record.sid] = session
     server.roster.close_version()
     for record in records:
         server.followers.held[record.name] = server.roster.version
         server.followers.online(record.name)
-    ids = iter(range(len(records) + 1))
-    sends = server.followers.updates(server.roster, lambda: f"s.{next(ids)}", server.codec.encode)
+    sends = server.followers.updates(server.roster, server.new_id, encode)
     assert not sends  # every one holds the current version: nothing to send
     return server
 
@@ -873,7 +693,7 @@ def bench_memory(sizes: Sizes) -> list[Figure]:
             return _online_server(_records(count))
 
         def plain_table(count: int = count) -> object:
-            return {r.name: (r.addr, r.token) for r in _records(count)}
+            return {r.name: (r.addr, r.key) for r in _records(count)}
 
         used = _traced_bytes(chatapp_table) / count
         floor = _traced_bytes(plain_table) / count
@@ -884,7 +704,7 @@ def bench_memory(sizes: Sizes) -> list[Figure]:
                 used,
                 "B",
                 floor,
-                "dict name -> (addr, token)",
+                "dict name -> (addr, key)",
                 "lower",
                 goal="< 1 KiB",
                 goal_on="value",
@@ -945,9 +765,9 @@ def bench_replay(sizes: Sizes) -> list[Figure]:
 
 
 def bench_floods(sizes: Sizes) -> list[Figure]:
-    with _scratch() as scratch:
+    with scratch() as work:
         short = sizes.flood_junk < 100_000
-        return bench_flood(sizes.flood_junk, sizes.flood_registrations, scratch, short=short)
+        return bench_flood(sizes.flood_junk, sizes.flood_registrations, work, short=short)
 
 
 def bench_pty(sizes: Sizes) -> list[Figure]:
@@ -966,23 +786,9 @@ def bench_registrations(sizes: Sizes) -> list[Figure]:
     ]
 
 
-def bench_pg(sizes: Sizes) -> list[Figure]:
-    from .postgres import bench_postgres
-
-    return bench_postgres(
-        sizes.load_seconds, sizes.load_clients, sizes.window, sizes.rounds, sizes.rtt_rounds // 4
-    )
-
-
-def bench_multiserver(sizes: Sizes) -> list[Figure]:
-    from .multiserver import bench_servers
-
-    clients = min(600, max(9, sizes.rtt_rounds // 2))
-    return bench_servers(clients, 3 * sizes.fanout_trials, sizes.load_seconds)
-
-
 BENCHMARKS = {
     "rtt": bench_round_trip,
+    "crypto": bench_crypto,
     "pty": bench_pty,
     "capacity": bench_capacity,
     "fanout": bench_fanout,
@@ -991,6 +797,4 @@ BENCHMARKS = {
     "replay": bench_replay,
     "flood": bench_floods,
     "registrations": bench_registrations,
-    "postgres": bench_pg,
-    "servers": bench_multiserver,
 }

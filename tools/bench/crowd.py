@@ -1,12 +1,20 @@
 """A crowd of simulated clients for the ``registrations`` benchmark: raw non-blocking
 UDP sockets and one epoll, no Trio, each socket one client.
 
-Each client keeps what a real client keeps of the table: the epoch and version it
-holds (not the entries; a test checks those), putting parts together as a client
-does, and ACKs every part with the version it then holds. It retries its
-registration as a client does (every 500 ms, 5 tries). The crowd counts what the
-server sends: datagrams, bytes, and how many were repeats (the same id again to
-the same client: retries).
+Each client speaks protocol 2 with the project's own code (``RawClient``: the
+handshake, a session; one key for the whole crowd, a name each): it registers
+(hello, challenge, register, registered), opens what the server seals in its
+session, and keeps what a real client keeps of the table: the epoch and version
+it holds (not the entries; a test checks those), putting parts together as a
+client does, and ACKs every part, sealed, with the version it then holds. It
+retries each step of its registration as a client does (the same datagram every
+500 ms, 5 tries; a late answer to an earlier step is ignored), and one that runs
+out of tries starts again from its hello, as a person would, counted in
+``restarts``. The crowd counts what the server sends: datagrams, bytes, and how
+many were repeats (the same id again to the same client: retries).
+
+What arrives in the clear and is not a handshake (a table, a delta, a chat) is a
+baseline's fan-out: counted and ACKed in the clear, as the bare programs expect.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from chatapp.wire import Ack, Register, TableAck, encode
+from chatapp.protocol.crypto import Identity
+from chatapp.protocol.sealing import SESSION_KIND, TO_CLIENT
+from chatapp.testing.raw import RawClient
+from chatapp.wire import Ack, TableAck, WireError, encode
 
 from .loadgen import HOST
 
@@ -35,7 +46,6 @@ class Head(msgspec.Struct):
 
     t: str
     id: str = ""
-    token: str = ""
     epoch: int = 0
     version: int = 0
     from_: int = msgspec.field(name="from", default=0)
@@ -56,21 +66,30 @@ def _decode(data: bytes) -> Head:
     return _decode_head(data[:cut] + b"}" if cut > 0 else data)
 
 
+#: What a server sends in the clear to a client that is registering.
+_HANDSHAKE = ("challenge", "registered", "refused", "rekey")
+
+
 @dataclass(slots=True)
 class Member:
     sock: socket.socket
-    name: str
-    token: str = ""
+    raw: RawClient  # its key, its handshake and its session
     epoch: int = -1
     version: int = -1
-    tries: int = 0
-    sent_at: float = 0.0  # of its last register
+    tries: int = 0  # of the handshake's step under way
+    sent_at: float = 0.0  # of its last handshake datagram
+    last: bytes = b""  # that datagram (a retry sends it again: the same id)
+    last_id: str = ""  # its id, which the server's answer carries
     whole_at: float = 0.0  # when its first whole table was complete
     parts: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        return self.raw.name
+
+    @property
     def registered(self) -> bool:
-        return bool(self.token)
+        return self.raw.registered
 
     def take(self, head: Head) -> bool:
         """A table part or a delta, taken as a client takes it; True if it moved on."""
@@ -129,15 +148,18 @@ class Crowd:
         self.server = server
         self.selector = selectors.EpollSelector()
         self.members: list[Member] = []
+        identity = Identity.generate()  # one key for the crowd: a name each is what counts
         for index in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((HOST, 0))
             sock.setblocking(False)
-            self.members.append(Member(sock, f"{prefix}{index}"))
+            raw = RawClient(f"{prefix}{index}", sock.getsockname()[1], identity)
+            self.members.append(Member(sock, raw))
             self.selector.register(sock, selectors.EVENT_READ, index)
         self.counts = Counts()
         self.unanswered: dict[str, Member] = {}  # registrations not answered yet
+        self.restarts = 0  # registrations given up (5 tries of a step) and started again
         self.last_arrival = 0.0
         self.moved: Callable[[Member], None] | None = None  # called when one moves on
 
@@ -147,12 +169,15 @@ class Crowd:
             member.sock.close()
 
     def register(self, member: Member, now: float) -> None:
+        """Start ``member``'s registration (a ``hello``), or send its last step again."""
+        if not member.last:
+            member.raw.codec.session, member.tries = None, 0
+            member.last = member.raw.hello()
+            member.last_id = _decode(member.last).id
         member.tries += 1
         member.sent_at = now
         self.unanswered[member.name] = member
-        port = member.sock.getsockname()[1]
-        message = Register(f"{member.name}.1", member.name, port)  # a retry keeps its id
-        member.sock.sendto(encode(message), self.server)
+        member.sock.sendto(member.last, self.server)
 
     def pump(self, timeout: float) -> int:
         """Handle what has arrived (waiting up to ``timeout`` for something); how much."""
@@ -171,35 +196,57 @@ class Crowd:
         return handled
 
     def _handle(self, index: int, member: Member, data: bytes, addr: tuple[str, int]) -> None:
+        session = member.raw.codec.session
+        sealed = data[:1] == bytes((SESSION_KIND,)) and session is not None
         try:
-            head = _decode(data)
-        except msgspec.DecodeError:
+            # Opened (the session's counter and MAC checked) and read no further than
+            # the envelope: the server's cost is what is measured, not the crowd's.
+            head = _decode(session.open_bytes(TO_CLIENT, data) if sealed else data)  # type: ignore[union-attr]
+        except (msgspec.DecodeError, WireError):
             return
         self.counts.add(index, head.id, len(data))
-        if head.t == "registered":
-            member.token = head.token
-            self.unanswered.pop(member.name, None)
-        elif head.t in ("table", "delta"):
+        if not sealed and head.t in _HANDSHAKE:
+            self._handshake(member, head, data)
+            return
+        if head.t in ("table", "delta"):
             moved = member.take(head)
             ack = TableAck(head.id, member.epoch, member.version)
-            member.sock.sendto(encode(ack), addr)
+            member.sock.sendto(member.raw.seal(ack) if sealed else encode(ack), addr)
             if moved:
                 if not member.whole_at:
                     member.whole_at = time.monotonic()
                 if self.moved is not None:
                     self.moved(member)
-        elif head.t in ("mailbox", "channel", "chat"):
-            member.sock.sendto(encode(Ack(head.id)), addr)
+        elif head.t in ("mailbox", "channel", "chat", "relay", "not_stored"):
+            ack_ = Ack(head.id)
+            member.sock.sendto(member.raw.seal(ack_) if sealed else encode(ack_), addr)
+
+    def _handshake(self, member: Member, head: Head, data: bytes) -> None:
+        """The next step of ``member``'s registration (its ``register`` for a challenge);
+        a ``registered`` answer makes its session. Only an answer to its last step counts
+        (a late answer to a retry is ignored, as a client ignores it)."""
+        if member.registered or member.name not in self.unanswered or head.id != member.last_id:
+            return
+        reply = member.raw.answer(data)
+        if member.registered:
+            self.unanswered.pop(member.name, None)
+            member.last, member.last_id = b"", ""
+        elif reply is not None:
+            member.last, member.last_id, member.tries = reply, _decode(reply).id, 1
+            member.sent_at = time.monotonic()
+            member.sock.sendto(reply, self.server)
 
     def retry_registrations(self, now: float) -> int:
-        """Send again each registration unanswered for ``RETRY_AFTER`` (up to ``TRIES``)."""
+        """Send again each registration step unanswered for ``RETRY_AFTER`` (up to
+        ``TRIES``). One that ran out of tries gave up, as a client does, and is started
+        again from its ``hello`` (a person joining again): counted in ``restarts``."""
         retried = 0
         for member in list(self.unanswered.values()):
             if now - member.sent_at < RETRY_AFTER:
                 continue
             if member.tries >= TRIES:
-                del self.unanswered[member.name]  # gave up, as a client does
-                continue
+                self.restarts += 1
+                member.last = b""
             self.register(member, now)
             retried += 1
         return retried

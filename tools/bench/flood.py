@@ -214,7 +214,9 @@ def _server_and_clients(
 ) -> Iterator[tuple[int, subprocess.Popen[bytes], list[_Client], Path]]:
     port = free_port()
     log = scratch / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The clients' keys, pins and delivery marks in the scratch directory, never the
+    # user's own state directory.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(scratch / "state")}
     env.pop("CHATAPP_TRACE", None)
     command = [sys.executable, "-m", "chatapp", "serve", str(port), "--host", HOST]
     with open(log, "wb") as out:
@@ -278,6 +280,12 @@ def _phase(
     return tally, report
 
 
+def _handshakes(report: dict[str, Any]) -> dict[str, Any]:
+    """A registration flood's handshakes: hellos sent, registers sent for the challenges
+    that came back, registrations the server answered."""
+    return {key: report[key] for key in ("hellos", "registers", "registered") if key in report}
+
+
 def _figures(
     kind: str,
     label: str,
@@ -296,6 +304,7 @@ def _figures(
         "unanswered": tally.unanswered,
         "shown_twice": lost[1],
         "kernel_drops_at_server": report.get("kernel_drops_at_server"),
+        **_handshakes(report),
     }
     return [
         Figure(

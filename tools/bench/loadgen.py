@@ -16,7 +16,23 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from chatapp.wire import Ack, Register, TableAck, encode
+from chatapp.protocol.sealing import Session
+from chatapp.testing.raw import RawClient
+from chatapp.wire import (
+    Challenge,
+    ChannelDelivery,
+    Hello,
+    Mailbox,
+    NotStored,
+    Registered,
+    Rekey,
+    Relay,
+    Table,
+    TableAck,
+    TableDelta,
+    encode,
+    tag_of,
+)
 
 #: Every socket of the suite (servers, baselines, simulated clients) is on loopback.
 HOST = "127.0.0.1"
@@ -25,41 +41,27 @@ LOST_AFTER = 0.25
 
 
 class Head(msgspec.Struct):
-    """The fields of any chatapp datagram a simulated client needs."""
+    """The fields of a plaintext datagram a simulated client needs (the echo baseline
+    reflects plaintext requests)."""
 
     t: str
     id: str = ""
-    token: str = ""
-    epoch: int = 0
-    version: int = 0  # a table part's
-    to: int | str = 0  # a delta's version (a save's recipient)
 
 
 decode_head = msgspec.json.Decoder(Head).decode
 
 
-def ack_for(head: Head) -> bytes | None:
-    """The ACK a client sends for a datagram from the server (None: it needs none). A
-    simulated client that keeps no table says it holds what each table part or delta
-    brings: the server then sends it what a client that applies everything needs."""
-    if head.t == "table":
-        return encode(TableAck(head.id, head.epoch, head.version))
-    if head.t == "delta":
-        return encode(TableAck(head.id, head.epoch, int(head.to)))
-    if head.t in ("mailbox", "channel", "chat"):
-        return encode(Ack(head.id))
-    return None
-
-
 @dataclass
 class SimClient:
-    """One simulated client: its socket and, once registered, its name and token."""
+    """One simulated client: its socket and, when it talks to a chatapp server, its
+    keys and session (``raw``); without them it speaks plaintext to a baseline."""
 
     sock: socket.socket
     name: str
-    token: str = ""
+    raw: RawClient | None = None
     outstanding: dict[str, float] = field(default_factory=dict)
     counter: int = 0
+    sealed: bytes = b""  # a direct message sealed by this client, for its saves
     datagrams: int = 0  # exchanged with the server, both ways (requests, answers, ACKs)
 
     @property
@@ -76,7 +78,9 @@ Request = Callable[[SimClient, str], bytes]
 
 
 def register_request(client: SimClient, msg_id: str) -> bytes:
-    return encode(Register(msg_id, client.name, client.port))
+    """A registration: a hello now, the register when the challenge comes (``_answers``)."""
+    assert client.raw is not None
+    return encode(Hello(msg_id, client.name, client.port, client.raw.identity.public))
 
 
 @dataclass
@@ -92,7 +96,9 @@ class LoadResult:
         return self.completed / self.elapsed if self.elapsed else 0.0
 
 
-def open_clients(count: int, prefix: str) -> list[SimClient]:
+def open_clients(count: int, prefix: str, *, keys: bool = True) -> list[SimClient]:
+    """``count`` simulated clients on 127.0.0.1 (``keys``: each with a key pair of its
+    own, to talk to a chatapp server; without, plaintext to a baseline)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < count + 256:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(count + 256, hard), hard))
@@ -102,7 +108,10 @@ def open_clients(count: int, prefix: str) -> list[SimClient]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.bind((HOST, 0))
         s.setblocking(False)
-        clients.append(SimClient(s, f"{prefix}{index}"))
+        client = SimClient(s, f"{prefix}{index}")
+        if keys:
+            client.raw = RawClient(client.name, client.port)
+        clients.append(client)
     return clients
 
 
@@ -112,8 +121,12 @@ def close_clients(clients: list[SimClient]) -> None:
 
 
 def register_all(clients: list[SimClient], server: tuple[str, int], timeout: float = 20.0) -> float:
-    """Register every client at once, keep their tokens, and ACK the tables that follow;
-    returns the seconds until the last one was registered."""
+    """Register every client at once (each with its key: hello, challenge, register,
+    registered) and ACK the tables that follow; returns the seconds until the last one
+    was registered."""
+    for client in clients:
+        assert client.raw is not None
+        client.raw.codec.session = None
     result = run_closed_loop(
         clients,
         server,
@@ -122,7 +135,7 @@ def register_all(clients: list[SimClient], server: tuple[str, int], timeout: flo
         duration=timeout,
         repeat=False,
     )
-    missing = [c.name for c in clients if not c.token]
+    missing = [c.name for c in clients if c.raw is None or not c.raw.registered]
     if missing:
         raise RuntimeError(f"{len(missing)} simulated clients were not registered")
     settle(clients, 0.15)
@@ -142,10 +155,14 @@ def settle(clients: list[SimClient], seconds: float) -> None:
     )
 
 
-def _answers(client: SimClient) -> Iterator[Head]:
-    """Read all that waits on a client's socket: ACK tables and mailbox batches, as a client
-    must, and yield the answers to its outstanding requests (removed from ``outstanding``;
-    a token in an answer is kept)."""
+#: What a client must ACK whenever it comes, as a real client does.
+_ACKED = (Mailbox, Relay, ChannelDelivery, NotStored)
+
+
+def _answers(client: SimClient, server: tuple[str, int]) -> Iterator[Head]:
+    """Read all that waits on a client's socket: go on with a handshake, ACK what a
+    client must ACK, and yield the answers to its outstanding requests (removed from
+    ``outstanding``)."""
     sock = client.sock
     while True:
         try:
@@ -153,24 +170,50 @@ def _answers(client: SimClient) -> Iterator[Head]:
         except BlockingIOError:
             return
         client.datagrams += 1
-        try:
-            head = decode_head(data)
-        except msgspec.DecodeError:
-            continue
-        if head.t in ("table", "delta", "mailbox"):
-            sock.sendto(ack_for(head) or b"", addr)
-            client.datagrams += 1
-        elif client.outstanding.pop(head.id, None) is not None:
-            if head.token:
-                client.token = head.token
+        head = _read(client, data, addr, server)
+        if head is not None and client.outstanding.pop(head.id, None) is not None:
             yield head
+
+
+def _read(
+    client: SimClient, data: bytes, addr: tuple[str, int], server: tuple[str, int]
+) -> Head | None:
+    raw = client.raw
+    if raw is None:
+        try:
+            return decode_head(data)
+        except msgspec.DecodeError:
+            return None
+    message = raw.open(data)
+    if isinstance(message, Challenge):  # the handshake goes on, under the register's id
+        register = raw.register_for(message)
+        started = client.outstanding.pop(message.id, None)
+        if started is not None:
+            client.outstanding[register.id] = started
+            client.sock.sendto(encode(register), server)
+        return None
+    if isinstance(message, Registered):
+        raw.codec.session = Session(message.sid, message.session_key)
+    elif isinstance(message, Table | TableDelta):
+        # A simulated client keeps no table: it says it holds what each part brings.
+        version = message.version if isinstance(message, Table) else message.to
+        client.sock.sendto(raw.seal(TableAck(message.id, message.epoch, version)), addr)
+        client.datagrams += 1
+        return None
+    elif isinstance(message, _ACKED):
+        client.sock.sendto(raw.ack(message.id), addr)
+        client.datagrams += 1
+        return None
+    if message is None or isinstance(message, Rekey):
+        return None
+    return Head(tag_of(message), message.id)
 
 
 def _send(client: SimClient, server: tuple[str, int], request: Request, now: float) -> None:
     msg_id = client.next_id()
     client.outstanding[msg_id] = now
-    client.datagrams += 1
     client.sock.sendto(request(client, msg_id), server)
+    client.datagrams += 1
 
 
 def run_closed_loop(
@@ -186,8 +229,8 @@ def run_closed_loop(
 ) -> LoadResult:
     """Keep ``window`` requests in flight per client for ``duration`` seconds.
 
-    A request is done when a datagram of any type but ``table``, ``delta`` or ``mailbox``
-    comes back with its id; those are ACKed, as a client must. Completions during the
+    A request is done when a datagram of any type but ``table`` or ``mailbox``
+    comes back with its id; those two are ACKed, as a client must. Completions during the
     first ``warmup`` seconds are not counted. Without ``repeat`` each client
     sends only its first ``window`` requests, and (``until_done``) the run
     ends when they are all answered.
@@ -208,7 +251,7 @@ def run_closed_loop(
     try:
         while now < deadline:
             for key, _ in selector.select(0.05):
-                for head in _answers(key.data):
+                for head in _answers(key.data, server):
                     now = time.monotonic()
                     if head.t == "refused":
                         refused += 1
@@ -274,7 +317,7 @@ def run_bursts(
             deadline = time.monotonic() + timeout
             while waiting and time.monotonic() < deadline:
                 for key, _ in selector.select(0.05):
-                    for head in _answers(key.data):
+                    for head in _answers(key.data, server):
                         waiting -= 1
                         if head.t == "refused":
                             refused += 1

@@ -6,9 +6,11 @@ benchmark is done with it, so nothing outlives a run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from chatapp.wire import Lookup, encode
+from chatapp.wire import Hello, encode
 
 from .loadgen import HOST
 
@@ -36,8 +38,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The bench's own state directory (keys, pinned server keys): never the user's.
+STATE_DIR = tempfile.mkdtemp(prefix="chatapp-bench-state-")
+atexit.register(shutil.rmtree, STATE_DIR, ignore_errors=True)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    env["XDG_STATE_HOME"] = STATE_DIR
     env.pop("CHATAPP_TRACE", None)  # a trace is on only where a benchmark asks for one
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -55,8 +63,8 @@ def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
 
 
 def wait_for_server(port: int, timeout: float = 15.0) -> None:
-    """Until the server answers: a lookup with a made-up token gets a refusal back."""
-    probe = encode(Lookup("bench-probe", "nobody", "not-a-token"))
+    """Until the server answers: a hello gets a challenge back (and changes nothing)."""
+    probe = encode(Hello("bench-probe", "probe", 1024, bytes(32)))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((HOST, 0))
         s.settimeout(0.05)
@@ -71,14 +79,26 @@ def wait_for_server(port: int, timeout: float = 15.0) -> None:
     raise BenchError(f"the chatapp server on port {port} did not answer within {timeout:g} s")
 
 
+def _serve_argv(port: int, options: dict[str, Any]) -> list[str]:
+    argv = [sys.executable, "-m", "chatapp", "serve", str(port), "--host", HOST]
+    argv += ["--db", options.get("db", ":memory:")]
+    argv += ["--mailbox-limit", str(options.get("mailbox_limit", 1000))]
+    if options.get("unlimited", True):
+        argv += ["--rate-limit", "0", "--join-limit", "0"]
+    if options.get("trace"):
+        argv += ["--trace", options["trace"]]
+    return argv
+
+
 @contextlib.contextmanager
 def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]]:
     """Real ``chatapp serve`` processes on 127.0.0.1, started together; yields (port, pid)s.
 
     Each settings dict may give ``db`` (default ``:memory:``), ``trace``,
-    ``mailbox_limit`` and ``unlimited`` (no per-sender rate limits: the capacity loads
-    send thousands of requests a second from each address, to measure the server's work
-    per request rather than its admission policy). A server logs as it does for a user,
+    ``mailbox_limit`` and ``unlimited`` (no per-sender rate limits, the default: the
+    capacity loads send thousands of requests a second from each address, and the
+    fan-out and memory benchmarks register thousands of clients from one IP, to measure
+    the server's work rather than its admission policy). A server logs as it does for a user,
     to stderr: a file here, never a pipe nobody reads while it runs (a full pipe would
     stop the server).
     """
@@ -87,23 +107,7 @@ def chatapp_servers(*settings: dict[str, Any]) -> Iterator[list[tuple[int, int]]
     try:
         for options in settings:
             port = free_port()
-            argv = [
-                sys.executable,
-                "-m",
-                "chatapp",
-                "serve",
-                str(port),
-                "--host",
-                HOST,
-                "--db",
-                options.get("db", ":memory:"),
-                "--mailbox-limit",
-                str(options.get("mailbox_limit", 1000)),
-            ]
-            if options.get("unlimited"):
-                argv += ["--rate-limit", "0", "--join-limit", "0"]
-            if options.get("trace"):
-                argv += ["--trace", options["trace"]]
+            argv = _serve_argv(port, options)
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(
@@ -166,11 +170,19 @@ def cpu_seconds(pid: int) -> float | None:
 def chatapp_client(
     name: str, server_port: int, port: int
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A real ``chatapp join`` process; its screen goes to a file (yielded with the process)."""
-    with tempfile.NamedTemporaryFile("w+b", prefix="bench-screen-", delete=False) as out:
+    """A real ``chatapp join`` process; its screen goes to a file (yielded with the process).
+    Its key and pins are in a state directory of its own (a later server on the same
+    port has another key)."""
+    with (
+        tempfile.NamedTemporaryFile("w+b", prefix="bench-screen-", delete=False) as out,
+        tempfile.TemporaryDirectory(dir=STATE_DIR) as state_dir,
+    ):
         path = out.name
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chatapp", "join", name, HOST, str(server_port), str(port)],
+            [
+                *(sys.executable, "-m", "chatapp", "join", name, HOST),
+                *(str(server_port), str(port), "--state-dir", state_dir),
+            ],
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -5,9 +5,10 @@ full input line).
 The baseline is the floor for a Python program on the same path: a minimal
 thread-based prompt loop (``python -m chatapp_tools.bench.pty_latency floor``): ``input()``
 in one thread, a receiving thread that prints the ACK line. Both send the same
-direct message to the same peer (a real chatapp client, user2, fed from a pipe),
-which ACKs it; the two take turns in blocks, so a neighbour's burst on a shared
-machine lands on both alike.
+direct message, boxed for the peer's key, to the same peer (a real chatapp client,
+user2, fed from a pipe), which ACKs it (the floor joins the server as a client of
+its own first, so that user2 has its key); the two take turns in blocks, so a
+neighbour's burst on a shared machine lands on both alike.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chatapp import screen
-from chatapp.wire import Chat, encode
+from chatapp.testing.raw import RawClient
+from chatapp.wire import Chat, Table, TableDelta
 
 from .loadgen import HOST
 from .procs import (
@@ -128,7 +130,14 @@ def _programs(server_port: int, peer_port: int) -> Iterator[tuple[PtyProgram, Pt
             programs.append(chatapp)
             chatapp.read_until(screen.TABLE_UPDATED.encode())
             floor = PtyProgram(
-                [sys.executable, "-m", "chatapp_tools.bench.pty_latency", "floor", str(peer_port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "chatapp_tools.bench.pty_latency",
+                    "floor",
+                    str(peer_port),
+                    str(server_port),
+                ],
                 env,
             )
             programs.append(floor)
@@ -188,31 +197,60 @@ def bench_pty_latency(rounds: int) -> list[Figure]:
 # --- the floor: a minimal thread-based prompt loop ----------------------------------------
 
 
-def floor(peer_port: int) -> None:
-    """Read a line, send it to the peer as a direct message; a thread prints the ACK line.
+def _join(sock: socket.socket, server: tuple[str, int], me: RawClient) -> None:
+    """The handshake, from a plain socket: a hello (again each half second) until the
+    session is made."""
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + 10
+    while not me.registered and time.monotonic() < deadline:
+        sock.sendto(me.hello(), server)
+        with contextlib.suppress(TimeoutError):
+            while not me.registered:
+                reply = me.answer(sock.recv(65536))
+                if reply is not None:
+                    sock.sendto(reply, server)
+    sock.settimeout(None)
+    if not me.registered:
+        raise SystemExit("the floor could not join")
+
+
+def floor(peer_port: int, server_port: int) -> None:
+    """Join as ``floor`` (a client of its own, from a plain socket), then read a line and
+    send it to the peer as a direct message, boxed for the peer's key as chatapp's are;
+    a thread ACKs the server's tables and prints the ACK line when the peer answers.
     Leaves at end of input or after the bench's time limit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((HOST, 0))
+    me = RawClient("floor", sock.getsockname()[1])
+    server, peer = (HOST, server_port), (HOST, peer_port)
+    _join(sock, server, me)
     acked = f"{screen.PROMPT}{screen.received_by('user2')}"
+    tags: dict[str, bytes] = {}
 
     def receive() -> None:
         while True:
-            sock.recvfrom(65536)
-            print(acked, flush=True)
+            data, addr = sock.recvfrom(65536)
+            if addr == peer:
+                print(acked, flush=True)
+                continue
+            message = me.open(data)  # a table teaches it the peers' keys
+            if isinstance(message, Table | TableDelta):
+                tags.update((entry.name, entry.tag) for entry in message.entries)
+                sock.sendto(me.table_ack(message), server)
 
     threading.Thread(target=receive, daemon=True).start()
     threading.Timer(MAX_PROCESS_SECONDS, os._exit, (0,)).start()
-    sent = 0
     while True:
         try:
             line = input(screen.PROMPT)
         except EOFError:
             os._exit(0)
         text = line.partition(" ")[2].partition(" ")[2]
-        sent += 1
-        sock.sendto(encode(Chat(f"floor.{sent}", "floor", text)), (HOST, peer_port))
+        key, tag = me.keys.get("user2"), tags.get("user2")
+        if key is not None and tag is not None:
+            sock.sendto(me.codec.to_peer(key, Chat(me.new_id(), text, tag)), peer)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["floor"]:
-        floor(int(sys.argv[2]))
+        floor(int(sys.argv[2]), int(sys.argv[3]))

@@ -77,17 +77,16 @@ def _shown_once(events: list[Event], names: Normaliser, counts: Counter[str]) ->
     last_shown: dict[str, str] = {}
     shown: dict[tuple[str, str], int] = {}
     received: set[tuple[str, str, bytes]] = set()
+    saved: dict[str, str] = {}  # a saved message's sealed datagram -> its id
     for event in events:
+        if isinstance(event, Send | Recv) and event.msg and event.msg.get("t") == "save":
+            saved[str(event.msg.get("sealed"))] = str(event.msg.get("id"))
         if isinstance(event, Recv) and event.msg:
             key = (event.node, event.peer, event.data)
             if key in received:
                 counts["duplicate datagrams"] += 1
             received.add(key)
-            kind = event.msg.get("t")
-            if kind in ("chat", "channel"):
-                arriving[event.node] = [event.msg["id"]]
-            elif kind == "mailbox":
-                arriving[event.node] = [item["id"] for item in event.msg.get("items", [])]
+            arriving[event.node] = _arriving(event.msg, saved) or arriving.get(event.node, [])
         elif isinstance(event, Shown) and is_content(event.line):
             pending = arriving.get(event.node) or []
             if pending:
@@ -106,6 +105,21 @@ def _shown_once(events: list[Event], names: Normaliser, counts: Counter[str]) ->
             else:
                 shown[(event.node, msg_id)] = event.seq
     return invariant
+
+
+def _arriving(msg: dict[str, Any], saved: dict[str, str]) -> list[str]:
+    """The ids of the messages a datagram brings to be shown (a message has one id
+    whichever way it comes: direct, relayed, stored)."""
+    kind = msg.get("t")
+    if kind == "chat":
+        return [str(msg["id"])]
+    if kind == "channel":
+        return [str(msg["post"])]
+    if kind == "relay":
+        return [saved.get(str(msg.get("sealed")), str(msg["id"]))]
+    if kind == "mailbox":
+        return [str(item["id"]) for item in msg.get("items", [])]
+    return []
 
 
 def _messages_answered(trace: Trace, names: Normaliser, counts: Counter[str]) -> Invariant:
@@ -241,6 +255,7 @@ def _channel_reaches_everyone(
     sent_to: dict[str, set[str]] = defaultdict(set)
     acked_by: dict[str, set[str]] = defaultdict(set)
     offline_after: dict[str, list[tuple[int, set[str]]]] = defaultdict(list)
+    deliveries: dict[str, str] = {}  # the server's id of a channel delivery -> the post's
     for event in events:
         if event.node != server or not isinstance(event, Send | Recv) or not event.msg:
             continue
@@ -260,11 +275,12 @@ def _channel_reaches_everyone(
         elif isinstance(event, Recv) and kind == "send_all" and msg["id"] not in posts:
             posts[msg["id"]] = (event, dict(table))
         elif isinstance(event, Send) and kind == "channel":
-            sent_to[msg["id"]].add(names.address(event.peer))
-        elif isinstance(event, Recv) and kind == "ack" and msg["id"] in posts:
-            acked_by[msg["id"]].add(names.address(event.peer))
+            deliveries[msg["id"]] = msg["post"]
+            sent_to[msg["post"]].add(names.address(event.peer))
+        elif isinstance(event, Recv) and kind == "ack" and msg["id"] in deliveries:
+            acked_by[deliveries[msg["id"]]].add(names.address(event.peer))
     for post_id, (post, online) in posts.items():
-        sender = str(post.msg.get("sender")) if post.msg else ""
+        sender = names.address(post.peer)
         label = names.id_labels.get(post_id, post_id)
         for client, was_online in online.items():
             if client == sender:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -406,17 +407,20 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
     except OSError as exc:
         raise Failed(f"cannot write {output}: {exc.strerror or exc}") from None
     try:
-        async with trio.open_nursery() as nursery:
-            cluster = Cluster(
-                nursery,
-                MemoryNetwork() if virtual else UDP,
-                recorder=recorder,
-                wall_offset=time.time() - trio.current_time(),
-            )
-            try:
-                await cluster.play(steps)
-            finally:
-                await cluster.shutdown()
+        # the clients' keys: made for this recording, in a directory removed after it
+        with tempfile.TemporaryDirectory(prefix="chat-replay-record-") as state_dir:
+            async with trio.open_nursery() as nursery:
+                cluster = Cluster(
+                    nursery,
+                    MemoryNetwork() if virtual else UDP,
+                    recorder=recorder,
+                    wall_offset=time.time() - trio.current_time(),
+                    state_dir=Path(state_dir),
+                )
+                try:
+                    await cluster.play(steps)
+                finally:
+                    await cluster.shutdown()
     finally:
         recorder.close()
         trace = complete_header(output)

@@ -148,12 +148,7 @@ def compare(
     recorded_names = Normaliser.of(recorded.events, scoped=scoped)
     replayed_names = Normaliser(scoped=scoped)
     if under_test is not None:
-        issues_tokens = recorded.nodes().get(under_test, None)
-        replayed_names.adopt(
-            recorded_names,
-            except_issuer=under_test,
-            tokens=issues_tokens is None or issues_tokens.role != "server",
-        )
+        replayed_names.adopt(recorded_names, except_issuer=under_test)
     if black_box and under_test is not None:
         # The node under test is not in the replay's trace: it is wherever the played
         # nodes heard from that none of them is.

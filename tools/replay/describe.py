@@ -18,17 +18,22 @@ def describe(msg: Mapping[str, Any] | None) -> str:
         return f"delta v{msg.get('from')}->v{msg.get('to')}"
     if kind == "table_ack":
         return f"table_ack v{msg.get('version')}"
-    if kind in ("chat", "channel", "send_all", "save"):
+    if kind in ("chat", "channel", "send_all"):
         text = str(msg.get("text", ""))
         if len(text) > 24:
             text = text[:21] + "..."
-        to = f" to {msg['to']}" if kind == "save" else ""
-        return f'{kind}{to} "{text}"'
+        return f'{kind} "{text}"'
+    if kind == "save":
+        return f"save to {msg.get('to')} (sealed)"
+    if kind == "relay":
+        return "relay (sealed)"
     if kind == "mailbox":
         return f"mailbox ({len(msg.get('items', []))} stored)"
     if kind == "saved":
         return f"saved ({msg.get('outcome')})"
-    if kind in ("register", "dereg", "reg", "lookup"):
+    if kind == "not_stored":
+        return f"not_stored ({', '.join(map(str, msg.get('names', [])))})"
+    if kind in ("hello", "register", "dereg", "reg", "lookup"):
         return f"{kind} {msg.get('name', '')}".rstrip()
     return kind
 

@@ -1,8 +1,12 @@
-"""Normalising volatile values: message ids, tokens, ports, Unix times.
+"""Normalising volatile values: message ids, ports, Unix times, and the cryptography's
+(cookies, signatures, nonces, session ids and keys, sealed datagrams).
 
 Volatile values differ from run to run. ``Normaliser`` maps them to stable
 labels, and the replay tool applies the same normaliser to the recorded trace
-and to the new one before comparing.
+and to the new one before comparing. A replayed node given its recorded seed
+draws the same random values as it did, but the order of two events from
+different peers a moment apart may differ, and with it which draw went where:
+behaviour is what is compared, not which random bytes it used.
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ from chatapp.wire import fmt_addr
 
 _TIME_PREFIX = re.compile(r"^\(\d+(?:\.\d+)?(?:e[+-]?\d+)?\) ")
 _ADDRESS = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})\b")
-_ID_FIELDS = ("id", "delivery")
+_ID_FIELDS = ("id", "delivery", "post")
+#: Fields whose values are random or derived from random values: compared as present.
+_OPAQUE = {
+    "server_key": "<server key>",
+    "cookie": "<cookie>",
+    "sig": "<sig>",
+    "nonce": "<nonce>",
+    "box": "<box>",
+    "sealed": "<sealed>",
+    "session_key": "<session key>",
+    "sid": "<sid>",
+    "boot": "<boot>",
+    "seq": "<seq>",
+}
 
 
 @dataclass
@@ -26,9 +43,9 @@ class Normaliser:
 
     - an address becomes the name of the node bound there;
     - a message id becomes ``NODE#k``: the k-th id that NODE was first to send;
-    - a token becomes ``token@NODE``, NODE being the client it was issued to;
-    - Unix times (stored messages' ``stored_at``, shown as ``(1648153596.77)``)
-      and table epochs become placeholders.
+    - Unix times (stored messages' ``stored_at``, shown as ``(1648153596.77)``),
+      table epochs, and the cryptography's values (``_OPAQUE``; a session id in a
+      ``tag``) become placeholders.
 
     Feed it the events in order (``learn``) before asking for labels.
 
@@ -41,8 +58,6 @@ class Normaliser:
     ports: dict[int, str] = field(default_factory=dict)
     id_labels: dict[str, str] = field(default_factory=dict)
     id_values: dict[str, str] = field(default_factory=dict)  # label -> latest value
-    token_labels: dict[str, str] = field(default_factory=dict)
-    token_values: dict[str, str] = field(default_factory=dict)
     epochs: dict[str, int] = field(default_factory=dict)  # node -> the table epoch it sent last
     scoped: str = ""
     _issued: dict[str, int] = field(default_factory=dict)
@@ -62,17 +77,13 @@ class Normaliser:
             normaliser.learn(event)
         return normaliser
 
-    def adopt(self, other: Normaliser, *, except_issuer: str, tokens: bool) -> None:
-        """Take ``other``'s labels for every id not issued by ``except_issuer`` (and its
-        tokens too when ``tokens``): a node played from a recording sends the recorded
-        values, and they keep the recorded labels even where a run shows only part of
-        the traffic."""
+    def adopt(self, other: Normaliser, *, except_issuer: str) -> None:
+        """Take ``other``'s labels for every id not issued by ``except_issuer``: a node
+        played from a recording sends the recorded values, and they keep the recorded
+        labels even where a run shows only part of the traffic."""
         for value, label in other.id_labels.items():
             if label.partition("#")[0] != except_issuer:
                 self.id_labels.setdefault(value, label)
-        if tokens:
-            for value, label in other.token_labels.items():
-                self.token_labels.setdefault(value, label)
 
     def add_address(self, address: str, node: str) -> None:
         self.addresses[address] = node
@@ -84,7 +95,7 @@ class Normaliser:
     def learn(self, event: Event) -> None:
         if isinstance(event, Restored):
             # clients the server knew from before the run are named by their names
-            for name, ip, port, _, _ in event.clients:
+            for name, ip, port, *_ in event.clients:
                 self.addresses.setdefault(fmt_addr((ip, port)), name)
                 self.ports.setdefault(port, name)
         elif isinstance(event, Start):
@@ -94,12 +105,6 @@ class Normaliser:
             sender = event.node if isinstance(event, Send) else self.address(event.peer)
             receiver = self.address(event.peer) if isinstance(event, Send) else event.node
             self._learn_ids(event.msg, sender, receiver)
-            token = event.msg.get("token")
-            if isinstance(token, str) and token not in self.token_labels:
-                holder = receiver if event.msg.get("t") == "registered" else sender
-                self.token_labels[token] = f"token@{holder}"
-            if isinstance(token, str):
-                self.token_values[self.token_labels[token]] = token
             epoch = event.msg.get("epoch")
             if isinstance(epoch, int):
                 self.epochs[sender] = epoch
@@ -154,8 +159,10 @@ class Normaliser:
         for key, value in msg.items():
             if key in _ID_FIELDS:
                 result[key] = self.label(value, other_end)
-            elif key == "token":
-                result[key] = self.token_labels.get(value, "token@?")
+            elif key in _OPAQUE:
+                result[key] = _OPAQUE[key] if value else value
+            elif key == "tag":
+                result[key] = "<sid>" if value else value
             elif key == "port" and isinstance(value, int):
                 result[key] = self.ports.get(value, "?port")
             elif key == "epoch":
@@ -173,24 +180,23 @@ class Normaliser:
         return result
 
     def _entry(self, entry: Any) -> Any:
-        if isinstance(entry, list) and len(entry) == 4:
-            name, ip, port, online = entry
-            return [name, self.address(fmt_addr((ip, port))), online]
+        if isinstance(entry, list) and len(entry) == 6:
+            name, ip, port, online, key, tag = entry
+            return [name, self.address(fmt_addr((ip, port))), online, key, "<sid>" if tag else ""]
         return entry
 
     def _item(self, item: Any, other_end: str) -> Any:
         if not isinstance(item, dict):
             return item
-        return {
-            key: (
-                self.label(value, other_end)
-                if key == "id"
-                else "<time>"
-                if key == "stored_at"
-                else value
-            )
-            for key, value in item.items()
-        }
+        result: dict[str, Any] = {}
+        for key, value in item.items():
+            if key == "id":
+                result[key] = self.label(value, other_end)
+            elif key == "stored_at":
+                result[key] = "<time>"
+            else:
+                result[key] = _OPAQUE.get(key, value) if key in _OPAQUE and value else value
+        return result
 
     def text(self, line: str) -> str:
         """A shown line (or a refusal's reason) with Unix times and addresses replaced."""

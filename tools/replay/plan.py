@@ -12,6 +12,7 @@ and a person's think time is cut.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -159,7 +160,7 @@ class Counting:
     def __init__(self, under_test: str | None, target: bool) -> None:
         self.under_test = under_test
         self.target = target
-        self._answers: set[tuple[str, bytes]] = set()
+        self._answers: set[tuple[str, bytes]] = set()  # (stream, the answer's message)
 
     def key(self, event: Event, normaliser: Normaliser) -> str | None:
         if isinstance(event, Restored):
@@ -177,7 +178,8 @@ class Counting:
 
     def _stream(self, stream: str, event: Send | Recv) -> str | None:
         if event.msg is not None and event.msg.get("t") in ANSWERS:
-            answer = (stream, event.data)
+            # by the message, not the bytes: an answer sent again is sealed afresh
+            answer = (stream, json.dumps(event.msg, sort_keys=True).encode())
             if answer in self._answers:
                 return None
             self._answers.add(answer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,18 @@ from typing import Any
 import trio
 import trio.testing
 
-from chatapp.launch import ClientOptions, Options, ServerOptions, StartupError, run_node
+from chatapp.launch import (
+    ClientOptions,
+    ClientStart,
+    Options,
+    ServerOptions,
+    StartupError,
+    run_node,
+)
 from chatapp.net import UDP, Network
 from chatapp.node import Input, Node
 from chatapp.protocol.changes import Change, ClientSaved, MessageStored
+from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
 from chatapp.store import MemoryStore
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
@@ -54,7 +63,7 @@ from .plan import (
     make_plan,
     recorded_transit,
 )
-from .puppets import Puppet, Rewriter
+from .puppets import LiveKeys, Puppet, Rewriter
 
 
 class Progress:
@@ -152,11 +161,7 @@ class Runner:
         )
         live_names = Normaliser(scoped=scoped)
         if options.node is not None:
-            live_names.adopt(
-                self.recorded_names,
-                except_issuer=options.node,
-                tokens=self.nodes[options.node].role != "server",
-            )
+            live_names.adopt(self.recorded_names, except_issuer=options.node)
         if options.target is not None:
             live_names.add_address(fmt_addr(options.target), self.server)
         counting = Counting(options.node, options.target is not None)
@@ -174,6 +179,7 @@ class Runner:
         self._epochs = itertools.count(1)
         self.stalls: list[str] = []
         self._recorder: MemoryRecorder  # made in run(): it reads the run's clock
+        self._state_dir = ""
 
     def trace(self) -> Trace:
         return self._recorder.trace()
@@ -186,17 +192,21 @@ class Runner:
             clock="virtual" if self.options.virtual else "real",
             source="chat-replay",
         )
-        async with trio.open_nursery() as nursery:
-            if self.options.node is not None:
-                for name in self.nodes:
-                    if name != self.options.node:
-                        await self._start_puppet(nursery, name)
-            for action in self.plan:
-                await self._pace(action)
-                await self._carry_out(nursery, action)
-                self.done_at[action.event.seq] = trio.current_time()
-            self._stop_all()
-            nursery.cancel_scope.cancel()
+        # The replayed clients start from their recorded state; what they write (marks,
+        # pins) goes to a temporary directory, never to the user's.
+        with tempfile.TemporaryDirectory(prefix="chat-replay-") as state_dir:
+            self._state_dir = state_dir
+            async with trio.open_nursery() as nursery:
+                if self.options.node is not None:
+                    for name in self.nodes:
+                        if name != self.options.node:
+                            await self._start_puppet(nursery, name)
+                for action in self.plan:
+                    await self._pace(action)
+                    await self._carry_out(nursery, action)
+                    self.done_at[action.event.seq] = trio.current_time()
+                self._stop_all()
+                nursery.cancel_scope.cancel()
         return self.trace()
 
     # --- pacing ----------------------------------------------------------------------
@@ -254,9 +264,9 @@ class Runner:
         if action.kind == "start":
             assert isinstance(event, Start)
             if event.role == "server":
-                await self._start_server(nursery, event.node, action.restored)
+                await self._start_server(nursery, event, action.restored)
             else:
-                await self._start_client(nursery, event.node)
+                await self._start_client(nursery, event)
         elif action.kind == "input":
             assert isinstance(event, Typed)
             running = self.running.get(event.node)
@@ -274,30 +284,54 @@ class Runner:
     # --- nodes -----------------------------------------------------------------------
 
     async def _start_server(
-        self, nursery: trio.Nursery, name: str, restored: Restored | None
+        self, nursery: trio.Nursery, started: Start, restored: Restored | None
     ) -> None:
-        epoch = next(self._epochs)
+        epoch = self._recorded_epoch(started)
+        name = started.node
         host, port = self._listen_at(name)
         options = ServerOptions(
             port,
             host=host,
             timers=self.timers,
             name=name,
-            id_prefix=f"s{epoch}",
             epoch=epoch,
             wall_offset=self.recorded.header.started,
-            token_prefix=f"t{epoch}",
+            entropy_seed=unb64(started.seed) if started.seed else None,
         )
-        # The recorded server's database as it started, in memory (a real database would
-        # need a worker thread, which virtual time must not wait on).
-        store = MemoryStore(self._restored_changes(restored))
-        await self._launch(nursery, name, options, store=store)
+        # The recorded server's database as it started (its key included), in memory (a
+        # real database would need a worker thread, which virtual time must not wait on).
+        await self._launch(nursery, name, options, store=self._restored_store(restored))
 
-    async def _start_client(self, nursery: trio.Nursery, name: str) -> None:
+    def _recorded_epoch(self, started: Start) -> int:
+        """The table epoch the server had in the recording from ``started`` on (the first
+        one it sent), so that the tables' ACKs recorded by played clients, which name
+        it, fit the replayed server; a new one if it sent no table."""
+        after = False
+        for event in self.recorded.events:
+            if event is started:
+                after = True
+            elif after and isinstance(event, Start) and event.node == started.node:
+                break
+            elif after and isinstance(event, Send) and event.node == started.node and event.msg:
+                epoch = event.msg.get("epoch")
+                if isinstance(epoch, int) and not isinstance(epoch, bool):
+                    return epoch
+        return next(self._epochs)
+
+    async def _start_client(self, nursery: trio.Nursery, started: Start) -> None:
+        name = started.node
         host, port = self._listen_at(name)
         server = self._server_address()
         options = ClientOptions(
-            name, server[0], server[1], port, host=host, timers=self.timers, id_prefix=name
+            name,
+            server[0],
+            server[1],
+            port,
+            host=host,
+            timers=self.timers,
+            state_dir=self._state_dir,
+            entropy_seed=unb64(started.seed) if started.seed else None,
+            start_from=_client_start(started),
         )
         send_input, receive_input = trio.open_memory_channel[Input](64)
         await self._launch(
@@ -339,7 +373,7 @@ class Runner:
         except OSError:
             endpoint = await network.listen(host, 0)
         self.new_addresses[name] = endpoint.local_address
-        puppet = Puppet(name, endpoint, self._recorder)
+        puppet = Puppet(name, endpoint, self._recorder, self._live_keys(name))
         self.puppets[name] = puppet
         self.progress.puppets.add(name)
         self._recorder.node_started(
@@ -357,10 +391,23 @@ class Runner:
         if destination is None:
             return  # the node under test is not running: nothing to answer
         rewriter = Rewriter(
-            self.recorded_names, self.progress.names, under_test, self.server, self.new_addresses
+            self.recorded_names, self.progress.names, under_test, self.new_addresses
         )
-        data, message = rewriter.datagram(event.msg, event.data, event.node)
-        await self.puppets[event.node].send(data, message, destination)
+        puppet = self.puppets[event.node]
+        message = rewriter.message_of(event.msg, event.node)
+        await puppet.send(puppet.bytes_for(message, event.data), message, destination)
+
+    def _live_keys(self, name: str) -> LiveKeys | None:
+        """A client played against a running server speaks the protocol with its recorded
+        key; against a replayed node, the recorded bytes fit as they are."""
+        if self.options.target is None or self.nodes[name].role != "client":
+            return None
+        started = next(
+            (e for e in self.recorded.events if isinstance(e, Start) and e.node == name), None
+        )
+        if started is None or not started.key:
+            return None
+        return LiveKeys(name, Identity(unb64(started.key)))
 
     # --- addresses -------------------------------------------------------------------
 
@@ -399,18 +446,27 @@ class Runner:
         server = self._server_address()
         return ["chatapp", "join", name, server[0], str(server[1]), str(local[1])]
 
-    def _restored_changes(self, restored: Restored | None) -> list[Change]:
-        """What the recorded server read from its database, as the changes that made it,
-        with the addresses of this run."""
+    def _restored_store(self, restored: Restored | None) -> MemoryStore:
+        """What the recorded server read from its database, as a store made by the changes
+        that made it, with the addresses of this run."""
         if restored is None:
-            return []
+            return MemoryStore()
         changes: list[Change] = []
-        for name, ip, port, token, presence in restored.clients:
+        for name, ip, port, client_key, sid, presence in restored.clients:
             ip, port = self._new_address((ip, port))
-            changes.append(ClientSaved(name, ip, port, token, presence))
+            changes.append(ClientSaved(name, ip, port, unb64(client_key), unb64(sid), presence))
         for recipient, items in restored.mailbox.items():
             changes += [MessageStored(recipient, item) for item in items]
-        return changes
+        server_key = unb64(restored.server_key)
+        return MemoryStore(changes, key=server_key, origin=restored.origin, last_n=restored.last_n)
+
+
+def _client_start(started: Start) -> ClientStart | None:
+    """What the recorded client read from its state directory (None: not recorded)."""
+    if not started.key:
+        return None
+    marks = {unb64(key): dict(marks) for key, marks in started.marks.items()}
+    return ClientStart(unb64(started.key), unb64(started.pinned) or None, marks)
 
 
 async def _run_node_anywhere(

@@ -721,17 +721,22 @@ def test_a_whole_script_from_a_pipe_gets_plain_lines(piped: Piped) -> None:
     assert x.wait(TIMEOUT) == 0
     read_until(y.stdout, b"Channel_Message user1 : hello guys\n", y_out)
     x_lines = x.stdout.read().decode().splitlines()
-    answers = [  # in the order they came: the help at once, the two ACKs in either order
-        "[Message has been received by user2.]",
-        "[Message received by the server.]",
-    ]
-    assert x_lines[:3] == [
-        "[Leaving once the requests in flight are answered (Ctrl-C leaves now).]",
-        TABLE,
-        "[reg NAME: come back online after dereg, and receive what was stored for you.]",
-    ], x_lines
-    assert x_lines[-1] == "[Exiting]", x_lines
-    assert sorted(x_lines[3:-1]) == sorted(answers), x_lines
+    leaving = "[Leaving once the requests in flight are answered (Ctrl-C leaves now).]"
+    # How the script's lines interleave with the registration is a race (the whole
+    # script may be read before or after the first table), so only what holds either
+    # way is asserted: the table first, every answer once, `exit` saying it waits at
+    # most once, and the client leaving last.
+    assert x_lines.count(leaving) <= 1, x_lines
+    answered = [line for line in x_lines if line != leaving]
+    assert answered[0] == TABLE, x_lines
+    assert answered[-1] == "[Exiting]", x_lines
+    assert sorted(answered[1:-1]) == sorted(
+        [
+            "[Message has been received by user2.]",
+            "[Message received by the server.]",
+            "[reg NAME: come back online after dereg, and receive what was stored for you.]",
+        ]
+    ), x_lines
     assert y_out.decode().splitlines() == [
         TABLE,
         TABLE,

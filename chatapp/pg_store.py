@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import msgspec
 import psycopg
@@ -36,7 +36,7 @@ from chatapp.protocol.changes import (
     apply_changes,
 )
 from chatapp.protocol.crypto import Identity
-from chatapp.store import ServerDisk, new_origin
+from chatapp.store import ServerDisk, checked_row, new_origin, stored_item
 from chatapp.wire import Name, Port, StoredItem
 
 SCHEMA_VERSION = 2
@@ -143,32 +143,6 @@ class _ClientRow(msgspec.Struct):
     presence: Literal["online", "deregistered", "silent"]
 
 
-R = TypeVar("R")
-
-
-def _checked(values: tuple[Any, ...], kind: type[R], table: str) -> R:
-    fields = msgspec.structs.fields(kind)  # type: ignore[arg-type]
-    try:
-        return msgspec.convert(dict(zip((f.name for f in fields), values, strict=True)), kind)
-    except msgspec.ValidationError as exc:
-        raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
-
-
-def _item(
-    origin: str, n: int, msg_id: str, kind: str, sender: str, stored_at: float,
-    text: str, sig: bytes, sealed: bytes,
-) -> StoredItem:  # fmt: skip
-    """A stored row as an item, checked as a datagram's would be."""
-    fields = {
-        "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
-        "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
-    }  # fmt: skip
-    try:
-        return msgspec.convert(fields, StoredItem, from_attributes=False)
-    except (msgspec.ValidationError, TypeError) as exc:
-        raise StoreError(f"a row of mailbox is not one chatapp writes: {exc}") from None
-
-
 # --- what a server reads ---------------------------------------------------------------
 
 
@@ -200,8 +174,8 @@ def _read(conn: psycopg.Connection[Any], me: str) -> ServerDisk:
     for values in conn.execute(
         "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed"
     ):
-        row = _checked(tuple(bytes(v) if isinstance(v, memoryview) else v for v in values),
-                       _ClientRow, "clients")  # fmt: skip
+        row = checked_row(tuple(bytes(v) if isinstance(v, memoryview) else v for v in values),
+                       _ClientRow, "clients", StoreError)  # fmt: skip
         try:
             ipaddress.IPv4Address(row.ip)
         except ValueError:
@@ -216,7 +190,7 @@ def _read(conn: psycopg.Connection[Any], me: str) -> ServerDisk:
     ):
         if not isinstance(recipient, str):
             raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
-        mailbox.setdefault(recipient, []).append(_item(*row))
+        mailbox.setdefault(recipient, []).append(stored_item(row, StoreError))
     return ServerDisk(seed, origin, last_n, clients, mailbox)
 
 

@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
 import trio
@@ -47,7 +47,7 @@ from chatapp.protocol.changes import (
     apply_changes,
 )
 from chatapp.protocol.crypto import Identity
-from chatapp.store import ServerDisk, new_origin
+from chatapp.store import ServerDisk, checked_row, new_origin, stored_item
 from chatapp.wire import Key, Name, Port, StoredItem
 
 SCHEMA_VERSION = 3
@@ -320,7 +320,7 @@ class SqliteStore:
         for values in self._db.execute(
             "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed, rowid"
         ):
-            row = _checked(values, _ClientRow, "clients")
+            row = checked_row(values, _ClientRow, "clients", StoreError)
             try:
                 ipaddress.IPv4Address(row.ip)
             except ValueError:
@@ -335,7 +335,7 @@ class SqliteStore:
         ):
             if not isinstance(recipient, str):
                 raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
-            mailbox.setdefault(recipient, []).append(_item(*row))
+            mailbox.setdefault(recipient, []).append(stored_item(row, StoreError))
         return ServerDisk(server_key, origin, last_n, clients, mailbox)
 
     def load(self) -> ServerDisk:
@@ -383,33 +383,6 @@ class SqliteStore:
     def close(self) -> None:
         with self._guard:
             self._db.close()
-
-
-T = TypeVar("T")
-
-
-def _checked(values: tuple[object, ...], kind: type[T], table: str) -> T:
-    """``values`` (a row, in the order of ``kind``'s fields) as a ``kind``."""
-    fields = msgspec.structs.fields(kind)  # type: ignore[arg-type]
-    try:
-        return msgspec.convert(dict(zip((f.name for f in fields), values, strict=True)), kind)
-    except msgspec.ValidationError as exc:
-        raise StoreError(f"a row of {table} is not one chatapp writes: {exc}") from None
-
-
-def _item(
-    origin: str, n: int, msg_id: str, kind: str, sender: str, stored_at: float,
-    text: str, sig: bytes, sealed: bytes,
-) -> StoredItem:  # fmt: skip
-    """A stored row as an item, checked as a datagram's would be."""
-    fields = {
-        "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
-        "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
-    }  # fmt: skip
-    try:
-        return msgspec.convert(fields, StoredItem, from_attributes=False)
-    except (msgspec.ValidationError, TypeError) as exc:
-        raise StoreError(f"a row of mailbox is not one chatapp writes: {exc}") from None
 
 
 class _Transaction:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+import msgspec
 
 from chatapp.protocol.changes import (
     Change,
@@ -133,3 +135,33 @@ class MemoryStore:
             item = box.pop(seq, None)
             if item is not None:
                 kept.discard((item.sender, item.id))
+
+
+R = TypeVar("R")
+
+
+def checked_row(values: tuple[Any, ...], kind: type[R], table: str, error: type[Exception]) -> R:
+    """A database row (in the order of ``kind``'s fields) as a ``kind``, checked as a
+    datagram's fields would be: a file or database is outside input too. ``error`` is
+    the store's own error, raised for a row chatapp did not write."""
+    fields = msgspec.structs.fields(kind)  # type: ignore[arg-type]
+    try:
+        return msgspec.convert(dict(zip((f.name for f in fields), values, strict=True)), kind)
+    except msgspec.ValidationError as exc:
+        raise error(f"a row of {table} is not one chatapp writes: {exc}") from None
+
+
+def stored_item(row: list[Any] | tuple[Any, ...], error: type[Exception]) -> StoredItem:
+    """A mailbox row (origin, n, id, kind, sender, stored_at, text, sig, sealed) as an
+    item, checked as a datagram's would be."""
+    if len(row) != 9:
+        raise error("a row of mailbox is not one chatapp writes: its columns")
+    origin, n, msg_id, kind, sender, stored_at, text, sig, sealed = row
+    fields = {
+        "seq": [origin, n], "id": msg_id, "kind": kind, "sender": sender,
+        "stored_at": stored_at, "text": text, "sig": bytes(sig), "sealed": bytes(sealed),
+    }  # fmt: skip
+    try:
+        return msgspec.convert(fields, StoredItem, from_attributes=False)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise error(f"a row of mailbox is not one chatapp writes: {exc}") from None

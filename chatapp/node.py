@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar, cast
 
 import trio
 
@@ -39,6 +39,8 @@ from chatapp.protocol.server import ServerProtocol
 from chatapp.store import Store
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
+
+T = TypeVar("T")
 
 #: What a client's input channel carries (``chatapp.protocol.inputs``).
 Input = ClientInput
@@ -274,6 +276,16 @@ class Node:
         if self.screen is not None and not isinstance(item, Signal):
             self.screen.typed()
         await self._handle(client.handle_input, item)
+
+    async def handle_outside(
+        self, read: Callable[[], Awaitable[T]], handler: Callable[[T, float], list[Effect]]
+    ) -> None:
+        """What came from elsewhere than the node's socket (other servers' changes to a
+        shared database): ``read`` it, then hand it to ``handler``, both under the node's
+        lock, so that none of the node's own handlings runs in between."""
+        async with self._lock:
+            value = await read()
+            await self._apply_locked(handler(value, trio.current_time()))
 
     # --- carrying out effects ---------------------------------------------------------
 

@@ -22,14 +22,7 @@ from test_e2e import (
     stop_server,
 )
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.postgres,
-    pytest.mark.skip(
-        reason="several servers sharing one PostgreSQL database are not ported to"
-        " protocol 2 yet (no sharing of the table and delivery streams between servers)"
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 __all__ = ["env", "start"]  # the fixtures, used by name
 

@@ -27,7 +27,6 @@ NOT_PORTED = pytest.mark.skip(
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 
-@NOT_PORTED
 def test_clients_of_two_servers_see_one_table(tmp_path: Path, pg_url: str) -> None:
     env = chatapp_env(tmp_path)
     a_port, b_port, x_port, y_port = free_udp_ports(4)
@@ -54,7 +53,6 @@ def test_clients_of_two_servers_see_one_table(tmp_path: Path, pg_url: str) -> No
         assert "Traceback" not in proc.output, proc.output
 
 
-@NOT_PORTED
 def test_a_killed_servers_clients_move_and_get_what_was_stored_for_them(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -137,7 +135,6 @@ def test_the_seeds_test_2_on_a_postgresql_server_ends_as_it_always_did(
     ]
 
 
-@NOT_PORTED
 def test_the_clients_of_a_stopped_server_go_offline_after_the_heartbeat_timeout(
     tmp_path: Path, pg_url: str
 ) -> None:

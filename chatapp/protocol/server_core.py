@@ -97,6 +97,8 @@ class ServerCore(Machine[Waiting]):
         #: (a refusal must be boxed to the key, should the commit fail).
         self._registering: dict[Hashable, bytes] = {}
         self._sessions_ended: dict[bytes, Session] = {}  # since the checkpoint
+        #: The clients that other servers sharing the database serve (``sharing``).
+        self.elsewhere: set[str] = set()
 
     @property
     def clients(self) -> dict[str, ClientRecord]:

@@ -92,6 +92,8 @@ class ClientOptions:
     entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
     # A replay's: what the recorded client read from disk; then nothing is read.
     start_from: ClientStart | None = None
+    #: Servers sharing the first one's database, moved to in turn when it stops answering.
+    other_servers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,7 @@ def _client_node(
         marks={key: dict(marks) for key, marks in start.marks.items()},
         timers=options.timers,
         pins_file=str(state_dir / PINS_FILE),
+        other_servers=options.other_servers,
     )
     started: dict[str, object] = {}
     if seed is not None:  # the trace holds what a replay needs: secrets (it says so)

@@ -101,14 +101,14 @@ class ServerSharing(ServerPresence):
     def _take_record(self, record: ClientRecord) -> list[Effect]:
         """``record`` as another server saved it: that server serves it now (a client of
         this one that registered there moved)."""
-        self.elsewhere.add(record.name)
         held = self.clients.get(record.name)
         effects: list[Effect] = []
-        if held is not None:
+        if held is not None and record.name not in self.elsewhere:  # it was this one's
             self._end_session(held)
             self._retry.end(("rekey", record.name))
             self._returning.discard(record.name)
             effects += self._stop_stream(record.name)
+        self.elsewhere.add(record.name)
         self._end_waits(self.followers.offline(record.name))
         if held is None or held.entry() != record.entry() or held.presence != record.presence:
             self.roster.add(record)

@@ -1,5 +1,5 @@
 """The server's delivery rules: saves, relays, each recipient's delivery stream, and
-channel messages (a layer of the server's state machine, on ``presence``; see
+channel messages (a layer of the server's state machine, on ``sharing``; see
 ``server_core``).
 
 A save is stored first, with its place in the recipient's stream (the

@@ -312,6 +312,7 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
+    server: OtherServersOption = None,
     state_dir: Annotated[
         str | None,
         typer.Option(
@@ -322,7 +323,6 @@ def join(
             ),
         ),
     ] = None,
-    server: OtherServersOption = None,
     ack_timeout: AckTimeoutOption = 0.5,
     tries: TriesOption = 5,
 ) -> None:

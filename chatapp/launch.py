@@ -371,7 +371,16 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
     port = str(endpoint.local_address[1])
     if isinstance(options, ServerOptions):
         return ["chatapp", "serve", port]
-    return ["chatapp", "join", options.name, options.server_ip, str(options.server_port), port]
+    others = [arg for ip, p in options.other_servers for arg in ("--server", f"{ip}:{p}")]
+    return [
+        "chatapp",
+        "join",
+        options.name,
+        options.server_ip,
+        str(options.server_port),
+        port,
+        *others,
+    ]
 
 
 __all__ = [

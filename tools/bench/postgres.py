@@ -31,7 +31,7 @@ from chatapp.testing.postgres import (
 )
 from chatapp.wire import ChannelDelivery, Chat, Mailbox, NotStored, Relay, Table, TableDelta
 
-from .benches import TEXT, _register_sink, _save_request, _Target
+from .benches import TEXT, Target, register_sink, save_request
 from .loadgen import HOST, SimClient, close_clients, open_clients, register_all, run_closed_loop
 from .procs import BenchError, chatapp_servers
 from .report import Figure, median, unavailable
@@ -86,16 +86,16 @@ def _postgres(sizes: Sizes, stack: contextlib.ExitStack) -> list[Figure]:
     started = stack.enter_context(
         chatapp_servers({**_SERVE, "db": chat_url}, {**_SERVE, "db": str(work / "s.sqlite3")})
     )
-    pg, sqlite = (_Target(port, sizes.load_clients, True, pid) for port, pid in started)
+    pg, sqlite = (Target(port, sizes.load_clients, True, pid) for port, pid in started)
     stack.callback(pg.close)
     stack.callback(sqlite.close)
     floor = 0.0
     for _ in range(sizes.rounds):  # the loads take turns; each keeps its best round
-        pg.load("saves", _save_request, sizes, sizes.window)
-        sqlite.load("saves", _save_request, sizes, sizes.window)
+        pg.load("saves", save_request, sizes, sizes.window)
+        sqlite.load("saves", save_request, sizes, sizes.window)
         floor = max(floor, _insert_loop(bare_url, sizes.load_seconds))
     one = run_closed_loop(
-        pg.clients[:1], pg.server, _save_request, window=1, duration=sizes.load_seconds * 2
+        pg.clients[:1], pg.server, save_request, window=1, duration=sizes.load_seconds * 2
     )
     bare_one = _insert_loop(bare_url, sizes.load_seconds)
     n = sizes.load_clients
@@ -180,7 +180,7 @@ class _Deployment:
 
     def saves_to_another_server(self, sizes: Sizes) -> float:
         """Clients of the first server save for an offline client of the last one."""
-        sink = _register_sink(self.servers[-1])
+        sink = register_sink(self.servers[-1])
         savers = self.groups[0][:16]
         for client in savers:
             assert client.raw is not None
@@ -188,7 +188,7 @@ class _Deployment:
                 sink, Chat(client.raw.new_id(), TEXT, bytes(8))
             )
         result = run_closed_loop(
-            savers, self.servers[0], _save_request, window=sizes.window,
+            savers, self.servers[0], save_request, window=sizes.window,
             duration=sizes.load_seconds, warmup=0.1,
         )  # fmt: skip
         if result.refused:

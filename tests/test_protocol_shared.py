@@ -178,15 +178,34 @@ def test_a_client_of_a_stopped_server_swept_by_another_is_asked_to_come_and_move
     assert x.server == B and b.clients["user1"].online and b.mailbox == {}
 
 
-def test_a_client_given_no_other_server_ignores_a_rekey_from_elsewhere() -> None:
+def test_a_client_given_no_other_server_asked_to_rekey_by_another_stays_while_its_own_answers() -> (
+    None
+):
     sim, _, b = two_servers()
     x = join(sim, "user1", SERVER)  # no --server
     record = b.clients["user1"]
     sim.apply(B, [b._ask_to_rekey(record, sim.now)])
     sim.pump()
     sim.run(3.0)
-    assert x.server == SERVER
+    assert x.server == SERVER and x.session is not None  # registered again at A
     assert not any("Moving" in line for line in sim.lines("user1"))
+
+
+def test_a_client_given_no_other_server_moves_to_the_one_that_swept_it_if_its_own_is_gone() -> None:
+    sim, _, b = two_servers()
+    x = join(sim, "user1", SERVER)  # no --server
+    join(sim, "user2", B)
+    sim.nodes.pop(SERVER, None)  # A is killed
+    sim.type("user2", "send_all stored for user1")
+    record = b.clients["user1"]
+    swept = ClientSaved("user1", *record.addr, record.key, record.sid, Presence.SILENT)
+    sim.apply(B, b.handle_swept([swept], sim.now))
+    sim.pump()
+    sim.run(5.0)  # a hello to A first (5 tries), then to B
+    lines = sim.lines("user1")
+    assert screen.moving_server(SERVER_TEXT, B_TEXT) in lines
+    assert any("Channel_Message user2 : stored for user1" in line for line in lines)
+    assert x.server == B and b.clients["user1"].online
 
 
 def test_a_reload_takes_what_the_server_missed() -> None:

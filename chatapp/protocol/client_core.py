@@ -269,13 +269,19 @@ class ClientCore(Machine[Waiting]):
         """The server (its signature says so) no longer has this session: register again,
         silently, then send what waits in the new session. From another of this client's
         servers (they share the key): its server stopped, and that one took its clients
-        over: register there."""
+        over: register there. From another address the client was not given: that
+        server is tried if the client's own does not answer."""
         if self.session is None or message.sid != self.session.sid:
             return [Log("a rekey for another session: ignored", "debug")]
         if self.rekeying:
             return []
         if sender.addr != self.server and sender.addr in self.servers:
             return self._move_to(sender.addr, now, 0)
+        if sender.addr != self.server:
+            # Another server holding the key: one sharing the database, which took this
+            # client over when its own server was taken for stopped. The client registers
+            # again at its own server, and moves to that one if its own does not answer.
+            self.servers.append(sender.addr)
         self.rekeying = True
         return [Log("the server asked to register again (it restarted)"), *self._hello(now)]
 

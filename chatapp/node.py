@@ -36,7 +36,7 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
-from chatapp.store import Store
+from chatapp.store import ServerDisk, Store
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
 
@@ -308,7 +308,7 @@ class Node:
         # answer leaves before the change it reports is on disk.
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and not await self._commit(changes):
-            effects = self._roll_back()
+            effects = await self._roll_back()
         for effect in effects:
             if isinstance(effect, Send):
                 await self._send(effect)
@@ -353,15 +353,18 @@ class Node:
             self.log(Log("database writes work again"))
         return True
 
-    def _roll_back(self) -> list[Effect]:
+    async def _roll_back(self) -> list[Effect]:
         """After a failed commit: none of the handling's effects leave, and the state
         machine goes back to what its disk holds (a server's database; a client's state
-        file, whose marks it remembers)."""
+        file, whose marks it remembers). A store across a network (PostgreSQL) is read
+        without blocking the loop (its ``load_async``)."""
         protocol = self.protocol
         if isinstance(protocol, ClientProtocol):
             return protocol.rollback(trio.current_time())
+        store = cast(Store, self.store)
+        load_async: Callable[[], Awaitable[ServerDisk]] | None = getattr(store, "load_async", None)
         try:
-            disk = cast(Store, self.store).load()
+            disk = await load_async() if load_async is not None else store.load()
         except Exception as exc:  # a database that can be neither written nor read
             self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
             self.stop()

@@ -249,6 +249,10 @@ class PgStore:
             return loaded
         return self._commits.transaction(_read, self.me)
 
+    async def load_async(self) -> ServerDisk:
+        """``load`` in a worker thread (after a failed commit: the loop goes on)."""
+        return await trio.to_thread.run_sync(self.load)
+
     async def commit(self, changes: list[Change]) -> None:
         # Not abandoned on cancel: a commit that started finishes before the node goes on.
         await trio.to_thread.run_sync(self._commits.transaction, _commit, changes, self.me)

@@ -4,6 +4,7 @@ run on a virtual clock)."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,36 @@ async def _until(condition: Any, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.02)
+
+
+async def test_a_commit_on_a_connection_the_database_ended_is_refused_and_the_next_goes_through(
+    pg_url: str,
+) -> None:
+    """Every connection of a running server ended by the database: the next
+    registration's commit fails, the server reads the database again (in a worker
+    thread) and refuses it; the one after it is registered on a new connection."""
+    import trio
+
+    from chatapp.launch import ServerOptions, run_node
+    from chatapp.net import UDP
+    from chatapp.node import Node
+    from chatapp.protocol.server import CANNOT_STORE
+    from chatapp.testing.raw import RawClient, handshake
+
+    options = ServerOptions(port=0, host="127.0.0.1", db=pg_url, epoch=1, wall_offset=0.0)
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(partial_run(run_node, options, lambda entry: None))
+        server = ("127.0.0.1", node.endpoint.local_address[1])
+        endpoint = await UDP.listen("127.0.0.1", 0)
+        try:
+            port = endpoint.local_address[1]
+            others = "pid <> pg_backend_pid() AND datname = current_database()"
+            sql(pg_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}")
+            with pytest.raises(RuntimeError, match=re.escape(CANNOT_STORE)):
+                await handshake(endpoint, server, RawClient("user1", port))
+            await handshake(endpoint, server, RawClient("user2", port))
+            assert set(node.protocol.clients) == {"user2"}
+            assert sql(pg_url, "SELECT name FROM clients") == [("user2",)]
+        finally:
+            endpoint.close()
+            nursery.cancel_scope.cancel()

@@ -117,11 +117,13 @@ def run(
     timeout: float,
     tests: list[str] | None,
     out: TextIO | None = sys.stdout,
+    traces: list[str] | None = None,
 ) -> tuple[list[Outcome], list[str]] | str:
-    """Every mutant's outcome (in catalogue order) and the traces replayed, or why the run
-    could not be made. Progress goes to ``out`` (None: nowhere)."""
+    """Every mutant's outcome (in catalogue order) and the traces replayed (``traces``:
+    these only), or why the run could not be made. Progress goes to ``out`` (None:
+    nowhere)."""
     workspace = Workspace.of(root)
-    workspace.traces = shipped_traces(workspace.files)
+    workspace.traces = [t for t in shipped_traces(workspace.files) if not traces or t in traces]
     if not workspace.traces:
         return f"no traces under {root / 'traces'}: nothing to replay"
     passing, problems = baseline(workspace, timeout)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from chatapp_tools.replay import show
+from chatapp_tools.replay import pictures, show
 from chatapp_tools.replay.cli import main
 from chatapp_tools.replay.show import fit_label, timeline
 from chatapp_tools.replay.traces import read_trace
@@ -132,3 +132,19 @@ def test_a_file_that_cannot_be_written_is_one_line(
         main(["show", str(TEST3), "--svg", str(tmp_path / "no" / "such.svg")])
     assert done.value.code == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_control_characters_in_a_trace_reach_neither_the_terminal_nor_the_svg(
+    tmp_path: Path,
+) -> None:
+    lines = TEST3.read_text(encoding="utf-8").splitlines()
+    edited = [
+        line.replace('"line":"[Client Table Updated]"', '"line":"\\u001b[2J\\u0001 bell\\u0007"')
+        for line in lines
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(edited) + "\n", encoding="utf-8")
+    trace = read_trace(str(path))
+    text = timeline(trace, width=100)
+    assert "\\x1b[2J\\x01 bell\\x07" in text and "\x1b" not in text and "\x07" not in text
+    ET.fromstring(pictures.svg(trace))  # no character XML refuses

@@ -8,6 +8,7 @@ import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+from chatapp.screen import printable
 from chatapp.trace import Event, Exited, Input, Recv, Send, Shown, Start, Trace
 
 from .describe import describe
@@ -45,6 +46,9 @@ def rows(trace: Trace, *, acks: bool = True) -> list[Row]:
             continue
         if not acks and row.kind == "datagram" and row.label == "ack":
             continue
+        # A trace is a file from outside: no control character reaches a terminal or a
+        # drawing (XML takes none either).
+        row.label = printable(row.label)
         result.append(row)
     return result
 

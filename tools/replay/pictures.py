@@ -8,6 +8,7 @@ from html import escape as html_escape
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from chatapp.screen import printable
 from chatapp.trace import Trace
 
 from .show import Row, mermaid, message_type, participants, rows
@@ -74,7 +75,7 @@ def svg(trace: Trace, *, acks: bool = True) -> str:
     for name in columns:
         parts.append(
             f'<text x="{x[name]}" y="{TOP - 20}" text-anchor="middle" font-weight="bold"'
-            f' fill="{colour[name]}">{escape(name)}</text>'
+            f' fill="{colour[name]}">{escape(printable(name))}</text>'
             f'<line x1="{x[name]}" y1="{TOP - 12}" x2="{x[name]}" y2="{bottom}"'
             f' stroke="{colour[name]}" stroke-opacity="0.5"/>'
         )

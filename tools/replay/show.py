@@ -168,7 +168,8 @@ def timeline(trace: Trace, *, width: int = 80, acks: bool = True, colour: bool =
     colours = node_colours(columns) if colour else None
     header = Canvas.blank(total)
     for index, name in enumerate(columns):
-        shown = name if len(name) <= column - 1 else name[: max(column - 2, 1)] + "~"
+        shown = printable(name)
+        shown = shown if len(shown) <= column - 1 else shown[: max(column - 2, 1)] + "~"
         header.put(index * column + (column - len(shown)) // 2, shown, name)
     lines = ["time (s)  " + header.render(colours)]
     for row in drawn:

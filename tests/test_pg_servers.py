@@ -12,6 +12,7 @@ import pytest
 from _harness import Proc, chatapp_env, free_udp_ports, join, serve
 
 from chatapp import screen
+from chatapp.testing.postgres import PgServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -115,3 +116,56 @@ def test_a_message_saved_on_postgresql_survives_sigkill_and_the_same_key_serves_
     for proc in procs:
         assert "Traceback" not in proc.output, proc.output
     assert sum("hello? are you still there" in line for line in x.lines()) == 1
+
+
+def test_a_server_stays_up_through_a_database_outage_and_works_at_once_when_it_ends(
+    tmp_path: Path, pg_server: PgServer, pg_url: str
+) -> None:
+    """The database stopped and started again (pg_ctl, -m fast), nothing asked
+    meanwhile: the first request goes through (its connection, ended by the database,
+    is replaced at BEGIN). The database stopped: a request that needs a write is
+    refused with the storage line, a direct message goes on, the server stays up; it
+    started again: the first request goes through."""
+    env = chatapp_env(tmp_path)
+    server_port, x_port, y_port, z_port, w_port = free_udp_ports(5)
+    server = serve(server_port, env, db=pg_url)
+    procs = [server]
+    try:
+        x = join("user1", server_port, x_port, env)
+        procs.append(x)
+        x.expect(screen.TABLE_UPDATED)
+        y = join("user2", server_port, y_port, env)
+        procs.append(y)
+        x.expect(screen.TABLE_UPDATED, count=2)
+        z = join("user3", server_port, z_port, env)
+        procs.append(z)
+        z.expect(screen.TABLE_UPDATED)
+        z.type("dereg user3")  # a send_all is stored for it: a write
+        z.expect(screen.YOU_ARE_OFFLINE)
+        x.expect(screen.TABLE_UPDATED, count=4)
+        pg_server.stop()  # nothing asked meanwhile: the server's connections are dead
+        pg_server.start(port=pg_server.port)
+        w = join("user4", server_port, w_port, env)  # the first request after it
+        procs.append(w)
+        w.expect(screen.TABLE_UPDATED)
+        pg_server.stop()
+        try:
+            x.type("send_all while the database is down")
+            x.expect(screen.CANNOT_STORE, timeout=15)
+            x.type("send_all again")
+            x.expect(screen.CANNOT_STORE, timeout=15, count=2)
+            x.type("send user2 peer to peer")
+            y.expect(screen.chat("user1", "peer to peer"))
+            assert server.popen.poll() is None, server.output
+        finally:
+            pg_server.start(port=pg_server.port)
+        x.type("send_all the database is back")  # the first request after it
+        y.expect(screen.channel_message("user1", "the database is back"))
+        w.expect(screen.channel_message("user1", "the database is back"))
+        assert server.popen.poll() is None
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert "stopping" not in server.output and "Traceback" not in server.output
+    assert "back to what it held last" in server.output
+    assert not any("while the database is down" in line for line in y.lines())

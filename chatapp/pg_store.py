@@ -351,7 +351,8 @@ def _sweep(conn: psycopg.Connection[Any], me: str) -> list[Change]:
         server
         for (server,) in conn.execute(
             "SELECT id FROM servers WHERE id <> %s"
-            " AND beat < statement_timestamp() - make_interval(secs => %s) FOR UPDATE",
+            " AND beat < statement_timestamp() - make_interval(secs => %s)"
+            " ORDER BY id FOR UPDATE",  # one order: two sweeping servers never deadlock
             (me, HEARTBEAT_TIMEOUT),
         )
     ]

@@ -391,7 +391,8 @@ class _Transaction:
             " key = excluded.key, sid = excluded.sid, presence = excluded.presence,"
             " changed = excluded.changed, home = excluded.home"
             " WHERE clients.key = excluded.key"
-            " AND (excluded.presence = 'online' OR clients.sid = excluded.sid)"
+            " AND (excluded.presence = 'online' OR clients.sid = excluded.sid"
+            "  AND (clients.home = excluded.home OR clients.home IS NULL))"
             " RETURNING name",
             (
                 change.name, change.ip, change.port, change.key, change.sid,
@@ -401,8 +402,9 @@ class _Transaction:
         if saved is not None:
             return
         # A client is marked offline (or deregistered) only in the session the row still
-        # names: one that registered again meanwhile, at any server, is not undone (the
-        # transaction is rolled back; this server reads what the database holds).
+        # names, by the server the row names (or none, after a sweep): one that
+        # registered again meanwhile, at any server, is not undone (the transaction is
+        # rolled back; this server reads what the database holds).
         same_key = self._conn.execute(
             "SELECT key = %s FROM clients WHERE name = %s", (change.key, change.name)
         ).fetchone()

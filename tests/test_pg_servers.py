@@ -6,12 +6,15 @@ heartbeat timeout and the sweep are checked end to end in ``test_pg_seeds`` (iss
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from _harness import Proc, chatapp_env, free_udp_ports, join, serve
 
 from chatapp import screen
+from chatapp.pg_store import HEARTBEAT_TIMEOUT, server_id
 from chatapp.testing.postgres import PgServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -169,3 +172,48 @@ def test_a_server_stays_up_through_a_database_outage_and_works_at_once_when_it_e
     assert "stopping" not in server.output and "Traceback" not in server.output
     assert "back to what it held last" in server.output
     assert not any("while the database is down" in line for line in y.lines())
+
+
+def test_a_server_restarted_as_another_sweeps_it_keeps_the_client_that_came_back(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A killed; B sweeps A's client z1 (A's heartbeat is made old in the database, as
+    if the timeout had passed) and asks it to come; A is started again at once, and z1
+    (given no other server) registers again at A. B's wait for z1 runs out: z1 stays
+    online at A (B does not mark it offline), and a send_all reaches it live."""
+    env = chatapp_env(tmp_path)
+    a_port, b_port, z_port, y_port = free_udp_ports(4)
+    a = serve(a_port, env, db=pg_url)
+    procs = [a]
+    try:
+        b = serve(b_port, env, db=pg_url)
+        procs.append(b)
+        z = join("z1", a_port, z_port, env)  # no --server
+        procs.append(z)
+        z.expect(screen.TABLE_UPDATED)
+        y = join("y1", b_port, y_port, env)
+        procs.append(y)
+        z.expect(screen.TABLE_UPDATED, count=2)
+        a.kill()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE servers SET beat = now() - make_interval(secs => %s) WHERE id = %s",
+                (HEARTBEAT_TIMEOUT + 1, server_id(a_port)),
+            )
+        swept = "marked offline 1 clients of servers whose heartbeat stopped"
+        b.wait_for(lambda lines: any(swept in line for line in lines), 5, swept)
+        a = serve(a_port, env, db=pg_url)
+        procs.append(a)
+        a.wait_for(lambda lines: any("registered z1" in line for line in lines), 5, "z1")
+        time.sleep(3.0)  # B's wait for z1 (5 tries of 0.5 s) has run out
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT presence, home FROM clients WHERE name = 'z1'").fetchone()
+        assert row == ("online", server_id(a_port))
+        y.type("send_all z1 is at A")
+        z.expect(screen.channel_message("y1", "z1 is at A"), timeout=5)
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert "did not come back" not in b.output
+    for proc in procs:
+        assert "Traceback" not in proc.output, proc.output

@@ -282,8 +282,9 @@ async def test_a_client_registered_again_is_not_marked_offline_by_a_stale_decisi
     pg_url: str,
 ) -> None:
     """The database decides, in the committing transaction: a client is marked offline
-    only in the session its row still names (another server's "did not come back" for
-    a client that registered again meanwhile is rolled back), and a sweep does not take
+    only in the session its row still names, by the server it names or none (another
+    server's "did not come back" for a client that registered again meanwhile is rolled
+    back), and a sweep does not take
     a server for stopped whose row a starting server is writing (it waits, then reads
     the fresh heartbeat)."""
     import trio
@@ -296,6 +297,8 @@ async def test_a_client_registered_again_is_not_marked_offline_by_a_stale_decisi
         await a.commit([ClientSaved("z1", "10.0.0.5", 9001, KEY1, sid2, Presence.ONLINE)])
         with pytest.raises(Superseded):  # B still knows z1's session before it came back
             await b.commit([ClientSaved("z1", "10.0.0.5", 9001, KEY1, SID, Presence.SILENT)])
+        with pytest.raises(Superseded):  # B knows the session, but z1 is A's
+            await b.commit([ClientSaved("z1", "10.0.0.5", 9001, KEY1, sid2, Presence.SILENT)])
         rows = "SELECT name, presence, home FROM clients"
         assert sql(pg_url, rows) == [("z1", "online", "a")]
         stale = f"now() - make_interval(secs => {HEARTBEAT_TIMEOUT + 1})"

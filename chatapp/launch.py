@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from chatapp.net import UDP, Endpoint, Network
+from chatapp.net import UDP, Endpoint, Network, SendFaults
 from chatapp.node import Input, Node, Screen
 from chatapp.protocol.admission import Admission, Limits
 from chatapp.protocol.client import ClientProtocol
@@ -151,6 +151,7 @@ async def run_node(
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
+    faults: SendFaults | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run the node that ``options`` describe until it exits; its exit status.
@@ -160,7 +161,8 @@ async def run_node(
     A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
     the node once the endpoint is bound (a terminal's input line starts then, completes
     names from the state machine's table and hands typed lines to ``Node.take_input``),
-    and reads ``inputs``. ``argv`` is what the trace says started the node.
+    and reads ``inputs``. ``argv`` is what the trace says started the node; ``faults``
+    (tests, scenarios, replays) are injected where it sends.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -179,6 +181,7 @@ async def run_node(
             node = _client_node(options, endpoint, recorder, log, entropy, seed)
             node.screen = make_screen(node) if make_screen is not None else screen
         argv = argv if argv is not None else _argv(options, endpoint)
+        node.faults = faults
         status = await node.run(inputs, argv=argv, task_status=task_status)
     return status
 

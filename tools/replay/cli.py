@@ -392,8 +392,10 @@ def _shareable(path: str) -> str:
 async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
     from chatapp.net import UDP
     from chatapp.protocol.common import Timers
-    from chatapp.testing import Cluster, MemoryNetwork
+    from chatapp.testing import Cluster, Faults, MemoryNetwork
     from chatapp.trace import JsonlRecorder, complete_header
+
+    from .plan import TRANSIT
 
     try:
         recorder = JsonlRecorder.open(
@@ -412,7 +414,10 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
             async with trio.open_nursery() as nursery:
                 cluster = Cluster(
                     nursery,
-                    MemoryNetwork() if virtual else UDP,
+                    # in virtual time every datagram takes what a replay gives it
+                    MemoryNetwork(Faults(min_delay=TRANSIT[0], max_delay=TRANSIT[0]))
+                    if virtual
+                    else UDP,
                     recorder=recorder,
                     wall_offset=time.time() - trio.current_time(),
                     state_dir=Path(state_dir),

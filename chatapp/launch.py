@@ -344,7 +344,9 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
     """The command line that would start this node where it listens."""
     port = str(endpoint.local_address[1])
     if isinstance(options, ServerOptions):
-        return ["chatapp", "serve", port]
+        limit = options.mailbox_limit
+        more = ["--mailbox-limit", str(limit)] if limit != DEFAULT_MAILBOX_LIMIT else []
+        return ["chatapp", "serve", port, *more]
     return ["chatapp", "join", options.name, options.server_ip, str(options.server_port), port]
 
 

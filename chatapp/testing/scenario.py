@@ -2,7 +2,8 @@
 
 A scenario is a small text file, one step per line (``#`` starts a comment)::
 
-    serve                          start the server
+    serve                          start the server (``serve --mailbox-limit 2``: with
+                                   room for 2 stored messages per client)
     join user1                     start a client (ports are picked for you)
     type user1 send user2 hello    type a line at user1's prompt
     expect user1 [Client Table Updated]
@@ -13,7 +14,9 @@ A scenario is a small text file, one step per line (``#`` starts a comment)::
                                    its port, with its database)
     kill user1                     user1 stops without a word (a crash); ``join user1``
                                    again starts it anew (its key and state directory,
-                                   a new port; ``join user1 same-port``: the old one)
+                                   a new port; ``join user1 same-port``: the old one;
+                                   ``join user1 new-key``: a new key, from a state
+                                   directory of its own)
     wait 0.6                       let time pass
     exits user1 1                  wait until user1 exits with that status
     drop user1 -> user2 chat       the next chat datagram user1 sends user2 is lost
@@ -48,6 +51,7 @@ from chatapp.net import Network
 from chatapp.node import Input, Node
 from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import Signal
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.store import MemoryStore, Store
 from chatapp.testing.faults import FaultKind, FaultPlan
 from chatapp.testing.screen import CapturedScreen
@@ -61,7 +65,7 @@ STEP_KINDS = (
     "serve", "join", "type", "expect", "interrupt", "hangup", "stop", "kill", "wait", "exits",
     *FAULT_KINDS, "faults",
 )  # fmt: skip
-SAME_PORT = "same-port"
+SAME_PORT, NEW_KEY = "same-port", "new-key"
 #: How long an ``expect`` or ``exits`` waits before the scenario fails.
 EXPECT_TIMEOUT = 10.0
 
@@ -94,7 +98,8 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
                 f"{source}:{number}: unknown step {kind!r} (steps: {', '.join(STEP_KINDS)})"
             )
         if kind == "serve":
-            steps.append(Step(kind, SERVER, line_no=number))
+            _mailbox_limit(rest, f"{source}:{number}")
+            steps.append(Step(kind, SERVER, rest, number))
         elif kind in FAULT_KINDS or kind == "faults":
             _fault_args(kind, rest, f"{source}:{number}")
             steps.append(Step(kind, text=rest, line_no=number))
@@ -149,6 +154,16 @@ def _fault_args(kind: str, text: str, where: str) -> FaultArgs:
         shape = "LOSS DUP SEED" if kind == "faults" else "FROM -> TO TYPE [COUNT]"
         shape = "FROM -> TO TYPE SECONDS [COUNT]" if kind == "delay" else shape
         raise ScenarioError(f"{where}: {kind} takes {shape}, not {text!r}") from None
+
+
+def _mailbox_limit(text: str, where: str) -> int:
+    """``serve``'s option: ``--mailbox-limit N`` (or nothing: the default)."""
+    words = text.split()
+    if not words:
+        return DEFAULT_MAILBOX_LIMIT
+    if len(words) == 2 and words[0] == "--mailbox-limit" and words[1].isdigit():
+        return int(words[1])
+    raise ScenarioError(f"{where}: serve takes --mailbox-limit N or nothing, not {text!r}")
 
 
 def load_scenario(path: str | Path) -> list[Step]:
@@ -230,6 +245,7 @@ class Cluster:
             timers=self.timers,
             epoch=self._epoch,
             wall_offset=self._wall_offset,
+            mailbox_limit=_mailbox_limit(step.text, f"line {step.line_no}"),
         )
         self._server_done = trio.Event()
         node = await self._nursery.start(self._run_server, options, self._server_done)
@@ -261,9 +277,12 @@ class Cluster:
         if step.node in self.clients and not self.clients[step.node].done.is_set():
             raise ScenarioError(f"line {step.line_no}: {step.node} has already joined")
         name, again = step.node, self.clients.get(step.node)
-        if step.text not in ("", SAME_PORT) or (step.text and again is None):
-            raise ScenarioError(f"line {step.line_no}: join takes a name (and {SAME_PORT})")
-        port = again.port if step.text and again is not None else 0
+        if step.text not in ("", SAME_PORT, NEW_KEY) or (step.text == SAME_PORT and not again):
+            raise ScenarioError(
+                f"line {step.line_no}: join takes a name (and {SAME_PORT} or {NEW_KEY})"
+            )
+        port = again.port if step.text == SAME_PORT and again is not None else 0
+        state_dir = self.state_dir / f"{NEW_KEY}-{step.line_no}" if step.text == NEW_KEY else None
         report = self._on_line
         on_line = (lambda line: report(name, line)) if report is not None else None
         screen = CapturedScreen(on_line=on_line)
@@ -275,7 +294,7 @@ class Cluster:
             port=port,
             host=self.host,
             timers=self.timers,
-            state_dir=str(self.state_dir),
+            state_dir=str(state_dir or self.state_dir),
         )
         handle = ClientHandle(screen, send_input)
         self.clients[name] = handle

@@ -61,7 +61,7 @@ from .plan import (
     recorded_transit,
 )
 from .puppets import LiveKeys, Puppet, Rewriter
-from .starts import client_start, recorded_faults, restored_store
+from .starts import client_start, mailbox_limit, recorded_faults, restored_store
 
 
 class Progress:
@@ -297,6 +297,7 @@ class Runner:
             epoch=epoch,
             wall_offset=self.recorded.header.started,
             entropy_seed=unb64(started.seed) if started.seed else None,
+            mailbox_limit=mailbox_limit(started.argv),
         )
         # The recorded server's database as it started (its key included), in memory (a
         # real database would need a worker thread, which virtual time must not wait on).

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from chatapp.launch import ClientStart
 from chatapp.protocol.changes import Change, ClientSaved, MessageStored
 from chatapp.protocol.crypto import unb64
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.store import MemoryStore
 from chatapp.testing.faults import FaultPlan
 from chatapp.trace import Fault, Restored, Start, Trace
@@ -29,6 +30,14 @@ def client_start(started: Start) -> ClientStart | None:
         return None
     marks = {unb64(key): dict(marks) for key, marks in started.marks.items()}
     return ClientStart(unb64(started.key), unb64(started.pinned) or None, marks)
+
+
+def mailbox_limit(argv: list[str]) -> int:
+    """The ``--mailbox-limit`` a recorded server was started with (its argv)."""
+    for option, value in zip(argv, argv[1:], strict=False):
+        if option == "--mailbox-limit" and value.isdigit():
+            return int(value)
+    return DEFAULT_MAILBOX_LIMIT
 
 
 def restored_store(

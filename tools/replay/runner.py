@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -104,19 +105,20 @@ class Progress:
                 continue
             return False
 
-    async def keep_gap(self, action: Action, ack_timeout: float) -> None:
+    async def keep_gap(self, action: Action, longest: float) -> None:
         """Let as much time pass after the event that preceded the action as did in the
-        recording, up to one ACK timeout: a line typed while a timer ran elsewhere is
-        then typed at the same point of that timer. Beyond the timeout every timer
-        armed by then has fired, and the events it caused were waited for already,
-        so longer gaps (think time) are cut."""
+        recording, up to ``longest``: a line typed while a timer ran elsewhere is then
+        typed at the same point of that timer. On real sockets that is one ACK timeout:
+        beyond it every timer armed by then has fired, and the events it caused were
+        waited for already, so longer gaps (think time) are cut. In virtual time no gap
+        is cut (waiting costs nothing): every step comes when it came."""
         if action.anchor is None:
             return
         node, index = action.anchor
         times = self.times.get(node, [])
         if index >= len(times):
             return
-        await trio.sleep_until(times[index] + min(action.gap, ack_timeout + 0.05))
+        await trio.sleep_until(times[index] + min(action.gap, longest))
 
     async def after_cause(self, action: Action, done_at: dict[int, float]) -> None:
         """A played node's datagram goes as long after its cause as it did in the
@@ -227,7 +229,8 @@ class Runner:
         elif action.cause is not None:
             await self.progress.after_cause(action, self.done_at)
         else:
-            await self.progress.keep_gap(action, self.timers.ack_timeout)
+            longest = math.inf if self.options.virtual else self.timers.ack_timeout + 0.05
+            await self.progress.keep_gap(action, longest)
 
     def _settled(self) -> bool:
         return all(

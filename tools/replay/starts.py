@@ -10,6 +10,7 @@ server's from the ``restore`` event before it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from chatapp.launch import ClientStart
@@ -34,7 +35,7 @@ def client_start(started: Start) -> ClientStart | None:
 
 def mailbox_limit(argv: list[str]) -> int:
     """The ``--mailbox-limit`` a recorded server was started with (its argv)."""
-    for option, value in zip(argv, argv[1:], strict=False):
+    for option, value in itertools.pairwise(argv):
         if option == "--mailbox-limit" and value.isdigit():
             return int(value)
     return DEFAULT_MAILBOX_LIMIT

@@ -150,7 +150,7 @@ def _fault_args(kind: str, text: str, where: str) -> FaultArgs:
         delay = float(more.pop(0)) if kind == "delay" else 0.0
         count = int(more[0]) if more else 1
         return FaultArgs(node, peer, of, delay, count)
-    except ValueError:
+    except (ValueError, IndexError):
         shape = "LOSS DUP SEED" if kind == "faults" else "FROM -> TO TYPE [COUNT]"
         shape = "FROM -> TO TYPE SECONDS [COUNT]" if kind == "delay" else shape
         raise ScenarioError(f"{where}: {kind} takes {shape}, not {text!r}") from None

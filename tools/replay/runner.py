@@ -36,6 +36,7 @@ from chatapp.node import Input, Node
 from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
+from chatapp.testing.stores import InlineSqliteStore
 from chatapp.trace import (
     Event,
     MemoryRecorder,
@@ -178,6 +179,7 @@ class Runner:
         self.new_addresses: dict[str, Address] = {}  # where each node is now
         self.moved: dict[Address, Address] = {}  # each start's recorded address -> its new one
         self.faults = recorded_faults(recorded, self.recorded_names)
+        self.stores: dict[str, InlineSqliteStore] = {}  # each server's database
         self._epochs = itertools.count(1)
         self.stalls: list[str] = []
         self._recorder: MemoryRecorder  # made in run(): it reads the run's clock
@@ -209,6 +211,8 @@ class Runner:
                     self.done_at[action.event.seq] = trio.current_time()
                 self._stop_all()
                 nursery.cancel_scope.cancel()
+            for store in self.stores.values():
+                store.close()
         return self.trace()
 
     # --- pacing ----------------------------------------------------------------------
@@ -304,7 +308,10 @@ class Runner:
         )
         # The recorded server's database as it started (its key included), in memory (a
         # real database would need a worker thread, which virtual time must not wait on).
-        store = restored_store(restored, self._new_address)
+        # A restart goes on from the database the replayed server left (as the recorded
+        # one did from its own); a first start from what the recording's server read.
+        store = self.stores.get(name) or restored_store(restored, self._new_address)
+        self.stores[name] = store
         await self._launch(nursery, name, options, store=store, at=started.local)
 
     def _recorded_epoch(self, started: Start) -> int:

@@ -17,8 +17,8 @@ from chatapp.launch import ClientStart
 from chatapp.protocol.changes import Change, ClientSaved, MessageStored
 from chatapp.protocol.crypto import unb64
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
-from chatapp.store import MemoryStore
 from chatapp.testing.faults import FaultPlan
+from chatapp.testing.stores import InlineSqliteStore
 from chatapp.trace import Fault, Restored, Start, Trace
 from chatapp.wire import Address
 
@@ -43,19 +43,22 @@ def mailbox_limit(argv: list[str]) -> int:
 
 def restored_store(
     restored: Restored | None, new_address: Callable[[Address], Address]
-) -> MemoryStore:
-    """What the recorded server read from its database, as a store made by the changes
-    that made it, with the addresses of this run."""
+) -> InlineSqliteStore:
+    """What the recorded server read from its database, as a SQLite database (in memory)
+    made by the changes that made it, with the addresses of this run: the replayed
+    server reads and writes it with the real database code (``InlineSqliteStore``: no
+    worker thread, which virtual time would jump over)."""
+    store = InlineSqliteStore()
     if restored is None:
-        return MemoryStore()
+        return store
     changes: list[Change] = []
     for name, ip, port, client_key, sid, presence in restored.clients:
         ip, port = new_address((ip, port))
         changes.append(ClientSaved(name, ip, port, unb64(client_key), unb64(sid), presence))
     for recipient, items in restored.mailbox.items():
         changes += [MessageStored(recipient, item) for item in items]
-    server_key = unb64(restored.server_key)
-    return MemoryStore(changes, key=server_key, origin=restored.origin, last_n=restored.last_n)
+    store.start_from(unb64(restored.server_key), restored.origin, restored.last_n, changes)
+    return store
 
 
 def recorded_faults(recorded: Trace, names: Normaliser) -> FaultPlan:

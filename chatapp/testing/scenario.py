@@ -16,7 +16,8 @@ A scenario is a small text file, one step per line (``#`` starts a comment)::
                                    again starts it anew (its key and state directory,
                                    a new port; ``join user1 same-port``: the old one;
                                    ``join user1 new-key``: a new key, from a state
-                                   directory of its own)
+                                   directory of its own; ``join user5 port-of user4``:
+                                   the port user4 had, once user4 has stopped)
     wait 0.6                       let time pass
     exits user1 1                  wait until user1 exits with that status
     drop user1 -> user2 chat       the next chat datagram user1 sends user2 is lost
@@ -65,7 +66,7 @@ STEP_KINDS = (
     "serve", "join", "type", "expect", "interrupt", "hangup", "stop", "kill", "wait", "exits",
     *FAULT_KINDS, "faults",
 )  # fmt: skip
-SAME_PORT, NEW_KEY = "same-port", "new-key"
+SAME_PORT, NEW_KEY, PORT_OF = "same-port", "new-key", "port-of"
 #: How long an ``expect`` or ``exits`` waits before the scenario fails.
 EXPECT_TIMEOUT = 10.0
 
@@ -277,11 +278,7 @@ class Cluster:
         if step.node in self.clients and not self.clients[step.node].done.is_set():
             raise ScenarioError(f"line {step.line_no}: {step.node} has already joined")
         name, again = step.node, self.clients.get(step.node)
-        if step.text not in ("", SAME_PORT, NEW_KEY) or (step.text == SAME_PORT and not again):
-            raise ScenarioError(
-                f"line {step.line_no}: join takes a name (and {SAME_PORT} or {NEW_KEY})"
-            )
-        port = again.port if step.text == SAME_PORT and again is not None else 0
+        port = self._join_port(step, again)
         state_dir = self.state_dir / f"{NEW_KEY}-{step.line_no}" if step.text == NEW_KEY else None
         report = self._on_line
         on_line = (lambda line: report(name, line)) if report is not None else None
@@ -301,6 +298,21 @@ class Cluster:
         handle.node = await self._nursery.start(self._run_client, options, handle, receive_input)
         handle.port = handle.node.endpoint.local_address[1]
         self.faults.learn(handle.node.endpoint.local_address, name)
+
+    def _join_port(self, step: Step, again: ClientHandle | None) -> int:
+        """The port a ``join`` asks for: any (0), its own last one (``same-port``), or the
+        last one of another client (``port-of NAME``)."""
+        word, _, other = step.text.partition(" ")
+        if step.text in ("", NEW_KEY):
+            return 0
+        if step.text == SAME_PORT and again is not None:
+            return again.port
+        if word == PORT_OF and other in self.clients and self.clients[other].done.is_set():
+            return self.clients[other].port
+        raise ScenarioError(
+            f"line {step.line_no}: join takes a name (and {SAME_PORT}, {NEW_KEY} or"
+            f" {PORT_OF} NAME of a client that has stopped), not {step.text!r}"
+        )
 
     async def _run_client(
         self,

@@ -135,6 +135,19 @@ def test_a_replay_with_restarts_and_faults_fails_when_a_wait_has_fewer_tries(
     assert "First divergence:" in out
 
 
+def test_a_restarted_server_replays_from_the_database_its_replay_left(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose database never deletes what was ACKed: only the restart shows it
+    (what was delivered before it comes again), and the replay fails there."""
+    from chatapp import sqlite_store
+
+    monkeypatch.setattr(sqlite_store._Transaction, "remove_messages", lambda self, change: None)
+    code, out = chat_replay(capsys, str(TRACES / "restarts.jsonl"))
+    assert code == 1, out
+    assert "First divergence:" in out
+
+
 def test_a_replay_without_its_faults_fails(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

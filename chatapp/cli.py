@@ -277,6 +277,19 @@ def serve(
     _run(run_server, options, sys.argv, command="serve")
 
 
+OtherServersOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--server",
+        metavar="IP:PORT",
+        help=(
+            "Another server sharing the first one's PostgreSQL database (repeatable):"
+            " the client moves to the next when its server stops answering."
+        ),
+    ),
+]
+
+
 @app.command(cls=WordsCommand)
 def join(
     name: Annotated[
@@ -299,6 +312,7 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
+    server: OtherServersOption = None,
     state_dir: Annotated[
         str | None,
         typer.Option(
@@ -326,8 +340,17 @@ def join(
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
         state_dir=state_dir,
+        other_servers=tuple(_server_address(value) for value in server or ()),
     )
     _run(run_client, options, sys.argv, command="join")
+
+
+def _server_address(value: str) -> tuple[str, int]:
+    """``--server IP:PORT``."""
+    ip, colon, port = value.rpartition(":")
+    if not colon:
+        raise BadArgument(f"--server takes IP:PORT, such as 127.0.0.1:8002, not {value!r}")
+    return _ipv4(ip), _port(port, "the port of --server")
 
 
 @app.command(cls=WordsCommand)

@@ -159,7 +159,21 @@ class Restored(_Event, tag="restore"):
     mailbox: dict[str, list[StoredItem]] = {}  # recipient -> stored items, oldest first
 
 
-Event = Start | Send | Recv | Input | Shown | Exited | Restored
+class Fault(_Event, tag="fault"):
+    """A fault injected where ``node`` sent a datagram to ``peer`` (just after its
+    ``send`` event): ``what`` (``drop``: it was lost; ``dup``: it went twice; ``delay``:
+    it went ``delay`` seconds later) happened to the ``n``-th datagram of type ``of``
+    from that node to that peer. A replay injects it again at the same datagram."""
+
+    local: HostPort
+    peer: HostPort
+    what: Literal["drop", "dup", "delay"]
+    of: str
+    n: Annotated[int, msgspec.Meta(ge=1)]
+    delay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+Event = Start | Send | Recv | Input | Shown | Exited | Restored | Fault
 
 _encoder = msgspec.json.Encoder()
 

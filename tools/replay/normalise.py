@@ -99,8 +99,12 @@ class Normaliser:
                 self.addresses.setdefault(fmt_addr((ip, port)), name)
                 self.ports.setdefault(port, name)
         elif isinstance(event, Start):
-            self.add_address(event.local, event.node)
-            self.ports[parse_addr(event.local)[1]] = event.node
+            # A node that starts again elsewhere adds an address; an address another node
+            # held before keeps that node's label, so that the labels do not depend on
+            # whether the whole trace was learned first (the recording) or not (a replay).
+            if event.local not in self.addresses:
+                self.add_address(event.local, event.node)
+                self.ports[parse_addr(event.local)[1]] = event.node
         elif isinstance(event, Send | Recv) and event.msg:
             sender = event.node if isinstance(event, Send) else self.address(event.peer)
             receiver = self.address(event.peer) if isinstance(event, Send) else event.node

@@ -265,8 +265,10 @@ class PgStore:
         return loaded
 
     async def load_async(self) -> ServerDisk:
-        """``load`` in a worker thread (after a failed commit: the loop goes on)."""
-        return await trio.to_thread.run_sync(self.load)
+        """The tables read in a worker thread (after a failed commit: the loop goes on)."""
+        loaded = await trio.to_thread.run_sync(self._commits.transaction, _read, self.me)
+        self._held = _Held(loaded, self.me)  # in the loop's thread, as every other change
+        return loaded
 
     def held(self) -> ServerDisk:
         """What this server knows the database holds, without asking it (after a failed

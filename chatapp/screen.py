@@ -49,12 +49,17 @@ def channel_message(sender: str, text: str) -> str:
     return f"Channel_Message {sender} : {printable(text)}"
 
 
+def time_prefix(stored_at: float) -> str:
+    """The prefix of a stored message's line: when the server stored it (Unix time)."""
+    return f"({stored_at!r}) "
+
+
 def stored_direct(stored_at: float, sender: str, text: str) -> str:
-    return f"({stored_at!r}) {sender} : {printable(text)}"
+    return f"{time_prefix(stored_at)}{sender} : {printable(text)}"
 
 
 def stored_channel(stored_at: float, sender: str, text: str) -> str:
-    return f"({stored_at!r}) Channel_Message {sender} : {printable(text)}"
+    return f"{time_prefix(stored_at)}Channel_Message {sender} : {printable(text)}"
 
 
 # --- our lines ------------------------------------------------------------------

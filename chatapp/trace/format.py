@@ -22,10 +22,13 @@ import msgspec
 from chatapp.protocol.changes import Presence
 from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
-from chatapp.wire import Address, Message, StoredItem
+from chatapp.wire import Address, Message, Name, Seq, StoredItem
 
 FORMAT = "chatapp-trace"
-VERSION = 2
+VERSION = 3
+#: The oldest version read: version 2 traces have no ``commit`` events and no settings
+#: (then nothing is compared there).
+OLDEST_VERSION = 2
 
 #: ``HOST:PORT``, as ``fmt_addr`` writes it; every address in a trace is checked against it.
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]*:[0-9]{1,5}$")]
@@ -105,6 +108,9 @@ class Start(_Event, tag="start"):
     key: Base64 = ""
     pinned: Base64 = ""
     marks: dict[Base64, dict[str, int]] = {}
+    #: What the node ran with (the timers, a server's limits), as its command line's
+    #: options name them: ``{"ack_timeout": 0.5, "tries": 5, "mailbox_limit": 1000, ...}``.
+    settings: dict[str, float | int | None] = {}
 
 
 class Datagram(_Event):
@@ -159,7 +165,71 @@ class Restored(_Event, tag="restore"):
     mailbox: dict[str, list[StoredItem]] = {}  # recipient -> stored items, oldest first
 
 
-Event = Start | Send | Recv | Input | Shown | Exited | Restored
+# --- a node's commits: what it wrote to its database or state files ---------------------
+
+
+class _Change(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class ClientPut(_Change, tag="client"):
+    """A client's row saved (new, or replacing the one of that name)."""
+
+    name: Name
+    address: HostPort
+    key: Base64
+    sid: Base64
+    presence: Presence
+
+
+class ClientDropped(_Change, tag="client_removed"):
+    """A name left the table, with what was stored for it and what it sent."""
+
+    name: Name
+
+
+class ItemStored(_Change, tag="stored"):
+    """A message kept for ``to`` (its place ``item.seq``: origin and n)."""
+
+    to: Name
+    item: StoredItem
+
+
+class ItemsDeleted(_Change, tag="deleted"):
+    """Stored messages of ``to`` deleted (ACKed), by their places (origin, n)."""
+
+    to: Name
+    seqs: list[Seq]
+
+
+class KeyPinned(_Change, tag="pinned"):
+    """A client pinned the key of the server at ``server``."""
+
+    server: HostPort
+    key: Base64
+
+
+class Marked(_Change, tag="marked"):
+    """A client's delivery marks for the server whose key is ``server_key``: per origin,
+    the highest stored message shown."""
+
+    server_key: Base64
+    marks: list[tuple[str, int]]
+
+
+ChangeRecord = ClientPut | ClientDropped | ItemStored | ItemsDeleted | KeyPinned | Marked
+
+
+class Commit(_Event, tag="commit"):
+    """A node committed changes (one transaction), before anything that handling sent or
+    showed. ``cause``: what the node was handling (a datagram, a typed line, a timer, its
+    start)."""
+
+    changes: list[ChangeRecord]
+    cause: Literal["datagram", "input", "timer", "start", ""] = ""
+
+
+Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit
 
 _encoder = msgspec.json.Encoder()
 

@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import trio
 
+from chatapp.protocol.changes import (
+    Change,
+    ClientRemoved,
+    ClientSaved,
+    DeliveryMarked,
+    MessagesRemoved,
+    MessageStored,
+    ServerPinned,
+)
 from chatapp.protocol.common import Received, Timers
 from chatapp.protocol.crypto import b64
 from chatapp.protocol.inputs import ClientInput
@@ -74,6 +83,11 @@ class Recorder(Protocol):
 
     def restored(self, node: str, disk: ServerDisk) -> None:
         """What a server read from its database before it started."""
+        return None
+
+    def committed(self, node: str, changes: list[Change], cause: str) -> None:
+        """Changes the node committed (its database, a client's state files), before what
+        the handling (``cause``: datagram, input, timer, start) sends or shows."""
         return None
 
     def failure(self) -> str | None:
@@ -135,6 +149,12 @@ class TraceRecorder(Recorder):
         if scenario:
             self.header["scenario"] = scenario
         self._header_written = False
+
+    @property
+    def wall_offset(self) -> float:
+        """What turns the run's clock into Unix time on this trace's terms: ``started``
+        at the trace's t = 0."""
+        return float(self.header["started"]) - self._t0
 
     def _write_header(self) -> None:
         self._header_written = True
@@ -230,9 +250,33 @@ class TraceRecorder(Recorder):
             last_n=disk.last_n, clients=rows, mailbox=boxes,
         )  # fmt: skip
 
+    def committed(self, node: str, changes: list[Change], cause: str) -> None:
+        records = [change_record(change) for change in changes]
+        self._event(node, "commit", changes=records, cause=cause)
+
     def close(self) -> None:
         if not self._header_written:
             self._write_header()
+
+
+def change_record(change: Change) -> dict[str, Any]:
+    """A change as a ``commit`` event lists it (``chatapp.trace.format.ChangeRecord``)."""
+    if isinstance(change, ClientSaved):
+        return {
+            "op": "client", "name": change.name, "address": fmt_addr((change.ip, change.port)),
+            "key": b64(change.key), "sid": b64(change.sid), "presence": change.presence.value,
+        }  # fmt: skip
+    if isinstance(change, ClientRemoved):
+        return {"op": "client_removed", "name": change.name}
+    if isinstance(change, MessageStored):
+        return {"op": "stored", "to": change.recipient, "item": msgspec.to_builtins(change.item)}
+    if isinstance(change, MessagesRemoved):
+        return {"op": "deleted", "to": change.recipient, "seqs": msgspec.to_builtins(change.seqs)}
+    if isinstance(change, ServerPinned):
+        return {"op": "pinned", "server": fmt_addr(change.address), "key": b64(change.key)}
+    if isinstance(change, DeliveryMarked):
+        return {"op": "marked", "server_key": b64(change.server_key), "marks": change.marks}
+    raise TypeError(f"not a change: {change!r}")
 
 
 class _FileWriter:

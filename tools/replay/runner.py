@@ -295,7 +295,7 @@ class Runner:
             timers=self.timers,
             name=name,
             epoch=epoch,
-            wall_offset=self.recorded.header.started,
+            wall_offset=self._recorder.wall_offset,
             entropy_seed=unb64(started.seed) if started.seed else None,
         )
         # The recorded server's database as it started (its key included), in memory (a

@@ -57,10 +57,11 @@ import trio  # noqa: E402
 import typer  # noqa: E402
 
 from chatapp import __version__  # noqa: E402
+from chatapp.argv import Parsed  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
-from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, MAX_MAILBOX_LIMIT  # noqa: E402
 from chatapp.typer_support import (  # noqa: E402
     UsageError,
     WordsCommand,
@@ -147,6 +148,7 @@ def _mailbox_limit(value: int) -> int:
     return value
 
 
+DEFAULT_TIMERS = Timers()
 DEFAULT_RATE = int(Limits().per_address_rate)
 #: A registration is two handshake steps (a hello, a register).
 STEPS_PER_JOIN = 2
@@ -250,17 +252,17 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every event.")] = False,
     mailbox_limit: Annotated[
         int, typer.Option(metavar="N", help="Stored messages kept per client.")
-    ] = 1000,
+    ] = DEFAULT_MAILBOX_LIMIT,
     rate_limit: RateLimitOption = DEFAULT_RATE,
     join_limit: JoinLimitOption = DEFAULT_JOINS,
-    ack_timeout: AckTimeoutOption = 0.5,
-    tries: TriesOption = 5,
+    ack_timeout: AckTimeoutOption = DEFAULT_TIMERS.ack_timeout,
+    tries: TriesOption = DEFAULT_TIMERS.tries,
 ) -> None:
     """Run the server on UDP PORT of all interfaces."""
     from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
-    if port is None and ctx.obj == SEED_SPELLING:
+    if port is None and (ctx.obj == SEED_SPELLING or getattr(ctx.obj, "seed_spelling", False)):
         # `chatapp -s` names its port, as the seed does; alone, it is more likely a slip
         # than a wish for the default.
         raise BadArgument(f"-s needs a PORT, as in: chatapp -s {DEFAULT_PORT}")
@@ -274,11 +276,15 @@ def serve(
         limits=_limits(rate_limit, join_limit),
         timers=_timers(ack_timeout, tries),
     )
+    if isinstance(ctx.obj, Parsed):
+        ctx.obj.options = options  # options_from_argv: read, not run
+        return
     _run(run_server, options, sys.argv, command="serve")
 
 
 @app.command(cls=WordsCommand)
 def join(
+    ctx: typer.Context,
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Your nickname: 1-32 letters, digits, _ - .")
     ],
@@ -309,8 +315,8 @@ def join(
             ),
         ),
     ] = None,
-    ack_timeout: AckTimeoutOption = 0.5,
-    tries: TriesOption = 5,
+    ack_timeout: AckTimeoutOption = DEFAULT_TIMERS.ack_timeout,
+    tries: TriesOption = DEFAULT_TIMERS.tries,
 ) -> None:
     """Join as NAME, listening on CLIENT_PORT. The first join of NAME makes its key."""
     from chatapp.app import run_client
@@ -327,6 +333,9 @@ def join(
         timers=_timers(ack_timeout, tries),
         state_dir=state_dir,
     )
+    if isinstance(ctx.obj, Parsed):
+        ctx.obj.options = options  # options_from_argv: read, not run
+        return
     _run(run_client, options, sys.argv, command="join")
 
 
@@ -433,6 +442,8 @@ def _quiet_stdout() -> None:
 _SEED_SPELLING = {"-s": "serve", "-c": "join"}
 #: ``ctx.obj`` of a command given in the seed's spelling.
 SEED_SPELLING = "seed spelling"
+
+
 #: What Typer returns when Ctrl-C interrupts it while it reads the arguments.
 _TYPER_INTERRUPTED = INTERRUPTED_EXIT
 

@@ -3,19 +3,24 @@ a trace is a divergence that the report names, and the shipped traces pass."""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from chatapp_tools.replay.cli import main
 
-from chatapp import screen
+from chatapp import cli, launch, screen
+from chatapp.argv import options_from_argv
+from chatapp.launch import ClientOptions, ServerOptions
 from chatapp.protocol.changes import MessagesRemoved
-from chatapp.protocol.common import Effect, Pending
+from chatapp.protocol.common import Effect, Pending, Timers
 from chatapp.protocol.mailbox import Flight
 from chatapp.protocol.server_core import ServerCore, Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
+from chatapp.typer_support import UsageError
 from chatapp.wire import StoredItem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +186,109 @@ def test_a_stored_time_sent_other_than_stored_diverges(
     code, out = chat_replay(capsys, shipped("test1"))
     assert code == 1, out
     assert "not the stored time" in out
+
+
+# --- 3. timing, 4. nodes built from their command lines --------------------------------
+
+
+def with_default(
+    monkeypatch: pytest.MonkeyPatch, command: Callable[..., Any], option: str, value: object
+) -> None:
+    """``command``'s default for ``option`` changed, as an edit of chatapp/cli.py would."""
+    params = list(inspect.signature(command).parameters)
+    defaults = list(command.__defaults__ or ())
+    defaults[params.index(option) - (len(params) - len(defaults))] = value
+    monkeypatch.setattr(command, "__defaults__", tuple(defaults))
+
+
+def test_the_command_line_gives_the_options_nodes_run_with() -> None:
+    server = options_from_argv(["chatapp", "serve", "8001", "--mailbox-limit", "7"])
+    assert isinstance(server, ServerOptions)
+    assert (server.port, server.mailbox_limit, server.timers) == (8001, 7, Timers())
+    client = options_from_argv(["chatapp", "-c", "u1", "localhost", "8001", "9001"])
+    assert isinstance(client, ClientOptions)
+    assert (client.name, client.server_ip, client.port) == ("u1", "127.0.0.1", 9001)
+    with pytest.raises(UsageError):
+        options_from_argv(["chatapp", "serve", "80"])
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "said"),
+    [
+        (
+            "join",
+            "ack_timeout",
+            0.6,
+            "the default of --ack-timeout is now 0.6; the recording ran with 0.5",
+        ),
+        ("join", "tries", 4, "the default of --tries is now 4; the recording ran with 5"),
+        ("serve", "ack_timeout", 0.6, "the default of --ack-timeout is now 0.6"),
+        (
+            "serve",
+            "mailbox_limit",
+            999,
+            "the default of --mailbox-limit is now 999; the recording ran with 1000",
+        ),
+        (
+            "serve",
+            "rate_limit",
+            400,
+            "--rate-limit now gives per_address_burst 400, per_address_rate 400",
+        ),
+        (
+            "serve",
+            "join_limit",
+            100,
+            "--join-limit now gives handshakes_per_ip_burst 200",
+        ),
+    ],
+)
+def test_a_changed_default_of_the_command_line_diverges_and_is_named(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    option: str,
+    value: object,
+    said: str,
+) -> None:
+    with_default(monkeypatch, getattr(cli, command), option, value)
+    code, out = chat_replay(capsys, shipped("test1"))
+    assert code == 1, out
+    assert said in out
+
+
+def test_timing_alone_catches_a_longer_ack_timeout(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0.5 s -> 0.6 s with the settings made to say 0.5: the timing of the retries and of
+    the hand-over to the server diverges (a recording in real time, replayed virtually)."""
+    recorded = launch.settings_of
+    monkeypatch.setattr(
+        launch, "settings_of", lambda options: {**recorded(options), "ack_timeout": 0.5}
+    )
+    with_default(monkeypatch, cli.join, "ack_timeout", 0.6)
+    code, out = chat_replay(capsys, shipped("test2"))
+    assert code == 1, out
+    assert "timing: 0.600 s after" in out
+    assert "tolerance 0.040 s" in out
+
+
+def test_a_virtual_recording_is_timed_to_the_millisecond(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    trace = tmp_path / "virtual.jsonl"
+    code, out = chat_replay(
+        capsys, "record", "--virtual", ROOT / "chatapp/scenarios/test2.txt", "-o", trace
+    )
+    assert code == 0, out
+    assert chat_replay(capsys, trace)[0] == 0
+    # 10 ms longer: within a real recording's tolerance, not a virtual one's
+    recorded = launch.settings_of
+    monkeypatch.setattr(
+        launch, "settings_of", lambda options: {**recorded(options), "ack_timeout": 0.5}
+    )
+    with_default(monkeypatch, cli.join, "ack_timeout", 0.51)
+    code, out = chat_replay(capsys, trace)
+    assert code == 1, out
+    assert "tolerance 0.002 s" in out
+    assert chat_replay(capsys, shipped("test1"))[0] == 0  # one timeout: 10 ms in 40

@@ -102,6 +102,8 @@ def normalised(event: Event, names: Normaliser) -> tuple[str, str, Any] | None:
     if isinstance(event, Exited):
         return "exit", "", event.status
     if isinstance(event, Start):
+        if names.settings:
+            return "start", "", {"role": event.role, "settings": event.settings}
         return "start", "", event.role
     return None
 
@@ -166,6 +168,8 @@ def compare(
         before, after = old.get(key, []), new.get(key, [])
         result.streams[key] = (before, after)
         divergence = _first_difference(key, before, after)
+        if divergence is not None and key.kind == "start":
+            divergence.reason = settings_reason(divergence) or divergence.reason
         compared += min(len(before), len(after))
         if divergence is None and key.kind == "send":
             divergence = _timing_difference(key, before, after, old_times, new_times, tolerance)
@@ -209,10 +213,16 @@ def _normalisers(
     # A trace of format 2 has no commits, a running server tested black-box does not say
     # what it commits: then neither they nor stored times are compared.
     strict = not black_box and any(isinstance(event, Commit) for event in recorded.events)
-    recorded_names = Normaliser(scoped=scoped, started=recorded.header.started, strict_times=strict)
+    # Likewise the settings each node ran with (format 3).
+    settings = any(isinstance(event, Start) and event.settings for event in recorded.events)
+    recorded_names = Normaliser(
+        scoped=scoped, started=recorded.header.started, strict_times=strict, settings=settings
+    )
     for event in recorded.events:
         recorded_names.learn(event)
-    replayed_names = Normaliser(scoped=scoped, started=replayed.header.started, strict_times=strict)
+    replayed_names = Normaliser(
+        scoped=scoped, started=replayed.header.started, strict_times=strict, settings=settings
+    )
     if under_test is not None:
         replayed_names.adopt(recorded_names, except_issuer=under_test)
     if black_box and under_test is not None:
@@ -225,6 +235,51 @@ def _normalisers(
     for event in replayed.events:
         replayed_names.learn(event)
     return recorded_names, replayed_names
+
+
+#: The command line's option behind each setting of a ``start`` event.
+SETTING_OPTIONS = {
+    "ack_timeout": "--ack-timeout",
+    "tries": "--tries",
+    "mailbox_limit": "--mailbox-limit",
+    "per_address_rate": "--rate-limit",
+    "per_address_burst": "--rate-limit",
+    "handshakes_per_ip_rate": "--join-limit",
+    "handshakes_per_ip_burst": "--join-limit",
+}
+
+
+def settings_reason(divergence: Divergence) -> str | None:
+    """Which settings a node now runs with that it did not in the recording, built from
+    the same command line: "the default of --ack-timeout is now 0.6; the recording ran
+    with 0.5"."""
+    if divergence.recorded is None or divergence.replayed is None:
+        return None
+    old, new = divergence.recorded.event, divergence.replayed.event
+    if not isinstance(old, Start) or not isinstance(new, Start) or not old.settings:
+        return None
+    changed: dict[str, list[str]] = {}  # option -> the settings it gives that changed
+    for key in sorted(set(old.settings) | set(new.settings)):
+        if old.settings.get(key, "(none)") != new.settings.get(key, "(none)"):
+            changed.setdefault(SETTING_OPTIONS.get(key, ""), []).append(key)
+    said = []
+    for option, keys in changed.items():
+        was = ", ".join(f"{old.settings.get(key, '(none)')}" for key in keys)
+        now = ", ".join(f"{new.settings.get(key, '(none)')}" for key in keys)
+        if option.lstrip("-").replace("-", "_") != keys[0] or len(keys) > 1:
+            now = ", ".join(f"{key} {new.settings.get(key, '(none)')}" for key in keys)
+            was = ", ".join(f"{key} {old.settings.get(key, '(none)')}" for key in keys)
+        if not option:
+            said.append(f"the settings are now {now}; the recording ran with {was}")
+        elif any(arg == option or arg.startswith(option + "=") for arg in old.argv):
+            said.append(f"{option} as recorded now gives {now}; the recording ran with {was}")
+        elif option.lstrip("-").replace("-", "_") == keys[0] and len(keys) == 1:
+            said.append(f"the default of {option} is now {now}; the recording ran with {was}")
+        else:
+            said.append(f"the default of {option} now gives {now}; the recording ran with {was}")
+    if not said:
+        return None
+    return f"{new.node} runs with other settings: " + "; ".join(said)
 
 
 #: Events of one stream this close in time came from one moment (or a race within

@@ -88,6 +88,9 @@ class Normaliser:
     #: Whether the trace records commits (format 3): then every stored time must be one
     #: the store gave, and a shown time prefix one of a stored message the node received.
     strict_times: bool = True
+    #: Whether the trace records the settings each node ran with (format 3): then they are
+    #: compared.
+    settings: bool = True
     #: Stored times by (origin, n), from the commits and the server's restore.
     stored_times: dict[tuple[str, int], float] = field(default_factory=dict)
     #: The time prefixes (``screen.time_prefix``) of the stored messages each node received.

@@ -18,11 +18,12 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import trio.testing
 
+from chatapp.argv import options_from_argv
 from chatapp.launch import (
     ClientOptions,
     ClientStart,
@@ -52,18 +53,22 @@ from chatapp.trace import (
 from chatapp.trace import (
     Input as Typed,
 )
+from chatapp.typer_support import UsageError, usage_error_line
 from chatapp.wire import Address, fmt_addr
 
 from .normalise import Normaliser
 from .plan import (
     Action,
     Counting,
+    ReplayError,
     ReplayOptions,
     check_replayable,
     make_plan,
     recorded_transit,
 )
 from .puppets import LiveKeys, Puppet, Rewriter
+
+OptionsT = TypeVar("OptionsT", ServerOptions, ClientOptions)
 
 
 class Progress:
@@ -289,10 +294,12 @@ class Runner:
         epoch = self._recorded_epoch(started)
         name = started.node
         host, port = self._listen_at(name)
-        options = ServerOptions(
-            port,
+        options = dataclasses.replace(
+            self._options_of(started, ServerOptions),
+            port=port,
             host=host,
-            timers=self.timers,
+            db=":memory:",
+            trace=None,
             name=name,
             epoch=epoch,
             wall_offset=self._recorder.wall_offset,
@@ -322,13 +329,14 @@ class Runner:
         name = started.node
         host, port = self._listen_at(name)
         server = self._server_address()
-        options = ClientOptions(
-            name,
-            server[0],
-            server[1],
-            port,
+        options = dataclasses.replace(
+            self._options_of(started, ClientOptions),
+            name=name,
+            server_ip=server[0],
+            server_port=server[1],
+            port=port,
             host=host,
-            timers=self.timers,
+            trace=None,
             state_dir=self._state_dir,
             entropy_seed=unb64(started.seed) if started.seed else None,
             start_from=_client_start(started),
@@ -337,6 +345,22 @@ class Runner:
         await self._launch(
             nursery, name, options, inputs=(send_input, receive_input), screen=CapturedScreen()
         )
+
+    def _options_of(self, started: Start, kind: type[OptionsT]) -> OptionsT:
+        """The options the node's recorded command line gives now, read by ``chatapp``'s
+        own command definitions (``options_from_argv``): a changed default of
+        ``chatapp serve`` or ``join`` is a changed node (the comparison of the start
+        events' settings says which). A trace that names no command line: the one that
+        starts the node where it listened."""
+        argv = started.argv or self._argv(started.node, parse_addr(started.local))
+        try:
+            options = options_from_argv(argv)
+        except UsageError as exc:
+            line = usage_error_line(exc, "chatapp")
+            raise ReplayError(f"{started.node}'s recorded command line: {line}") from None
+        if not isinstance(options, kind):
+            raise ReplayError(f"{started.node}'s recorded command line starts no {started.role}")
+        return options
 
     async def _launch(
         self,

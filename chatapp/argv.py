@@ -1,0 +1,44 @@
+"""A node's options from its command line, as ``chatapp serve`` or ``chatapp join`` builds
+them: the replay builds every node from the command line its trace recorded, so that a
+changed default of the command line is a changed node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatapp.launch import Options
+
+#: The seed's spelling of the two commands.
+SEED_COMMANDS = {"-s": "serve", "-c": "join"}
+
+
+@dataclass
+class Parsed:
+    """``ctx.obj`` of a command line read by ``options_from_argv``: the command builds its
+    options, leaves them here and returns instead of running."""
+
+    seed_spelling: bool
+    options: Options | None = None
+
+
+def options_from_argv(argv: list[str]) -> Options:
+    """The options ``chatapp serve`` or ``chatapp join`` builds from this command line
+    (``argv[0]``: the program, as a trace records it), through the same command
+    definitions, checks and defaults as when it runs. A command line chatapp does not
+    take raises ``UsageError`` (``usage_error_line`` says it in one line)."""
+    from chatapp.cli import PROG, BadArgument, app
+
+    args = list(argv[1:])
+    seed_spelling = bool(args) and args[0] in SEED_COMMANDS
+    if seed_spelling:
+        args[0] = SEED_COMMANDS[args[0]]
+    if not args or args[0] not in ("serve", "join"):
+        raise BadArgument(f"not a command line that starts a node: {' '.join(argv)!r}")
+    parsed = Parsed(seed_spelling)
+    app(args=args, prog_name=PROG, standalone_mode=False, obj=parsed)
+    if parsed.options is None:  # --help, say: nothing was built
+        raise BadArgument(f"not a command line that starts a node: {' '.join(argv)!r}")
+    return parsed.options

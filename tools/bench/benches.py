@@ -64,6 +64,7 @@ from .loadgen import (
     run_closed_loop,
     settle,
 )
+from .mutation import bench_mutation
 from .procs import (
     STATE_DIR,
     BenchError,
@@ -797,4 +798,5 @@ BENCHMARKS = {
     "replay": bench_replay,
     "flood": bench_floods,
     "registrations": bench_registrations,
+    "mutation": bench_mutation,
 }

@@ -1,0 +1,1 @@
+"""Mutation testing of the replay oracle: ``python -m chatapp_tools.mutate``."""

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from chatapp_tools.replay.cli import main
+from chatapp_tools.replay.compare import compare
+from chatapp_tools.replay.plan import ReplayOptions
+from chatapp_tools.replay.report import report
+from chatapp_tools.replay.runner import run_replay
+from chatapp_tools.replay.traces import read_trace
 
 from chatapp import cli, launch, screen
 from chatapp.argv import options_from_argv
@@ -20,6 +27,8 @@ from chatapp.protocol.common import Effect, Pending, Timers
 from chatapp.protocol.mailbox import Flight
 from chatapp.protocol.server_core import ServerCore, Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
+from chatapp.testing.determinism import deterministic_scheduling
+from chatapp.trace import Shown, Trace
 from chatapp.typer_support import UsageError
 from chatapp.wire import StoredItem
 
@@ -292,3 +301,82 @@ def test_a_virtual_recording_is_timed_to_the_millisecond(
     assert code == 1, out
     assert "tolerance 0.002 s" in out
     assert chat_replay(capsys, shipped("test1"))[0] == 0  # one timeout: 10 ms in 40
+
+
+# --- 5. determinism ------------------------------------------------------------------------
+
+
+def _order_of_a_tie() -> list[int]:
+    """Which of ten tasks woken at the same instant ran first (Trio shuffles them)."""
+    order: list[int] = []
+
+    async def main() -> None:
+        async def one(index: int) -> None:
+            await trio.sleep(1)
+            order.append(index)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(10):
+                nursery.start_soon(one, index)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return order
+
+
+def test_deterministic_scheduling_repeats_the_order_of_ties() -> None:
+    with deterministic_scheduling():
+        first = _order_of_a_tie()
+    with deterministic_scheduling():
+        assert _order_of_a_tie() == first
+    with deterministic_scheduling(seed=1):
+        assert sorted(_order_of_a_tie()) == sorted(first)
+
+
+def test_the_shipped_traces_pass_20_times_in_20(capsys: pytest.CaptureFixture[str]) -> None:
+    for path in sorted(TRACES.glob("*.jsonl")):
+        recorded = read_trace(str(path))
+        for run in range(20):
+            replayed, _ = run_replay(recorded, ReplayOptions())
+            comparison = compare(recorded, replayed)
+            assert comparison.passed, f"{path.name}, run {run + 1}:\n{report(comparison)}"
+
+
+def test_check_stable_keeps_a_stable_recording(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    trace = tmp_path / "t.jsonl"
+    scenario = ROOT / "chatapp/scenarios/test3.txt"
+    code, out = chat_replay(
+        capsys, "record", "--virtual", scenario, "-o", trace, "--check-stable", "5"
+    )
+    assert code == 0, out
+    assert "stable: 5 replays of 5 passed" in out
+    assert trace.exists()
+
+
+def test_check_stable_refuses_a_trace_that_fails_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The third replay runs otherwise (a line fewer shown): the trace is removed."""
+    from chatapp_tools.replay import compare as comparing
+
+    real = comparing.compare
+    runs = []
+
+    def third_differs(recorded: Trace, replayed: Trace, **options: Any) -> Any:
+        runs.append(1)
+        if len(runs) == 3:
+            last = max(i for i, e in enumerate(replayed.events) if isinstance(e, Shown))
+            del replayed.events[last]
+        return real(recorded, replayed, **options)
+
+    monkeypatch.setattr(comparing, "compare", third_differs)
+    trace = tmp_path / "t.jsonl"
+    scenario = ROOT / "chatapp/scenarios/test3.txt"
+    code, out = chat_replay(
+        capsys, "record", "--virtual", scenario, "-o", trace, "--check-stable", "5"
+    )
+    assert code == 1, out
+    assert "UNSTABLE: replay 3 of 5 failed" in out
+    assert "the recording has an event the replay does not" in out
+    assert not trace.exists()

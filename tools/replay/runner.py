@@ -39,6 +39,7 @@ from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
 from chatapp.store import MemoryStore
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
+from chatapp.testing.determinism import deterministic_scheduling
 from chatapp.trace import (
     Event,
     MemoryRecorder,
@@ -518,5 +519,9 @@ def run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner]:
     """Replay ``recorded``; returns the new trace and the run (for its notes)."""
     runner = Runner(recorded, options)
     clock = trio.testing.MockClock(autojump_threshold=0) if options.virtual else None
-    trace = trio.run(runner.run, clock=clock)
+    if options.virtual:
+        with deterministic_scheduling():
+            trace = trio.run(runner.run, clock=clock)
+    else:
+        trace = trio.run(runner.run, clock=clock)
     return trace, runner

@@ -5,8 +5,13 @@ changed default of the command line is a changed node.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import typer
+import typer.main
 
 if TYPE_CHECKING:
     from chatapp.launch import Options
@@ -24,12 +29,19 @@ class Parsed:
     options: Options | None = None
 
 
+@functools.lru_cache(maxsize=4)
+def _command(app: typer.Typer, *defaults: object) -> Callable[..., object]:
+    """The command line's Click command (its ``main``), as ``app()`` builds it on each
+    call; built once per set of the commands' defaults (a test may change one)."""
+    return typer.main.get_command(app).main
+
+
 def options_from_argv(argv: list[str]) -> Options:
     """The options ``chatapp serve`` or ``chatapp join`` builds from this command line
     (``argv[0]``: the program, as a trace records it), through the same command
     definitions, checks and defaults as when it runs. A command line chatapp does not
     take raises ``UsageError`` (``usage_error_line`` says it in one line)."""
-    from chatapp.cli import PROG, BadArgument, app
+    from chatapp.cli import PROG, BadArgument, app, join, serve
 
     args = list(argv[1:])
     seed_spelling = bool(args) and args[0] in SEED_COMMANDS
@@ -38,7 +50,8 @@ def options_from_argv(argv: list[str]) -> Options:
     if not args or args[0] not in ("serve", "join"):
         raise BadArgument(f"not a command line that starts a node: {' '.join(argv)!r}")
     parsed = Parsed(seed_spelling)
-    app(args=args, prog_name=PROG, standalone_mode=False, obj=parsed)
+    command = _command(app, serve.__defaults__, join.__defaults__)
+    command(args=args, prog_name=PROG, standalone_mode=False, obj=parsed)
     if parsed.options is None:  # --help, say: nothing was built
         raise BadArgument(f"not a command line that starts a node: {' '.join(argv)!r}")
     return parsed.options

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -380,3 +385,95 @@ def test_check_stable_refuses_a_trace_that_fails_once(
     assert "UNSTABLE: replay 3 of 5 failed" in out
     assert "the recording has an event the replay does not" in out
     assert not trace.exists()
+
+
+# --- 6. reports like a good test failure ---------------------------------------------------
+
+
+def test_a_report_marks_the_character_names_the_line_counts_the_rest_and_says_how_to_accept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    lines = lines_of(shipped("test1"))
+    changed = []
+    for number, line in enumerate(lines[1:], 2):
+        if line["ev"] == "show" and line["line"] in ("user3 : hi~", "user1 : hi!"):
+            line["line"] = line["line"][:-1] + "?"
+            changed.append(number)
+    assert len(changed) == 2
+    path = write_lines(tmp_path / "t.jsonl", lines)
+    code, out = chat_replay(capsys, path)
+    assert code == 1, out
+    first = min(changed)
+    assert f"t.jsonl:{first}, seq {first - 1}," in out
+    marker = out.splitlines()
+    at = next(i for i, text in enumerate(marker) if text.lstrip().startswith("- user"))
+    assert marker[at + 1].lstrip().startswith("+ user")
+    assert marker[at + 2].index("^") == marker[at].index("?") == len(marker[at]) - 1
+    assert "2 divergences in all, in 2 streams: this one and 1 more." in out
+    assert f"chat-replay record chatapp/scenarios/test1.txt -o {path} --check-stable 20" in out
+
+
+def test_a_report_counts_the_divergences_after_the_first_in_a_stream(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    lines = lines_of(shipped("test1"))
+    for line in lines[1:]:
+        if line["ev"] == "show" and line["node"] == "user2":
+            line["line"] += "!"
+    code, out = chat_replay(capsys, write_lines(tmp_path / "t.jsonl", lines))
+    assert code == 1, out
+    shown = sum(1 for line in lines[1:] if line["ev"] == "show" and line["node"] == "user2")
+    assert f"{shown} divergences in all, in 1 stream:" in out
+    assert f"({shown} in this stream)" in out
+
+
+@pytest.mark.parametrize("kind", ["hello", "chat", "send_all"])
+def test_a_msg_that_is_not_what_its_bytes_say_is_flagged_with_its_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str
+) -> None:
+    """A handshake (plain JSON), a peer datagram (opened with the clients' recorded keys)
+    and a session datagram (with the session key of the registered answer)."""
+    name = "test3" if kind == "send_all" else "test1"
+    lines = lines_of(shipped(name))
+    number, line = next(
+        (n, line)
+        for n, line in enumerate(lines[1:], 2)
+        if line["ev"] == "send" and (line.get("msg") or {}).get("t") == kind
+    )
+    field = "name" if kind == "hello" else "text"
+    line["msg"][field] = line["msg"][field] + "x"
+    path = write_lines(tmp_path / "t.jsonl", lines)
+    for mode in ([], ["--node", "server"]):
+        code, out = chat_replay(capsys, path, *mode)
+        assert code == 1, out
+        assert f"t.jsonl:{number}, seq {number - 1}," in out
+        assert f"its msg is not what its bytes say ({field}: msg " in out
+
+
+@pytest.mark.e2e
+def test_a_server_alone_stopped_with_ctrl_c_replays(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    trace = tmp_path / "server.jsonl"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    chatapp = Path(sys.executable).with_name("chatapp")
+    server = subprocess.Popen(
+        [str(chatapp), "serve", str(port), "--db", ":memory:", "--trace", str(trace)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while '"ev":"start"' not in (trace.read_text() if trace.exists() else ""):
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    code, out = chat_replay(capsys, trace)
+    assert code == 0, out
+    assert "PASS" in out

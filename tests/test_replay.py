@@ -147,7 +147,9 @@ def test_a_changed_shown_line_fails_at_that_line(
     code, out = chat_replay(capsys, edited(tmp_path, "test1", change))
     assert code == 1
     assert "First divergence: lines user1 showed" in out
-    assert re.search(r"^  recorded \(seq \d+, t=[\d.]+\): 'user3 : hi!'$", out, re.M), out
+    assert re.search(
+        r"^  recorded \(\S+test1-edited\.jsonl:\d+, seq \d+, t=[\d.]+\): 'user3 : hi!'$", out, re.M
+    ), out
     assert re.search(r"^  replay   \(seq \d+, t=[\d.]+\): 'user3 : hi~'$", out, re.M), out
 
 
@@ -214,6 +216,7 @@ def test_an_altered_signature_in_a_trace_is_refused_as_it_would_be_live(
                 sig[0] ^= 1
                 post = ChannelPost(msg["id"], msg["text"], bytes(sig))
                 line["raw_b64"] = base64.b64encode(session.seal(TO_SERVER, post)).decode()
+                msg["sig"] = base64.b64encode(bytes(sig)).decode()  # msg says what the bytes do
                 return lines
         raise AssertionError("no such datagram")
 

@@ -14,7 +14,7 @@ import base64
 import contextlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -243,6 +243,8 @@ class Trace:
     header: Header
     events: list[Event]
     path: str = ""
+    #: The line of ``path`` each event was read from, by its seq (a report names it).
+    lines: dict[int, int] = field(default_factory=dict)
 
     def nodes(self) -> dict[str, NodeInfo]:
         """Every node, from the header and from the start events (the last start wins)."""
@@ -292,6 +294,7 @@ def parse_segments(text: str, path: str = "<trace>") -> list[Trace]:
             if event.seq <= last:
                 raise TraceError(f"{path}:{number}: seq {event.seq} does not follow {last}")
             segment.events.append(event)
+            segment.lines[event.seq] = number
     if not segments:
         raise TraceError(f"{path}: empty: not a {FORMAT} file")
     return segments

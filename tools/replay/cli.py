@@ -22,7 +22,7 @@ import trio.testing
 import typer
 
 from chatapp.testing import Step
-from chatapp.trace import Trace, TraceError, write_trace
+from chatapp.trace import Send, Trace, TraceError, write_trace
 from chatapp.typer_support import (
     UsageError,
     WordsCommand,
@@ -172,6 +172,8 @@ def replay(
         seed=seed,
     )
     _announce(trace, recorded, options, target)
+    if not _consistent(recorded):
+        raise typer.Exit(1)
     replayed, run, elapsed = _run_replay(recorded, options)
     if out:
         _write(out, lambda path: write_trace(replayed, path))
@@ -210,6 +212,31 @@ def _announce(trace: str, recorded: Trace, options: ReplayOptions, target: str |
     )
     for note in recorded.header.notes:
         typer.echo(f"  note: {note}")
+
+
+def _consistent(recorded: Trace) -> bool:
+    """Whether every datagram's msg in the trace is what its bytes say; if not, FAIL
+    with the file and line of each that is not."""
+    from .integrity import mismatches
+    from .report import where_recorded
+
+    found = list(mismatches(recorded))
+    if not found:
+        return True
+    many = len(found) > 1
+    typer.echo(
+        f"FAIL: {len(found)} datagram{'s' if many else ''} of the trace"
+        f" say{'' if many else 's'} one thing in msg and another in raw/raw_b64 (the bytes"
+        " are what was on the wire):"
+    )
+    for mismatch in found[:10]:
+        event = mismatch.event
+        arrow = "->" if isinstance(event, Send) else "<-"
+        typer.echo(
+            f"  {where_recorded(recorded, event)}: {event.node} {arrow} {event.peer}:"
+            f" {mismatch.why}"
+        )
+    return False
 
 
 def _run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner, float]:

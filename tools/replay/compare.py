@@ -13,6 +13,7 @@ protocol's timers show.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from chatapp.trace import Commit, Event, Exited, Input, Recv, Send, Shown, Start
 from chatapp.wire import Ack, TableAck, tag_of
 
 from .normalise import Normaliser
+from .plan import external_exits
 
 #: Messages that answer a request (sent again for each retry of it): not retries themselves.
 ANSWERS = answer_tags()
@@ -66,6 +68,15 @@ class Divergence:
     replayed: Item | None
     reason: str
     order: float  # where it falls in the recording (a seq), for "first"
+    count: int = 1  # how many items of the stream diverge, this one the first
+
+
+def _first_of(found: list[Divergence]) -> Divergence | None:
+    """The first of a stream's divergences, which counts them all."""
+    if not found:
+        return None
+    found[0].count = len(found)
+    return found[0]
 
 
 @dataclass
@@ -168,6 +179,8 @@ def compare(
         before, after = old.get(key, []), new.get(key, [])
         result.streams[key] = (before, after)
         divergence = _first_difference(key, before, after)
+        if divergence is not None:
+            divergence.count = _differing_items(before, after)
         if divergence is not None and key.kind == "start":
             divergence.reason = settings_reason(divergence) or divergence.reason
         compared += min(len(before), len(after))
@@ -340,6 +353,18 @@ def _first_difference(key: StreamKey, before: list[Item], after: list[Item]) -> 
     return None
 
 
+def _differing_items(before: list[Item], after: list[Item]) -> int:
+    """How many items of a stream differ, counted after the first too (as a diff would:
+    one for each item changed, missing or extra)."""
+    matcher = difflib.SequenceMatcher(
+        None, [value_key(item.value) for item in before], [value_key(item.value) for item in after]
+    )
+    changed = sum(
+        max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"
+    )
+    return max(changed, 1)
+
+
 def _order_of_new(item: Item | None) -> float:
     return float(item.seq) if item is not None else 0.0
 
@@ -353,6 +378,7 @@ class _Timings:
         self._since_first_send: dict[str, dict[int, float]] = {}
         self._reactions: dict[str, dict[int, tuple[float, Event]]] = {}
         self._inputs_elsewhere: dict[str, list[float]] = {}
+        self._stopped: set[int] | None = None
 
     def since_first_send(self, node: str) -> dict[int, float]:
         if node not in self._since_first_send:
@@ -363,6 +389,12 @@ class _Timings:
         if node not in self._reactions:
             self._reactions[node] = _reaction_times(self.trace, node)
         return self._reactions[node]
+
+    def stopped(self) -> set[int]:
+        """The seqs of the exits that came from outside (a Ctrl-C, a stop)."""
+        if self._stopped is None:
+            self._stopped = external_exits(self.trace.events)
+        return self._stopped
 
     def inputs_elsewhere(self, node: str) -> list[float]:
         """When lines were typed at (or starts happened at) the other nodes."""
@@ -386,6 +418,7 @@ def _timing_difference(
     of one broadcast. It does not depend on when lines were typed."""
     old_gaps = recorded.since_first_send(key.node)
     new_gaps = replayed.since_first_send(key.node)
+    found: list[Divergence] = []
     for index, (old, new) in enumerate(zip(before, after, strict=False)):
         old_gap, new_gap = old_gaps.get(old.seq), new_gaps.get(new.seq)
         if old_gap is None or new_gap is None or old.value != new.value:
@@ -395,8 +428,8 @@ def _timing_difference(
                 f"timing: {new_gap:.3f} s after {key.node} first sent this message id,"
                 f" recorded {old_gap:.3f} s (tolerance {tolerance:.3f} s)"
             )
-            return Divergence(key, index, old, new, reason, old.seq)
-    return None
+            found.append(Divergence(key, index, old, new, reason, old.seq))
+    return _first_of(found)
 
 
 def _reaction_difference(
@@ -417,10 +450,14 @@ def _reaction_difference(
     old_times = recorded.reactions(key.node)
     new_times = replayed.reactions(key.node)
     elsewhere = recorded.inputs_elsewhere(key.node)
+    stopped = recorded.stopped()
+    found: list[Divergence] = []
     for index, (old, new) in enumerate(zip(before, after, strict=False)):
         old_time, new_time = old_times.get(old.seq), new_times.get(new.seq)
         if old_time is None or new_time is None or old.value != new.value:
             continue
+        if old.seq in stopped:
+            continue  # stopped from outside (Ctrl-C): when is the person's, not the protocol's
         (old_latency, old_cause), (new_latency, new_cause) = old_time, new_time
         if normalised(old_cause, comparison.recorded_names) != normalised(
             new_cause, comparison.replayed_names
@@ -437,8 +474,8 @@ def _reaction_difference(
                 f" datagram received by {key.node}), recorded {old_latency:.3f} s"
                 f" (tolerance {tolerance:.3f} s)"
             )
-            return Divergence(key, index, old, new, reason, old.seq)
-    return None
+            found.append(Divergence(key, index, old, new, reason, old.seq))
+    return _first_of(found)
 
 
 def _reaction_times(trace: Trace, node: str) -> dict[int, tuple[float, Event]]:

@@ -61,7 +61,7 @@ from chatapp.argv import Parsed  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
-from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, MAX_MAILBOX_LIMIT  # noqa: E402
+from chatapp.protocol.mailbox import MAX_MAILBOX_LIMIT  # noqa: E402
 from chatapp.typer_support import (  # noqa: E402
     UsageError,
     WordsCommand,
@@ -148,7 +148,6 @@ def _mailbox_limit(value: int) -> int:
     return value
 
 
-DEFAULT_TIMERS = Timers()
 DEFAULT_RATE = int(Limits().per_address_rate)
 #: A registration is two handshake steps (a hello, a register).
 STEPS_PER_JOIN = 2
@@ -252,14 +251,13 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every event.")] = False,
     mailbox_limit: Annotated[
         int, typer.Option(metavar="N", help="Stored messages kept per client.")
-    ] = DEFAULT_MAILBOX_LIMIT,
+    ] = 1000,
     rate_limit: RateLimitOption = DEFAULT_RATE,
     join_limit: JoinLimitOption = DEFAULT_JOINS,
-    ack_timeout: AckTimeoutOption = DEFAULT_TIMERS.ack_timeout,
-    tries: TriesOption = DEFAULT_TIMERS.tries,
+    ack_timeout: AckTimeoutOption = 0.5,
+    tries: TriesOption = 5,
 ) -> None:
     """Run the server on UDP PORT of all interfaces."""
-    from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
     if port is None and (ctx.obj == SEED_SPELLING or getattr(ctx.obj, "seed_spelling", False)):
@@ -279,6 +277,8 @@ def serve(
     if isinstance(ctx.obj, Parsed):
         ctx.obj.options = options  # options_from_argv: read, not run
         return
+    from chatapp.app import run_server
+
     _run(run_server, options, sys.argv, command="serve")
 
 
@@ -315,11 +315,10 @@ def join(
             ),
         ),
     ] = None,
-    ack_timeout: AckTimeoutOption = DEFAULT_TIMERS.ack_timeout,
-    tries: TriesOption = DEFAULT_TIMERS.tries,
+    ack_timeout: AckTimeoutOption = 0.5,
+    tries: TriesOption = 5,
 ) -> None:
     """Join as NAME, listening on CLIENT_PORT. The first join of NAME makes its key."""
-    from chatapp.app import run_client
     from chatapp.launch import ClientOptions
 
     options = ClientOptions(
@@ -336,6 +335,8 @@ def join(
     if isinstance(ctx.obj, Parsed):
         ctx.obj.options = options  # options_from_argv: read, not run
         return
+    from chatapp.app import run_client
+
     _run(run_client, options, sys.argv, command="join")
 
 
@@ -442,8 +443,6 @@ def _quiet_stdout() -> None:
 _SEED_SPELLING = {"-s": "serve", "-c": "join"}
 #: ``ctx.obj`` of a command given in the seed's spelling.
 SEED_SPELLING = "seed spelling"
-
-
 #: What Typer returns when Ctrl-C interrupts it while it reads the arguments.
 _TYPER_INTERRUPTED = INTERRUPTED_EXIT
 

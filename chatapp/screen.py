@@ -50,16 +50,17 @@ def channel_message(sender: str, text: str) -> str:
 
 
 def time_prefix(stored_at: float) -> str:
-    """The prefix of a stored message's line: when the server stored it (Unix time)."""
+    """The prefix of a stored message's line (``stored_direct``, ``stored_channel``): when
+    the server stored it, in Unix time. The replay checks each shown prefix against it."""
     return f"({stored_at!r}) "
 
 
 def stored_direct(stored_at: float, sender: str, text: str) -> str:
-    return f"{time_prefix(stored_at)}{sender} : {printable(text)}"
+    return f"({stored_at!r}) {sender} : {printable(text)}"
 
 
 def stored_channel(stored_at: float, sender: str, text: str) -> str:
-    return f"{time_prefix(stored_at)}Channel_Message {sender} : {printable(text)}"
+    return f"({stored_at!r}) Channel_Message {sender} : {printable(text)}"
 
 
 # --- our lines ------------------------------------------------------------------

@@ -3,6 +3,7 @@ a trace is a divergence that the report names, and the shipped traces pass."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import signal
@@ -477,3 +478,17 @@ def test_a_server_alone_stopped_with_ctrl_c_replays(
     code, out = chat_replay(capsys, trace)
     assert code == 0, out
     assert "PASS" in out
+
+
+def test_a_changed_default_of_the_protocol_diverges_and_is_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timers() defaults to 0.6 s: the command line still says 0.5, but a node started
+    without options (a scenario's) would run with 0.6; the header's defaults say so."""
+    from chatapp.trace import recorders
+
+    monkeypatch.setattr(recorders, "Timers", functools.partial(Timers, ack_timeout=0.6))
+    code, out = chat_replay(capsys, shipped("test1"))
+    assert code == 1, out
+    assert "the protocol's own defaults changed" in out
+    assert "ack_timeout is now 0.6, recorded 0.5" in out

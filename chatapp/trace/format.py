@@ -84,6 +84,9 @@ class Header(msgspec.Struct, omit_defaults=True):
     source: str = ""  # what recorded it: "chatapp serve", "chat-replay record", ...
     scenario: str = ""  # the scenario file that was played, if any
     notes: list[str] = []
+    #: The protocol's own defaults when it was recorded (``protocol_defaults``), beside
+    #: what each node ran with (its start event's ``settings``).
+    defaults: dict[str, float | int] = {}
 
 
 class _Event(msgspec.Struct, tag_field="ev", omit_defaults=True, forbid_unknown_fields=True):

@@ -102,6 +102,19 @@ class NullRecorder(Recorder):
     """Records nothing."""
 
 
+def protocol_defaults() -> dict[str, float | int]:
+    """The protocol's own defaults (``Timers()``, the mailbox limit), which a node started
+    without options (a scenario's, a test's) runs with: a trace's header records them."""
+    from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
+
+    timers = Timers()
+    return {
+        "ack_timeout": timers.ack_timeout,
+        "tries": timers.tries,
+        "mailbox_limit": DEFAULT_MAILBOX_LIMIT,
+    }
+
+
 def public_argv(argv: list[str]) -> list[str]:
     """argv with the program's own path cut to its name: a trace is shared, a home
     directory is not its business."""
@@ -143,6 +156,7 @@ class TraceRecorder(Recorder):
             "timers": {"ack_timeout": timers.ack_timeout, "tries": timers.tries},
             "nodes": {name: dict(info) for name, info in (nodes or {}).items()},
             "clock": clock,
+            "defaults": protocol_defaults(),
         }
         if source:
             self.header["source"] = source

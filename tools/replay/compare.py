@@ -43,7 +43,7 @@ class Item:
 @dataclass(frozen=True)
 class StreamKey:
     node: str
-    kind: str  # send | recv | show | input | exit | start | commit
+    kind: str  # send | recv | show | input | exit | start | commit | defaults
     peer: str = ""
 
     def __str__(self) -> str:
@@ -57,6 +57,7 @@ class StreamKey:
             "exit": f"{self.node}'s exit",
             "start": f"{self.node}'s start",
             "commit": f"what {self.node} committed (its database or state files)",
+            "defaults": "the protocol's defaults (chatapp/protocol: Timers, the mailbox limit)",
         }[self.kind]
 
 
@@ -192,6 +193,9 @@ def compare(
             )
         if divergence is not None:
             divergences.append(divergence)
+    defaults = _defaults_difference(recorded, replayed)
+    if defaults is not None:
+        divergences.append(defaults)
     divergences.sort(key=lambda d: d.order)
     result.divergences = divergences
     result.compared = compared
@@ -260,6 +264,28 @@ SETTING_OPTIONS = {
     "handshakes_per_ip_rate": "--join-limit",
     "handshakes_per_ip_burst": "--join-limit",
 }
+
+
+def _defaults_difference(recorded: Trace, replayed: Trace) -> Divergence | None:
+    """The protocol's own defaults (``Timers()``, the mailbox limit) as the recording had
+    them and as they are now: nodes started without options run with them."""
+    old, new = recorded.header.defaults, replayed.header.defaults
+    if not old or not recorded.events or not replayed.events or old == new:
+        return None
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    said = "; ".join(
+        f"{key} is now {new.get(key, '(none)')}, recorded {old.get(key, '(none)')}"
+        for key in changed
+    )
+    key = StreamKey(recorded.events[0].node, "defaults")
+    return Divergence(
+        key,
+        0,
+        Item(recorded.events[0], dict(old)),
+        Item(replayed.events[0], dict(new)),
+        f"the protocol's own defaults changed (Timers, the mailbox limit): {said}",
+        -1.0,
+    )
 
 
 def settings_reason(divergence: Divergence) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -23,20 +24,22 @@ from chatapp_tools.replay.compare import compare
 from chatapp_tools.replay.plan import ReplayOptions
 from chatapp_tools.replay.report import report
 from chatapp_tools.replay.runner import run_replay
+from chatapp_tools.replay.stores import ReplayStores
 from chatapp_tools.replay.traces import read_trace
 
 from chatapp import cli, launch, screen
 from chatapp.argv import options_from_argv
 from chatapp.launch import ClientOptions, ServerOptions
-from chatapp.protocol.changes import MessagesRemoved
+from chatapp.protocol.changes import MessagesRemoved, MessageStored
 from chatapp.protocol.common import Effect, Pending, Timers
+from chatapp.protocol.crypto import b64
 from chatapp.protocol.mailbox import Flight
 from chatapp.protocol.server_core import ServerCore, Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
 from chatapp.testing.determinism import deterministic_scheduling
-from chatapp.trace import Shown, Trace
+from chatapp.trace import Restored, Shown, Trace
 from chatapp.typer_support import UsageError
-from chatapp.wire import StoredItem
+from chatapp.wire import Seq, StoredItem
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -492,3 +495,33 @@ def test_a_changed_default_of_the_protocol_diverges_and_is_named(
     assert code == 1, out
     assert "the protocol's own defaults changed" in out
     assert "ack_timeout is now 0.6, recorded 0.5" in out
+
+
+# --- the replayed server's database --------------------------------------------------------
+
+
+def test_a_replayed_server_keeps_its_database_across_a_restart(tmp_path: Path) -> None:
+    """Its first start reads what the recording's did; a restart on the same database
+    (the same key) reads what the replay committed since; another key, a new one."""
+    trace = read_trace(shipped("test1"))
+    restored = next(event for event in trace.events if isinstance(event, Restored))
+    stores = ReplayStores(str(tmp_path))
+    try:
+        store = stores.for_start("server", restored, lambda address: address)
+        disk = store.load()
+        assert (b64(disk.key), disk.origin, disk.last_n) == (
+            restored.server_key,
+            restored.origin,
+            restored.last_n,
+        )
+        item = StoredItem(Seq(restored.origin, 7), "m1", "channel", "user2", 1.5, "hi", b"s" * 64)
+        trio.run(store.commit, [MessageStored("user1", item)])
+        again = stores.for_start("server", restored, lambda address: address)
+        assert again is store
+        assert again.load().mailbox == {"user1": [item]}
+        other = msgspec.structs.replace(restored, server_key=b64(bytes(32)))
+        fresh = stores.for_start("server", other, lambda address: address)
+        assert fresh is not store
+        assert fresh.load().mailbox == {}
+    finally:
+        stores.close()

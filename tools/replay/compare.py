@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatapp.protocol.waits import answer_tags
-from chatapp.trace import Commit, Event, Exited, Input, Recv, Send, Shown, Start, Trace
+from chatapp.trace import (
+    Commit,
+    Event,
+    Exited,
+    Input,
+    Recv,
+    Restored,
+    Send,
+    Shown,
+    Start,
+    Trace,
+)
 from chatapp.wire import Ack, TableAck, tag_of
 
 from .normalise import Normaliser
@@ -57,6 +68,7 @@ class StreamKey:
             "exit": f"{self.node}'s exit",
             "start": f"{self.node}'s start",
             "commit": f"what {self.node} committed (its database or state files)",
+            "restore": f"what {self.node} read from its database when it started",
             "defaults": "the protocol's defaults (chatapp/protocol: Timers, the mailbox limit)",
         }[self.kind]
 
@@ -109,6 +121,8 @@ def normalised(event: Event, names: Normaliser) -> tuple[str, str, Any] | None:
         return "show", "", names.text(event.line, event.node)
     if isinstance(event, Commit):
         return ("commit", "", names.commit(event)) if names.strict_times else None
+    if isinstance(event, Restored):
+        return ("restore", "", names.restore(event)) if names.strict_times else None
     if isinstance(event, Input):
         return "input", "", event.line
     if isinstance(event, Exited):

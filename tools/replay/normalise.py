@@ -36,7 +36,7 @@ from chatapp.trace import (
     Start,
     parse_addr,
 )
-from chatapp.wire import fmt_addr
+from chatapp.wire import StoredItem, fmt_addr
 
 _TIME_PREFIX = re.compile(r"^\(\d+(?:\.\d+)?(?:e[+-]?\d+)?\) ")
 _ADDRESS = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})\b")
@@ -310,8 +310,7 @@ class Normaliser:
         if isinstance(record, ClientDropped):
             return {"op": "client_removed", "name": record.name}
         if isinstance(record, ItemStored):
-            item = self._item(msgspec.to_builtins(record.item), "")
-            item["seq"] = [record.item.seq.origin, record.item.seq.n]
+            item = self._stored_item(record.item)
             lag = record.item.stored_at - (self.started + at)
             item["stored_at"] = "<now>" if abs(lag) <= STORED_AT_SLACK else f"<now {lag:+.3f} s>"
             return {"op": "stored", "to": record.to, "item": item}
@@ -326,6 +325,33 @@ class Normaliser:
         if isinstance(record, Marked):
             return {"op": "marked", "server_key": "<server key>", "marks": record.marks}
         return {"op": "?"}
+
+    def _stored_item(self, item: StoredItem) -> dict[str, Any]:
+        """A stored item of a commit or a restore: its place (origin, n) compared as it is."""
+        return {**self._item(msgspec.to_builtins(item), ""), "seq": [item.seq.origin, item.seq.n]}
+
+    def restore(self, event: Restored) -> dict[str, Any]:
+        """What a server read from its database at a start, as compared: its clients in the
+        order it read them, its stored messages oldest first."""
+        return {
+            "server_key": event.server_key,
+            "origin": event.origin,
+            "last_n": event.last_n,
+            "clients": [
+                [name, self.address(fmt_addr((ip, port))), key, "<sid>" if sid else "", presence]
+                for name, ip, port, key, sid, presence in event.clients
+            ],
+            "mailbox": {
+                to: [
+                    {
+                        **self._item(msgspec.to_builtins(item), ""),
+                        "seq": [item.seq.origin, item.seq.n],
+                    }
+                    for item in items
+                ]
+                for to, items in event.mailbox.items()
+            },
+        }
 
     def commit(self, event: Commit) -> dict[str, Any]:
         """A ``commit`` event as compared: what it wrote, and what it was the effect of."""

@@ -34,10 +34,8 @@ from chatapp.launch import (
 )
 from chatapp.net import UDP, Network
 from chatapp.node import Input, Node
-from chatapp.protocol.changes import Change, ClientSaved, MessageStored
 from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
-from chatapp.store import MemoryStore
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
 from chatapp.testing.determinism import deterministic_scheduling
 from chatapp.trace import (
@@ -68,6 +66,7 @@ from .plan import (
     recorded_transit,
 )
 from .puppets import LiveKeys, Puppet, Rewriter
+from .stores import ReplayStores
 
 OptionsT = TypeVar("OptionsT", ServerOptions, ClientOptions)
 
@@ -186,6 +185,7 @@ class Runner:
         self.stalls: list[str] = []
         self._recorder: MemoryRecorder  # made in run(): it reads the run's clock
         self._state_dir = ""
+        self._stores: ReplayStores  # made in run(): in its temporary directory
 
     def trace(self) -> Trace:
         return self._recorder.trace()
@@ -202,17 +202,24 @@ class Runner:
         # pins) goes to a temporary directory, never to the user's.
         with tempfile.TemporaryDirectory(prefix="chat-replay-") as state_dir:
             self._state_dir = state_dir
-            async with trio.open_nursery() as nursery:
-                if self.options.node is not None:
-                    for name in self.nodes:
-                        if name != self.options.node:
-                            await self._start_puppet(nursery, name)
-                for action in self.plan:
-                    await self._pace(action)
-                    await self._carry_out(nursery, action)
-                    self.done_at[action.event.seq] = trio.current_time()
-                self._stop_all()
-                nursery.cancel_scope.cancel()
+            self._stores = ReplayStores(state_dir)
+            try:
+                return await self._run_plan()
+            finally:
+                self._stores.close()
+
+    async def _run_plan(self) -> Trace:
+        async with trio.open_nursery() as nursery:
+            if self.options.node is not None:
+                for name in self.nodes:
+                    if name != self.options.node:
+                        await self._start_puppet(nursery, name)
+            for action in self.plan:
+                await self._pace(action)
+                await self._carry_out(nursery, action)
+                self.done_at[action.event.seq] = trio.current_time()
+            self._stop_all()
+            nursery.cancel_scope.cancel()
         return self.trace()
 
     # --- pacing ----------------------------------------------------------------------
@@ -306,9 +313,10 @@ class Runner:
             wall_offset=self._recorder.wall_offset,
             entropy_seed=unb64(started.seed) if started.seed else None,
         )
-        # The recorded server's database as it started (its key included), in memory (a
-        # real database would need a worker thread, which virtual time must not wait on).
-        await self._launch(nursery, name, options, store=self._restored_store(restored))
+        # The recorded server's database as it started (its key included), or, restarted
+        # on it, what the replayed server kept there (``stores.py``).
+        store = self._stores.for_start(name, restored, self._new_address)
+        await self._launch(nursery, name, options, store=store)
 
     def _recorded_epoch(self, started: Start) -> int:
         """The table epoch the server had in the recording from ``started`` on (the first
@@ -470,20 +478,6 @@ class Runner:
             return ["chatapp", "serve", str(local[1])]
         server = self._server_address()
         return ["chatapp", "join", name, server[0], str(server[1]), str(local[1])]
-
-    def _restored_store(self, restored: Restored | None) -> MemoryStore:
-        """What the recorded server read from its database, as a store made by the changes
-        that made it, with the addresses of this run."""
-        if restored is None:
-            return MemoryStore()
-        changes: list[Change] = []
-        for name, ip, port, client_key, sid, presence in restored.clients:
-            ip, port = self._new_address((ip, port))
-            changes.append(ClientSaved(name, ip, port, unb64(client_key), unb64(sid), presence))
-        for recipient, items in restored.mailbox.items():
-            changes += [MessageStored(recipient, item) for item in items]
-        server_key = unb64(restored.server_key)
-        return MemoryStore(changes, key=server_key, origin=restored.origin, last_n=restored.last_n)
 
 
 def _client_start(started: Start) -> ClientStart | None:

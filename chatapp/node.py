@@ -296,6 +296,8 @@ class Node:
         # One transaction for every change of the handling, before anything it sends: a
         # channel message stored for a hundred offline clients is one commit, and no
         # answer leaves before the change it reports is on disk.
+        if cause == "timer" and any(isinstance(e, Change | Send | Show | Exit) for e in effects):
+            self.recorder.timer_fired(self.name)  # what follows is the timer's
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and not await self._commit(changes, cause):
             effects = self._roll_back()

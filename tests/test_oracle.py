@@ -525,3 +525,37 @@ def test_a_replayed_server_keeps_its_database_across_a_restart(tmp_path: Path) -
         assert fresh.load().mailbox == {}
     finally:
         stores.close()
+
+
+# --- the order of one handling's effects ----------------------------------------------------
+
+
+def test_a_table_shown_before_it_is_acked_diverges(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same datagrams, the same lines, at the same instant: only their order within
+    the handling of the table differs."""
+    from chatapp.protocol.client import ClientProtocol
+    from chatapp.protocol.codecs import Via
+    from chatapp.protocol.common import Show
+    from chatapp.wire import Table, TableDelta
+
+    handlers = ClientProtocol._message_handlers
+    real = handlers[(Table, Via.SERVER)]
+
+    def shown_first(self: Any, *args: Any) -> list[Effect]:
+        effects = real(self, *args)
+        shows = [effect for effect in effects if isinstance(effect, Show)]
+        return shows + [effect for effect in effects if not isinstance(effect, Show)]
+
+    for kind in (Table, TableDelta):
+        monkeypatch.setitem(handlers, (kind, Via.SERVER), shown_first)
+    code, out = chat_replay(capsys, shipped("test1"))
+    assert code == 1, out
+    assert "First divergence: the order of what user1 did in one handling" in out
+    assert "did the same things in another order" in out
+
+
+def test_the_shipped_traces_mark_what_timers_did() -> None:
+    timers = [line for line in lines_of(shipped("test2"))[1:] if line["ev"] == "timer"]
+    assert timers

@@ -232,7 +232,12 @@ class Commit(_Event, tag="commit"):
     cause: Literal["datagram", "input", "timer", "start", ""] = ""
 
 
-Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit
+class TimerFired(_Event, tag="timer"):
+    """One of the node's timers fired and the node did something (sent, showed,
+    committed or exited): what follows, up to the next event the node read, is its."""
+
+
+Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit | TimerFired
 
 _encoder = msgspec.json.Encoder()
 

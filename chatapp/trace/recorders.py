@@ -85,6 +85,10 @@ class Recorder(Protocol):
         """What a server read from its database before it started."""
         return None
 
+    def timer_fired(self, node: str) -> None:
+        """One of the node's timers fired, and what it did follows."""
+        return None
+
     def committed(self, node: str, changes: list[Change], cause: str) -> None:
         """Changes the node committed (its database, a client's state files), before what
         the handling (``cause``: datagram, input, timer, start) sends or shows."""
@@ -263,6 +267,9 @@ class TraceRecorder(Recorder):
             node, "restore", server_key=b64(disk.key), origin=disk.origin,
             last_n=disk.last_n, clients=rows, mailbox=boxes,
         )  # fmt: skip
+
+    def timer_fired(self, node: str) -> None:
+        self._event(node, "timer")
 
     def committed(self, node: str, changes: list[Change], cause: str) -> None:
         records = [change_record(change) for change in changes]

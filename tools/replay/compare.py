@@ -34,6 +34,7 @@ from chatapp.trace import (
 from chatapp.wire import Ack, TableAck, tag_of
 
 from .normalise import Normaliser
+from .order import order_differences
 from .plan import external_exits
 
 #: Messages that answer a request (sent again for each retry of it): not retries themselves.
@@ -69,6 +70,7 @@ class StreamKey:
             "start": f"{self.node}'s start",
             "commit": f"what {self.node} committed (its database or state files)",
             "restore": f"what {self.node} read from its database when it started",
+            "order": f"the order of what {self.node} did in one handling",
             "defaults": "the protocol's defaults (chatapp/protocol: Timers, the mailbox limit)",
         }[self.kind]
 
@@ -210,6 +212,9 @@ def compare(
     defaults = _defaults_difference(recorded, replayed)
     if defaults is not None:
         divergences.append(defaults)
+    if not black_box:
+        nodes_compared = {key.node for key in result.streams}
+        divergences += order_differences(result, nodes_compared)
     divergences.sort(key=lambda d: d.order)
     result.divergences = divergences
     result.compared = compared

@@ -338,7 +338,13 @@ class Normaliser:
             "origin": event.origin,
             "last_n": event.last_n,
             "clients": [
-                [name, self.address(fmt_addr((ip, port))), key, "<sid>" if sid else "", presence]
+                [
+                    name,
+                    self.address(fmt_addr((ip, port))),
+                    key,
+                    "<sid>" if sid else "",
+                    getattr(presence, "value", presence),
+                ]
                 for name, ip, port, key, sid, presence in event.clients
             ],
             "mailbox": {

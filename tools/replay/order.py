@@ -33,6 +33,7 @@ from chatapp.trace import (
 
 if TYPE_CHECKING:
     from .compare import Comparison, Divergence
+    from .normalise import Normaliser
 
 _CAUSES = (Recv, Input, Start)
 _EFFECTS = (Commit, Send, Shown, Exited)
@@ -123,11 +124,12 @@ def order_differences(comparison: Comparison, nodes: set[str]) -> list[Divergenc
             old_value = normalised(old_event, comparison.recorded_names)
             new_value = normalised(new_event, comparison.replayed_names)
             assert old_value is not None and new_value is not None
-            cause = "a timer" if handling.cause is None else _what(handling.cause)
+            names = comparison.recorded_names
+            cause = "a timer" if handling.cause is None else _what(handling.cause, names)
             reason = (
                 f"order: after {cause}, {node} did the same things in another"
-                f" order: the recording's effect {at + 1} was {_what(old_event)}, the replay's"
-                f" {_what(new_event)}"
+                f" order: the recording's effect {at + 1} was {_what(old_event, names)}, the"
+                f" replay's {_what(new_event, comparison.replayed_names)}"
             )
             found.append(
                 Divergence(
@@ -145,10 +147,11 @@ def order_differences(comparison: Comparison, nodes: set[str]) -> list[Divergenc
     return divergences
 
 
-def _what(event: Event) -> str:
+def _what(event: Event, names: Normaliser | None = None) -> str:
     if isinstance(event, Send | Recv):
         kind = event.msg.get("t", "?") if event.msg else "an undecodable datagram"
-        where = f"{'to' if isinstance(event, Send) else 'from'} {event.peer}"
+        peer = names.address(event.peer) if names is not None else event.peer
+        where = f"{'to' if isinstance(event, Send) else 'from'} {peer}"
         return f"{'sending' if isinstance(event, Send) else 'receiving'} {kind} {where}"
     if isinstance(event, Shown):
         return f"showing {event.line!r}"

@@ -75,3 +75,12 @@ def test_list_prints_the_catalogue(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "cli-join-timeout" in out and "--ack-timeout defaults to 0.6" in out
     assert main(["--only", "nothing-like-it"]) == 2
+
+
+def test_a_mutant_that_breaks_the_import_is_killed_not_a_crash_of_the_tool() -> None:
+    workspace = Workspace.of(ROOT)
+    workspace.traces = ["traces/test1.jsonl", "traces/test2.jsonl"]
+    broken = mutant("syntax", "screen", "chatapp/screen.py", "PROMPT = ", "PROMPT = = ", "bad")
+    outcome = run_mutant(workspace, broken, timeout=60)
+    assert (outcome.status, outcome.killer) == (KILLED, "traces/test1.jsonl")
+    assert "SyntaxError" in outcome.detail or "crashed" in outcome.detail, outcome.detail

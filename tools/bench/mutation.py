@@ -3,7 +3,8 @@
 Every mutant of ``chatapp_tools.mutate``'s catalogue is applied alone to a copy of
 the repository and every shipped trace replayed against it; the figure is how
 many mutants some replay catches, beside how many there are (the goal: all). The
-quick and tiny runs only check that it works, on two mutants.
+quick run only checks that it works, on two mutants; the tiny run on one, replaying
+one trace.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .report import Figure, unavailable
-from .sizes import FULL, Sizes
+from .sizes import FULL, TINY, Sizes
 
 KEY = "mutants_killed"
 LABEL = "protocol mutants the shipped traces catch"
@@ -28,19 +29,22 @@ def bench_mutation(sizes: Sizes) -> list[Figure]:
     if not (root / "traces").is_dir() or not (root / "chatapp").is_dir():
         why = "no traces/ here (run from the repository)"
         return [unavailable(KEY, LABEL, "mutants", BASELINE, why)]
-    mutants = [m for m in CATALOGUE if sizes is FULL or m.id in SAMPLE]
-    result = run(root, mutants, jobs=2, timeout=300.0, tests=None, out=None)
+    sample = SAMPLE[:1] if sizes is TINY else SAMPLE
+    mutants = [m for m in CATALOGUE if sizes is FULL or m.id in sample]
+    traces = ["traces/test1.jsonl"] if sizes is TINY else None
+    result = run(root, mutants, jobs=2, timeout=300.0, tests=None, out=None, traces=traces)
     if isinstance(result, str):
         return [unavailable(KEY, LABEL, "mutants", BASELINE, result)]
-    outcomes, traces = result
+    outcomes, replayed = result
     killed = sum(outcome.killed for outcome in outcomes)
     survivors = [outcome.mutant.id for outcome in outcomes if not outcome.killed]
     return [
         Figure(
             KEY, LABEL, float(killed), "mutants", float(len(outcomes)), BASELINE, "higher",
             goal="all", goal_on="ratio", goal_limit=1.0,
-            note=(f"{len(traces)} traces; survivors: {', '.join(survivors) or 'none'}"
-                  if sizes is FULL else "two mutants only (the whole catalogue: full run)"),
-            extra={"survivors": survivors, "traces": traces},
+            note=(f"{len(replayed)} traces; survivors: {', '.join(survivors) or 'none'}"
+                  if sizes is FULL else
+                  f"{len(mutants)} of the catalogue only (all of it: the full run)"),
+            extra={"survivors": survivors, "traces": replayed},
         )
     ]  # fmt: skip

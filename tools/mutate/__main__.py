@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2, help="Mutants at once (default: 2).")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
                         help="Seconds for a mutant's replays, all (default: 300).")  # fmt: skip
+    parser.add_argument("--isolated", action="store_true",
+                        help="A process per trace, exactly as `chat-replay TRACE` runs (slower);"
+                        " by default one process replays a mutant's traces in turn.")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="Also write the outcomes to FILE.")
     parser.add_argument("--confirm", action="store_true",
                         help="Run tests against each survivor: an oracle gap, or maybe an"
@@ -117,11 +120,15 @@ def run(
     timeout: float,
     tests: list[str] | None,
     out: TextIO | None = sys.stdout,
+    traces: list[str] | None = None,
+    isolated: bool = False,
 ) -> tuple[list[Outcome], list[str]] | str:
-    """Every mutant's outcome (in catalogue order) and the traces replayed, or why the run
-    could not be made. Progress goes to ``out`` (None: nowhere)."""
+    """Every mutant's outcome (in catalogue order) and the traces replayed (``traces``:
+    these only), or why the run could not be made. Progress goes to ``out`` (None:
+    nowhere)."""
     workspace = Workspace.of(root)
-    workspace.traces = shipped_traces(workspace.files)
+    workspace.isolated = isolated
+    workspace.traces = [t for t in shipped_traces(workspace.files) if not traces or t in traces]
     if not workspace.traces:
         return f"no traces under {root / 'traces'}: nothing to replay"
     passing, problems = baseline(workspace, timeout)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     tests = args.tests if args.confirm else None
     result = run(Path(args.root).resolve(), mutants, jobs=args.jobs, timeout=args.timeout,
-                 tests=tests)  # fmt: skip
+                 tests=tests, isolated=args.isolated)  # fmt: skip
     if isinstance(result, str):
         print(result, file=sys.stderr)
         return 2

@@ -519,9 +519,58 @@ _STORE_AND_CRYPTO = [
            "the server commits each datagram's changes alone (no group commit)"),
 ]
 
+
+_MORE = [
+    mutant("deliver-channel-offline-not-stored", "storage", DLV,
+           "            else:\n"
+           "                stored += self._store_channel(other.name, delivery, now)",
+           "",
+           "a channel message is not stored for a client that is offline"),
+    mutant("deliver-notice-names-all", "delivery", DLV,
+           "shown = names[:NOT_STORED_NAMES]",
+           "shown = names[: NOT_STORED_NAMES - 1]",
+           "a not_stored notice names one recipient fewer than it may"),
+    mutant("server-cookie-one-bucket", "checks", SRV,
+           "for b in (bucket, bucket - 1)):",
+           "for b in (bucket,)):",
+           "a cookie is good in its own time bucket only, not the next too"),
+    mutant("server-dereg-again-changes", "presence", SRV,
+           "if record.presence is Presence.DEREGISTERED:\n            return ack",
+           "if False:\n            return ack",
+           "a dereg of a client deregistered already is carried out again"),
+    mutant("server-reg-online-again", "presence", SRV,
+           "        if not record.online:\n            effects += self._set_presence(record,"
+           " Presence.ONLINE)",
+           "        if True:\n            effects += self._set_presence(record, Presence.ONLINE)",
+           "a reg from a client online already is stored and logged as a return"),
+    mutant("client-deregistering-deaf", "delivery", CDLV,
+           "    ClientState.DEREGISTERING,\n    ClientState.REJOINING,\n}",
+           "    ClientState.REJOINING,\n}",
+           "a client whose dereg is in flight ignores what arrives, unACKed"),
+    mutant("client-offline-takes-channel", "delivery", CDLV,
+           "if ignored := self._ignored_offline(\"channel message\"):",
+           "if ignored := []:",
+           "a deregistered client still shows channel messages"),
+    mutant("client-notice-dedup", "dedup", CDLV,
+           "if self._seen.add((\"\", message.id)):",
+           "if self._seen.add((\"\", message.id)) or True:",
+           "a not_stored notice received twice is shown twice"),
+    mutant("client-send-usage", "refusals", CL,
+           "if not to or not text:\n            return [Show(screen.usage(\"send NAME MESSAGE\"))]",
+           "if not to:\n            return [Show(screen.usage(\"send NAME MESSAGE\"))]",
+           "send NAME with no message sends an empty one"),
+    mutant("client-gives-up-after-exit", "retries", CCORE,
+           "return self.state is not ClientState.EXITED",
+           "return True",
+           "a client that exited still runs its waits' give-up handlers"),
+    mutant("tables-idle-client-updated", "tables", TAB,
+           "if record is None or held == self._version:",
+           "if record is None:",
+           "a client that holds the current table is sent it again"),
+]
 # fmt: on
 
 CATALOGUE: tuple[Mutant, ...] = (
     *_WAITS, *_COMMON, *_CLI, *_SERVER, *_DELIVERY, *_PRESENCE, *_CLIENT, *_SCREEN,
-    *_STORE_AND_CRYPTO,
+    *_STORE_AND_CRYPTO, *_MORE,
 )  # fmt: skip

@@ -1,13 +1,16 @@
 """Applying a mutant to a copy of the repository and running the replay oracle on it.
 
 The copy holds the files git knows of (tracked, and new ones not ignored); the
-replay runs as a grader would run ``chat-replay TRACE`` against a mutated build:
-a fresh Python process per trace, with ``PYTHONPATH`` at the copy (its
-``chatapp`` package, and its ``tools`` folder as ``chatapp_tools``).
+replay runs as a grader would run ``chat-replay TRACE`` against a mutated build,
+through its entry point with ``PYTHONPATH`` at the copy (its ``chatapp`` package,
+and its ``tools`` folder as ``chatapp_tools``): by default the traces one after
+the other in one Python process per mutant (``batch``), or (``--isolated``) in a
+fresh process per trace.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +52,8 @@ class Workspace:
     root: Path
     files: list[str] = field(default_factory=list)
     traces: list[str] = field(default_factory=list)
+    #: A process per trace (as a grader runs ``chat-replay TRACE``), not one for all.
+    isolated: bool = False
 
     @classmethod
     def of(cls, root: Path) -> Workspace:
@@ -109,6 +114,15 @@ class Replayed:
     last_line: str
 
 
+def _verdict(status: int, output: str) -> Replayed:
+    lines = [line for line in output.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if line.startswith(("PASS", "FAIL"))), None)
+    if at is None:
+        return Replayed(status, lines[-1] if lines else "")
+    # The verdict, and the first line of the report after it (what diverged)
+    return Replayed(status, " ".join(lines[at : at + 2]))
+
+
 def replay(copy: Path, trace: str, timeout: float) -> Replayed:
     """``chat-replay TRACE`` on the copy, in a process of its own."""
     command = [sys.executable, "-m", "chatapp_tools.replay", trace]
@@ -123,12 +137,53 @@ def replay(copy: Path, trace: str, timeout: float) -> Replayed:
         )
     except subprocess.TimeoutExpired:
         return Replayed(-1, f"no verdict in {timeout:.0f} s")
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    at = next((i for i, line in enumerate(lines) if line.startswith(("PASS", "FAIL"))), None)
-    if at is None:
-        return Replayed(done.returncode, lines[-1] if lines else "")
-    # The verdict, and the first line of the report after it (what diverged)
-    return Replayed(done.returncode, " ".join(lines[at : at + 2]))
+    return _verdict(done.returncode, done.stdout + done.stderr)
+
+
+def replay_batch(
+    copy: Path, traces: list[str], timeout: float, *, every: bool = False
+) -> list[tuple[str, Replayed]]:
+    """``chat-replay TRACE`` for each trace, one after the other in one process on the
+    copy, until one fails (``every``: all of them); each trace's verdict. A trace that
+    was replaying when the time ran out gets status -1."""
+    command = [sys.executable, "-m", "chatapp_tools.mutate.batch", *(["--all"] if every else []),
+               *traces]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command,
+            cwd=copy,
+            env=environment(copy),
+            capture_output=True,
+            text=True,
+            timeout=max(timeout, 1.0),
+        )
+        stdout, stderr, ran_out = done.stdout, done.stderr, False
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, ran_out = _text(exc.stdout), _text(exc.stderr), True
+    verdicts: list[tuple[str, Replayed]] = []
+    for line in stdout.splitlines():
+        try:
+            row = json.loads(line)
+            verdicts.append((row["trace"], _verdict(int(row["status"]), str(row["out"]))))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line a mutant printed on its own
+    left = [trace for trace in traces if trace not in {name for name, _ in verdicts}]
+    if left and (every or not any(v.status for _, v in verdicts)):
+        # The batch died (or ran out of time) in the middle of the next trace.
+        why = f"no verdict in {timeout:.0f} s" if ran_out else _last_line(stderr)
+        verdicts.append((left[0], Replayed(-1 if ran_out else 1, why)))
+    return verdicts
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "the replay process died"
 
 
 def run_mutant(
@@ -143,9 +198,7 @@ def run_mutant(
         except StaleMutant as exc:
             return Outcome(mutant, STALE, detail=str(exc))
         outcome = Outcome(mutant, SURVIVED)
-        for trace in workspace.traces:
-            left = timeout - (time.monotonic() - started)
-            result = replay(copy, trace, left)
+        for trace, result in _verdicts(workspace, copy, timeout - (time.monotonic() - started)):
             if result.status != 0:
                 status = TIMEOUT if result.status < 0 else KILLED
                 outcome = Outcome(mutant, status, trace, result.last_line)
@@ -155,6 +208,22 @@ def run_mutant(
             outcome.status = CAUGHT_BY_TESTS if "failed" in outcome.tests else NO_TEST_FAILS
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _verdicts(
+    workspace: Workspace, copy: Path, timeout: float, *, every: bool = False
+) -> list[tuple[str, Replayed]]:
+    """Each trace's verdict on the copy, until one fails (``every``: all), in one process
+    or (``workspace.isolated``) in a process per trace, as ``chat-replay`` is run."""
+    if not workspace.isolated:
+        return replay_batch(copy, workspace.traces, timeout, every=every)
+    started = time.monotonic()
+    verdicts: list[tuple[str, Replayed]] = []
+    for trace in workspace.traces:
+        verdicts.append((trace, replay(copy, trace, timeout - (time.monotonic() - started))))
+        if verdicts[-1][1].status and not every:
+            break
+    return verdicts
 
 
 def run_tests(copy: Path, tests: list[str], timeout: float) -> str:
@@ -187,8 +256,7 @@ def baseline(workspace: Workspace, timeout: float) -> tuple[list[str], list[str]
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="chatapp-unmutated-") as scratch:
         copy = workspace.copy(Path(scratch))
-        for trace in workspace.traces:
-            result = replay(copy, trace, timeout)
+        for trace, result in _verdicts(workspace, copy, timeout, every=True):
             if result.status == 0:
                 passing.append(trace)
             elif result.status == 2:

@@ -2,7 +2,7 @@
 
 chat-replay TRACE                 replay and compare (the same as ``chat-replay replay TRACE``)
 chat-replay check TRACE           the protocol's invariants over the history, with counts
-chat-replay show TRACE            the run as a timeline (--mermaid FILE for a diagram)
+chat-replay show TRACE            the run as a timeline (--markdown/--svg/--html FILE: a diagram)
 chat-replay merge A B -o OUT      one trace from per-node traces
 chat-replay record SCENARIO -o TRACE
 """
@@ -10,10 +10,12 @@ chat-replay record SCENARIO -o TRACE
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -317,6 +319,21 @@ def check_command(
         raise typer.Exit(1)
 
 
+def _file_option(flag: str, what: str) -> object:
+    return typer.Option(flag, metavar="FILE", help=f"Write {what} to FILE.")
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def _colour(choice: bool | None) -> bool:
+    """Colours: as asked, else on a terminal unless NO_COLOR is set (no-color.org)."""
+    if choice is not None:
+        return choice
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 @app.command(cls=WordsCommand)
 def show(
     trace: Annotated[str, typer.Argument(metavar="TRACE", help="A chatapp trace (JSONL).")],
@@ -328,22 +345,53 @@ def show(
             help="Write a Mermaid sequence diagram to FILE ('-': stdout).",
         ),
     ] = None,
+    markdown: Annotated[
+        str | None, _file_option("--markdown", "a Markdown file with the Mermaid diagram")
+    ] = None,
+    svg: Annotated[str | None, _file_option("--svg", "the diagram as SVG (works offline)")] = None,
+    html: Annotated[
+        str | None, _file_option("--html", "an HTML page with the SVG diagram (works offline)")
+    ] = None,
     acks: Annotated[bool, typer.Option("--acks/--no-acks", help="Show the ACK datagrams.")] = True,
-    width: Annotated[int, typer.Option(min=12, max=80, help="Width of a node's column.")] = 24,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            min=40, max=1000, help="Width of the timeline (default: the terminal's width)."
+        ),
+    ] = None,
+    color: Annotated[
+        bool | None,
+        typer.Option(
+            "--color/--no-color",
+            help="Colour each node (default: on a terminal, unless NO_COLOR is set).",
+        ),
+    ] = None,
 ) -> None:
-    """Print the run as a timeline: one column per node, time going down."""
+    """Print the run as a timeline (one column per node, time going down), or write it as
+    a diagram to open: --markdown (Mermaid), --mermaid, --svg, --html."""
+    from . import pictures
     from . import show as draw
 
     recorded = _load(trace)
-    if mermaid is not None:
-        text = draw.mermaid(recorded, acks=acks)
-        if mermaid == "-":
+    makers: list[tuple[str | None, str, Callable[[Trace], str]]] = [
+        (mermaid, "a Mermaid sequence diagram", partial(draw.mermaid, acks=acks)),
+        (markdown, "a Markdown file (Mermaid)", partial(pictures.markdown, acks=acks)),
+        (svg, "an SVG sequence diagram", partial(pictures.svg, acks=acks)),
+        (html, "an HTML page (SVG)", partial(pictures.html, acks=acks)),
+    ]
+    files = [(path, what, make) for path, what, make in makers if path is not None]
+    for path, what, make in files:
+        text = make(recorded)
+        if path == "-":
             typer.echo(text, nl=False)
-            return
-        _write(mermaid, lambda path: Path(path).write_text(text, encoding="utf-8"))
-        typer.echo(f"wrote a Mermaid sequence diagram to {mermaid}")
+            continue
+        _write(path, partial(_write_text, text=text))
+        typer.echo(f"wrote {what} to {path}")
+    if files:
         return
-    typer.echo(draw.timeline(recorded, width=width, acks=acks))
+    columns = width or shutil.get_terminal_size().columns
+    colour = _colour(color)
+    typer.echo(draw.timeline(recorded, width=columns, acks=acks, colour=colour), color=colour)
 
 
 @app.command(cls=WordsCommand)

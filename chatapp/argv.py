@@ -29,6 +29,15 @@ class Parsed:
     options: Options | None = None
 
 
+def captured(obj: object, options: Options) -> bool:
+    """In ``chatapp serve``/``join``: whether the command line was only being read
+    (``options_from_argv``); then its options are kept, and the command returns."""
+    if not isinstance(obj, Parsed):
+        return False
+    obj.options = options
+    return True
+
+
 @functools.lru_cache(maxsize=4)
 def _command(app: typer.Typer, *defaults: object) -> Callable[..., object]:
     """The command line's Click command (its ``main``), as ``app()`` builds it on each

@@ -57,7 +57,7 @@ import trio  # noqa: E402
 import typer  # noqa: E402
 
 from chatapp import __version__  # noqa: E402
-from chatapp.argv import Parsed  # noqa: E402
+from chatapp.argv import captured  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
@@ -258,6 +258,7 @@ def serve(
     tries: TriesOption = 5,
 ) -> None:
     """Run the server on UDP PORT of all interfaces."""
+    from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
     if port is None and (ctx.obj == SEED_SPELLING or getattr(ctx.obj, "seed_spelling", False)):
@@ -274,12 +275,22 @@ def serve(
         limits=_limits(rate_limit, join_limit),
         timers=_timers(ack_timeout, tries),
     )
-    if isinstance(ctx.obj, Parsed):
-        ctx.obj.options = options  # options_from_argv: read, not run
+    if captured(ctx.obj, options):  # options_from_argv: read, not run
         return
-    from chatapp.app import run_server
-
     _run(run_server, options, sys.argv, command="serve")
+
+
+OtherServersOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--server",
+        metavar="IP:PORT",
+        help=(
+            "Another server sharing the first one's PostgreSQL database (repeatable):"
+            " the client moves to the next when its server stops answering."
+        ),
+    ),
+]
 
 
 @app.command(cls=WordsCommand)
@@ -305,6 +316,7 @@ def join(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log protocol events to stderr.")
     ] = False,
+    server: OtherServersOption = None,
     state_dir: Annotated[
         str | None,
         typer.Option(
@@ -319,6 +331,7 @@ def join(
     tries: TriesOption = 5,
 ) -> None:
     """Join as NAME, listening on CLIENT_PORT. The first join of NAME makes its key."""
+    from chatapp.app import run_client
     from chatapp.launch import ClientOptions
 
     options = ClientOptions(
@@ -331,13 +344,19 @@ def join(
         verbose=verbose,
         timers=_timers(ack_timeout, tries),
         state_dir=state_dir,
+        other_servers=tuple(_server_address(value) for value in server or ()),
     )
-    if isinstance(ctx.obj, Parsed):
-        ctx.obj.options = options  # options_from_argv: read, not run
+    if captured(ctx.obj, options):  # options_from_argv: read, not run
         return
-    from chatapp.app import run_client
-
     _run(run_client, options, sys.argv, command="join")
+
+
+def _server_address(value: str) -> tuple[str, int]:
+    """``--server IP:PORT``."""
+    ip, colon, port = value.rpartition(":")
+    if not colon:
+        raise BadArgument(f"--server takes IP:PORT, such as 127.0.0.1:8002, not {value!r}")
+    return _ipv4(ip), _port(port, "the port of --server")
 
 
 @app.command(cls=WordsCommand)

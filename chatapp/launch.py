@@ -94,6 +94,8 @@ class ClientOptions:
     entropy_seed: bytes | None = None  # the seed of the node's randomness (a replay's)
     # A replay's: what the recorded client read from disk; then nothing is read.
     start_from: ClientStart | None = None
+    #: Servers sharing the first one's database, moved to in turn when it stops answering.
+    other_servers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,33 @@ async def run_node(
             node = _client_node(options, endpoint, recorder, log, entropy, seed)
             node.screen = make_screen(node) if make_screen is not None else screen
         argv = argv if argv is not None else _argv(options, endpoint)
+        if _is_shared(store):
+            return await _run_shared(node, inputs, argv, log, task_status)
         status = await node.run(inputs, argv=argv, task_status=task_status)
+    return status
+
+
+def _is_shared(store: Store | None) -> bool:
+    """Whether ``store`` is a database other servers may share (PostgreSQL)."""
+    return store is not None and hasattr(store, "snapshot") and hasattr(store, "sweep")
+
+
+async def _run_shared(
+    node: Node,
+    inputs: trio.MemoryReceiveChannel[Input] | None,
+    argv: list[str],
+    log: Callable[[Log], None],
+    task_status: trio.TaskStatus[Node],
+) -> int:
+    """A server node with the tasks that keep it in step with the other servers."""
+    from chatapp.pg_store import PgStore
+    from chatapp.shared import SharedLink
+
+    assert isinstance(node.store, PgStore)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(SharedLink(node.store, node, log).run)
+        status = await node.run(inputs, argv=argv, task_status=task_status)
+        nursery.cancel_scope.cancel()
     return status
 
 
@@ -245,7 +273,7 @@ def _server_node(
         last_n=disk.last_n,
         table_window=table_window(endpoint),
     )
-    protocol.restore(disk.clients, disk.mailbox)
+    protocol.restore(disk.clients, disk.mailbox, disk.elsewhere)
     recorder.restored(options.name, disk)  # a replay starts from the same state
     waiting = sum(len(items) for items in disk.mailbox.values())
     log(
@@ -325,6 +353,7 @@ def _client_node(
         marks={key: dict(marks) for key, marks in start.marks.items()},
         timers=options.timers,
         pins_file=str(state_dir / PINS_FILE),
+        other_servers=options.other_servers,
     )
     started: dict[str, object] = {}
     if seed is not None:  # the trace holds what a replay needs: secrets (it says so)
@@ -362,7 +391,16 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
     port = str(endpoint.local_address[1])
     if isinstance(options, ServerOptions):
         return ["chatapp", "serve", port]
-    return ["chatapp", "join", options.name, options.server_ip, str(options.server_port), port]
+    others = [arg for ip, p in options.other_servers for arg in ("--server", f"{ip}:{p}")]
+    return [
+        "chatapp",
+        "join",
+        options.name,
+        options.server_ip,
+        str(options.server_port),
+        port,
+        *others,
+    ]
 
 
 __all__ = [

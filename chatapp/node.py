@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar, cast
 
 import trio
 
@@ -36,9 +36,11 @@ from chatapp.protocol.client import ClientProtocol
 from chatapp.protocol.common import Effect, Exit, Log, Received, Send, Show
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
 from chatapp.protocol.server import ServerProtocol
-from chatapp.store import Store
+from chatapp.store import ServerDisk, Store
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
+
+T = TypeVar("T")
 
 #: What a client's input channel carries (``chatapp.protocol.inputs``).
 Input = ClientInput
@@ -275,6 +277,16 @@ class Node:
             self.screen.typed()
         await self._handle(client.handle_input, item, cause="input")
 
+    async def handle_outside(
+        self, read: Callable[[], Awaitable[T]], handler: Callable[[T, float], list[Effect]]
+    ) -> None:
+        """What came from elsewhere than the node's socket (other servers' changes to a
+        shared database): ``read`` it, then hand it to ``handler``, both under the node's
+        lock, so that none of the node's own handlings runs in between."""
+        async with self._lock:
+            value = await read()
+            await self._apply_locked(handler(value, trio.current_time()), "outside")
+
     # --- carrying out effects ---------------------------------------------------------
 
     async def _handle(
@@ -300,7 +312,7 @@ class Node:
             self.recorder.timer_fired(self.name)  # what follows is the timer's
         changes = [effect for effect in effects if isinstance(effect, Change)]
         if changes and not await self._commit(changes, cause):
-            effects = self._roll_back()
+            effects = await self._roll_back()
         for effect in effects:
             if isinstance(effect, Send):
                 await self._send(effect)
@@ -347,15 +359,18 @@ class Node:
             self.log(Log("database writes work again"))
         return True
 
-    def _roll_back(self) -> list[Effect]:
+    async def _roll_back(self) -> list[Effect]:
         """After a failed commit: none of the handling's effects leave, and the state
         machine goes back to what its disk holds (a server's database; a client's state
-        file, whose marks it remembers)."""
+        file, whose marks it remembers). A store across a network (PostgreSQL) is read
+        without blocking the loop (its ``load_async``)."""
         protocol = self.protocol
         if isinstance(protocol, ClientProtocol):
             return protocol.rollback(trio.current_time())
+        store = cast(Store, self.store)
+        load_async: Callable[[], Awaitable[ServerDisk]] | None = getattr(store, "load_async", None)
         try:
-            disk = cast(Store, self.store).load()
+            disk = await load_async() if load_async is not None else store.load()
         except Exception as exc:  # a database that can be neither written nor read
             self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
             self.stop()

@@ -1,15 +1,22 @@
 """psycopg 3 connections as chatapp opens them.
 
-psycopg's asynchronous API is asyncio's; Trio has none. So the store uses a
-synchronous connection and runs each whole transaction in a worker thread
+psycopg's asynchronous API is asyncio's; Trio has none. So the store uses
+synchronous connections and runs each whole transaction in a worker thread
 (``trio.to_thread.run_sync``): the loop never waits on the database.
+
+Notifications: a dedicated autocommit connection LISTENs; Trio waits for its
+socket to become readable, then ``conn.notifies(timeout=0)`` takes what came
+without blocking (it also yields what psycopg read while LISTEN itself ran).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import psycopg
+import trio
+from psycopg import sql
 
 #: A statement that runs longer is cancelled by the server (a worker thread is held at most
 #: this long by one statement; the node's commit then fails and says so).
@@ -37,4 +44,38 @@ def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
     )
 
 
-__all__ = ["connect"]
+async def listen(
+    url: str,
+    channels: Iterable[str],
+    deliver: Callable[[list[psycopg.Notify]], Awaitable[Any]],
+    listening: Callable[[], Awaitable[Any]],
+) -> None:
+    """LISTEN on ``channels``, await ``listening()`` (nothing is missed meanwhile: what
+    comes is kept for later), then hand every run of notifications to ``deliver``
+    (awaited), until cancelled.
+
+    Raises ``psycopg.OperationalError`` when the connection is lost: the caller
+    reconnects and catches up from the tables (PostgreSQL keeps no notifications for a
+    listener that is away).
+    """
+
+    def connect_and_listen() -> psycopg.Connection[Any]:
+        conn = connect(url)
+        for channel in channels:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        return conn
+
+    conn = await trio.to_thread.run_sync(connect_and_listen)
+    try:
+        await listening()
+        while True:
+            # timeout=0: what libpq has already, or what the socket holds; never waits.
+            batch = list(conn.notifies(timeout=0))
+            if batch:
+                await deliver(batch)
+            await trio.lowlevel.wait_readable(conn.fileno())
+    finally:
+        conn.close()
+
+
+__all__ = ["connect", "listen"]

@@ -1,16 +1,29 @@
 """A PostgreSQL store (``--db postgresql://...``): chatapp's tables in a database
-server rather than a file.
+that any number of servers share.
 
-Under protocol 2 this store serves one chatapp server per database: the server's
-key, the client table (each name's binding to a key and session) and the
-delivery streams, as ``chatapp.sqlite_store`` keeps them. Changes
-(``chatapp.protocol.changes``, through the one ``apply_changes``) are committed in
-one transaction before the answer that depends on them. Several servers sharing
-one database (issue 14: the changelog, NOTIFY, heartbeats, failover) were built
-for protocol 1 and are not ported to protocol 2 yet: ``open`` refuses a database
-another running server holds.
+The database holds one server key (made by the first server to start: every
+server signs with it, so a client's pin holds at each of them), the client
+table (each name's binding to a key, its session id, and its ``home``: the
+server that saved it last, which pushes it the table and its stored messages),
+every recipient's delivery stream, and one row per server (its origin, its
+sequence counter and its heartbeat). Each server keeps the whole table and every
+mailbox in memory, as with SQLite, and commits its own changes
+(``chatapp.protocol.changes``, through the one ``apply_changes``) in one
+transaction before the answer that depends on them. In the same transaction it
+writes the changes, encoded, to ``changelog`` and notifies the channel
+``chatapp`` with ``SERVER SEQ`` (a small payload: the rows live in the table).
+The other servers LISTEN, read the row and apply the changes to what they hold
+(``chatapp.shared``); one that lost its listening connection reads the tables
+again.
 
-Blocking calls run in a worker thread; the Trio loop never waits on the database.
+A name is decided by the committing transaction: a record saved for a name that
+the database binds to another key is rolled back (``NameTaken``), so two servers
+registering one name at once cannot both bind it. Servers record a heartbeat in
+``servers`` every ``HEARTBEAT_INTERVAL``; the online clients of a server whose
+heartbeat is older than ``HEARTBEAT_TIMEOUT`` are marked offline by whichever
+server sees it first, in one transaction, announced like any other change.
+
+Blocking calls run in worker threads; the Trio loop never waits on the database.
 """
 
 from __future__ import annotations
@@ -18,13 +31,16 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import psycopg
 import trio
 
 from chatapp.pg_pool import connect
+from chatapp.pg_schema import MIGRATIONS, SCHEMA_VERSION, StoreError, migrate
 from chatapp.protocol.changes import (
     Change,
     ClientRecord,
@@ -37,92 +53,23 @@ from chatapp.protocol.changes import (
 )
 from chatapp.protocol.crypto import Identity
 from chatapp.store import ServerDisk, checked_row, new_origin, stored_item
-from chatapp.wire import Name, Port, StoredItem
+from chatapp.wire import Name, Port
 
-SCHEMA_VERSION = 2
-
-#: version reached -> the statements that reach it from the one before (run as one string).
-MIGRATIONS: dict[int, str] = {
-    1: """
-        CREATE TABLE chatapp_meta (key text PRIMARY KEY, value text NOT NULL);
-        CREATE SEQUENCE client_changes;
-        CREATE TABLE clients (
-            name text PRIMARY KEY,
-            ip text NOT NULL,
-            port integer NOT NULL,
-            token text NOT NULL,
-            presence text NOT NULL,
-            changed bigint NOT NULL,
-            home text
-        );
-        CREATE TABLE mailbox (
-            seq bigserial PRIMARY KEY,
-            recipient text NOT NULL,
-            id text NOT NULL,
-            kind text NOT NULL,
-            sender text NOT NULL,
-            text text NOT NULL,
-            stored_at double precision NOT NULL,
-            UNIQUE (recipient, id)
-        );
-        CREATE INDEX mailbox_by_recipient ON mailbox (recipient, seq);
-        CREATE TABLE servers (
-            id text PRIMARY KEY,
-            started timestamptz NOT NULL DEFAULT now(),
-            beat timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE TABLE changelog (
-            seq bigserial PRIMARY KEY,
-            server text NOT NULL,
-            at timestamptz NOT NULL DEFAULT now(),
-            changes bytea NOT NULL
-        );
-        CREATE INDEX changelog_by_time ON changelog (at);
-    """,
-    # Protocol 2: names bound to keys, the server's key in the database, delivery
-    # streams numbered (origin, n). Protocol 1's clients had no keys (they bind one
-    # when they next register); its stored messages were not signed and go.
-    2: """
-        CREATE TABLE server_key (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-                                 seed bytea NOT NULL);
-        DROP TABLE changelog;
-        ALTER TABLE servers ADD COLUMN origin text, ADD COLUMN last_n bigint NOT NULL DEFAULT 0;
-        DROP TABLE clients;
-        CREATE TABLE clients (
-            name text PRIMARY KEY,
-            ip text NOT NULL,
-            port integer NOT NULL,
-            key bytea NOT NULL,
-            sid bytea NOT NULL,
-            presence text NOT NULL,
-            changed bigint NOT NULL,
-            home text
-        );
-        DROP TABLE mailbox;
-        CREATE TABLE mailbox (
-            origin text NOT NULL,
-            n bigint NOT NULL,
-            recipient text NOT NULL,
-            id text NOT NULL,
-            kind text NOT NULL,
-            sender text NOT NULL,
-            stored_at double precision NOT NULL,
-            text text NOT NULL,
-            sig bytea NOT NULL,
-            sealed bytea NOT NULL,
-            PRIMARY KEY (origin, n),
-            UNIQUE (recipient, sender, id)
-        );
-        CREATE INDEX mailbox_by_recipient ON mailbox (recipient, origin, n);
-    """,
-}
-
-#: The key of the advisory lock that one migration at a time holds.
-_MIGRATION_LOCK = 0x43484154  # "CHAT"
+#: The channel every server LISTENs on; a payload is ``SERVER SEQ`` (a row of changelog).
+CHANNEL = "chatapp"
+#: A server records its heartbeat this often (seconds) ...
+HEARTBEAT_INTERVAL = 1.0
+#: ... and one whose heartbeat is older than this is taken for stopped: its online
+#: clients are marked offline (the README says so).
+HEARTBEAT_TIMEOUT = 10.0
+#: How long a changelog row is kept (a server that missed more reads the tables again).
+CHANGELOG_KEPT = 30.0
 
 
-class StoreError(psycopg.DatabaseError):
-    """The database cannot be used by this server (said in one line)."""
+class NameTaken(psycopg.DatabaseError):
+    """A commit would have bound a name that the database binds to another key (two
+    servers registering one name at once: the first commit wins, this one is rolled
+    back, and the client, registering again, is told the name belongs to another key)."""
 
 
 def server_id(port: int) -> str:
@@ -170,9 +117,15 @@ def _identity(conn: psycopg.Connection[Any], me: str) -> tuple[bytes, str, int]:
 
 def _read(conn: psycopg.Connection[Any], me: str) -> ServerDisk:
     seed, origin, last_n = _identity(conn, me)
-    clients = []
-    for values in conn.execute(
-        "SELECT name, ip, port, key, sid, presence FROM clients ORDER BY changed"
+    return _tables(conn, me, ServerDisk(seed, origin, last_n, [], {}))
+
+
+def _tables(conn: psycopg.Connection[Any], me: str, disk: ServerDisk) -> ServerDisk:
+    """``disk`` with the clients (and which of them other servers push the table to)
+    and the stored messages as this transaction sees them."""
+    elsewhere = set()
+    for *values, home in conn.execute(
+        "SELECT name, ip, port, key, sid, presence, home FROM clients ORDER BY changed"
     ):
         row = checked_row(tuple(bytes(v) if isinstance(v, memoryview) else v for v in values),
                        _ClientRow, "clients", StoreError)  # fmt: skip
@@ -180,25 +133,91 @@ def _read(conn: psycopg.Connection[Any], me: str) -> ServerDisk:
             ipaddress.IPv4Address(row.ip)
         except ValueError:
             raise StoreError(f"a row of clients has {row.ip!r} for an IPv4 address") from None
-        clients.append(
+        disk.clients.append(
             ClientRecord(row.name, (row.ip, row.port), row.key, row.sid, Presence(row.presence))
         )
-    mailbox: dict[str, list[StoredItem]] = {}
+        if home != me:
+            elsewhere.add(row.name)
     for recipient, *row in conn.execute(
         "SELECT recipient, origin, n, id, kind, sender, stored_at, text, sig, sealed"
         " FROM mailbox ORDER BY origin, n"
     ):
         if not isinstance(recipient, str):
             raise StoreError("a row of mailbox is not one chatapp writes: its recipient")
-        mailbox.setdefault(recipient, []).append(stored_item(row, StoreError))
-    return ServerDisk(seed, origin, last_n, clients, mailbox)
+        disk.mailbox.setdefault(recipient, []).append(stored_item(row, StoreError))
+    disk.elsewhere = frozenset(elsewhere)
+    return disk
+
+
+@dataclass
+class Snapshot:
+    """The tables as one transaction saw them, and the changelog rows they include."""
+
+    disk: ServerDisk
+    logged: set[int] = field(default_factory=set)
+
+
+def _snapshot(conn: psycopg.Connection[Any], me: str, disk: ServerDisk) -> Snapshot:
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    logged = {seq for (seq,) in conn.execute("SELECT seq FROM changelog")}
+    return Snapshot(_tables(conn, me, disk), logged)
+
+
+# --- the changes, as changelog holds them ---------------------------------------------------
+
+_KINDS: dict[str, type[Change]] = {
+    kind.__name__: kind for kind in (ClientSaved, ClientRemoved, MessageStored, MessagesRemoved)
+}
+
+
+def encode_changes(changes: list[Change]) -> bytes:
+    return msgspec.msgpack.encode(
+        [(type(change).__name__, msgspec.msgpack.encode(change)) for change in changes]
+    )
+
+
+def decode_changes(data: bytes) -> list[Change]:
+    """The changes of a changelog row; ``ValueError`` if it is not one chatapp wrote (a
+    database is outside input too)."""
+    try:
+        rows = msgspec.msgpack.decode(data, type=list[tuple[str, bytes]])
+        return [msgspec.msgpack.decode(raw, type=_KINDS[kind]) for kind, raw in rows]
+    except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+        raise ValueError(f"a changelog row is not one chatapp writes: {exc}") from None
 
 
 # --- the store -----------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+class _Connection:
+    """One connection, used by one worker thread at a time; made again when broken."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: psycopg.Connection[Any] | None = None
+        self.guard = threading.Lock()
+
+    def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in one transaction (blocking: call it in a worker thread)."""
+        with self.guard:
+            conn = self.conn
+            if conn is None or conn.closed or conn.broken:
+                if conn is not None:
+                    conn.close()
+                self.conn = conn = connect(self.url)
+            with conn.transaction():
+                return fn(conn, *args)
+
+    def close(self) -> None:
+        with self.guard:
+            if self.conn is not None:
+                self.conn.close()
+
 
 class PgStore:
-    """chatapp's tables in a PostgreSQL database."""
+    """chatapp's tables in a PostgreSQL database shared with other servers."""
 
     durable = True
 
@@ -206,27 +225,21 @@ class PgStore:
         """Not connected yet: ``open`` connects, migrates and reads."""
         self.url = url
         self.me = me
-        self._conn: psycopg.Connection[Any] | None = None
-        self._guard = threading.Lock()
+        self._commits = _Connection(url)  # the node's commits
+        self._link = _Connection(url)  # the link's reads, heartbeats and sweeps
         self._loaded: ServerDisk | None = None
+        self._identity: tuple[bytes, str] = (b"", "")  # the key's seed and this origin
 
     def open(self) -> None:
         """Connect, create or migrate the schema, read the tables (blocking: call it in a
         worker thread)."""
-        self._conn = conn = connect(self.url)
         try:
-            with conn.transaction():
-                _migrate(conn)
-            with conn.transaction():
-                self._loaded = _read(conn, self.me)
+            self._commits.transaction(migrate)
+            self._loaded = self._commits.transaction(_read, self.me)
         except BaseException:
-            conn.close()
+            self._commits.close()
             raise
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url)
-        return self._conn
+        self._identity = (self._loaded.key, self._loaded.origin)
 
     def load(self) -> ServerDisk:
         """The server's key, its origin and counter, the clients (oldest change first)
@@ -234,58 +247,90 @@ class PgStore:
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             return loaded
-        with self._guard:
-            conn = self._connection()
-            with conn.transaction():
-                return _read(conn, self.me)
+        return self._commits.transaction(_read, self.me)
+
+    async def load_async(self) -> ServerDisk:
+        """``load`` in a worker thread (after a failed commit: the loop goes on)."""
+        return await trio.to_thread.run_sync(self.load)
 
     async def commit(self, changes: list[Change]) -> None:
         # Not abandoned on cancel: a commit that started finishes before the node goes on.
-        await trio.to_thread.run_sync(self._commit, changes)
+        await trio.to_thread.run_sync(self._commits.transaction, _commit, changes, self.me)
 
-    def _commit(self, changes: list[Change]) -> None:
-        with self._guard:
-            conn = self._connection()
-            with conn.transaction(), conn.pipeline():
-                apply_changes(changes, _Transaction(conn, self.me))
+    # --- what the link to the other servers asks (``chatapp.shared``) ------------------
+
+    async def snapshot(self) -> Snapshot:
+        """The tables as they are now (after a reconnect, or a changelog row gone)."""
+        seed, origin = self._identity
+        disk = ServerDisk(seed, origin, 0, [], {})
+        return await self._run(_snapshot, self.me, disk)
+
+    async def changelog(self, seqs: list[int]) -> dict[int, tuple[str, bytes]]:
+        """The changelog rows ``seqs`` that are still kept: seq -> (server, changes)."""
+        return await self._run(_changelog, seqs)
+
+    async def beat(self) -> None:
+        await self._run(_beat, self.me)
+
+    async def sweep(self) -> list[Change]:
+        """Mark offline the online clients of stopped servers; the changes made."""
+        return await self._run(_sweep, self.me)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(self._link.transaction, fn, *args)
 
     def close(self) -> None:
-        with self._guard:
-            if self._conn is not None:
-                self._conn.close()
+        self._commits.close()
+        self._link.close()
 
 
-def _migrate(conn: psycopg.Connection[Any]) -> None:
-    """Create or bring the schema up to ``SCHEMA_VERSION``; refuse a database that is not
-    chatapp's (one that holds other tables) or is newer than this chatapp."""
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))  # one server at a time
-    tables = {
-        name
-        for (name,) in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-        )
-    }
-    if "chatapp_meta" in tables:
-        found = conn.execute("SELECT value FROM chatapp_meta WHERE key = 'schema_version'")
-        row = found.fetchone()
-        version = int(row[0]) if row and str(row[0]).isdigit() else 0
-    elif tables:
-        held = ", ".join(sorted(tables)[:5])
-        raise StoreError(f"it is not a chatapp database (it holds {held})")
-    else:
-        version = 0
-    if version > SCHEMA_VERSION or (tables and version < 1):
-        raise StoreError(
-            f"the database has chatapp schema version {version}; this chatapp knows up to"
-            f" {SCHEMA_VERSION} (use a newer chatapp, or another database)"
-        )
-    for target in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute(MIGRATIONS[target])
-        conn.execute(
-            "INSERT INTO chatapp_meta (key, value) VALUES ('schema_version', %s)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(target),),
-        )
+def _commit(conn: psycopg.Connection[Any], changes: list[Change], me: str) -> None:
+    with conn.pipeline():
+        apply_changes(changes, _Transaction(conn, me))
+        _announce(conn, changes, me)
+
+
+def _announce(conn: psycopg.Connection[Any], changes: list[Change], me: str) -> None:
+    """The changes to changelog and their row's number to every listening server; both
+    take effect at the commit (a notification is sent only if it commits)."""
+    conn.execute(
+        "WITH logged AS (INSERT INTO changelog (server, changes) VALUES (%s, %s) RETURNING seq)"
+        " SELECT pg_notify(%s, %s || ' ' || seq) FROM logged",
+        (me, encode_changes(changes), CHANNEL, me),
+    )
+
+
+def _changelog(conn: psycopg.Connection[Any], seqs: list[int]) -> dict[int, tuple[str, bytes]]:
+    rows = conn.execute("SELECT seq, server, changes FROM changelog WHERE seq = ANY(%s)", (seqs,))
+    return {seq: (server, bytes(data)) for seq, server, data in rows}
+
+
+def _beat(conn: psycopg.Connection[Any], me: str) -> None:
+    conn.execute("UPDATE servers SET beat = now() WHERE id = %s", (me,))
+    conn.execute(
+        "DELETE FROM changelog WHERE at < now() - make_interval(secs => %s)", (CHANGELOG_KEPT,)
+    )
+
+
+def _sweep(conn: psycopg.Connection[Any], me: str) -> list[Change]:
+    """The online clients of servers whose heartbeat stopped (or whose home is no server
+    at all), marked offline (silent) and homeless; announced like any other change."""
+    rows = conn.execute(
+        "UPDATE clients SET presence = 'silent', home = NULL,"
+        " changed = nextval('client_changes')"
+        " WHERE presence = 'online' AND home IS DISTINCT FROM %s AND NOT EXISTS"
+        " (SELECT 1 FROM servers WHERE id = clients.home"
+        "  AND beat >= now() - make_interval(secs => %s))"
+        " RETURNING name, ip, port, key, sid",
+        (me, HEARTBEAT_TIMEOUT),
+    ).fetchall()
+    changes: list[Change] = [
+        ClientSaved(name, ip, port, bytes(key), bytes(sid), Presence.SILENT)
+        for name, ip, port, key, sid in rows
+    ]
+    if changes:
+        _announce(conn, changes, me)
+    return changes
 
 
 class _Transaction:
@@ -296,17 +341,23 @@ class _Transaction:
         self._me = me
 
     def save_client(self, change: ClientSaved) -> None:
-        self._conn.execute(
+        # The row is replaced only by a record with the key the name is bound to: a name
+        # another server bound to another key meanwhile rolls this transaction back (the
+        # row is locked while a concurrent one decides).
+        saved = self._conn.execute(
             "INSERT INTO clients (name, ip, port, key, sid, presence, changed, home)"
             " VALUES (%s, %s, %s, %s, %s, %s, nextval('client_changes'), %s)"
             " ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port,"
             " key = excluded.key, sid = excluded.sid, presence = excluded.presence,"
-            " changed = excluded.changed, home = excluded.home",
+            " changed = excluded.changed, home = excluded.home"
+            " WHERE clients.key = excluded.key RETURNING name",
             (
                 change.name, change.ip, change.port, change.key, change.sid,
                 change.presence.value, self._me,
             ),
-        )  # fmt: skip
+        ).fetchone()  # fmt: skip
+        if saved is None:
+            raise NameTaken(f"the name {change.name} is bound to another key")
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._conn.execute("DELETE FROM clients WHERE name = %s", (change.name,))
@@ -341,4 +392,17 @@ class _Transaction:
             )
 
 
-__all__ = ["PgStore", "StoreError", "server_id"]
+__all__ = [
+    "CHANNEL",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_TIMEOUT",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "NameTaken",
+    "PgStore",
+    "Snapshot",
+    "StoreError",
+    "decode_changes",
+    "encode_changes",
+    "server_id",
+]

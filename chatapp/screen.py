@@ -158,6 +158,11 @@ def request_refused(reason: str) -> str:
     return f"[The server refused: {reason}]"
 
 
+def moving_server(old: str, new: str) -> str:
+    """A client given several servers (``--server``) leaves one that stopped answering."""
+    return f"[Server {old} not responding. Moving to server {new}.]"
+
+
 def join_not_answered(server: str) -> str:
     return f"[Server {server} not responding. Is `chatapp serve` running there?]"
 

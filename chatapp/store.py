@@ -45,6 +45,8 @@ class ServerDisk:
     last_n: int  # the highest sequence number ever given (they never go back)
     clients: list[ClientRecord]  # oldest change first
     mailbox: dict[str, list[StoredItem]]  # recipient -> stored items, oldest first
+    #: The clients that another server sharing the database serves (PostgreSQL only).
+    elsewhere: frozenset[str] = frozenset()
 
 
 class Store(Protocol):

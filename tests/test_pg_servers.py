@@ -1,13 +1,11 @@
-"""Servers on a PostgreSQL database (real processes, a throwaway cluster).
-
-Several servers sharing one database were built for protocol 1 and are not ported
-to protocol 2 yet (no changelog, NOTIFY listener, heartbeats or rekey failover in
-this tree): those tests are skipped, saying so, until they are."""
+"""Servers on a PostgreSQL database (real processes, a throwaway cluster): one server,
+or two sharing the database. A killed server's clients moving to the other, the
+heartbeat timeout and the sweep are checked end to end in ``test_pg_seeds`` (issue
+14's check)."""
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,9 @@ from _harness import Proc, chatapp_env, free_udp_ports, join, serve
 
 from chatapp import screen
 
-#: The heartbeat timeout of the protocol-1 sharing (not ported to protocol 2).
-HEARTBEAT_TIMEOUT = 10.0
-
-NOT_PORTED = pytest.mark.skip(
-    reason="several servers sharing one PostgreSQL database are not ported to protocol 2"
-    " yet: no changelog/NOTIFY sharing of the delivery streams, no heartbeats, no"
-    " failover by rekey (issue 14 remains)"
-)
-
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 
-@NOT_PORTED
 def test_clients_of_two_servers_see_one_table(tmp_path: Path, pg_url: str) -> None:
     env = chatapp_env(tmp_path)
     a_port, b_port, x_port, y_port = free_udp_ports(4)
@@ -52,55 +40,6 @@ def test_clients_of_two_servers_see_one_table(tmp_path: Path, pg_url: str) -> No
             proc.stop()
     for proc in procs:
         assert "Traceback" not in proc.output, proc.output
-
-
-@NOT_PORTED
-def test_a_killed_servers_clients_move_and_get_what_was_stored_for_them(
-    tmp_path: Path, pg_url: str
-) -> None:
-    env = chatapp_env(tmp_path)
-    a_port, b_port, x_port, y_port, z_port = free_udp_ports(5)
-    procs: list[Proc] = []
-    try:
-        a = serve(a_port, env, db=pg_url)
-        b = serve(b_port, env, db=pg_url)
-        procs += [a, b]
-        fallback = ("--server", f"127.0.0.1:{b_port}")
-        x = join("user1", a_port, x_port, env, *fallback)
-        procs.append(x)
-        x.expect(screen.TABLE_UPDATED)
-        y = join("user2", a_port, y_port, env, *fallback)
-        procs.append(y)
-        x.expect(screen.TABLE_UPDATED, count=2)
-        z = join("user3", b_port, z_port, env)
-        procs.append(z)
-        y.expect(screen.TABLE_UPDATED, count=2)
-        x.expect(screen.TABLE_UPDATED, count=3)
-        z.type("send_all before")
-        z.expect(screen.CHANNEL_ACKED)
-        x.wait_for(lambda lines: any("before" in line for line in lines), 10, "x: before")
-        y.wait_for(lambda lines: any("before" in line for line in lines), 10, "y: before")
-
-        a.kill()
-        z.type("send_all while they move")
-        z.expect(screen.CHANNEL_ACKED, count=2)
-        x.type("send_all back")  # A does not answer: user1 moves to B
-        x.expect(screen.moving_server(f"127.0.0.1:{a_port}", f"127.0.0.1:{b_port}"), 10)
-        x.expect(screen.CHANNEL_ACKED, 10)
-        x.wait_for(lambda lines: any("while they move" in line for line in lines), 10, "x")
-        z.wait_for(lambda lines: any("user1 : back" in line for line in lines), 10, "z")
-        y.type("send user3 from user2")  # peer to peer: no server needed
-        z.expect("user2 : from user2")
-        y.type("send_all me too")
-        y.expect(screen.CHANNEL_ACKED, 10)
-        y.wait_for(lambda lines: any("while they move" in line for line in lines), 10, "y")
-    finally:
-        for proc in procs:
-            proc.stop()
-    for proc in procs[1:]:
-        assert "Traceback" not in proc.output, proc.output
-    for client in (x, y):
-        assert sum("while they move" in line for line in client.lines()) == 1
 
 
 def test_the_seeds_test_2_on_a_postgresql_server_ends_as_it_always_did(
@@ -135,42 +74,6 @@ def test_the_seeds_test_2_on_a_postgresql_server_ends_as_it_always_did(
         screen.SERVER_SHUT_DOWN,
         screen.EXITING,
     ]
-
-
-@NOT_PORTED
-def test_the_clients_of_a_stopped_server_go_offline_after_the_heartbeat_timeout(
-    tmp_path: Path, pg_url: str
-) -> None:
-    env = chatapp_env(tmp_path)
-    a_port, b_port, x_port, z_port = free_udp_ports(4)
-    procs: list[Proc] = []
-    try:
-        a = serve(a_port, env, db=pg_url)
-        b = serve(b_port, env, db=pg_url)
-        procs += [a, b]
-        x = join("user1", a_port, x_port, env)
-        procs.append(x)
-        x.expect(screen.TABLE_UPDATED)
-        z = join("user3", b_port, z_port, env)
-        procs.append(z)
-        z.expect(screen.TABLE_UPDATED)
-        x.expect(screen.TABLE_UPDATED, count=2)
-        a.kill()
-        killed = time.monotonic()
-        z.expect(screen.TABLE_UPDATED, count=2, timeout=HEARTBEAT_TIMEOUT + 10)
-        waited = time.monotonic() - killed
-        z.type("table")
-        z.wait_for(lambda lines: any(_offline("user1", line) for line in lines), 5, "offline")
-        assert HEARTBEAT_TIMEOUT - 1 <= waited <= HEARTBEAT_TIMEOUT + 5, waited
-        swept = "marked offline 1 clients of servers whose heartbeat stopped"
-        b.wait_for(lambda lines: any(swept in line for line in lines), 5, "the sweep's line")
-    finally:
-        for proc in procs:
-            proc.stop()
-
-
-def _offline(name: str, line: str) -> bool:
-    return line.startswith(f"[{name} ") and line.rstrip("]").endswith("offline")
 
 
 def test_a_message_saved_on_postgresql_survives_sigkill_and_the_same_key_serves_it(

@@ -1,9 +1,10 @@
 """The PostgreSQL store and the link between servers that share it, against a real
-(throwaway) PostgreSQL server; nodes on the in-memory network in real time (the
-database's worker threads do not run on a virtual clock)."""
+(throwaway) PostgreSQL server, in real time (the database's worker threads do not
+run on a virtual clock)."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,161 @@ def test_without_server_binaries_the_reason_says_how_to_get_them(
     assert "CHATAPP_PG_BINDIR" in str(missing.value)
     monkeypatch.setenv("CHATAPP_PG_BINDIR", str(tmp_path))  # a directory without them
     assert postgres.find_server_bindir() is None
+
+
+# --- several servers on one database ---------------------------------------------------------
+
+
+async def test_a_commit_is_announced_and_another_server_reads_its_changes(pg_url: str) -> None:
+    from chatapp.pg_store import CHANNEL, decode_changes
+
+    a, b = opened(pg_url, "a"), opened(pg_url, "b")
+    listener = psycopg.connect(pg_url, autocommit=True)
+    try:
+        listener.execute(f"LISTEN {CHANNEL}")
+        changes = some_changes(a.load().origin)[:4]
+        await a.commit(changes)
+        [notify] = list(listener.notifies(timeout=5, stop_after=1))
+        server, _, seq = notify.payload.partition(" ")
+        assert server == "a" and seq.isdigit() and len(notify.payload) < 40  # small payload
+        rows = await b.changelog([int(seq)])
+        assert decode_changes(rows[int(seq)][1]) == changes
+        snapshot = await b.snapshot()
+        assert snapshot.disk.elsewhere == {"user1", "user2", "user3"}  # a's clients
+        assert int(seq) in snapshot.logged
+        assert {r.name for r in snapshot.disk.clients} == {"user1", "user2", "user3"}
+        assert [i.seq.n for i in snapshot.disk.mailbox["user2"]] == [1]
+    finally:
+        listener.close()
+        a.close()
+        b.close()
+
+
+async def test_a_name_bound_to_another_key_is_decided_by_the_committing_transaction(
+    pg_url: str,
+) -> None:
+    from chatapp.pg_store import NameTaken
+
+    a, b = opened(pg_url, "a"), opened(pg_url, "b")
+    try:
+        await a.commit([ClientSaved("user1", "10.0.0.5", 9001, KEY1, SID, Presence.ONLINE)])
+        with pytest.raises(NameTaken):  # b had not heard of it: the database says no
+            await b.commit([ClientSaved("user1", "10.0.0.6", 9002, KEY2, SID, Presence.ONLINE)])
+        # the same key moving to b: taken over
+        await b.commit([ClientSaved("user1", "10.0.0.7", 9003, KEY1, SID, Presence.ONLINE)])
+        assert sql(pg_url, "SELECT port, home FROM clients") == [(9003, "b")]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_the_sweep_marks_offline_the_clients_of_a_server_whose_heartbeat_stopped(
+    pg_url: str,
+) -> None:
+    from chatapp.pg_store import HEARTBEAT_TIMEOUT
+
+    a, b = opened(pg_url, "a"), opened(pg_url, "b")
+    try:
+        await a.commit([ClientSaved("user1", "10.0.0.5", 9001, KEY1, SID, Presence.ONLINE)])
+        await b.commit([ClientSaved("user2", "10.0.0.6", 9002, KEY2, SID, Presence.ONLINE)])
+        assert await b.sweep() == []  # a beat a moment ago
+        stale = f"now() - make_interval(secs => {HEARTBEAT_TIMEOUT + 1})"
+        sql(pg_url, f"UPDATE servers SET beat = {stale} WHERE id = 'a'")
+        swept = await b.sweep()
+        assert swept == [ClientSaved("user1", "10.0.0.5", 9001, KEY1, SID, Presence.SILENT)]
+        assert await b.sweep() == []  # once
+        assert sql(pg_url, "SELECT name, presence, home FROM clients ORDER BY name") == [
+            ("user1", "silent", None),
+            ("user2", "online", "b"),
+        ]
+        await a.beat()  # back: its heartbeat is fresh again
+        assert (
+            sql(pg_url, "SELECT count(*) FROM servers WHERE beat > now() - interval '5 s'")[0][0]
+            == 2
+        )
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_server_whose_listener_was_cut_off_catches_up_from_the_tables(
+    pg_url: str,
+) -> None:
+    """The server's listening connection is ended by the database; what another server
+    commits meanwhile (its notification is sent while nobody listens, most likely) is in
+    the server's table once it has reconnected and read the tables again."""
+    import trio
+
+    from chatapp.launch import ServerOptions, run_node
+    from chatapp.node import Node
+    from chatapp.protocol.common import Log
+
+    lines: list[str] = []
+
+    def log(entry: Log) -> None:
+        lines.append(entry.text)
+
+    other = opened(pg_url, "elsewhere:1")
+    options = ServerOptions(port=0, host="127.0.0.1", db=pg_url, epoch=1, wall_offset=0.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            node: Node = await nursery.start(partial_run(run_node, options, log))
+            await other.commit([ClientSaved("user1", "10.0.0.5", 9001, KEY1, SID, Presence.ONLINE)])
+            await _until(lambda: "user1" in node.protocol.clients)  # by NOTIFY
+            sql(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE query ILIKE 'LISTEN%'")  # fmt: skip
+            await other.commit([ClientSaved("user2", "10.0.0.6", 9002, KEY2, SID, Presence.ONLINE)])
+            await _until(lambda: "user2" in node.protocol.clients)  # read from the tables
+            assert any("lost the other servers' changes" in line for line in lines), lines
+            assert node.protocol.elsewhere == {"user1", "user2"}  # not followers of B
+            nursery.cancel_scope.cancel()
+    finally:
+        other.close()
+
+
+def partial_run(run: Any, options: Any, log: Any) -> Any:
+    async def started(task_status: Any) -> None:
+        await run(options, log=log, task_status=task_status)
+
+    return started
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    import trio
+
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+async def test_a_commit_on_a_connection_the_database_ended_is_refused_and_the_next_goes_through(
+    pg_url: str,
+) -> None:
+    """Every connection of a running server ended by the database: the next
+    registration's commit fails, the server reads the database again (in a worker
+    thread) and refuses it; the one after it is registered on a new connection."""
+    import trio
+
+    from chatapp.launch import ServerOptions, run_node
+    from chatapp.net import UDP
+    from chatapp.node import Node
+    from chatapp.protocol.server import CANNOT_STORE
+    from chatapp.testing.raw import RawClient, handshake
+
+    options = ServerOptions(port=0, host="127.0.0.1", db=pg_url, epoch=1, wall_offset=0.0)
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(partial_run(run_node, options, lambda entry: None))
+        server = ("127.0.0.1", node.endpoint.local_address[1])
+        endpoint = await UDP.listen("127.0.0.1", 0)
+        try:
+            port = endpoint.local_address[1]
+            others = "pid <> pg_backend_pid() AND datname = current_database()"
+            sql(pg_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}")
+            with pytest.raises(RuntimeError, match=re.escape(CANNOT_STORE)):
+                await handshake(endpoint, server, RawClient("user1", port))
+            await handshake(endpoint, server, RawClient("user2", port))
+            assert set(node.protocol.clients) == {"user2"}
+            assert sql(pg_url, "SELECT name FROM clients") == [("user2",)]
+        finally:
+            endpoint.close()
+            nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ import test_clean_ends
 import test_durability
 import test_input_line
 import test_protocol_client
+import test_protocol_shared
 import test_protocol_stream
 import test_protocol_trust
 import test_scripts
@@ -1045,6 +1046,10 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         "test_an_unanswered_hello_gets_five_tries_of_500_ms",
         (SERVER_TEXT,),
     ),
+    "moving_server": (
+        "test_a_client_whose_server_stops_answering_moves_to_the_next_with_its_request",
+        (),  # the test says screen.moving_server
+    ),
     "server_key_changed": (
         "test_a_changed_server_key_is_refused_with_a_line_that_says_how_to_accept_it",
         (),  # the test says screen.server_key_changed
@@ -1109,6 +1114,7 @@ _COVERING_MODULES = (
     test_durability,
     test_clean_ends,
     test_scripts,
+    test_protocol_shared,
 )
 
 

@@ -94,13 +94,16 @@ class ClientProtocol(ClientDelivery):
         marks: dict[bytes, dict[str, int]] | None = None,
         timers: Timers = Timers(),
         pins_file: str = "known_servers",
+        other_servers: tuple[Address, ...] = (),
     ) -> None:
         """``pinned``: the key pinned for ``server`` (None: trust on first use); ``marks``:
-        per server key, the highest stored message shown per origin."""
+        per server key, the highest stored message shown per origin; ``other_servers``:
+        servers sharing ``server``'s database, moved to when it stops answering."""
         super().__init__(
             name, server, port,
             identity=identity, entropy=entropy or SystemEntropy(), pinned=pinned,
             marks=marks if marks is not None else {}, timers=timers, pins_file=pins_file,
+            other_servers=other_servers,
         )  # fmt: skip
         self._deliveries_shown = SeenIds(capacity=1024)
         self._marks_moved = []

@@ -62,6 +62,7 @@ class Waiting:
     to: str = ""
     text: str = ""
     challenges: int = 0  # REGISTER: fresh challenges answered so far (a stale cookie)
+    moves: int = 0  # the other servers this wait moved to after the first (``--server``)
 
 
 #: Messages that are never sealed in the session: the same bytes on every try.
@@ -83,10 +84,14 @@ class ClientCore(Machine[Waiting]):
         marks: dict[bytes, dict[str, int]],
         timers: Timers,
         pins_file: str,
+        other_servers: tuple[Address, ...] = (),
     ) -> None:
+        """``other_servers``: servers sharing the first one's database (and its key),
+        moved to in turn when the current one stops answering."""
         super().__init__(timers)
         self.name = name
         self.server = server
+        self.servers = [server, *(s for s in dict.fromkeys(other_servers) if s != server)]
         self.port = port
         self.identity = identity
         self.entropy = entropy
@@ -168,10 +173,10 @@ class ClientCore(Machine[Waiting]):
     def start(self, now: float) -> list[Effect]:
         return self._hello(now)
 
-    def _hello(self, now: float) -> list[Effect]:
+    def _hello(self, now: float, moves: int = 0) -> list[Effect]:
         hello = Hello(self.new_id(), self.name, self.port, self.identity.public)
         send = Send(hello, encode(hello), self.server)
-        return [self._wait(hello.id, send, now, Waiting(ClientWait.HELLO))]
+        return [self._wait(hello.id, send, now, Waiting(ClientWait.HELLO, moves=moves))]
 
     def _on_challenge(self, message: Challenge, sender: Sender, now: float) -> list[Effect]:
         if self.pinned is not None and message.server_key != self.pinned:
@@ -262,10 +267,52 @@ class ClientCore(Machine[Waiting]):
 
     def _on_rekey(self, message: Rekey, sender: Sender, now: float) -> list[Effect]:
         """The server (its signature says so) no longer has this session: register again,
-        silently, then send what waits in the new session."""
+        silently, then send what waits in the new session. From another of this client's
+        servers (they share the key): its server stopped, and that one took its clients
+        over: register there. From another address the client was not given: that
+        server is tried if the client's own does not answer."""
         if self.session is None or message.sid != self.session.sid:
             return [Log("a rekey for another session: ignored", "debug")]
         if self.rekeying:
             return []
+        if sender.addr != self.server and sender.addr in self.servers:
+            return self._move_to(sender.addr, now, 0)
+        if sender.addr != self.server:
+            # Another server holding the key: one sharing the database, which took this
+            # client over when its own server was taken for stopped. The client registers
+            # again at its own server, and moves to that one if its own does not answer.
+            self.servers.append(sender.addr)
         self.rekeying = True
         return [Log("the server asked to register again (it restarted)"), *self._hello(now)]
+
+    # --- moving to another server (``--server``) ----------------------------------------
+
+    def _give_up(self, pending: Pending[Waiting], now: float) -> list[Effect]:
+        """A wait for the server that ran out goes to the next server, if there is one it
+        has not been to yet (the client registers there, with the key every server
+        shares, and sends what waits in the new session); the row's handler runs once
+        none is left."""
+        waiting = pending.context
+        if waiting.kind is ClientWait.DIRECT or waiting.moves + 1 >= len(self.servers):
+            return super()._give_up(pending, now)
+        effects: list[Effect] = []
+        if pending.send.addr == self.server:  # the current server stopped answering
+            at = self.servers.index(self.server) if self.server in self.servers else -1
+            effects += self._move_to(
+                self.servers[(at + 1) % len(self.servers)], now, waiting.moves + 1
+            )
+        if waiting.kind in (ClientWait.HELLO, ClientWait.REGISTER):
+            return effects  # the move's own hello is the next try
+        moved = Waiting(waiting.kind, waiting.to, waiting.text, moves=waiting.moves + 1)
+        self._wait(pending.key, self._moved_send(pending.send), now, moved)
+        return effects
+
+    def _moved_send(self, send: Send) -> Send:
+        """``send`` for the server moved to (sealed in the new session once it is made)."""
+        return Send(send.message, send.data, self.server)
+
+    def _move_to(self, server: Address, now: float, moves: int) -> list[Effect]:
+        old, self.server = self.server, server
+        self.rekeying = self.session is not None  # joining: the move is the join itself
+        line = screen.moving_server(fmt_addr(old), fmt_addr(server))
+        return [Show(line), *self._hello(now, moves)]

@@ -143,7 +143,12 @@ class Machine(Generic[W]):
                 effects.append(resend)
         for pending in given_up:
             if self._may_give_up(pending):
-                effects += getattr(self, pending.context.kind.rule.on_give_up)(pending, now)
+                effects += self._give_up(pending, now)
+        return effects
+
+    def _give_up(self, pending: Pending[W], now: float) -> list[Effect]:
+        """A wait ran out of tries: its row's give-up handler."""
+        effects: list[Effect] = getattr(self, pending.context.kind.rule.on_give_up)(pending, now)
         return effects
 
     def _reseal(self, pending: Pending[W]) -> Send | None:

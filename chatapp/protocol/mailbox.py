@@ -112,6 +112,27 @@ class Mailboxes:
         self._sent[sender] += 1
         return MessageStored(recipient, item)
 
+    def adopt(self, recipient: str, item: StoredItem) -> bool:
+        """Hold ``item``, which another server sharing the database stored (and committed)
+        for ``recipient``; False if it is held already."""
+        box = self.boxes.setdefault(recipient, {})
+        key = (item.sender, item.id)
+        if key in box:
+            return False
+        box[key] = item
+        self._sent[item.sender] += 1
+        return True
+
+    def forget(self, recipient: str, seqs: tuple[Seq, ...]) -> None:
+        """The items ``seqs`` left the database (another server's client ACKed them)."""
+        box = self.boxes.get(recipient, {})
+        gone = set(seqs)
+        for key in [key for key, item in box.items() if item.seq in gone]:
+            del box[key]
+            self._sent[key[0]] -= 1
+        if not box:
+            self.boxes.pop(recipient, None)
+
     def head(self, recipient: str) -> StoredItem | None:
         box = self.boxes.get(recipient)
         return next(iter(box.values())) if box else None

@@ -13,7 +13,7 @@ the rest.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from chatapp.protocol.changes import ClientRecord, ClientSaved, Presence
 from chatapp.protocol.codecs import Sender, Via
@@ -33,6 +33,7 @@ from chatapp.protocol.crypto import (
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT, Mailboxes
 from chatapp.protocol.server_core import Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
+from chatapp.protocol.sharing import Disk
 from chatapp.protocol.tables import Window
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
@@ -62,16 +63,6 @@ from chatapp.wire import (
 COOKIE_PERIOD = 30.0
 #: The reason given with a ``storage`` refusal.
 CANNOT_STORE = "the server cannot store anything right now (its database failed)."
-
-
-class Disk(Protocol):
-    """What the database holds (``chatapp.store.ServerDisk``), as a rollback reads it."""
-
-    key: bytes
-    origin: str
-    last_n: int
-    clients: list[ClientRecord]
-    mailbox: dict[str, list[StoredItem]]
 
 
 class ServerProtocol(ServerDelivery):
@@ -108,10 +99,15 @@ class ServerProtocol(ServerDelivery):
     # --- restoring from the database --------------------------------------------------
 
     def restore(
-        self, clients: Iterable[ClientRecord], mailbox: dict[str, list[StoredItem]]
+        self,
+        clients: Iterable[ClientRecord],
+        mailbox: dict[str, list[StoredItem]],
+        elsewhere: Iterable[str] = (),
     ) -> None:
+        """``elsewhere``: the clients other servers sharing the database serve."""
         self.roster.restore(clients)
         self.mailboxes.restore(mailbox)
+        self.elsewhere = set(elsewhere)
 
     @property
     def mailbox(self) -> dict[str, list[StoredItem]]:
@@ -143,7 +139,8 @@ class ServerProtocol(ServerDelivery):
             return [Log(why, "warning", summary=True), Exit(1)]
         ended = self._end_waits_since_checkpoint()
         self.roster.reload(disk.clients)
-        online = {record.name for record in disk.clients if record.online}
+        self.elsewhere = set(disk.elsewhere)
+        online = {r.name for r in disk.clients if r.online and r.name not in self.elsewhere}
         self._end_waits(self.followers.reload(online, self.roster.clients, ended))
         # The sessions the database names: those made since are forgotten, those ended
         # since (a registration again, a displacement) come back.
@@ -164,7 +161,10 @@ class ServerProtocol(ServerDelivery):
         log = Log(f"rolled back to what the database holds; refused {refused} requests it needed")
         # What is stored goes on to the recipients online (a batch whose ACK the database
         # did not take comes again: the client ACKs it and shows nothing twice).
-        resumed = [e for r in self.clients.values() for e in self._start_stream(r, now)]
+        resumed = [
+            e for r in self.clients.values() if r.name not in self.elsewhere
+            for e in self._start_stream(r, now)
+        ]  # fmt: skip
         return [log, *answers, *self._flush_table(now), *resumed]
 
     def _storage_refusal(self, key: tuple[Hashable, str], answer: list[Send]) -> Send | None:
@@ -200,14 +200,18 @@ class ServerProtocol(ServerDelivery):
         self.started_at = now
         effects: list[Effect] = []
         for record in self.clients.values():
-            if record.online and record.sid:
-                sig = self.identity.sign(REKEY_DOMAIN, record.sid, self.boot)
-                rekey = Rekey(self.new_id(), record.sid, self.boot, sig)
-                send = Send(rekey, encode(rekey), record.addr)
-                waiting = Waiting(ServerWait.REKEY, record.name)
-                effects.append(self._wait(("rekey", record.name), send, now, waiting))
+            if record.online and record.sid and record.name not in self.elsewhere:
+                effects.append(self._ask_to_rekey(record, now))
                 self._returning.add(record.name)
         return effects
+
+    def _ask_to_rekey(self, record: ClientRecord, now: float) -> Effect:
+        """A rekey to ``record``'s session, signed: register again (here)."""
+        sig = self.identity.sign(REKEY_DOMAIN, record.sid, self.boot)
+        rekey = Rekey(self.new_id(), record.sid, self.boot, sig)
+        send = Send(rekey, encode(rekey), record.addr)
+        waiting = Waiting(ServerWait.REKEY, record.name)
+        return self._wait(("rekey", record.name), send, now, waiting)
 
     # --- entry points -----------------------------------------------------------------
 
@@ -296,6 +300,7 @@ class ServerProtocol(ServerDelivery):
         new = holder is None or self.followers.joined_new(message.name)
         record = ClientRecord(message.name, addr, message.key, holder.sid if holder else b"")
         session = self._new_session(record)
+        self.elsewhere.discard(record.name)  # a client of another server moved here
         effects += self._stop_stream(message.name)  # what went in the old session is lost
         self.roster.add(record)
         self._end_waits(self.followers.joined(record.name, new=new))

@@ -1,10 +1,11 @@
 """What every part of the server's state machine stands on: its state, how it seals
 what it sends, presence, and the table.
 
-The server's rules are split over three modules, each a layer of one class:
-``server_core`` (this), ``server_delivery`` (saves, relays, the delivery
-stream, channel messages) and ``server`` (the handshake, the requests, and the
-table of handlers).
+The server's rules are split over five modules, each a layer of one class:
+``server_core`` (this), ``presence`` (who is online, the table's updates),
+``sharing`` (other servers' changes to a shared database), ``server_delivery``
+(saves, relays, the delivery stream, channel messages) and ``server`` (the
+handshake, the requests, and the table of handlers).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class ServerCore(Machine[Waiting]):
         #: (a refusal must be boxed to the key, should the commit fail).
         self._registering: dict[Hashable, bytes] = {}
         self._sessions_ended: dict[bytes, Session] = {}  # since the checkpoint
+        #: The clients that other servers sharing the database serve (``sharing``).
+        self.elsewhere: set[str] = set()
 
     @property
     def clients(self) -> dict[str, ClientRecord]:

@@ -1,5 +1,5 @@
 """The server's delivery rules: saves, relays, each recipient's delivery stream, and
-channel messages (a layer of the server's state machine, on ``presence``; see
+channel messages (a layer of the server's state machine, on ``sharing``; see
 ``server_core``).
 
 A save is stored first, with its place in the recipient's stream (the
@@ -16,9 +16,9 @@ from chatapp.protocol.changes import ClientRecord, MessageStored
 from chatapp.protocol.common import Effect, Log, Pending, Send
 from chatapp.protocol.crypto import CHANNEL_DOMAIN, verify
 from chatapp.protocol.mailbox import Flight
-from chatapp.protocol.presence import ServerPresence
 from chatapp.protocol.sealing import TO_CLIENT, parse_peer
 from chatapp.protocol.server_core import Waiting
+from chatapp.protocol.sharing import ServerSharing
 from chatapp.protocol.waits import ServerWait
 from chatapp.wire import (
     NOT_STORED_NAMES,
@@ -36,7 +36,7 @@ from chatapp.wire import (
 )
 
 
-class ServerDelivery(ServerPresence):
+class ServerDelivery(ServerSharing):
     # (poster, post id) -> the recipients whose copy could not be stored, this event
     _unstored: dict[tuple[str, str], list[str]]
 
@@ -212,8 +212,23 @@ class ServerDelivery(ServerPresence):
         self._unstored.setdefault((delivery.sender, delivery.post), []).append(name)
         return [Log(f"mailbox of {name} is full: a channel message was not stored", "warning")]
 
+    def _relay_channel(self, record: ClientRecord, item: StoredItem, now: float) -> list[Effect]:
+        """A channel message another server stored for ``record``'s client, live, as it
+        would have gone from here; it leaves the database once ACKed."""
+        key = self._keys_of([item])[item.sender]
+        delivery = ChannelDelivery(self.new_id(), item.sender, item.id, item.text, item.sig, key)
+        send = self._to_client(record, delivery)
+        if send is None:
+            return []
+        waiting = Waiting(ServerWait.CHANNEL, record.name, (item,), reply_to=item.sender)
+        return [self._wait((record.name, delivery.id), send, now, waiting)]
+
     def _channel_delivered(self, pending: Pending[Waiting], ack: Ack, now: float) -> list[Effect]:
-        return []
+        """A channel message that was stored first (by another server) leaves once ACKed."""
+        name, items = pending.context.recipient, list(pending.context.items)
+        if not items or not any(self.mailboxes.holds(name, i.sender, i.id) for i in items):
+            return []
+        return [self.mailboxes.remove(name, items)]
 
     def _channel_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]

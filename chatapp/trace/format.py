@@ -226,10 +226,10 @@ ChangeRecord = ClientPut | ClientDropped | ItemStored | ItemsDeleted | KeyPinned
 class Commit(_Event, tag="commit"):
     """A node committed changes (one transaction), before anything that handling sent or
     showed. ``cause``: what the node was handling (a datagram, a typed line, a timer, its
-    start)."""
+    start, or other servers' changes to a shared database: ``outside``)."""
 
     changes: list[ChangeRecord]
-    cause: Literal["datagram", "input", "timer", "start", ""] = ""
+    cause: Literal["datagram", "input", "timer", "start", "outside", ""] = ""
 
 
 class TimerFired(_Event, tag="timer"):

@@ -18,6 +18,7 @@ from chatapp.typer_support import UsageError, WordsCommand, new_app, usage_error
 from chatapp.typer_support import version_option as _version_option
 
 from .benches import BENCHMARKS
+from .postgres import bench_postgres, bench_servers
 from .report import Figure, machine_info, rich_table, unavailable, write_json
 from .sizes import FULL, QUICK, TINY
 
@@ -33,6 +34,11 @@ app = new_app(
 )
 
 
+#: Run only when ``--only`` names them: each starts a throwaway PostgreSQL cluster.
+ON_REQUEST = {"postgres": bench_postgres, "servers": bench_servers}
+ALL = {**BENCHMARKS, **ON_REQUEST}
+
+
 class Refused(Exception):
     """A bad argument or output file, said in one line before anything runs: status 2."""
 
@@ -42,10 +48,10 @@ def _selected(only: str | None) -> list[str]:
     if only is None:
         return list(BENCHMARKS)
     names = list(dict.fromkeys(name.strip() for name in only.split(",") if name.strip()))
-    choices = ", ".join(BENCHMARKS)
+    choices = ", ".join(ALL)
     if not names:
         raise Refused(f"--only needs at least one benchmark name (choose from {choices})")
-    unknown = [name for name in names if name not in BENCHMARKS]
+    unknown = [name for name in names if name not in ALL]
     if unknown:
         raise Refused(f"--only: unknown benchmark {', '.join(unknown)} (choose from {choices})")
     return names
@@ -63,7 +69,9 @@ def run(
     only: Annotated[
         str | None,
         typer.Option(
-            "--only", metavar="NAMES", help=f"Comma-separated subset of: {', '.join(BENCHMARKS)}."
+            "--only",
+            metavar="NAMES",
+            help=f"Comma-separated subset of: {', '.join(ALL)} (the last two only when named).",
         ),
     ] = None,
     version: Annotated[bool, _version_option(PROG)] = False,
@@ -116,7 +124,7 @@ def _run(mode: str, names: list[str], out: TextIO | None) -> int:
                 progress.update(task, description=f"[{index}/{len(names)}] {name}")
             began = time.monotonic()
             try:
-                figures += BENCHMARKS[name](sizes)
+                figures += ALL[name](sizes)
             except Exception as exc:  # one broken benchmark must not hide the others' figures
                 failed = True
                 traceback.print_exc(file=sys.stderr)

@@ -194,7 +194,7 @@ def bench_round_trip(sizes: Sizes) -> list[Figure]:
 _PLAIN_SEALED = b"\x02" + b"x" * 100
 
 
-def _save_request(client: SimClient, msg_id: str) -> bytes:
+def save_request(client: SimClient, msg_id: str) -> bytes:
     """A save of a direct message for the offline "sink" (sealed in the session; in
     plaintext to the echo baseline, which only reflects it)."""
     if client.raw is None:
@@ -202,7 +202,7 @@ def _save_request(client: SimClient, msg_id: str) -> bytes:
     return client.raw.seal(SaveMessage(msg_id, "sink", client.sealed))
 
 
-def _register_sink(server: Address) -> bytes:
+def register_sink(server: Address) -> bytes:
     """An offline client ("sink") that every save is addressed to, so each one is stored;
     its key (the saves are sealed for it)."""
     [sink] = open_clients(1, "sink")
@@ -223,7 +223,7 @@ def _register_sink(server: Address) -> bytes:
     return sink.raw.identity.public
 
 
-class _Target:
+class Target:
     """A server under load: its simulated clients, and the best rate each phase reached."""
 
     def __init__(self, port: int, clients: int, register: bool, pid: int | None = None) -> None:
@@ -233,7 +233,7 @@ class _Target:
         self.best: dict[str, float] = {}
         self.extra: dict[str, float] = {}
         if register:
-            sink = _register_sink(self.server)
+            sink = register_sink(self.server)
             register_all(self.clients, self.server)
             for client in self.clients:  # one sealed message each, saved again and again
                 assert client.raw is not None
@@ -274,10 +274,10 @@ class _Target:
 
     def saturate(self, sizes: Sizes) -> None:
         """The server's CPU per save when it always has a queue (see run_bursts)."""
-        run_bursts(self.clients, self.server, _save_request, bursts=1, size=BURST)  # warm-up
+        run_bursts(self.clients, self.server, save_request, bursts=1, size=BURST)  # warm-up
         before = cpu_seconds(self.pid) if self.pid else None
         result = run_bursts(
-            self.clients, self.server, _save_request, bursts=sizes.bursts, size=BURST
+            self.clients, self.server, save_request, bursts=sizes.bursts, size=BURST
         )
         after = cpu_seconds(self.pid) if self.pid else None
         _check(result, "saturated saves")
@@ -343,10 +343,10 @@ def _sqlite_floor(path: Path, seconds: float, pragmas: dict[str, str]) -> float:
 class _Capacity:
     """What the capacity loads measured: the echo baseline, the three servers, the disk."""
 
-    echo: _Target
-    plain: _Target
-    traced: _Target
-    durable: _Target
+    echo: Target
+    plain: Target
+    traced: Target
+    durable: Target
     floor: float
     pragmas: dict[str, str]
 
@@ -377,18 +377,18 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
         )
     )
     servers = dict(zip(("plain", "traced", "sqlite"), started, strict=True))
-    echo = _Target(echo_worker.ready["port"], n, register=False, pid=echo_worker.proc.pid)
+    echo = Target(echo_worker.ready["port"], n, register=False, pid=echo_worker.proc.pid)
     stack.callback(echo.close)
     targets = {
-        name: _Target(port, n, register=True, pid=pid) for name, (port, pid) in servers.items()
+        name: Target(port, n, register=True, pid=pid) for name, (port, pid) in servers.items()
     }
     for target in targets.values():
         stack.callback(target.close)
     pragmas = _store_pragmas(work / "pragmas.sqlite3")
     for _ in range(sizes.rounds):
-        echo.load("saves", _save_request, sizes, sizes.window)
-        targets["plain"].load("saves", _save_request, sizes, sizes.window)
-        targets["traced"].load("saves", _save_request, sizes, sizes.window)
+        echo.load("saves", save_request, sizes, sizes.window)
+        targets["plain"].load("saves", save_request, sizes, sizes.window)
+        targets["traced"].load("saves", save_request, sizes, sizes.window)
         targets["plain"].load("registrations", register_request, sizes, 1)
         echo.saturate(sizes)
         targets["plain"].saturate(sizes)
@@ -397,7 +397,7 @@ def _capacity_loads(sizes: Sizes, stack: contextlib.ExitStack) -> _Capacity:
     for index in range(2):  # the disk is shared too: take turns, keep the best
         path = work / f"floor{index}.sqlite3"
         floor = max(floor, _sqlite_floor(path, sizes.load_seconds, pragmas))
-        targets["sqlite"].load("saves", _save_request, sizes, sizes.window)
+        targets["sqlite"].load("saves", save_request, sizes, sizes.window)
     return _Capacity(echo, targets["plain"], targets["traced"], targets["sqlite"], floor, pragmas)
 
 

@@ -190,8 +190,9 @@ _SERVER = [
            "f\"{record.name} did not come back",
            "a client that does not come back after a restart counts as deregistered"),
     mutant("server-restart-no-rekey", "restarts", SRV,
-           "if record.online and record.sid:\n                sig",
-           "if False:\n                sig",
+           "if record.online and record.sid and record.name not in self.elsewhere:\n"
+           "                effects.append(self._ask_to_rekey",
+           "if False:\n                effects.append(self._ask_to_rekey",
            "after a restart the server asks no client to register again"),
     mutant("server-reregister-no-ack", "refusals", SRV,
            "return self._refuse(record, message.id, f\"you can only register {record.name}.\")",

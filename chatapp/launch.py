@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-from chatapp.net import UDP, Endpoint, Network
+from chatapp.net import UDP, Endpoint, Network, SendFaults
 from chatapp.node import Input, Node, Screen
 from chatapp.protocol.admission import Admission, Limits
 from chatapp.protocol.client import ClientProtocol
@@ -155,6 +155,7 @@ async def run_node(
     log: Callable[[Log], None] | None = None,
     inputs: trio.MemoryReceiveChannel[Input] | None = None,
     argv: list[str] | None = None,
+    faults: SendFaults | None = None,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run the node that ``options`` describe until it exits; its exit status.
@@ -164,7 +165,8 @@ async def run_node(
     A client shows its lines on ``screen``, or on the one ``make_screen`` builds for
     the node once the endpoint is bound (a terminal's input line starts then, completes
     names from the state machine's table and hands typed lines to ``Node.take_input``),
-    and reads ``inputs``. ``argv`` is what the trace says started the node.
+    and reads ``inputs``. ``argv`` is what the trace says started the node; ``faults``
+    (tests, scenarios, replays) are injected where it sends.
     """
     log = log or _ignore
     async with AsyncExitStack() as resources:
@@ -183,6 +185,7 @@ async def run_node(
             node = _client_node(options, endpoint, recorder, log, entropy, seed)
             node.screen = make_screen(node) if make_screen is not None else screen
         argv = argv if argv is not None else _argv(options, endpoint)
+        node.faults = faults
         if _is_shared(store):
             return await _run_shared(node, inputs, argv, log, task_status)
         status = await node.run(inputs, argv=argv, task_status=task_status)
@@ -390,7 +393,9 @@ def _argv(options: Options, endpoint: Endpoint) -> list[str]:
     """The command line that would start this node where it listens."""
     port = str(endpoint.local_address[1])
     if isinstance(options, ServerOptions):
-        return ["chatapp", "serve", port]
+        limit = options.mailbox_limit
+        more = ["--mailbox-limit", str(limit)] if limit != DEFAULT_MAILBOX_LIMIT else []
+        return ["chatapp", "serve", port, *more]
     others = [arg for ip, p in options.other_servers for arg in ("--server", f"{ip}:{p}")]
     return [
         "chatapp",

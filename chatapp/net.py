@@ -14,11 +14,12 @@ import socket as _stdlib_socket
 import struct
 import sys
 from collections.abc import Callable, Collection
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import trio
 
-from chatapp.wire import MAX_DATAGRAM, Address
+from chatapp.wire import MAX_DATAGRAM, Address, Message
 
 #: Read buffer: larger than any datagram we accept, so oversized ones are seen whole and dropped.
 RECEIVE_BUFFER = 65536
@@ -41,6 +42,27 @@ class Endpoint(Protocol):
     async def receive(self) -> tuple[bytes, Address]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the sender's network layer does to one datagram instead of sending it once:
+    ``drop`` it, send it twice (``dup``), or send it ``delay`` seconds later. ``of`` is the
+    message's type and ``n`` says which datagram of that type from this node to that
+    peer it is (1, 2, ...): a replay applies the fault again at the same one."""
+
+    what: Literal["drop", "dup", "delay"]
+    of: str
+    n: int
+    delay: float = 0.0
+
+
+class SendFaults(Protocol):
+    """Faults injected where a node sends (a scenario's, or a replay's from the trace)."""
+
+    def decide(self, node: str, addr: Address, message: Message | None) -> Fault | None:
+        """What happens to the datagram ``node`` sends to ``addr`` (None: it goes once)."""
+        ...
 
 
 class Network(Protocol):

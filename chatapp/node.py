@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar, cast
 import trio
 
 from chatapp import screen
-from chatapp.net import Admit, Endpoint
+from chatapp.net import Admit, Endpoint, Fault, SendFaults
 from chatapp.protocol.admission import Admission
 from chatapp.protocol.changes import Change
 from chatapp.protocol.client import ClientProtocol
@@ -123,6 +123,9 @@ class Node:
         self.admission = admission
         self._admit: Admit = admission.admit if admission is not None else _admit_all
         self.exit_status: int | None = None
+        #: Faults injected where this node sends (tests, scenarios, replays); None: none.
+        self.faults: SendFaults | None = None
+        self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
         # Group commit needs a store worth batching for and an endpoint that can say what
         # is already queued (real UDP); the in-memory network keeps one datagram per event.
@@ -155,6 +158,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
+                self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._timer_loop)
                 if inputs is not None:
@@ -380,6 +384,28 @@ class Node:
     async def _send(self, effect: Send) -> None:
         local = self.endpoint.local_address
         self.recorder.sent(self.name, local, effect.addr, effect.data, effect.message)
+        if self.faults is not None:
+            fault = self.faults.decide(self.name, effect.addr, effect.message)
+            if fault is not None:
+                await self._send_faulty(effect, fault)
+                return
+        await self._transmit(effect)
+
+    async def _send_faulty(self, effect: Send, fault: Fault) -> None:
+        """An injected fault, recorded, then carried out: the datagram is lost, sent
+        twice, or sent later (by the node's nursery, so that the node goes on)."""
+        self.recorder.fault(self.name, self.endpoint.local_address, effect.addr, fault)
+        if fault.what == "delay" and self._nursery is not None:
+            self._nursery.start_soon(self._transmit_later, effect, fault.delay)
+        elif fault.what == "dup":
+            await self._transmit(effect)
+            await self._transmit(effect)
+
+    async def _transmit_later(self, effect: Send, delay: float) -> None:
+        await trio.sleep(delay)
+        await self._transmit(effect)
+
+    async def _transmit(self, effect: Send) -> None:
         try:
             await self.endpoint.send(effect.data, effect.addr)
         except OSError as exc:

@@ -338,6 +338,15 @@ class SqliteStore:
             mailbox.setdefault(recipient, []).append(stored_item(row, StoreError))
         return ServerDisk(server_key, origin, last_n, clients, mailbox)
 
+    def start_from(self, key: bytes, origin: str, last_n: int, changes: list[Change]) -> None:
+        """Make a new database hold what another held (a replay's server starts from the
+        recorded one's): its key, its sequence counter and the rows ``changes`` make."""
+        with self._guard:
+            for name, value in (("server_key", key), ("origin", origin), ("last_n", last_n)):
+                self._db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, name))
+        self._commit(changes)
+        self._loaded = None
+
     def load(self) -> ServerDisk:
         """The server's key, the clients (oldest change first) and the stored messages
         (oldest first)."""

@@ -24,22 +24,20 @@ from chatapp_tools.replay.compare import compare
 from chatapp_tools.replay.plan import ReplayOptions
 from chatapp_tools.replay.report import report
 from chatapp_tools.replay.runner import run_replay
-from chatapp_tools.replay.stores import ReplayStores
 from chatapp_tools.replay.traces import read_trace
 
 from chatapp import cli, launch, screen
 from chatapp.argv import options_from_argv
 from chatapp.launch import ClientOptions, ServerOptions
-from chatapp.protocol.changes import MessagesRemoved, MessageStored
+from chatapp.protocol.changes import MessagesRemoved
 from chatapp.protocol.common import Effect, Pending, Timers
-from chatapp.protocol.crypto import b64
 from chatapp.protocol.mailbox import Flight
 from chatapp.protocol.server_core import ServerCore, Waiting
 from chatapp.protocol.server_delivery import ServerDelivery
 from chatapp.testing.determinism import deterministic_scheduling
-from chatapp.trace import Restored, Shown, Trace
+from chatapp.trace import Shown, Trace
 from chatapp.typer_support import UsageError
-from chatapp.wire import Seq, StoredItem
+from chatapp.wire import StoredItem
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -190,7 +188,6 @@ def test_a_stored_time_sent_other_than_stored_diverges(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The mailbox carries a time other than the one stored (the line shows it)."""
-    import msgspec
 
     from chatapp.protocol import server_delivery
 
@@ -500,31 +497,18 @@ def test_a_changed_default_of_the_protocol_diverges_and_is_named(
 # --- the replayed server's database --------------------------------------------------------
 
 
-def test_a_replayed_server_keeps_its_database_across_a_restart(tmp_path: Path) -> None:
-    """Its first start reads what the recording's did; a restart on the same database
-    (the same key) reads what the replay committed since; another key, a new one."""
-    trace = read_trace(shipped("test1"))
-    restored = next(event for event in trace.events if isinstance(event, Restored))
-    stores = ReplayStores(str(tmp_path))
-    try:
-        store = stores.for_start("server", restored, lambda address: address)
-        disk = store.load()
-        assert (b64(disk.key), disk.origin, disk.last_n) == (
-            restored.server_key,
-            restored.origin,
-            restored.last_n,
-        )
-        item = StoredItem(Seq(restored.origin, 7), "m1", "channel", "user2", 1.5, "hi", b"s" * 64)
-        trio.run(store.commit, [MessageStored("user1", item)])
-        again = stores.for_start("server", restored, lambda address: address)
-        assert again is store
-        assert again.load().mailbox == {"user1": [item]}
-        other = msgspec.structs.replace(restored, server_key=b64(bytes(32)))
-        fresh = stores.for_start("server", other, lambda address: address)
-        assert fresh is not store
-        assert fresh.load().mailbox == {}
-    finally:
-        stores.close()
+def test_what_a_restarted_server_reads_back_is_compared(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A restart goes on from the replay's own database; what it reads there must be
+    what the recorded server read (here the recording is edited to say otherwise)."""
+    lines = lines_of(shipped("restarts"))
+    restores = [line for line in lines[1:] if line["ev"] == "restore"]
+    assert len(restores) >= 2
+    restores[1]["last_n"] += 1
+    code, out = chat_replay(capsys, write_lines(tmp_path / "t.jsonl", lines))
+    assert code == 1, out
+    assert "what server read from its database when it started" in out
 
 
 # --- the order of one handling's effects ----------------------------------------------------

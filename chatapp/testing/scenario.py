@@ -2,16 +2,34 @@
 
 A scenario is a small text file, one step per line (``#`` starts a comment)::
 
-    serve                          start the server
+    serve                          start the server (``serve --mailbox-limit 2``: with
+                                   room for 2 stored messages per client)
     join user1                     start a client (ports are picked for you)
     type user1 send user2 hello    type a line at user1's prompt
     expect user1 [Client Table Updated]
                                    wait until user1 shows that line (after the
                                    last line matched at user1)
     interrupt user1                Ctrl-C at user1
-    stop server                    the server exits
+    stop server                    the server exits (``serve`` again restarts it on
+                                   its port, with its database)
+    kill user1                     user1 stops without a word (a crash); ``join user1``
+                                   again starts it anew (its key and state directory,
+                                   a new port; ``join user1 same-port``: the old one;
+                                   ``join user1 new-key``: a new key, from a state
+                                   directory of its own; ``join user5 port-of user4``:
+                                   the port user4 had, once user4 has stopped)
     wait 0.6                       let time pass
     exits user1 1                  wait until user1 exits with that status
+    drop user1 -> user2 chat       the next chat datagram user1 sends user2 is lost
+    dup server -> * table 2        the next 2 tables the server sends anyone go twice
+    delay user1 -> server save 0.7 the next save from user1 goes 0.7 s late
+    faults 0.1 0.05 7              from now on lose 10 %, duplicate 5 % of all datagrams
+                                   (chosen by a generator seeded with 7)
+
+The fault steps take ``*`` for any node, peer or message type and an optional
+count (``drop user1 -> server * 3``: the next 3 datagrams of any type); the
+faults are injected where the node sends (``chatapp.testing.faults``) and
+recorded in the trace, where a replay finds them.
 
 A ``Cluster`` plays it in one Trio run, over real UDP on loopback
 (``chatapp.net.UDP``) or over the in-memory network in virtual time
@@ -34,14 +52,21 @@ from chatapp.net import Network
 from chatapp.node import Input, Node
 from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import Signal
+from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.store import MemoryStore, Store
+from chatapp.testing.faults import FaultKind, FaultPlan
 from chatapp.testing.screen import CapturedScreen
 from chatapp.testing.seed import line_matches
 from chatapp.trace import NullRecorder, Recorder
 from chatapp.wire import Address
 
 SERVER = "server"
-STEP_KINDS = ("serve", "join", "type", "expect", "interrupt", "hangup", "stop", "wait", "exits")
+FAULT_KINDS = ("drop", "dup", "delay")
+STEP_KINDS = (
+    "serve", "join", "type", "expect", "interrupt", "hangup", "stop", "kill", "wait", "exits",
+    *FAULT_KINDS, "faults",
+)  # fmt: skip
+SAME_PORT, NEW_KEY, PORT_OF = "same-port", "new-key", "port-of"
 #: How long an ``expect`` or ``exits`` waits before the scenario fails.
 EXPECT_TIMEOUT = 10.0
 
@@ -74,7 +99,11 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
                 f"{source}:{number}: unknown step {kind!r} (steps: {', '.join(STEP_KINDS)})"
             )
         if kind == "serve":
-            steps.append(Step(kind, SERVER, line_no=number))
+            _mailbox_limit(rest, f"{source}:{number}")
+            steps.append(Step(kind, SERVER, rest, number))
+        elif kind in FAULT_KINDS or kind == "faults":
+            _fault_args(kind, rest, f"{source}:{number}")
+            steps.append(Step(kind, text=rest, line_no=number))
         elif kind == "wait":
             try:
                 float(rest)
@@ -95,6 +124,49 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
     return steps
 
 
+@dataclass(frozen=True)
+class FaultArgs:
+    """A fault step's arguments: ``FROM -> TO TYPE [SECONDS] [COUNT]``, or for ``faults``,
+    ``LOSS DUP SEED``."""
+
+    node: str = ""
+    peer: str = ""
+    of: str = ""
+    delay: float = 0.0
+    count: int = 1
+    loss: float = 0.0
+    dup: float = 0.0
+    seed: int = 0
+
+
+def _fault_args(kind: str, text: str, where: str) -> FaultArgs:
+    words = text.split()
+    try:
+        if kind == "faults":
+            loss, dup, seed = words
+            return FaultArgs(loss=float(loss), dup=float(dup), seed=int(seed))
+        node, arrow, peer, of, *more = words
+        if arrow != "->" or len(more) > 2 or (kind != "delay" and len(more) > 1):
+            raise ValueError
+        delay = float(more.pop(0)) if kind == "delay" else 0.0
+        count = int(more[0]) if more else 1
+        return FaultArgs(node, peer, of, delay, count)
+    except (ValueError, IndexError):
+        shape = "LOSS DUP SEED" if kind == "faults" else "FROM -> TO TYPE [COUNT]"
+        shape = "FROM -> TO TYPE SECONDS [COUNT]" if kind == "delay" else shape
+        raise ScenarioError(f"{where}: {kind} takes {shape}, not {text!r}") from None
+
+
+def _mailbox_limit(text: str, where: str) -> int:
+    """``serve``'s option: ``--mailbox-limit N`` (or nothing: the default)."""
+    words = text.split()
+    if not words:
+        return DEFAULT_MAILBOX_LIMIT
+    if len(words) == 2 and words[0] == "--mailbox-limit" and words[1].isdigit():
+        return int(words[1])
+    raise ScenarioError(f"{where}: serve takes --mailbox-limit N or nothing, not {text!r}")
+
+
 def load_scenario(path: str | Path) -> list[Step]:
     return parse_scenario(Path(path).read_text(encoding="utf-8"), str(path))
 
@@ -110,6 +182,7 @@ class ClientHandle:
     matched: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     status: int | None = None
+    port: int = 0
 
 
 class Cluster:
@@ -143,6 +216,10 @@ class Cluster:
         self.expect_timeout = expect_timeout
         self.server: Node | None = None
         self.server_addr: Address | None = None
+        self.store: Store | None = None  # the server's database, kept across its restarts
+        self._shutting_down = False
+        #: Faults injected where the nodes send (the fault steps arm them).
+        self.faults = FaultPlan()
         self._server_done = trio.Event()
         self.clients: dict[str, ClientHandle] = {}
         self._epoch = 0
@@ -160,40 +237,49 @@ class Cluster:
     # --- steps ---------------------------------------------------------------------
 
     async def _serve(self, step: Step) -> None:
+        if self.server is not None and not self._server_done.is_set():
+            raise ScenarioError(f"line {step.line_no}: the server is running already")
         self._epoch += 1
         options = ServerOptions(
-            port=0,
+            port=self.server_addr[1] if self.server_addr is not None else 0,
             host=self.host,
             timers=self.timers,
             epoch=self._epoch,
             wall_offset=self._wall_offset,
+            mailbox_limit=_mailbox_limit(step.text, f"line {step.line_no}"),
         )
         self._server_done = trio.Event()
         node = await self._nursery.start(self._run_server, options, self._server_done)
         self.server, self.server_addr = node, node.endpoint.local_address
+        self.faults.learn(node.endpoint.local_address, SERVER)
 
     async def _run_server(
         self, options: ServerOptions, done: trio.Event, task_status: trio.TaskStatus[Node]
     ) -> None:
-        store = self._store_factory()
+        if self.store is None:
+            self.store = self._store_factory()
         try:
             await run_node(
                 options,
                 network=self.network,
-                store=store,
+                store=self.store,
                 recorder=self.recorder,
+                faults=self.faults,
                 task_status=task_status,
             )
         finally:
-            store.close()
+            if self._shutting_down:
+                self.store.close()
             done.set()
 
     async def _join(self, step: Step) -> None:
         if self.server_addr is None:
             raise ScenarioError(f"line {step.line_no}: join before serve")
-        if step.node in self.clients and self.clients[step.node].status is None:
+        if step.node in self.clients and not self.clients[step.node].done.is_set():
             raise ScenarioError(f"line {step.line_no}: {step.node} has already joined")
-        name = step.node
+        name, again = step.node, self.clients.get(step.node)
+        port = self._join_port(step, again)
+        state_dir = self.state_dir / f"{NEW_KEY}-{step.line_no}" if step.text == NEW_KEY else None
         report = self._on_line
         on_line = (lambda line: report(name, line)) if report is not None else None
         screen = CapturedScreen(on_line=on_line)
@@ -202,14 +288,31 @@ class Cluster:
             name,
             self.server_addr[0],
             self.server_addr[1],
-            port=0,
+            port=port,
             host=self.host,
             timers=self.timers,
-            state_dir=str(self.state_dir),
+            state_dir=str(state_dir or self.state_dir),
         )
         handle = ClientHandle(screen, send_input)
         self.clients[name] = handle
         handle.node = await self._nursery.start(self._run_client, options, handle, receive_input)
+        handle.port = handle.node.endpoint.local_address[1]
+        self.faults.learn(handle.node.endpoint.local_address, name)
+
+    def _join_port(self, step: Step, again: ClientHandle | None) -> int:
+        """The port a ``join`` asks for: any (0), its own last one (``same-port``), or the
+        last one of another client (``port-of NAME``)."""
+        word, _, other = step.text.partition(" ")
+        if step.text in ("", NEW_KEY):
+            return 0
+        if step.text == SAME_PORT and again is not None:
+            return again.port
+        if word == PORT_OF and other in self.clients and self.clients[other].done.is_set():
+            return self.clients[other].port
+        raise ScenarioError(
+            f"line {step.line_no}: join takes a name (and {SAME_PORT}, {NEW_KEY} or"
+            f" {PORT_OF} NAME of a client that has stopped), not {step.text!r}"
+        )
 
     async def _run_client(
         self,
@@ -223,6 +326,7 @@ class Cluster:
                 options,
                 network=self.network,
                 recorder=self.recorder,
+                faults=self.faults,
                 screen=handle.screen,
                 inputs=inputs,
                 task_status=task_status,
@@ -248,6 +352,33 @@ class Cluster:
                 await self._server_done.wait()
             return
         await self._interrupt(step)
+
+    async def _kill(self, step: Step) -> None:
+        """The node stops at once, saying nothing (a crash, a SIGKILL)."""
+        if step.node == SERVER:
+            await self._stop(step)
+            return
+        handle = self._client(step)
+        if handle.node is not None:
+            handle.node.stop()
+        await handle.done.wait()
+
+    async def _drop(self, step: Step) -> None:
+        self._arm("drop", step)
+
+    async def _dup(self, step: Step) -> None:
+        self._arm("dup", step)
+
+    async def _delay(self, step: Step) -> None:
+        self._arm("delay", step)
+
+    def _arm(self, what: FaultKind, step: Step) -> None:
+        args = _fault_args(what, step.text, f"line {step.line_no}")
+        self.faults.arm(args.node, args.peer, args.of, what, args.count, args.delay)
+
+    async def _faults(self, step: Step) -> None:
+        args = _fault_args("faults", step.text, f"line {step.line_no}")
+        self.faults.at_random(args.loss, args.dup, args.seed)
 
     async def _wait(self, step: Step) -> None:
         await trio.sleep(float(step.text))
@@ -290,8 +421,11 @@ class Cluster:
         for handle in self.clients.values():
             if handle.node is not None:
                 handle.node.stop()
-        if self.server is not None:
-            self.server.stop()
+        self._shutting_down = True
+        if self.server is not None and not self._server_done.is_set():
+            self.server.stop()  # its task closes the store as it ends
+        elif self.store is not None:
+            self.store.close()
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 

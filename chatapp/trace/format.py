@@ -237,7 +237,21 @@ class TimerFired(_Event, tag="timer"):
     committed or exited): what follows, up to the next event the node read, is its."""
 
 
-Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit | TimerFired
+class Fault(_Event, tag="fault"):
+    """A fault injected where ``node`` sent a datagram to ``peer`` (just after its
+    ``send`` event): ``what`` (``drop``: it was lost; ``dup``: it went twice; ``delay``:
+    it went ``delay`` seconds later) happened to the ``n``-th datagram of type ``of``
+    from that node to that peer. A replay injects it again at the same datagram."""
+
+    local: HostPort
+    peer: HostPort
+    what: Literal["drop", "dup", "delay"]
+    of: str
+    n: Annotated[int, msgspec.Meta(ge=1)]
+    delay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit | TimerFired | Fault
 
 _encoder = msgspec.json.Encoder()
 

@@ -43,6 +43,7 @@ from chatapp.trace.format import (
 from chatapp.wire import Address, Message, fmt_addr
 
 if TYPE_CHECKING:
+    from chatapp.net import Fault
     from chatapp.store import ServerDisk
 
 
@@ -70,6 +71,10 @@ class Recorder(Protocol):
         self, node: str, local: Address, peer: Address, data: bytes, seen: Received
     ) -> None:
         """A datagram that arrived, and what the node made of it."""
+        return None
+
+    def fault(self, node: str, local: Address, peer: Address, fault: Fault) -> None:
+        """A fault injected where the node sent its last datagram (tests, replays)."""
         return None
 
     def typed(self, node: str, item: ClientInput) -> None:
@@ -243,6 +248,13 @@ class TraceRecorder(Recorder):
                 self._addresses.clear()
             text = self._addresses[addr] = fmt_addr(addr)
         return text
+
+    def fault(self, node: str, local: Address, peer: Address, fault: Fault) -> None:
+        extra = {"delay": fault.delay} if fault.what == "delay" else {}
+        self._event(
+            node, "fault", local=fmt_addr(local), peer=fmt_addr(peer), what=fault.what,
+            of=fault.of, n=fault.n, **extra,
+        )  # fmt: skip
 
     def typed(self, node: str, item: ClientInput) -> None:
         self._event(node, "input", line=input_line(item))

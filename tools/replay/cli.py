@@ -516,9 +516,14 @@ def _shareable(path: str) -> str:
 async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
     from chatapp.net import UDP
     from chatapp.protocol.common import Timers
-    from chatapp.testing import Cluster, MemoryNetwork
+    from chatapp.store import MemoryStore
+    from chatapp.testing import Cluster, Faults, MemoryNetwork, ScenarioError
+    from chatapp.testing.stores import InlineSqliteStore
     from chatapp.trace import JsonlRecorder, complete_header
 
+    from .plan import TRANSIT
+
+    failed: ScenarioError | None = None
     try:
         recorder = JsonlRecorder.open(
             output,
@@ -536,18 +541,27 @@ async def _record(steps: list[Step], scenario: str, output: str, virtual: bool) 
             async with trio.open_nursery() as nursery:
                 cluster = Cluster(
                     nursery,
-                    MemoryNetwork() if virtual else UDP,
+                    # in virtual time every datagram takes what a replay gives it
+                    MemoryNetwork(Faults(min_delay=TRANSIT[0], max_delay=TRANSIT[0]))
+                    if virtual
+                    else UDP,
                     recorder=recorder,
                     wall_offset=time.time() - trio.current_time(),
                     state_dir=Path(state_dir),
+                    # the real database code, in the event loop's thread in virtual time
+                    store_factory=InlineSqliteStore if virtual else MemoryStore,
                 )
                 try:
                     await cluster.play(steps)
+                except ScenarioError as exc:
+                    failed = exc  # raised after the nursery, not inside its exception group
                 finally:
                     await cluster.shutdown()
     finally:
         recorder.close()
         trace = complete_header(output)
+    if failed is not None:
+        raise failed
     return len(trace.events)
 
 

@@ -154,8 +154,12 @@ class Normaliser:
         elif isinstance(event, Input):
             self._latest_cause[event.node] = f"typed {event.line!r}"
         elif isinstance(event, Start):
-            self.add_address(event.local, event.node)
-            self.ports[parse_addr(event.local)[1]] = event.node
+            # A node that starts again elsewhere adds an address; an address another node
+            # held before keeps that node's label, so that the labels do not depend on
+            # whether the whole trace was learned first (the recording) or not (a replay).
+            if event.local not in self.addresses:
+                self.add_address(event.local, event.node)
+                self.ports[parse_addr(event.local)[1]] = event.node
         elif isinstance(event, Send | Recv) and event.msg:
             sender = event.node if isinstance(event, Send) else self.address(event.peer)
             receiver = self.address(event.peer) if isinstance(event, Send) else event.node

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +27,6 @@ import trio.testing
 from chatapp.argv import options_from_argv
 from chatapp.launch import (
     ClientOptions,
-    ClientStart,
     Options,
     ServerOptions,
     StartupError,
@@ -38,6 +38,7 @@ from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
 from chatapp.testing.determinism import deterministic_scheduling
+from chatapp.testing.stores import InlineSqliteStore
 from chatapp.trace import (
     Event,
     MemoryRecorder,
@@ -66,7 +67,7 @@ from .plan import (
     recorded_transit,
 )
 from .puppets import LiveKeys, Puppet, Rewriter
-from .stores import ReplayStores
+from .starts import client_start, recorded_faults, restored_store
 
 OptionsT = TypeVar("OptionsT", ServerOptions, ClientOptions)
 
@@ -111,19 +112,20 @@ class Progress:
                 continue
             return False
 
-    async def keep_gap(self, action: Action, ack_timeout: float) -> None:
+    async def keep_gap(self, action: Action, longest: float) -> None:
         """Let as much time pass after the event that preceded the action as did in the
-        recording, up to one ACK timeout: a line typed while a timer ran elsewhere is
-        then typed at the same point of that timer. Beyond the timeout every timer
-        armed by then has fired, and the events it caused were waited for already,
-        so longer gaps (think time) are cut."""
+        recording, up to ``longest``: a line typed while a timer ran elsewhere is then
+        typed at the same point of that timer. On real sockets that is one ACK timeout:
+        beyond it every timer armed by then has fired, and the events it caused were
+        waited for already, so longer gaps (think time) are cut. In virtual time no gap
+        is cut (waiting costs nothing): every step comes when it came."""
         if action.anchor is None:
             return
         node, index = action.anchor
         times = self.times.get(node, [])
         if index >= len(times):
             return
-        await trio.sleep_until(times[index] + min(action.gap, ack_timeout + 0.05))
+        await trio.sleep_until(times[index] + min(action.gap, longest))
 
     async def after_cause(self, action: Action, done_at: dict[int, float]) -> None:
         """A played node's datagram goes as long after its cause as it did in the
@@ -180,12 +182,14 @@ class Runner:
         self.network = MemoryNetwork(faults, seed=options.seed)
         self.running: dict[str, _Running] = {}
         self.puppets: dict[str, Puppet] = {}
-        self.new_addresses: dict[str, Address] = {}
+        self.new_addresses: dict[str, Address] = {}  # where each node is now
+        self.moved: dict[Address, Address] = {}  # each start's recorded address -> its new one
+        self.faults = recorded_faults(recorded, self.recorded_names)
+        self.stores: dict[str, InlineSqliteStore] = {}  # each server's database
         self._epochs = itertools.count(1)
         self.stalls: list[str] = []
         self._recorder: MemoryRecorder  # made in run(): it reads the run's clock
         self._state_dir = ""
-        self._stores: ReplayStores  # made in run(): in its temporary directory
 
     def trace(self) -> Trace:
         return self._recorder.trace()
@@ -202,11 +206,11 @@ class Runner:
         # pins) goes to a temporary directory, never to the user's.
         with tempfile.TemporaryDirectory(prefix="chat-replay-") as state_dir:
             self._state_dir = state_dir
-            self._stores = ReplayStores(state_dir)
             try:
                 return await self._run_plan()
             finally:
-                self._stores.close()
+                for store in self.stores.values():
+                    store.close()
 
     async def _run_plan(self) -> Trace:
         async with trio.open_nursery() as nursery:
@@ -240,7 +244,8 @@ class Runner:
         elif action.cause is not None:
             await self.progress.after_cause(action, self.done_at)
         else:
-            await self.progress.keep_gap(action, self.timers.ack_timeout)
+            longest = math.inf if self.options.virtual else self.timers.ack_timeout + 0.05
+            await self.progress.keep_gap(action, longest)
 
     def _settled(self) -> bool:
         return all(
@@ -301,7 +306,7 @@ class Runner:
     ) -> None:
         epoch = self._recorded_epoch(started)
         name = started.node
-        host, port = self._listen_at(name)
+        host, port = self._listen_at(name, started.local)
         options = dataclasses.replace(
             self._options_of(started, ServerOptions),
             port=port,
@@ -313,10 +318,11 @@ class Runner:
             wall_offset=self._recorder.wall_offset,
             entropy_seed=unb64(started.seed) if started.seed else None,
         )
-        # The recorded server's database as it started (its key included), or, restarted
-        # on it, what the replayed server kept there (``stores.py``).
-        store = self._stores.for_start(name, restored, self._new_address)
-        await self._launch(nursery, name, options, store=store)
+        # A restart goes on from the database the replayed server left (as the recorded
+        # one did from its own); a first start from what the recording's server read.
+        store = self.stores.get(name) or restored_store(restored, self._new_address)
+        self.stores[name] = store
+        await self._launch(nursery, name, options, store=store, at=started.local)
 
     def _recorded_epoch(self, started: Start) -> int:
         """The table epoch the server had in the recording from ``started`` on (the first
@@ -336,7 +342,7 @@ class Runner:
 
     async def _start_client(self, nursery: trio.Nursery, started: Start) -> None:
         name = started.node
-        host, port = self._listen_at(name)
+        host, port = self._listen_at(name, started.local)
         server = self._server_address()
         options = dataclasses.replace(
             self._options_of(started, ClientOptions),
@@ -348,11 +354,12 @@ class Runner:
             trace=None,
             state_dir=self._state_dir,
             entropy_seed=unb64(started.seed) if started.seed else None,
-            start_from=_client_start(started),
+            start_from=client_start(started),
         )
         send_input, receive_input = trio.open_memory_channel[Input](64)
+        inputs = (send_input, receive_input)
         await self._launch(
-            nursery, name, options, inputs=(send_input, receive_input), screen=CapturedScreen()
+            nursery, name, options, inputs=inputs, screen=CapturedScreen(), at=started.local
         )
 
     def _options_of(self, started: Start, kind: type[OptionsT]) -> OptionsT:
@@ -379,13 +386,16 @@ class Runner:
         *,
         inputs: tuple[trio.MemorySendChannel[Input], trio.MemoryReceiveChannel[Input]]
         | None = None,
+        at: str,
         **node_options: Any,
     ) -> None:
+        """Start the node recorded at ``at`` (this start's address)."""
         running = _Running(trio.Event(), inputs[0] if inputs else None)
         node_options.update(
             network=self.network if self.options.virtual else UDP,
             recorder=self._recorder,
             inputs=inputs[1] if inputs else None,
+            faults=self.faults,
         )
 
         async def run(task_status: trio.TaskStatus[Node]) -> None:
@@ -396,7 +406,9 @@ class Runner:
 
         running.node = await nursery.start(run)
         self.running[name] = running
-        self.new_addresses[name] = running.node.endpoint.local_address
+        local = running.node.endpoint.local_address
+        self.new_addresses[name] = self.moved[parse_addr(at)] = local
+        self.faults.learn(local, name)
 
     async def _start_puppet(self, nursery: trio.Nursery, name: str) -> None:
         network: Network = self.network if self.options.virtual else UDP
@@ -444,16 +456,17 @@ class Runner:
 
     # --- addresses -------------------------------------------------------------------
 
-    def _listen_at(self, node: str) -> Address:
+    def _listen_at(self, node: str, local: str = "") -> Address:
         """Where ``node`` listens in this run: where it was reached in the recording
-        (on real UDP, 127.0.0.1 and the recorded port, if it is free)."""
-        recorded = self._recorded_address(node)
+        (on real UDP, 127.0.0.1 and the recorded port, if it is free). ``local``: the
+        address of the start replayed (a node may start several times)."""
+        recorded = self._recorded_address(node, local)
         return recorded if self.options.virtual else ("127.0.0.1", recorded[1])
 
-    def _recorded_address(self, node: str) -> Address:
-        """Where the others reached ``node`` in the recording (a 0.0.0.0 bind is reached
-        at the address they sent to)."""
-        host, port = parse_addr(self.nodes[node].address)
+    def _recorded_address(self, node: str, local: str = "") -> Address:
+        """Where the others reached ``node`` (at its start at ``local``; by default its
+        last) in the recording (a 0.0.0.0 bind is reached at the address they sent to)."""
+        host, port = parse_addr(local or self.nodes[node].address)
         if host not in ("0.0.0.0", ""):
             return (host, port)
         for event in self.recorded.events:
@@ -465,6 +478,8 @@ class Runner:
 
     def _new_address(self, recorded: Address) -> Address:
         """Where the node recorded at ``recorded`` is in this run (if it has started)."""
+        if recorded in self.moved:
+            return self.moved[recorded]
         node = self.recorded_names.address(fmt_addr(recorded))
         return self.new_addresses.get(node, recorded)
 
@@ -478,14 +493,6 @@ class Runner:
             return ["chatapp", "serve", str(local[1])]
         server = self._server_address()
         return ["chatapp", "join", name, server[0], str(server[1]), str(local[1])]
-
-
-def _client_start(started: Start) -> ClientStart | None:
-    """What the recorded client read from its state directory (None: not recorded)."""
-    if not started.key:
-        return None
-    marks = {unb64(key): dict(marks) for key, marks in started.marks.items()}
-    return ClientStart(unb64(started.key), unb64(started.pinned) or None, marks)
 
 
 async def _run_node_anywhere(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _harness import chatapp_command
+from _harness import chatapp_command, free_udp_ports
 from typer.testing import CliRunner
 
 from chatapp import __version__, cli
@@ -295,8 +295,10 @@ def test_a_client_with_a_bad_key_file_stops_with_one_line_and_status_1(tmp_path:
     keys.mkdir(mode=0o700)
     (keys / "user1.key").write_bytes(b"x" * 32)
     (keys / "user1.key").chmod(0o644)  # readable by others: refused, not replaced
+    server_port, client_port = free_udp_ports(2)  # a fixed port may be taken by a running chatapp
+    argv = ["join", "user1", "127.0.0.1", str(server_port), str(client_port)]
     done = subprocess.run(
-        [*chatapp_command(), "join", *GOOD, "--state-dir", str(tmp_path)],
+        [*chatapp_command(), *argv, "--state-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,11 +78,10 @@ def test_traces_are_recorded_from_the_seed_scenarios() -> None:
 def test_shipped_trace_replays_in_virtual_time(
     capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
-    started = time.perf_counter()
+    # How fast a replay is, is the benchmarks' figure (replay test1.jsonl), not asserted here.
     code, out = chat_replay(capsys, trace_path(name))  # the subcommand-less form
     assert code == 0, out
     assert "PASS" in out
-    assert time.perf_counter() - started < 1.0
 
 
 @pytest.mark.parametrize("name", SEED_TESTS)

@@ -57,6 +57,7 @@ import trio  # noqa: E402
 import typer  # noqa: E402
 
 from chatapp import __version__  # noqa: E402
+from chatapp.argv import captured  # noqa: E402
 from chatapp.net import resolve_ipv4  # noqa: E402
 from chatapp.protocol.admission import Limits  # noqa: E402
 from chatapp.protocol.common import Timers  # noqa: E402
@@ -260,7 +261,7 @@ def serve(
     from chatapp.app import run_server
     from chatapp.launch import ServerOptions
 
-    if port is None and ctx.obj == SEED_SPELLING:
+    if port is None and (ctx.obj == SEED_SPELLING or getattr(ctx.obj, "seed_spelling", False)):
         # `chatapp -s` names its port, as the seed does; alone, it is more likely a slip
         # than a wish for the default.
         raise BadArgument(f"-s needs a PORT, as in: chatapp -s {DEFAULT_PORT}")
@@ -274,6 +275,8 @@ def serve(
         limits=_limits(rate_limit, join_limit),
         timers=_timers(ack_timeout, tries),
     )
+    if captured(ctx.obj, options):  # options_from_argv: read, not run
+        return
     _run(run_server, options, sys.argv, command="serve")
 
 
@@ -292,6 +295,7 @@ OtherServersOption = Annotated[
 
 @app.command(cls=WordsCommand)
 def join(
+    ctx: typer.Context,
     name: Annotated[
         str, typer.Argument(metavar="NAME", help="Your nickname: 1-32 letters, digits, _ - .")
     ],
@@ -342,6 +346,8 @@ def join(
         state_dir=state_dir,
         other_servers=tuple(_server_address(value) for value in server or ()),
     )
+    if captured(ctx.obj, options):  # options_from_argv: read, not run
+        return
     _run(run_client, options, sys.argv, command="join")
 
 

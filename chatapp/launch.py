@@ -16,6 +16,8 @@ them sends the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import time
@@ -290,7 +292,7 @@ def _server_node(
             Log(f"socket receive buffer: {buffer // 1024} KiB (net.core.rmem_max caps it)", "debug")
         )
     admission = Admission(options.limits) if options.limits is not None else None
-    started = {"seed": b64(seed)} if seed is not None else {}
+    started = {"seed": b64(seed), "settings": settings_of(options)} if seed is not None else {}
     return Node(
         options.name,
         protocol,
@@ -363,10 +365,28 @@ def _client_node(
             "key": b64(start.key),
             "pinned": b64(start.pinned) if start.pinned else "",
             "marks": {b64(key): marks for key, marks in start.marks.items()},
+            "settings": settings_of(options),
         }
     return Node(
         options.name, protocol, endpoint, log=log, recorder=recorder, store=files, started=started
     )
+
+
+def settings_of(options: Options) -> dict[str, float | int | None]:
+    """What a node runs with, as a trace's ``start`` event records it: the timers, and a
+    server's mailbox limit and admission limits (None: no limit)."""
+    settings: dict[str, float | int | None] = {
+        "ack_timeout": options.timers.ack_timeout,
+        "tries": options.timers.tries,
+    }
+    if isinstance(options, ServerOptions):
+        settings["mailbox_limit"] = options.mailbox_limit
+        limits = dataclasses.asdict(options.limits) if options.limits is not None else {}
+        for key, value in limits.items():
+            settings[key] = None if value == math.inf else value
+        if options.limits is None:
+            settings["limits"] = None
+    return settings
 
 
 def _argv(options: Options, endpoint: Endpoint) -> list[str]:
@@ -396,4 +416,5 @@ __all__ = [
     "StartupError",
     "open_store",
     "run_node",
+    "settings_of",
 ]

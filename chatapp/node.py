@@ -165,7 +165,7 @@ class Node:
                 if inputs is not None:
                     nursery.start_soon(self._input_loop, inputs)
                 task_status.started(self)
-                await self._handle(self.protocol.start)
+                await self._handle(self.protocol.start, cause="start")
         finally:
             status = 0 if self.exit_status is None else self.exit_status
             self.recorder.node_exited(self.name, status)
@@ -188,7 +188,7 @@ class Node:
             queued.extend(batch)
             while queued:  # group commit (``_gather``) may take some of them first
                 data, addr = queued.popleft()
-                await self._handle(self._take_first, data, addr)
+                await self._handle(self._take_first, data, addr, cause="datagram")
             if self.admission is not None and self.admission.dropped:
                 self._admission_report(self.admission, trio.current_time())
 
@@ -263,7 +263,7 @@ class Node:
             self._timer = trio.CancelScope(deadline=math.inf if deadline is None else deadline)
             with self._timer:
                 await trio.sleep_forever()
-            await self._handle(self.protocol.handle_timer)
+            await self._handle(self.protocol.handle_timer, cause="timer")
 
     async def _input_loop(self, inputs: trio.MemoryReceiveChannel[Input]) -> None:
         async with inputs:
@@ -280,7 +280,7 @@ class Node:
         self.recorder.typed(self.name, item)
         if self.screen is not None and not isinstance(item, Signal):
             self.screen.typed()
-        await self._handle(client.handle_input, item)
+        await self._handle(client.handle_input, item, cause="input")
 
     async def handle_outside(
         self, read: Callable[[], Awaitable[T]], handler: Callable[[T, float], list[Effect]]
@@ -290,11 +290,13 @@ class Node:
         lock, so that none of the node's own handlings runs in between."""
         async with self._lock:
             value = await read()
-            await self._apply_locked(handler(value, trio.current_time()))
+            await self._apply_locked(handler(value, trio.current_time()), "outside")
 
     # --- carrying out effects ---------------------------------------------------------
 
-    async def _handle(self, handler: Callable[..., list[Effect]], *args: object) -> None:
+    async def _handle(
+        self, handler: Callable[..., list[Effect]], *args: object, cause: str
+    ) -> None:
         # The lock is almost always free: take it without the scheduler trip that
         # ``async with`` costs (the receive loop already yields once per datagram).
         try:
@@ -303,16 +305,18 @@ class Node:
             await self._lock.acquire()
         try:
             effects = handler(*args, trio.current_time())
-            await self._apply_locked(effects)
+            await self._apply_locked(effects, cause)
         finally:
             self._lock.release()
 
-    async def _apply_locked(self, effects: list[Effect]) -> None:
+    async def _apply_locked(self, effects: list[Effect], cause: str) -> None:
         # One transaction for every change of the handling, before anything it sends: a
         # channel message stored for a hundred offline clients is one commit, and no
         # answer leaves before the change it reports is on disk.
+        if cause == "timer" and any(isinstance(e, Change | Send | Show | Exit) for e in effects):
+            self.recorder.timer_fired(self.name)  # what follows is the timer's
         changes = [effect for effect in effects if isinstance(effect, Change)]
-        if changes and not await self._commit(changes):
+        if changes and not await self._commit(changes, cause):
             effects = await self._roll_back()
         for effect in effects:
             if isinstance(effect, Send):
@@ -342,8 +346,9 @@ class Node:
         else:
             self.log(Log(f"trace not written ({why}): recording stopped", "warning", True))
 
-    async def _commit(self, changes: list[Change]) -> bool:
-        """Commit ``changes``; False if the database failed."""
+    async def _commit(self, changes: list[Change], cause: str) -> bool:
+        """Commit ``changes`` (and record them, once committed); False if the database
+        failed."""
         try:
             await self.store.commit(changes)
         except Exception as exc:  # sqlite3.Error, OSError (disk full): any failure to persist
@@ -353,6 +358,7 @@ class Node:
             self.log(Log(line, "warning", summary=reason != self._store_trouble))
             self._store_trouble = reason
             return False
+        self.recorder.committed(self.name, changes, cause)
         if self._store_trouble is not None:
             self._store_trouble = None
             self.log(Log("database writes work again"))

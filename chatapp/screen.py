@@ -49,6 +49,12 @@ def channel_message(sender: str, text: str) -> str:
     return f"Channel_Message {sender} : {printable(text)}"
 
 
+def time_prefix(stored_at: float) -> str:
+    """The prefix of a stored message's line (``stored_direct``, ``stored_channel``): when
+    the server stored it, in Unix time. The replay checks each shown prefix against it."""
+    return f"({stored_at!r}) "
+
+
 def stored_direct(stored_at: float, sender: str, text: str) -> str:
     return f"({stored_at!r}) {sender} : {printable(text)}"
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,11 +78,10 @@ def test_traces_are_recorded_from_the_seed_scenarios() -> None:
 def test_shipped_trace_replays_in_virtual_time(
     capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
-    started = time.perf_counter()
+    # How fast a replay is, is the benchmarks' figure (replay test1.jsonl), not asserted here.
     code, out = chat_replay(capsys, trace_path(name))  # the subcommand-less form
     assert code == 0, out
     assert "PASS" in out
-    assert time.perf_counter() - started < 1.0
 
 
 @pytest.mark.parametrize("name", SEED_TESTS)
@@ -147,7 +145,9 @@ def test_a_changed_shown_line_fails_at_that_line(
     code, out = chat_replay(capsys, edited(tmp_path, "test1", change))
     assert code == 1
     assert "First divergence: lines user1 showed" in out
-    assert re.search(r"^  recorded \(seq \d+, t=[\d.]+\): 'user3 : hi!'$", out, re.M), out
+    assert re.search(
+        r"^  recorded \(\S+test1-edited\.jsonl:\d+, seq \d+, t=[\d.]+\): 'user3 : hi!'$", out, re.M
+    ), out
     assert re.search(r"^  replay   \(seq \d+, t=[\d.]+\): 'user3 : hi~'$", out, re.M), out
 
 
@@ -214,6 +214,7 @@ def test_an_altered_signature_in_a_trace_is_refused_as_it_would_be_live(
                 sig[0] ^= 1
                 post = ChannelPost(msg["id"], msg["text"], bytes(sig))
                 line["raw_b64"] = base64.b64encode(session.seal(TO_SERVER, post)).decode()
+                msg["sig"] = base64.b64encode(bytes(sig)).decode()  # msg says what the bytes do
                 return lines
         raise AssertionError("no such datagram")
 

@@ -100,8 +100,18 @@ def _private_imports(path: Path) -> list[str]:
     return found
 
 
+#: The one module allowed to reach into another's private names: Trio's switch for
+#: deterministic scheduling, which replays need and Trio offers no public way to set.
+PRIVATE_ON_PURPOSE = {"chatapp/testing/determinism.py"}
+
+
 def test_no_module_imports_another_modules_private_names() -> None:
-    found = [line for path in SOURCES for line in _private_imports(path)]
+    found = [
+        line
+        for path in SOURCES
+        if str(path.relative_to(ROOT)) not in PRIVATE_ON_PURPOSE
+        for line in _private_imports(path)
+    ]
     assert found == []
 
 

@@ -19,6 +19,10 @@ from chatapp.sqlite_store import SqliteStore
 class InlineSqliteStore(SqliteStore):
     """SQLite (in memory unless given a path) that commits without a worker thread."""
 
+    #: No group commit (``Node._gather``): each handling commits alone, as in the run
+    #: recorded, so that a replay's commits follow the same datagrams even on real UDP.
+    durable = False
+
     def __init__(self, path: str = ":memory:") -> None:
         super().__init__(path)
 

@@ -14,7 +14,7 @@ import base64
 import contextlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -22,10 +22,13 @@ import msgspec
 from chatapp.protocol.changes import Presence
 from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import BadInput, ClientInput, Signal
-from chatapp.wire import Address, Message, StoredItem
+from chatapp.wire import Address, Message, Name, Seq, StoredItem
 
 FORMAT = "chatapp-trace"
-VERSION = 2
+VERSION = 3
+#: The oldest version read: version 2 traces have no ``commit`` events and no settings
+#: (then nothing is compared there).
+OLDEST_VERSION = 2
 
 #: ``HOST:PORT``, as ``fmt_addr`` writes it; every address in a trace is checked against it.
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^\s:]*:[0-9]{1,5}$")]
@@ -81,6 +84,9 @@ class Header(msgspec.Struct, omit_defaults=True):
     source: str = ""  # what recorded it: "chatapp serve", "chat-replay record", ...
     scenario: str = ""  # the scenario file that was played, if any
     notes: list[str] = []
+    #: The protocol's own defaults when it was recorded (``protocol_defaults``), beside
+    #: what each node ran with (its start event's ``settings``).
+    defaults: dict[str, float | int] = {}
 
 
 class _Event(msgspec.Struct, tag_field="ev", omit_defaults=True, forbid_unknown_fields=True):
@@ -105,6 +111,9 @@ class Start(_Event, tag="start"):
     key: Base64 = ""
     pinned: Base64 = ""
     marks: dict[Base64, dict[str, int]] = {}
+    #: What the node ran with (the timers, a server's limits), as its command line's
+    #: options name them: ``{"ack_timeout": 0.5, "tries": 5, "mailbox_limit": 1000, ...}``.
+    settings: dict[str, float | int | None] = {}
 
 
 class Datagram(_Event):
@@ -159,6 +168,75 @@ class Restored(_Event, tag="restore"):
     mailbox: dict[str, list[StoredItem]] = {}  # recipient -> stored items, oldest first
 
 
+# --- a node's commits: what it wrote to its database or state files ---------------------
+
+
+class _Change(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class ClientPut(_Change, tag="client"):
+    """A client's row saved (new, or replacing the one of that name)."""
+
+    name: Name
+    address: HostPort
+    key: Base64
+    sid: Base64
+    presence: Presence
+
+
+class ClientDropped(_Change, tag="client_removed"):
+    """A name left the table, with what was stored for it and what it sent."""
+
+    name: Name
+
+
+class ItemStored(_Change, tag="stored"):
+    """A message kept for ``to`` (its place ``item.seq``: origin and n)."""
+
+    to: Name
+    item: StoredItem
+
+
+class ItemsDeleted(_Change, tag="deleted"):
+    """Stored messages of ``to`` deleted (ACKed), by their places (origin, n)."""
+
+    to: Name
+    seqs: list[Seq]
+
+
+class KeyPinned(_Change, tag="pinned"):
+    """A client pinned the key of the server at ``server``."""
+
+    server: HostPort
+    key: Base64
+
+
+class Marked(_Change, tag="marked"):
+    """A client's delivery marks for the server whose key is ``server_key``: per origin,
+    the highest stored message shown."""
+
+    server_key: Base64
+    marks: list[tuple[str, int]]
+
+
+ChangeRecord = ClientPut | ClientDropped | ItemStored | ItemsDeleted | KeyPinned | Marked
+
+
+class Commit(_Event, tag="commit"):
+    """A node committed changes (one transaction), before anything that handling sent or
+    showed. ``cause``: what the node was handling (a datagram, a typed line, a timer, its
+    start, or other servers' changes to a shared database: ``outside``)."""
+
+    changes: list[ChangeRecord]
+    cause: Literal["datagram", "input", "timer", "start", "outside", ""] = ""
+
+
+class TimerFired(_Event, tag="timer"):
+    """One of the node's timers fired and the node did something (sent, showed,
+    committed or exited): what follows, up to the next event the node read, is its."""
+
+
 class Fault(_Event, tag="fault"):
     """A fault injected where ``node`` sent a datagram to ``peer`` (just after its
     ``send`` event): ``what`` (``drop``: it was lost; ``dup``: it went twice; ``delay``:
@@ -173,7 +251,7 @@ class Fault(_Event, tag="fault"):
     delay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
-Event = Start | Send | Recv | Input | Shown | Exited | Restored | Fault
+Event = Start | Send | Recv | Input | Shown | Exited | Restored | Commit | TimerFired | Fault
 
 _encoder = msgspec.json.Encoder()
 
@@ -187,6 +265,8 @@ class Trace:
     header: Header
     events: list[Event]
     path: str = ""
+    #: The line of ``path`` each event was read from, by its seq (a report names it).
+    lines: dict[int, int] = field(default_factory=dict)
 
     def nodes(self) -> dict[str, NodeInfo]:
         """Every node, from the header and from the start events (the last start wins)."""
@@ -236,6 +316,7 @@ def parse_segments(text: str, path: str = "<trace>") -> list[Trace]:
             if event.seq <= last:
                 raise TraceError(f"{path}:{number}: seq {event.seq} does not follow {last}")
             segment.events.append(event)
+            segment.lines[event.seq] = number
     if not segments:
         raise TraceError(f"{path}: empty: not a {FORMAT} file")
     return segments

@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import trio
 
+from chatapp.protocol.changes import (
+    Change,
+    ClientRemoved,
+    ClientSaved,
+    DeliveryMarked,
+    MessagesRemoved,
+    MessageStored,
+    ServerPinned,
+)
 from chatapp.protocol.common import Received, Timers
 from chatapp.protocol.crypto import b64
 from chatapp.protocol.inputs import ClientInput
@@ -81,6 +90,15 @@ class Recorder(Protocol):
         """What a server read from its database before it started."""
         return None
 
+    def timer_fired(self, node: str) -> None:
+        """One of the node's timers fired, and what it did follows."""
+        return None
+
+    def committed(self, node: str, changes: list[Change], cause: str) -> None:
+        """Changes the node committed (its database, a client's state files), before what
+        the handling (``cause``: datagram, input, timer, start) sends or shows."""
+        return None
+
     def failure(self) -> str | None:
         """Why recording stopped (a full disk, say), once it has; None while it goes on."""
         return None
@@ -91,6 +109,19 @@ class Recorder(Protocol):
 
 class NullRecorder(Recorder):
     """Records nothing."""
+
+
+def protocol_defaults() -> dict[str, float | int]:
+    """The protocol's own defaults (``Timers()``, the mailbox limit), which a node started
+    without options (a scenario's, a test's) runs with: a trace's header records them."""
+    from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
+
+    timers = Timers()
+    return {
+        "ack_timeout": timers.ack_timeout,
+        "tries": timers.tries,
+        "mailbox_limit": DEFAULT_MAILBOX_LIMIT,
+    }
 
 
 def public_argv(argv: list[str]) -> list[str]:
@@ -134,12 +165,19 @@ class TraceRecorder(Recorder):
             "timers": {"ack_timeout": timers.ack_timeout, "tries": timers.tries},
             "nodes": {name: dict(info) for name, info in (nodes or {}).items()},
             "clock": clock,
+            "defaults": protocol_defaults(),
         }
         if source:
             self.header["source"] = source
         if scenario:
             self.header["scenario"] = scenario
         self._header_written = False
+
+    @property
+    def wall_offset(self) -> float:
+        """What turns the run's clock into Unix time on this trace's terms: ``started``
+        at the trace's t = 0."""
+        return float(self.header["started"]) - self._t0
 
     def _write_header(self) -> None:
         self._header_written = True
@@ -242,9 +280,36 @@ class TraceRecorder(Recorder):
             last_n=disk.last_n, clients=rows, mailbox=boxes,
         )  # fmt: skip
 
+    def timer_fired(self, node: str) -> None:
+        self._event(node, "timer")
+
+    def committed(self, node: str, changes: list[Change], cause: str) -> None:
+        records = [change_record(change) for change in changes]
+        self._event(node, "commit", changes=records, cause=cause)
+
     def close(self) -> None:
         if not self._header_written:
             self._write_header()
+
+
+def change_record(change: Change) -> dict[str, Any]:
+    """A change as a ``commit`` event lists it (``chatapp.trace.format.ChangeRecord``)."""
+    if isinstance(change, ClientSaved):
+        return {
+            "op": "client", "name": change.name, "address": fmt_addr((change.ip, change.port)),
+            "key": b64(change.key), "sid": b64(change.sid), "presence": change.presence.value,
+        }  # fmt: skip
+    if isinstance(change, ClientRemoved):
+        return {"op": "client_removed", "name": change.name}
+    if isinstance(change, MessageStored):
+        return {"op": "stored", "to": change.recipient, "item": msgspec.to_builtins(change.item)}
+    if isinstance(change, MessagesRemoved):
+        return {"op": "deleted", "to": change.recipient, "seqs": msgspec.to_builtins(change.seqs)}
+    if isinstance(change, ServerPinned):
+        return {"op": "pinned", "server": fmt_addr(change.address), "key": b64(change.key)}
+    if isinstance(change, DeliveryMarked):
+        return {"op": "marked", "server_key": b64(change.server_key), "marks": change.marks}
+    raise TypeError(f"not a change: {change!r}")
 
 
 class _FileWriter:

@@ -24,7 +24,7 @@ import trio.testing
 import typer
 
 from chatapp.testing import Step
-from chatapp.trace import Trace, TraceError, write_trace
+from chatapp.trace import Send, Trace, TraceError, write_trace
 from chatapp.typer_support import (
     UsageError,
     WordsCommand,
@@ -174,6 +174,8 @@ def replay(
         seed=seed,
     )
     _announce(trace, recorded, options, target)
+    if not _consistent(recorded):
+        raise typer.Exit(1)
     replayed, run, elapsed = _run_replay(recorded, options)
     if out:
         _write(out, lambda path: write_trace(replayed, path))
@@ -212,6 +214,31 @@ def _announce(trace: str, recorded: Trace, options: ReplayOptions, target: str |
     )
     for note in recorded.header.notes:
         typer.echo(f"  note: {note}")
+
+
+def _consistent(recorded: Trace) -> bool:
+    """Whether every datagram's msg in the trace is what its bytes say; if not, FAIL
+    with the file and line of each that is not."""
+    from .integrity import mismatches
+    from .report import where_recorded
+
+    found = list(mismatches(recorded))
+    if not found:
+        return True
+    many = len(found) > 1
+    typer.echo(
+        f"FAIL: {len(found)} datagram{'s' if many else ''} of the trace"
+        f" say{'' if many else 's'} one thing in msg and another in raw/raw_b64 (the bytes"
+        " are what was on the wire):"
+    )
+    for mismatch in found[:10]:
+        event = mismatch.event
+        arrow = "->" if isinstance(event, Send) else "<-"
+        typer.echo(
+            f"  {where_recorded(recorded, event)}: {event.node} {arrow} {event.peer}:"
+            f" {mismatch.why}"
+        )
+    return False
 
 
 def _run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner, float]:
@@ -404,6 +431,15 @@ def record(
             " --virtual: the in-memory network in virtual time.",
         ),
     ] = False,
+    check_stable: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=0,
+            max=1000,
+            help="Then replay the trace N times; unless every replay passes, remove it and exit 1.",
+        ),
+    ] = 0,
 ) -> None:
     """Play a scenario with a real server and clients and record every datagram and line."""
     from chatapp.testing import ScenarioError, load_scenario
@@ -416,15 +452,55 @@ def record(
         raise Failed(f"cannot read the scenario {scenario}: not UTF-8 text") from None
     except ScenarioError as exc:
         raise Failed(str(exc)) from None
-    clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
     try:
-        events = trio.run(_record, steps, _shareable(scenario), output, virtual, clock=clock)
+        events = _record_scenario(steps, scenario, output, virtual)
     except ScenarioError as exc:
         typer.echo(
             f"{PROG}: the scenario failed: {exc} (the trace so far is in {output})", err=True
         )
         raise typer.Exit(1) from None
     typer.echo(f"recorded {scenario} ({events} events) to {output}")
+    if check_stable and not _stable(output, check_stable):
+        raise typer.Exit(1)
+
+
+def _record_scenario(steps: list[Step], scenario: str, output: str, virtual: bool) -> int:
+    if not virtual:
+        return trio.run(_record, steps, _shareable(scenario), output, virtual)
+    from chatapp.testing.determinism import deterministic_scheduling
+
+    with deterministic_scheduling():
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        return trio.run(_record, steps, _shareable(scenario), output, virtual, clock=clock)
+
+
+def _stable(output: str, runs: int) -> bool:
+    """Whether the trace at ``output`` replays PASS ``runs`` times in ``runs``; if not, it
+    is removed, and the first failing run's report says why."""
+    from .compare import compare
+    from .plan import ReplayError, ReplayOptions
+    from .report import report
+    from .runner import run_replay
+
+    recorded = _load(output)
+    for run in range(1, runs + 1):
+        try:
+            replayed, _ = run_replay(recorded, ReplayOptions())
+        except ReplayError as exc:
+            why = str(exc)
+        else:
+            comparison = compare(recorded, replayed)
+            if comparison.passed:
+                continue
+            why = report(comparison)
+        os.unlink(output)
+        typer.echo(
+            f"UNSTABLE: replay {run} of {runs} failed; {output} removed (record it again,"
+            f" or make the scenario wait for what it depends on):\n{why}"
+        )
+        return False
+    typer.echo(f"stable: {runs} replays of {runs} passed")
+    return True
 
 
 def _shareable(path: str) -> str:

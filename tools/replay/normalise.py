@@ -11,17 +11,39 @@ behaviour is what is compared, not which random bytes it used.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatapp.trace import Event, Recv, Restored, Send, Start, parse_addr
-from chatapp.wire import fmt_addr
+import msgspec
+
+from chatapp import screen
+from chatapp.trace import (
+    ClientDropped,
+    ClientPut,
+    Commit,
+    Event,
+    Input,
+    ItemsDeleted,
+    ItemStored,
+    KeyPinned,
+    Marked,
+    Recv,
+    Restored,
+    Send,
+    Start,
+    parse_addr,
+)
+from chatapp.wire import StoredItem, fmt_addr
 
 _TIME_PREFIX = re.compile(r"^\(\d+(?:\.\d+)?(?:e[+-]?\d+)?\) ")
 _ADDRESS = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})\b")
 _ID_FIELDS = ("id", "delivery", "post")
+#: Seconds between a commit and the time it gives a stored item (wall clock and trace
+#: clock are read a moment apart).
+STORED_AT_SLACK = 0.01
 #: Fields whose values are random or derived from random values: compared as present.
 _OPAQUE = {
     "server_key": "<server key>",
@@ -60,6 +82,22 @@ class Normaliser:
     id_values: dict[str, str] = field(default_factory=dict)  # label -> latest value
     epochs: dict[str, int] = field(default_factory=dict)  # node -> the table epoch it sent last
     scoped: str = ""
+    #: Unix time of the trace's t = 0 (its header's ``started``): a stored item's time is
+    #: checked against the time of the commit that stored it.
+    started: float = 0.0
+    #: Whether the trace records commits (format 3): then every stored time must be one
+    #: the store gave, and a shown time prefix one of a stored message the node received.
+    strict_times: bool = True
+    #: Whether the trace records the settings each node ran with (format 3): then they are
+    #: compared.
+    settings: bool = True
+    #: Stored times by (origin, n), from the commits and the server's restore.
+    stored_times: dict[tuple[str, int], float] = field(default_factory=dict)
+    #: The time prefixes (``screen.time_prefix``) of the stored messages each node received.
+    prefixes: dict[str, set[str]] = field(default_factory=dict)
+    #: What each commit was the effect of, by its seq (``commit_cause``).
+    commit_causes: dict[int, str] = field(default_factory=dict)
+    _latest_cause: dict[str, str] = field(default_factory=dict)
     _issued: dict[str, int] = field(default_factory=dict)
     _stream_labels: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -84,6 +122,8 @@ class Normaliser:
         for value, label in other.id_labels.items():
             if label.partition("#")[0] != except_issuer:
                 self.id_labels.setdefault(value, label)
+        # the stored items a played server kept (its commits are not in this run)
+        self.stored_times.update(other.stored_times)
 
     def add_address(self, address: str, node: str) -> None:
         self.addresses[address] = node
@@ -98,6 +138,21 @@ class Normaliser:
             for name, ip, port, *_ in event.clients:
                 self.addresses.setdefault(fmt_addr((ip, port)), name)
                 self.ports.setdefault(port, name)
+            for items in event.mailbox.values():
+                for item in items:
+                    self.stored_times[(item.seq.origin, item.seq.n)] = item.stored_at
+        elif isinstance(event, Commit):
+            for change in event.changes:
+                if isinstance(change, ItemStored):
+                    seq = change.item.seq
+                    self.stored_times[(seq.origin, seq.n)] = change.item.stored_at
+            self.commit_causes[event.seq] = (
+                self._latest_cause.get(event.node, "")
+                if event.cause in ("datagram", "input")
+                else event.cause
+            )
+        elif isinstance(event, Input):
+            self._latest_cause[event.node] = f"typed {event.line!r}"
         elif isinstance(event, Start):
             # A node that starts again elsewhere adds an address; an address another node
             # held before keeps that node's label, so that the labels do not depend on
@@ -112,6 +167,24 @@ class Normaliser:
             epoch = event.msg.get("epoch")
             if isinstance(epoch, int):
                 self.epochs[sender] = epoch
+            if isinstance(event, Recv):
+                self._learn_received(event)
+        elif isinstance(event, Recv):
+            self._latest_cause[event.node] = f"undecodable from {self.address(event.peer)}"
+
+    def _learn_received(self, event: Recv) -> None:
+        msg = event.msg or {}
+        items = msg.get("items")
+        if isinstance(items, list):
+            prefixes = self.prefixes.setdefault(event.node, set())
+            for item in items:
+                stored_at = item.get("stored_at") if isinstance(item, dict) else None
+                if isinstance(stored_at, int | float) and not isinstance(stored_at, bool):
+                    prefixes.add(screen.time_prefix(float(stored_at)))
+        cause = self.message(msg, self.other_end(event))
+        self._latest_cause[event.node] = (
+            f"{cause.get('t')} from {self.address(event.peer)} {json.dumps(cause, sort_keys=True)}"
+        )
 
     def _learn_ids(self, msg: Mapping[str, Any], sender: str, receiver: str) -> None:
         for value in _ids_in(msg):
@@ -197,15 +270,105 @@ class Normaliser:
             if key == "id":
                 result[key] = self.label(value, other_end)
             elif key == "stored_at":
-                result[key] = "<time>"
+                result[key] = self._stored_time(item.get("seq"), value)
             else:
                 result[key] = _OPAQUE.get(key, value) if key in _OPAQUE and value else value
         return result
 
-    def text(self, line: str) -> str:
-        """A shown line (or a refusal's reason) with Unix times and addresses replaced."""
-        line = _TIME_PREFIX.sub("({time}) ", line)
+    def _stored_time(self, seq: Any, value: Any) -> str:
+        """A stored item's time in a datagram: the one its store gave it (in the commit
+        that stored it, or the restore that read it)."""
+        if not self.strict_times:
+            return "<time>"
+        if isinstance(seq, list) and len(seq) == 2:
+            stored = self.stored_times.get((str(seq[0]), int(seq[1])))
+            if stored is not None and stored == value:
+                return "<stored time>"
+            if stored is not None:
+                return f"<{value!r}: not the stored time, {stored!r}>"
+        return f"<{value!r}: no such stored item>"
+
+    def text(self, line: str, node: str | None = None) -> str:
+        """A shown line (or a refusal's reason) with Unix times and addresses replaced.
+
+        With ``node`` (a line it showed, in a trace with commits), a time prefix is
+        replaced only when it is, as ``screen.time_prefix`` writes it, the time of a
+        stored message that node received; any other is left as it is (and differs)."""
+        if node is not None and self.strict_times:
+            for prefix in self.prefixes.get(node, ()):
+                if line.startswith(prefix):
+                    line = "({time}) " + line[len(prefix) :]
+                    break
+        else:
+            line = _TIME_PREFIX.sub("({time}) ", line)
         return _ADDRESS.sub(lambda match: "<" + self.address(match.group(0)) + ">", line)
+
+    def change(self, record: Any, at: float) -> dict[str, Any]:
+        """A change of a ``commit`` event (at ``at`` seconds into the trace), normalised."""
+        if isinstance(record, ClientPut):
+            return {
+                "op": "client", "name": record.name, "address": self.address(record.address),
+                "key": record.key, "sid": "<sid>" if record.sid else "",
+                "presence": record.presence.value,
+            }  # fmt: skip
+        if isinstance(record, ClientDropped):
+            return {"op": "client_removed", "name": record.name}
+        if isinstance(record, ItemStored):
+            item = self._stored_item(record.item)
+            lag = record.item.stored_at - (self.started + at)
+            item["stored_at"] = "<now>" if abs(lag) <= STORED_AT_SLACK else f"<now {lag:+.3f} s>"
+            return {"op": "stored", "to": record.to, "item": item}
+        if isinstance(record, ItemsDeleted):
+            return {
+                "op": "deleted",
+                "to": record.to,
+                "seqs": [[s.origin, s.n] for s in record.seqs],
+            }
+        if isinstance(record, KeyPinned):
+            return {"op": "pinned", "server": self.address(record.server), "key": "<server key>"}
+        if isinstance(record, Marked):
+            return {"op": "marked", "server_key": "<server key>", "marks": record.marks}
+        return {"op": "?"}
+
+    def _stored_item(self, item: StoredItem) -> dict[str, Any]:
+        """A stored item of a commit or a restore: its place (origin, n) compared as it is."""
+        return {**self._item(msgspec.to_builtins(item), ""), "seq": [item.seq.origin, item.seq.n]}
+
+    def restore(self, event: Restored) -> dict[str, Any]:
+        """What a server read from its database at a start, as compared: its clients in the
+        order it read them, its stored messages oldest first."""
+        return {
+            "server_key": event.server_key,
+            "origin": event.origin,
+            "last_n": event.last_n,
+            "clients": [
+                [
+                    name,
+                    self.address(fmt_addr((ip, port))),
+                    key,
+                    "<sid>" if sid else "",
+                    getattr(presence, "value", presence),
+                ]
+                for name, ip, port, key, sid, presence in event.clients
+            ],
+            "mailbox": {
+                to: [
+                    {
+                        **self._item(msgspec.to_builtins(item), ""),
+                        "seq": [item.seq.origin, item.seq.n],
+                    }
+                    for item in items
+                ]
+                for to, items in event.mailbox.items()
+            },
+        }
+
+    def commit(self, event: Commit) -> dict[str, Any]:
+        """A ``commit`` event as compared: what it wrote, and what it was the effect of."""
+        return {
+            "after": self.commit_causes.get(event.seq, event.cause),
+            "changes": [self.change(record, event.t) for record in event.changes],
+        }
 
 
 def _ids_in(msg: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ import difflib
 import json
 from typing import Any
 
-from chatapp.trace import Event, Recv, Send
+from chatapp.trace import Event, Recv, Send, Trace
 
 from .compare import Comparison, Divergence, Item, normalised
 from .describe import describe
@@ -62,31 +62,11 @@ def _event_line(event: Event, names: Normaliser) -> str:
 
 
 def report(comparison: Comparison, *, limit: int = 5) -> str:
-    lines: list[str] = []
     first = comparison.divergences[0]
     key = first.stream
-    lines.append(f"First divergence: {key} (item {first.index + 1} of that stream)")
+    lines = [f"First divergence: {key} (item {first.index + 1} of that stream)"]
     lines.append(f"  {first.reason}")
-    if first.recorded is not None:
-        lines.append(f"  recorded ({_where(first.recorded)}): {render_value(first.recorded)}")
-    else:
-        lines.append("  recorded: (nothing more)")
-    if first.replayed is not None:
-        lines.append(f"  replay   ({_where(first.replayed)}): {render_value(first.replayed)}")
-    else:
-        lines.append("  replay:   (nothing more)")
-    if (
-        first.recorded is not None
-        and first.replayed is not None
-        and isinstance(first.recorded.value, dict)
-    ):
-        same, different = field_report(first.recorded.value, first.replayed.value)
-        if different:
-            if same:
-                lines.append(f"  fields that match: {', '.join(same)}")
-            lines.append("  fields that differ:")
-            lines += [f"    {entry}" for entry in different]
-
+    lines += _first_values(comparison, first)
     lines.append("")
     lines.append(f"Context at {key.node}:")
     lines += _context(comparison, first)
@@ -95,20 +75,133 @@ def report(comparison: Comparison, *, limit: int = 5) -> str:
     if candidates:
         lines.append("")
         lines += candidates
-
-    if len(comparison.divergences) > 1:
-        lines.append("")
-        lines.append(
-            f"{len(comparison.divergences)} streams diverge in all; the first"
-            f" {min(limit, len(comparison.divergences))}:"
-        )
-        for divergence in comparison.divergences[:limit]:
-            at = divergence.recorded or divergence.replayed
-            where = f" at {_where(at)}" if at else ""
-            lines.append(
-                f"  - {divergence.stream}, item {divergence.index + 1}{where}: {divergence.reason}"
-            )
+    lines.append("")
+    lines += _all_divergences(comparison, limit)
+    lines.append("")
+    lines += accept_hint(comparison.recorded)
     return "\n".join(lines)
+
+
+def _first_values(comparison: Comparison, first: Divergence) -> list[str]:
+    """The recorded and the replayed event, and where they differ (marked with ``^``)."""
+    lines = []
+    old, new = first.recorded, first.replayed
+    if old is not None:
+        where = where_recorded(comparison.recorded, old.event)
+        lines.append(f"  recorded ({where}): {render_value(old)}")
+    else:
+        lines.append("  recorded: (nothing more)")
+    if new is not None:
+        lines.append(f"  replay   ({_where(new)}): {render_value(new)}")
+    else:
+        lines.append("  replay:   (nothing more)")
+    if old is None or new is None or old.value == new.value:
+        return lines
+    if isinstance(old.value, str) and isinstance(new.value, str):
+        lines += marked_difference(old.value, new.value, "    ")
+    elif isinstance(old.value, dict) and isinstance(new.value, dict):
+        same, _ = field_report(old.value, new.value)
+        if same:
+            lines.append(f"  fields that match: {', '.join(same)}")
+        lines.append("  fields that differ:")
+        for name in different_fields(old.value, new.value):
+            lines.append(f"    {name}:")
+            lines += marked_difference(
+                _full(old.value.get(name, "(none)")), _full(new.value.get(name, "(none)")), "      "
+            )
+    return lines
+
+
+def _full(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def different_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [
+        key
+        for key in dict.fromkeys([*old, *new])
+        if old.get(key, _MISSING) != new.get(key, _MISSING)
+    ]
+
+
+#: Characters of a long text shown around the first difference.
+_CONTEXT_CHARS = 48
+
+
+def marked_difference(old: str, new: str, indent: str) -> list[str]:
+    """Two texts one above the other, recorded (``-``) then replayed (``+``), with a ``^``
+    under the first character where they differ (as pytest and difflib mark it); a long
+    text is cut to the part around it."""
+    at = next(
+        (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+        min(len(old), len(new)),
+    )
+    start = max(0, at - _CONTEXT_CHARS)
+    cut = "..." if start else ""
+    end = at + _CONTEXT_CHARS
+
+    def shown(text: str) -> str:
+        return cut + text[start:end] + ("..." if len(text) > end else "")
+
+    return [
+        f"{indent}- {shown(old)}",
+        f"{indent}+ {shown(new)}",
+        f"{indent}  {' ' * (len(cut) + at - start)}^",
+    ]
+
+
+def where_recorded(trace: Trace, event: Event) -> str:
+    """``traces/test1.jsonl:57, seq 56, t=0.503``: the file and line of a recorded event."""
+    line = trace.lines.get(event.seq)
+    place = f"{trace.path}:{line}, " if trace.path and line is not None else ""
+    return f"{place}seq {event.seq}, t={event.t:.3f}"
+
+
+def _all_divergences(comparison: Comparison, limit: int) -> list[str]:
+    """How many divergences there are in all (each stream compared to its end), and the
+    first of each stream."""
+    divergences = comparison.divergences
+    total = sum(divergence.count for divergence in divergences)
+    if total == 1:
+        return ["1 divergence in all: this one."]
+    lines = [
+        f"{total} divergences in all, in {len(divergences)}"
+        f" stream{'s' if len(divergences) > 1 else ''}: this one and"
+        f" {total - 1} more. The first of each stream"
+        + (f" (the first {limit} streams):" if len(divergences) > limit else ":")
+    ]
+    for divergence in divergences[:limit]:
+        at = divergence.recorded or divergence.replayed
+        where = ""
+        if divergence.recorded is not None:
+            where = f" at {where_recorded(comparison.recorded, divergence.recorded.event)}"
+        elif at is not None:
+            where = f" at replay {_where(at)}"
+        more = f" ({divergence.count} in this stream)" if divergence.count > 1 else ""
+        lines.append(
+            f"  - {divergence.stream}, item {divergence.index + 1}{where}:"
+            f" {divergence.reason}{more}"
+        )
+    return lines
+
+
+def accept_hint(recorded: Trace) -> list[str]:
+    """How to accept the change if it is intended: record the trace again."""
+    trace = recorded.path or "TRACE"
+    if recorded.header.scenario:
+        command = (
+            f"chat-replay record {recorded.header.scenario} -o {trace}"
+            + (" --virtual" if recorded.header.clock == "virtual" else "")
+            + " --check-stable 20"
+        )
+        return [
+            "If the change is intended, record the trace again and review its diff:",
+            f"  {command}",
+        ]
+    return [
+        "If the change is intended, record the run again (chatapp serve/join --trace FILE,"
+        f" as {trace} was) and review its diff.",
+    ]
 
 
 def _context(comparison: Comparison, first: Divergence) -> list[str]:

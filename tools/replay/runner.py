@@ -19,11 +19,12 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import trio.testing
 
+from chatapp.argv import options_from_argv
 from chatapp.launch import (
     ClientOptions,
     Options,
@@ -36,6 +37,7 @@ from chatapp.node import Input, Node
 from chatapp.protocol.crypto import Identity, unb64
 from chatapp.protocol.waits import longest_wait
 from chatapp.testing import CapturedScreen, Faults, MemoryNetwork
+from chatapp.testing.determinism import deterministic_scheduling
 from chatapp.testing.stores import InlineSqliteStore
 from chatapp.trace import (
     Event,
@@ -51,19 +53,23 @@ from chatapp.trace import (
 from chatapp.trace import (
     Input as Typed,
 )
+from chatapp.typer_support import UsageError, usage_error_line
 from chatapp.wire import Address, fmt_addr
 
 from .normalise import Normaliser
 from .plan import (
     Action,
     Counting,
+    ReplayError,
     ReplayOptions,
     check_replayable,
     make_plan,
     recorded_transit,
 )
 from .puppets import LiveKeys, Puppet, Rewriter
-from .starts import client_start, mailbox_limit, recorded_faults, restored_store
+from .starts import client_start, recorded_faults, restored_store
+
+OptionsT = TypeVar("OptionsT", ServerOptions, ClientOptions)
 
 
 class Progress:
@@ -200,19 +206,24 @@ class Runner:
         # pins) goes to a temporary directory, never to the user's.
         with tempfile.TemporaryDirectory(prefix="chat-replay-") as state_dir:
             self._state_dir = state_dir
-            async with trio.open_nursery() as nursery:
-                if self.options.node is not None:
-                    for name in self.nodes:
-                        if name != self.options.node:
-                            await self._start_puppet(nursery, name)
-                for action in self.plan:
-                    await self._pace(action)
-                    await self._carry_out(nursery, action)
-                    self.done_at[action.event.seq] = trio.current_time()
-                self._stop_all()
-                nursery.cancel_scope.cancel()
-            for store in self.stores.values():
-                store.close()
+            try:
+                return await self._run_plan()
+            finally:
+                for store in self.stores.values():
+                    store.close()
+
+    async def _run_plan(self) -> Trace:
+        async with trio.open_nursery() as nursery:
+            if self.options.node is not None:
+                for name in self.nodes:
+                    if name != self.options.node:
+                        await self._start_puppet(nursery, name)
+            for action in self.plan:
+                await self._pace(action)
+                await self._carry_out(nursery, action)
+                self.done_at[action.event.seq] = trio.current_time()
+            self._stop_all()
+            nursery.cancel_scope.cancel()
         return self.trace()
 
     # --- pacing ----------------------------------------------------------------------
@@ -296,18 +307,17 @@ class Runner:
         epoch = self._recorded_epoch(started)
         name = started.node
         host, port = self._listen_at(name, started.local)
-        options = ServerOptions(
-            port,
+        options = dataclasses.replace(
+            self._options_of(started, ServerOptions),
+            port=port,
             host=host,
-            timers=self.timers,
+            db=":memory:",
+            trace=None,
             name=name,
             epoch=epoch,
-            wall_offset=self.recorded.header.started,
+            wall_offset=self._recorder.wall_offset,
             entropy_seed=unb64(started.seed) if started.seed else None,
-            mailbox_limit=mailbox_limit(started.argv),
         )
-        # The recorded server's database as it started (its key included), in memory (a
-        # real database would need a worker thread, which virtual time must not wait on).
         # A restart goes on from the database the replayed server left (as the recorded
         # one did from its own); a first start from what the recording's server read.
         store = self.stores.get(name) or restored_store(restored, self._new_address)
@@ -334,13 +344,14 @@ class Runner:
         name = started.node
         host, port = self._listen_at(name, started.local)
         server = self._server_address()
-        options = ClientOptions(
-            name,
-            server[0],
-            server[1],
-            port,
+        options = dataclasses.replace(
+            self._options_of(started, ClientOptions),
+            name=name,
+            server_ip=server[0],
+            server_port=server[1],
+            port=port,
             host=host,
-            timers=self.timers,
+            trace=None,
             state_dir=self._state_dir,
             entropy_seed=unb64(started.seed) if started.seed else None,
             start_from=client_start(started),
@@ -350,6 +361,22 @@ class Runner:
         await self._launch(
             nursery, name, options, inputs=inputs, screen=CapturedScreen(), at=started.local
         )
+
+    def _options_of(self, started: Start, kind: type[OptionsT]) -> OptionsT:
+        """The options the node's recorded command line gives now, read by ``chatapp``'s
+        own command definitions (``options_from_argv``): a changed default of
+        ``chatapp serve`` or ``join`` is a changed node (the comparison of the start
+        events' settings says which). A trace that names no command line: the one that
+        starts the node where it listened."""
+        argv = started.argv or self._argv(started.node, parse_addr(started.local))
+        try:
+            options = options_from_argv(argv)
+        except UsageError as exc:
+            line = usage_error_line(exc, "chatapp")
+            raise ReplayError(f"{started.node}'s recorded command line: {line}") from None
+        if not isinstance(options, kind):
+            raise ReplayError(f"{started.node}'s recorded command line starts no {started.role}")
+        return options
 
     async def _launch(
         self,
@@ -493,5 +520,9 @@ def run_replay(recorded: Trace, options: ReplayOptions) -> tuple[Trace, Runner]:
     """Replay ``recorded``; returns the new trace and the run (for its notes)."""
     runner = Runner(recorded, options)
     clock = trio.testing.MockClock(autojump_threshold=0) if options.virtual else None
-    trace = trio.run(runner.run, clock=clock)
+    if options.virtual:
+        with deterministic_scheduling():
+            trace = trio.run(runner.run, clock=clock)
+    else:
+        trace = trio.run(runner.run, clock=clock)
     return trace, runner

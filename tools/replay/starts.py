@@ -10,13 +10,11 @@ server's from the ``restore`` event before it.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 from chatapp.launch import ClientStart
 from chatapp.protocol.changes import Change, ClientSaved, MessageStored
 from chatapp.protocol.crypto import unb64
-from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.testing.faults import FaultPlan
 from chatapp.testing.stores import InlineSqliteStore
 from chatapp.trace import Fault, Restored, Start, Trace
@@ -31,14 +29,6 @@ def client_start(started: Start) -> ClientStart | None:
         return None
     marks = {unb64(key): dict(marks) for key, marks in started.marks.items()}
     return ClientStart(unb64(started.key), unb64(started.pinned) or None, marks)
-
-
-def mailbox_limit(argv: list[str]) -> int:
-    """The ``--mailbox-limit`` a recorded server was started with (its argv)."""
-    for option, value in itertools.pairwise(argv):
-        if option == "--mailbox-limit" and value.isdigit():
-            return int(value)
-    return DEFAULT_MAILBOX_LIMIT
 
 
 def restored_store(

@@ -91,6 +91,12 @@ def merge_traces(traces: list[Trace]) -> Trace:
     )
     merged = Trace(header, events)
     merged.header.nodes = merged.nodes()
+    if len({trace.path for trace in traces}) == 1:  # the segments of one file: its lines
+        merged.lines = {
+            seq: line
+            for seq, (_, index, old_seq, _) in enumerate(timed, 1)
+            if (line := traces[index].lines.get(old_seq)) is not None
+        }
     return merged
 
 

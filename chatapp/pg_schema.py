@@ -9,6 +9,18 @@ import psycopg
 
 SCHEMA_VERSION = 3
 
+#: Several servers sharing the database: each commit's changes, announced by NOTIFY
+#: (created by version 1, dropped by 2, created again by 3).
+_CHANGELOG = """
+        CREATE TABLE changelog (
+            seq bigserial PRIMARY KEY,
+            server text NOT NULL,
+            at timestamptz NOT NULL DEFAULT now(),
+            changes bytea NOT NULL
+        );
+        CREATE INDEX changelog_by_time ON changelog (at);
+"""
+
 #: version reached -> the statements that reach it from the one before (run as one string).
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -39,14 +51,8 @@ MIGRATIONS: dict[int, str] = {
             started timestamptz NOT NULL DEFAULT now(),
             beat timestamptz NOT NULL DEFAULT now()
         );
-        CREATE TABLE changelog (
-            seq bigserial PRIMARY KEY,
-            server text NOT NULL,
-            at timestamptz NOT NULL DEFAULT now(),
-            changes bytea NOT NULL
-        );
-        CREATE INDEX changelog_by_time ON changelog (at);
-    """,
+    """
+    + _CHANGELOG,
     # Protocol 2: names bound to keys, the server's key in the database, delivery
     # streams numbered (origin, n). Protocol 1's clients had no keys (they bind one
     # when they next register); its stored messages were not signed and go.
@@ -84,15 +90,7 @@ MIGRATIONS: dict[int, str] = {
         CREATE INDEX mailbox_by_recipient ON mailbox (recipient, origin, n);
     """,
     # Several servers sharing the database: each commit's changes, announced by NOTIFY.
-    3: """
-        CREATE TABLE changelog (
-            seq bigserial PRIMARY KEY,
-            server text NOT NULL,
-            at timestamptz NOT NULL DEFAULT now(),
-            changes bytea NOT NULL
-        );
-        CREATE INDEX changelog_by_time ON changelog (at);
-    """,
+    3: _CHANGELOG,
 }
 
 #: The key of the advisory lock that one migration at a time holds.

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ParamSpec
 
+import pytest
 import trio
+from chatapp_tools.replay.cli import main as chat_replay_main
 
 from chatapp.launch import ClientOptions, ServerOptions, run_node
 from chatapp.node import Input, Node
@@ -44,6 +46,15 @@ from chatapp.wire import Address, Hello, encode
 WALL_OFFSET = 1_648_153_596.0
 
 P = ParamSpec("P")
+
+
+def chat_replay(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """``chat-replay ARGS`` in this process: its exit status and everything it printed."""
+    with pytest.raises(SystemExit) as done:
+        chat_replay_main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    code = done.value.code
+    return (code if isinstance(code, int) else 0), captured.out + captured.err
 
 
 def first_only(rule: Callable[P, bool]) -> Callable[P, bool]:

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from chatapp_tools.replay.cli import main
+from _harness import chat_replay
 from chatapp_tools.replay.compare import compare
 from chatapp_tools.replay.plan import ReplayOptions
 from chatapp_tools.replay.report import report
@@ -41,14 +41,6 @@ from chatapp.wire import StoredItem
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
-
-
-def chat_replay(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as done:
-        main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    code = done.value.code
-    return (code if isinstance(code, int) else 0), captured.out + captured.err
 
 
 def shipped(name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _harness import chat_replay
 from chatapp_tools.replay.cli import main
 from chatapp_tools.replay.traces import read_trace
 
@@ -28,14 +29,6 @@ from chatapp.wire import ChannelPost, TableDelta
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
 SEED_TESTS = ["test1", "test2", "test3"]
-
-
-def chat_replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as done:
-        main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    code = done.value.code
-    return (code if isinstance(code, int) else 0), captured.out + captured.err
 
 
 def trace_path(name: str) -> str:

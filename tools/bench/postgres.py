@@ -17,7 +17,7 @@ import contextlib
 import selectors
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -71,12 +71,22 @@ def _insert_loop(url: str, seconds: float) -> float:
         return count / (time.monotonic() - start)
 
 
-def bench_postgres(sizes: Sizes) -> list[Figure]:
+def _stacked(
+    bench: Callable[[Sizes, contextlib.ExitStack], list[Figure]],
+    sizes: Sizes,
+    missing: tuple[str, str, str],
+) -> list[Figure]:
+    """BENCH with a stack that closes what it started; without PostgreSQL's binaries,
+    the figure MISSING (key, label, unit) saying why."""
     try:
         with contextlib.ExitStack() as stack:
-            return _postgres(sizes, stack)
+            return bench(sizes, stack)
     except ServerBinariesMissing as exc:
-        return _missing("pg_saves", "PostgreSQL: saves per second", "req/s", str(exc))
+        return _missing(*missing, str(exc))
+
+
+def bench_postgres(sizes: Sizes) -> list[Figure]:
+    return _stacked(_postgres, sizes, ("pg_saves", "PostgreSQL: saves per second", "req/s"))
 
 
 def _postgres(sizes: Sizes, stack: contextlib.ExitStack) -> list[Figure]:
@@ -122,11 +132,8 @@ def _postgres(sizes: Sizes, stack: contextlib.ExitStack) -> list[Figure]:
 
 
 def bench_servers(sizes: Sizes) -> list[Figure]:
-    try:
-        with contextlib.ExitStack() as stack:
-            return _servers(sizes, stack)
-    except ServerBinariesMissing as exc:
-        return _missing("servers_registrations", "3 servers: registrations", "reg/s", str(exc))
+    missing = ("servers_registrations", "3 servers: registrations", "reg/s")
+    return _stacked(_servers, sizes, missing)
 
 
 class _Deployment:

@@ -123,18 +123,24 @@ def _verdict(status: int, output: str) -> Replayed:
     return Replayed(status, " ".join(lines[at : at + 2]))
 
 
+def _run(copy: Path, command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """COMMAND in the copy (its own environment), output captured; raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds (at least one)."""
+    return subprocess.run(
+        command,
+        cwd=copy,
+        env=environment(copy),
+        capture_output=True,
+        text=True,
+        timeout=max(timeout, 1.0),
+    )
+
+
 def replay(copy: Path, trace: str, timeout: float) -> Replayed:
     """``chat-replay TRACE`` on the copy, in a process of its own."""
     command = [sys.executable, "-m", "chatapp_tools.replay", trace]
     try:
-        done = subprocess.run(
-            command,
-            cwd=copy,
-            env=environment(copy),
-            capture_output=True,
-            text=True,
-            timeout=max(timeout, 1.0),
-        )
+        done = _run(copy, command, timeout)
     except subprocess.TimeoutExpired:
         return Replayed(-1, f"no verdict in {timeout:.0f} s")
     return _verdict(done.returncode, done.stdout + done.stderr)
@@ -149,14 +155,7 @@ def replay_batch(
     command = [sys.executable, "-m", "chatapp_tools.mutate.batch", *(["--all"] if every else []),
                *traces]  # fmt: skip
     try:
-        done = subprocess.run(
-            command,
-            cwd=copy,
-            env=environment(copy),
-            capture_output=True,
-            text=True,
-            timeout=max(timeout, 1.0),
-        )
+        done = _run(copy, command, timeout)
         stdout, stderr, ran_out = done.stdout, done.stderr, False
     except subprocess.TimeoutExpired as exc:
         stdout, stderr, ran_out = _text(exc.stdout), _text(exc.stderr), True

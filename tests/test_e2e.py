@@ -25,6 +25,7 @@ from typing import IO
 import pexpect
 import pytest
 from _harness import (
+    TEST_1_SCREENS,
     chatapp_command,
     chatapp_env,
     free_udp_ports,
@@ -260,65 +261,8 @@ def test_seed_test_1(start: Start) -> None:
         assert client.exit_status() == 0
     stop_server(server)
 
-    assert_screen(
-        x,
-        """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> send user2 hello nice to meet you.
->>> [Message has been received by user2.]
->>> send user3 hi!
->>> [Message has been received by user3.]
->>> user2 : hello, nice to meet you, too!
->>> user3 : hi~
->>> dereg user1
->>> [You are now offline. Bye.]
->>> reg user1
->>> [You have message]
->>> ({time}) user2 : hello?
->>> ({time}) user3 : are you still there?
->>> [Client Table Updated]
->>> Caught keyboard interrupt. Exiting
-""",
-    )
-    assert_screen(
-        y,
-        """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> user1 : hello nice to meet you.
->>> send user1 hello, nice to meet you, too!
->>> [Message has been received by user1.]
->>> send user3 hello
->>> [Message has been received by user3.]
->>> user3 : hello!
->>> [Client Table Updated]
->>> send user1 hello?
->>> [No ACK from user1, message sent to server.]
->>> [Messages received by the server and saved.]
->>> [Client Table Updated]
->>> Caught keyboard interrupt. Exiting
-""",
-    )
-    assert_screen(
-        z,
-        """
->>> [Client Table Updated]
->>> user1 : hi!
->>> user2 : hello
->>> send user1 hi~
->>> [Message has been received by user1.]
->>> send user2 hello!
->>> [Message has been received by user2.]
->>> [Client Table Updated]
->>> send user1 are you still there?
->>> [No ACK from user1, message sent to server.]
->>> [Messages received by the server and saved.]
->>> [Client Table Updated]
->>> Caught keyboard interrupt. Exiting
-""",
-    )
+    for name, client in (("user1", x), ("user2", y), ("user3", z)):
+        assert_screen(client, TEST_1_SCREENS[name] + f">>> {INTERRUPTED}\n")
     assert_seed_lines(1, {"user1": x, "user2": y, "user3": z})
     stored = [float(line[1:].split(")")[0]) for line in x.shown_lines() if line.startswith("(")]
     assert len(stored) == 2 and stored[0] <= stored[1] and abs(stored[1] - time.time()) < 60

@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 
 import pytest
-from _harness import free_udp_ports, join_args, serve_args
+from _harness import TEST_1_SCREENS, free_udp_ports, join_args, serve_args
 from test_e2e import (
     INTERRUPTED,
     TABLE,
@@ -83,57 +83,6 @@ class Cluster:
 
 
 # --- the seed's Test 1 ---------------------------------------------------------------------
-
-#: Each client's screen in the seed's Test 1 up to the end (Ctrl-C), line for line.
-TEST_1_SCREENS = {
-    "user1": """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> send user2 hello nice to meet you.
->>> [Message has been received by user2.]
->>> send user3 hi!
->>> [Message has been received by user3.]
->>> user2 : hello, nice to meet you, too!
->>> user3 : hi~
->>> dereg user1
->>> [You are now offline. Bye.]
->>> reg user1
->>> [You have message]
->>> ({time}) user2 : hello?
->>> ({time}) user3 : are you still there?
->>> [Client Table Updated]
-""",
-    "user2": """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> user1 : hello nice to meet you.
->>> send user1 hello, nice to meet you, too!
->>> [Message has been received by user1.]
->>> send user3 hello
->>> [Message has been received by user3.]
->>> user3 : hello!
->>> [Client Table Updated]
->>> send user1 hello?
->>> [No ACK from user1, message sent to server.]
->>> [Messages received by the server and saved.]
->>> [Client Table Updated]
-""",
-    "user3": """
->>> [Client Table Updated]
->>> user1 : hi!
->>> user2 : hello
->>> send user1 hi~
->>> [Message has been received by user1.]
->>> send user2 hello!
->>> [Message has been received by user2.]
->>> [Client Table Updated]
->>> send user1 are you still there?
->>> [No ACK from user1, message sent to server.]
->>> [Messages received by the server and saved.]
->>> [Client Table Updated]
-""",
-}
 
 
 def play_seed_test_1(

@@ -184,7 +184,7 @@ def _serve_options(text: str, where: str) -> tuple[int, int | None]:
     return found.get("--mailbox-limit", DEFAULT_MAILBOX_LIMIT), found.get("--join-limit")
 
 
-def _attack_args(text: str, where: str) -> tuple[str, list[int]]:
+def _attack_args(text: str, where: str) -> tuple[str, list[str]]:
     try:
         return attack_args(text, where)
     except ValueError as exc:
@@ -454,14 +454,17 @@ class Cluster:
         """An attacker node (role ``raw``) sends what the step names."""
         if self.server_addr is None:
             raise ScenarioError(f"line {step.line_no}: attack before serve")
-        kind, numbers = _attack_args(step.text, f"line {step.line_no}")
+        kind, words = _attack_args(step.text, f"line {step.line_no}")
         attacker = self.attackers.get(step.node)
         if attacker is None:
             attacker = await Attacker.open(step.node, self.network, self.host, self.recorder)
             self.attackers[step.node] = attacker
             self.faults.learn(attacker.endpoint.local_address, step.node)
             self._nursery.start_soon(attacker.receive_loop)
-        await attacker.play(kind, numbers, self.server_addr)
+        try:
+            await attacker.play(kind, words, self.server_addr)
+        except (ValueError, trio.TooSlowError) as exc:
+            raise ScenarioError(f"line {step.line_no}: {step} failed: {exc!r}") from None
 
     def _client(self, step: Step) -> ClientHandle:
         try:

@@ -21,6 +21,9 @@ them. The attacks, and what each models:
     a ``reg`` from a client that is online: answered, nothing stored or logged.
 ``attack NAME badsig``
     a channel message whose signature has a byte flipped: not posted.
+``attack NAME chat-tag TO``
+    a direct message to TO, boxed for it, but tagged with a session id TO does not
+    have (as a message sealed for another session): not shown.
 ``attack NAME save-as OTHER TO``
     a ``save`` to TO whose peer datagram names OTHER as its sender (sealed with a
     key the attacker made up): not stored, not relayed.
@@ -42,6 +45,7 @@ from chatapp.wire import (
     Challenge,
     ChannelDelivery,
     ChannelPost,
+    Chat,
     Deregister,
     Hello,
     Mailbox,
@@ -54,12 +58,15 @@ from chatapp.wire import (
     SaveMessage,
     Table,
     TableDelta,
+    TableEntry,
     WireError,
     encode,
 )
 
 #: The attacks an ``attack`` step names, and the words each takes after its kind.
-ATTACKS = {"hellos": 1, "register": 0, "dereg": 1, "reg": 0, "badsig": 0, "save-as": 2}
+ATTACKS = {
+    "hellos": 1, "register": 0, "dereg": 1, "reg": 0, "badsig": 0, "save-as": 2, "chat-tag": 1,
+}  # fmt: skip
 RAW = "raw"
 #: How long ``attack NAME register`` waits for the server's answer.
 REGISTER_WAIT = 5.0
@@ -88,6 +95,7 @@ class Attacker:
         self.server: Address = ("127.0.0.1", 0)
         self.client: RawClient | None = None  # once it registers
         self.registered = trio.Event()
+        self.peers: dict[str, Address] = {}  # where each client is, from the tables
 
     @classmethod
     async def open(cls, name: str, network: Network, host: str, recorder: Recorder) -> Attacker:
@@ -129,6 +137,9 @@ class Attacker:
             client.codec.session = Session(message.sid, message.session_key)
             self.registered.set()
         elif isinstance(message, Table | TableDelta):
+            for entry in message.entries:
+                if isinstance(entry, TableEntry):
+                    self.peers[entry.name] = (entry.ip, entry.port)
             await self.send(client.table_ack(message), None)
         elif isinstance(message, ChannelDelivery | Relay | Mailbox | NotStored):
             await self.send(client.ack(message.id), None)
@@ -150,6 +161,8 @@ class Attacker:
             await self.register()
         elif self.client is None:
             raise ValueError(f"{self.name} must register before {kind}")
+        elif kind == "chat-tag":
+            await self.chat_wrong_tag(words[0], self.client)
         else:
             await self.sealed(self._forged(kind, words, self.client))
 
@@ -167,6 +180,11 @@ class Attacker:
         made_up = Identity.generate().sign(CHANNEL_DOMAIN, b"key")[:32]
         sealed = seal_peer_bytes(made_up, client.entropy.token_bytes(24), other, b"{}")
         return SaveMessage(msg_id, to, sealed)
+
+    async def chat_wrong_tag(self, to: str, client: RawClient) -> None:
+        """A direct message to ``to`` sealed for a session it does not have."""
+        chat = Chat(client.new_id(), "forged tag", client.entropy.token_bytes(8))
+        await self.send(client.codec.to_peer(client.keys[to], chat), chat, self.peers[to])
 
     async def hellos(self, count: int) -> None:
         port = self.endpoint.local_address[1]

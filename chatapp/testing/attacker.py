@@ -31,10 +31,14 @@ them. The attacks, and what each models:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import msgspec
 import trio
 
 from chatapp.net import Endpoint, Network
+from chatapp.protocol.admission import Limits
 from chatapp.protocol.common import Received
 from chatapp.protocol.crypto import CHANNEL_DOMAIN, Identity
 from chatapp.protocol.sealing import PLAIN_KIND, Session, decode_plain, seal_peer_bytes
@@ -70,6 +74,17 @@ ATTACKS = {
 RAW = "raw"
 #: How long ``attack NAME register`` waits for the server's answer.
 REGISTER_WAIT = 5.0
+
+
+def join_limits(joins: int | None) -> Limits:
+    """The admission limits of ``chatapp serve --join-limit N`` (the default without)."""
+    if joins is None:
+        return Limits()
+    return dataclasses.replace(
+        Limits(),
+        handshakes_per_ip_rate=joins * 2 / 60 or math.inf,
+        handshakes_per_ip_burst=joins * 2 or math.inf,
+    )
 
 
 def attack_args(text: str, where: str) -> tuple[str, list[str]]:
@@ -153,7 +168,9 @@ class Attacker:
         assert self.client is not None
         await self.send(self.client.seal(message), message)
 
-    async def play(self, kind: str, words: list[str], server: Address) -> None:
+    async def play(self, kind: str, words: list[str], server: Address | None) -> None:
+        if server is None:
+            raise ValueError("attack before serve")
         self.server = server
         if kind == "hellos":
             await self.hellos(int(words[0]))

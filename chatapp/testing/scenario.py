@@ -3,8 +3,7 @@
 A scenario is a small text file, one step per line (``#`` starts a comment)::
 
     serve                          start the server (``serve --mailbox-limit 2``: with
-                                   room for 2 stored messages per client;
-                                   ``--join-limit 2``: 2 registrations at once per IP)
+                                   room for 2 stored messages per client; ``--join-limit``)
     join user1                     start a client (ports are picked for you)
     type user1 send user2 hello    type a line at user1's prompt
     expect user1 [Client Table Updated]
@@ -26,8 +25,7 @@ A scenario is a small text file, one step per line (``#`` starts a comment)::
     delay user1 -> server save 0.7 the next save from user1 goes 0.7 s late
     faults 0.1 0.05 7              from now on lose 10 %, duplicate 5 % of all datagrams
                                    (chosen by a generator seeded with 7)
-    attack mallory hellos 6        an attacker node (role ``raw``) sends 6 hellos at
-                                   once (``chatapp.testing.attacker``: the attacks)
+    attack mallory hellos 6        an attacker (``chatapp.testing.attacker``) sends 6 hellos
 
 The fault steps take ``*`` for any node, peer or message type and an optional
 count (``drop user1 -> server * 3``: the next 3 datagrams of any type); the
@@ -42,8 +40,6 @@ scenarios this way.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -55,12 +51,11 @@ import trio
 from chatapp.launch import ClientOptions, ServerOptions, run_node
 from chatapp.net import Network
 from chatapp.node import Input, Node
-from chatapp.protocol.admission import Limits
 from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import Signal
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.store import MemoryStore, Store
-from chatapp.testing.attacker import Attacker, attack_args
+from chatapp.testing.attacker import Attacker, attack_args, join_limits
 from chatapp.testing.faults import FaultKind, FaultPlan
 from chatapp.testing.screen import CapturedScreen
 from chatapp.testing.seed import line_matches
@@ -167,9 +162,7 @@ def _fault_args(kind: str, text: str, where: str) -> FaultArgs:
 
 
 def _serve_options(text: str, where: str) -> tuple[int, int | None]:
-    """``serve``'s options: ``--mailbox-limit N`` and ``--join-limit N`` (registrations at
-    once from one IP), each optional: the mailbox limit, and the join limit (None: the
-    default)."""
+    """``serve``'s ``--mailbox-limit N`` and ``--join-limit N`` (None: the default)."""
     words = text.split()
     found: dict[str, int] = {}
     while len(words) >= 2 and words[0] in ("--mailbox-limit", "--join-limit"):
@@ -189,17 +182,6 @@ def _attack_args(text: str, where: str) -> tuple[str, list[str]]:
         return attack_args(text, where)
     except ValueError as exc:
         raise ScenarioError(str(exc)) from None
-
-
-def _join_limits(joins: int | None) -> Limits:
-    """The admission limits of ``chatapp serve --join-limit N`` (the default without)."""
-    if joins is None:
-        return Limits()
-    return dataclasses.replace(
-        Limits(),
-        handshakes_per_ip_rate=joins * 2 / 60 or math.inf,
-        handshakes_per_ip_burst=joins * 2 or math.inf,
-    )
 
 
 def load_scenario(path: str | Path) -> list[Step]:
@@ -284,7 +266,7 @@ class Cluster:
             epoch=self._epoch,
             wall_offset=self._wall_offset,
             mailbox_limit=mailbox_limit,
-            limits=_join_limits(joins),
+            limits=join_limits(joins),
         )
         self._server_done = trio.Event()
         node = await self._nursery.start(self._run_server, options, self._server_done)
@@ -452,17 +434,14 @@ class Cluster:
 
     async def _attack(self, step: Step) -> None:
         """An attacker node (role ``raw``) sends what the step names."""
-        if self.server_addr is None:
-            raise ScenarioError(f"line {step.line_no}: attack before serve")
         kind, words = _attack_args(step.text, f"line {step.line_no}")
-        attacker = self.attackers.get(step.node)
-        if attacker is None:
+        if step.node not in self.attackers:
             attacker = await Attacker.open(step.node, self.network, self.host, self.recorder)
             self.attackers[step.node] = attacker
             self.faults.learn(attacker.endpoint.local_address, step.node)
             self._nursery.start_soon(attacker.receive_loop)
         try:
-            await attacker.play(kind, words, self.server_addr)
+            await self.attackers[step.node].play(kind, words, self.server_addr)
         except (ValueError, trio.TooSlowError) as exc:
             raise ScenarioError(f"line {step.line_no}: {step} failed: {exc!r}") from None
 

@@ -19,6 +19,8 @@ them. The attacks, and what each models:
     a registered client asks to deregister another name: refused.
 ``attack NAME reg``
     a ``reg`` from a client that is online: answered, nothing stored or logged.
+``attack NAME reg-as OTHER``
+    a ``reg`` of another name: refused.
 ``attack NAME badsig``
     a channel message whose signature has a byte flipped: not posted.
 ``attack NAME chat-tag TO``
@@ -69,7 +71,8 @@ from chatapp.wire import (
 
 #: The attacks an ``attack`` step names, and the words each takes after its kind.
 ATTACKS = {
-    "hellos": 1, "register": 0, "dereg": 1, "reg": 0, "badsig": 0, "save-as": 2, "chat-tag": 1,
+    "hellos": 1, "register": 0, "dereg": 1, "reg": 0, "reg-as": 1, "badsig": 0,
+    "save-as": 2, "chat-tag": 1,
 }  # fmt: skip
 RAW = "raw"
 #: How long ``attack NAME register`` waits for the server's answer.
@@ -187,8 +190,8 @@ class Attacker:
         msg_id = client.new_id()
         if kind == "dereg":
             return Deregister(msg_id, words[0])
-        if kind == "reg":
-            return Reregister(msg_id, self.name)
+        if kind in ("reg", "reg-as"):
+            return Reregister(msg_id, words[0] if words else self.name)
         if kind == "badsig":
             text = "forged"
             sig = client.identity.sign(CHANNEL_DOMAIN, self.name.encode(), msg_id.encode(), b"x")

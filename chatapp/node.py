@@ -136,6 +136,7 @@ class Node:
         #: Datagrams read and admitted, not yet handled.
         self._queued: collections.deque[tuple[bytes, Address]] = collections.deque()
         self._store_trouble: str | None = None  # why the last commit failed, if it did
+        self._store_unread: str | None = None  # why the read after it failed, if it did
         self._trace_failure_said = False
         self._can_shut_out = True
         self._timer = trio.CancelScope()  # the timer task sleeps in it until its deadline
@@ -367,7 +368,9 @@ class Node:
         """After a failed commit: none of the handling's effects leave, and the state
         machine goes back to what its disk holds (a server's database; a client's state
         file, whose marks it remembers). A store across a network (PostgreSQL) is read
-        without blocking the loop (its ``load_async``)."""
+        without blocking the loop (its ``load_async``); one that cannot be read either
+        gives what the server knows it holds (its ``held``: the server goes on), a local
+        file that cannot be read stops the server."""
         protocol = self.protocol
         if isinstance(protocol, ClientProtocol):
             return protocol.rollback(trio.current_time())
@@ -376,9 +379,19 @@ class Node:
         try:
             disk = await load_async() if load_async is not None else store.load()
         except Exception as exc:  # a database that can be neither written nor read
-            self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
-            self.stop()
-            return []
+            held: Callable[[], ServerDisk] | None = getattr(store, "held", None)
+            if held is None:  # a local file: the disk itself is failing
+                self.log(Log(f"cannot read the database either ({exc}): stopping", "warning", True))
+                self.stop()
+                return []
+            # A database across a network that does not answer: back to what this server
+            # knows it holds; the server goes on, refusing what it cannot store.
+            line = f"cannot read the database either ({exc}): back to what it held last"
+            self.log(Log(line, "warning", summary=str(exc) != self._store_unread))
+            self._store_unread = str(exc)
+            disk = held()
+        else:
+            self._store_unread = None
         return protocol.rollback(disk, trio.current_time())
 
     async def _send(self, effect: Send) -> None:

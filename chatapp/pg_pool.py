@@ -11,8 +11,10 @@ without blocking (it also yields what psycopg read while LISTEN itself ran).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -78,4 +80,47 @@ async def listen(
         conn.close()
 
 
-__all__ = ["connect", "listen"]
+T = TypeVar("T")
+
+
+class Reconnecting:
+    """One connection, used by one worker thread at a time; made again when broken."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: psycopg.Connection[Any] | None = None
+        self.guard = threading.Lock()
+
+    def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in one transaction (blocking: call it in a worker thread).
+
+        A connection that fails at ``BEGIN`` (the database ended it while it was idle: a
+        restart, a failover, ``pg_terminate_backend``) is replaced and the transaction
+        runs on a new one: nothing of it had reached the database. A failure after
+        ``BEGIN`` is the caller's (the commit is refused; nothing is run twice)."""
+        with self.guard, contextlib.ExitStack() as stack:
+            conn = self._usable()
+            try:
+                stack.enter_context(conn.transaction())
+            except psycopg.OperationalError:
+                conn.close()
+                conn = self._usable()
+                stack.enter_context(conn.transaction())
+            return fn(conn, *args)
+
+    def _usable(self) -> psycopg.Connection[Any]:
+        """The connection, or a new one if it is closed or known broken."""
+        conn = self.conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            self.conn = conn = connect(self.url)
+        return conn
+
+    def close(self) -> None:
+        with self.guard:
+            if self.conn is not None:
+                self.conn.close()
+
+
+__all__ = ["Reconnecting", "connect", "listen"]

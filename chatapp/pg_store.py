@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -39,7 +38,7 @@ import msgspec
 import psycopg
 import trio
 
-from chatapp.pg_pool import connect
+from chatapp.pg_pool import Reconnecting
 from chatapp.pg_schema import MIGRATIONS, SCHEMA_VERSION, StoreError, migrate
 from chatapp.protocol.changes import (
     Change,
@@ -52,7 +51,7 @@ from chatapp.protocol.changes import (
     apply_changes,
 )
 from chatapp.protocol.crypto import Identity
-from chatapp.store import ServerDisk, checked_row, new_origin, stored_item
+from chatapp.store import MemoryStore, ServerDisk, checked_row, new_origin, stored_item
 from chatapp.wire import Name, Port
 
 #: The channel every server LISTENs on; a payload is ``SERVER SEQ`` (a row of changelog).
@@ -70,6 +69,13 @@ class NameTaken(psycopg.DatabaseError):
     """A commit would have bound a name that the database binds to another key (two
     servers registering one name at once: the first commit wins, this one is rolled
     back, and the client, registering again, is told the name belongs to another key)."""
+
+
+class Superseded(psycopg.DatabaseError):
+    """A commit would have marked offline (or deregistered) a client that registered
+    again meanwhile, here or at another server (a server's "did not come back" after a
+    restart or a sweep, racing the client's registration elsewhere): rolled back, and
+    the server reads what the database holds."""
 
 
 def server_id(port: int) -> str:
@@ -191,29 +197,35 @@ def decode_changes(data: bytes) -> list[Change]:
 T = TypeVar("T")
 
 
-class _Connection:
-    """One connection, used by one worker thread at a time; made again when broken."""
+class _Held:
+    """What this server knows the database holds: what it read last, with every commit
+    since (its own, its sweeps', the other servers' it was notified of) applied, each
+    client with whether another server serves it. A failed commit while the database
+    cannot be read either rolls back to this (the listener reads the tables again when
+    the database answers)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.conn: psycopg.Connection[Any] | None = None
-        self.guard = threading.Lock()
+    def __init__(self, disk: ServerDisk, me: str) -> None:
+        self.me = me
+        self.store = MemoryStore(key=disk.key, origin=disk.origin, last_n=disk.last_n)
+        self.elsewhere = set(disk.elsewhere)
+        apply_changes([ClientSaved.of(record) for record in disk.clients], self.store)
+        for recipient, items in disk.mailbox.items():
+            apply_changes([MessageStored(recipient, item) for item in items], self.store)
 
-    def transaction(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(conn, *args)`` in one transaction (blocking: call it in a worker thread)."""
-        with self.guard:
-            conn = self.conn
-            if conn is None or conn.closed or conn.broken:
-                if conn is not None:
-                    conn.close()
-                self.conn = conn = connect(self.url)
-            with conn.transaction():
-                return fn(conn, *args)
+    def take(self, changes: list[Change], server: str | None) -> None:
+        """``changes`` as committed by ``server`` (None: a sweep, the clients homeless)."""
+        apply_changes(changes, self.store)
+        for change in changes:
+            if isinstance(change, ClientSaved) and server != self.me:
+                self.elsewhere.add(change.name)
+            elif isinstance(change, ClientSaved | ClientRemoved):
+                self.elsewhere.discard(change.name)
 
-    def close(self) -> None:
-        with self.guard:
-            if self.conn is not None:
-                self.conn.close()
+    def disk(self) -> ServerDisk:
+        disk = self.store.load()
+        names = {record.name for record in disk.clients}
+        disk.elsewhere = frozenset(self.elsewhere & names)
+        return disk
 
 
 class PgStore:
@@ -225,9 +237,10 @@ class PgStore:
         """Not connected yet: ``open`` connects, migrates and reads."""
         self.url = url
         self.me = me
-        self._commits = _Connection(url)  # the node's commits
-        self._link = _Connection(url)  # the link's reads, heartbeats and sweeps
+        self._commits = Reconnecting(url)  # the node's commits
+        self._link = Reconnecting(url)  # the link's reads, heartbeats and sweeps
         self._loaded: ServerDisk | None = None
+        self._held = _Held(ServerDisk(b"", "", 0, [], {}), me)
         self._identity: tuple[bytes, str] = (b"", "")  # the key's seed and this origin
 
     def open(self) -> None:
@@ -240,22 +253,36 @@ class PgStore:
             self._commits.close()
             raise
         self._identity = (self._loaded.key, self._loaded.origin)
+        self._held = _Held(self._loaded, self.me)
 
     def load(self) -> ServerDisk:
         """The server's key, its origin and counter, the clients (oldest change first)
         and the stored messages (oldest first)."""
         loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            return loaded
-        return self._commits.transaction(_read, self.me)
+        if loaded is None:
+            loaded = self._commits.transaction(_read, self.me)
+            self._held = _Held(loaded, self.me)
+        return loaded
 
     async def load_async(self) -> ServerDisk:
-        """``load`` in a worker thread (after a failed commit: the loop goes on)."""
-        return await trio.to_thread.run_sync(self.load)
+        """The tables read in a worker thread (after a failed commit: the loop goes on)."""
+        loaded = await trio.to_thread.run_sync(self._commits.transaction, _read, self.me)
+        self._held = _Held(loaded, self.me)  # in the loop's thread, as every other change
+        return loaded
+
+    def held(self) -> ServerDisk:
+        """What this server knows the database holds, without asking it (after a failed
+        commit, when the database cannot be read either: the server goes on)."""
+        return self._held.disk()
+
+    def learned(self, changes: list[Change], server: str) -> None:
+        """Another server committed ``changes`` (this one was notified)."""
+        self._held.take(changes, server)
 
     async def commit(self, changes: list[Change]) -> None:
         # Not abandoned on cancel: a commit that started finishes before the node goes on.
         await trio.to_thread.run_sync(self._commits.transaction, _commit, changes, self.me)
+        self._held.take(changes, self.me)
 
     # --- what the link to the other servers asks (``chatapp.shared``) ------------------
 
@@ -263,7 +290,9 @@ class PgStore:
         """The tables as they are now (after a reconnect, or a changelog row gone)."""
         seed, origin = self._identity
         disk = ServerDisk(seed, origin, 0, [], {})
-        return await self._run(_snapshot, self.me, disk)
+        snapshot = await self._run(_snapshot, self.me, disk)
+        self._held = _Held(snapshot.disk, self.me)
+        return snapshot
 
     async def changelog(self, seqs: list[int]) -> dict[int, tuple[str, bytes]]:
         """The changelog rows ``seqs`` that are still kept: seq -> (server, changes)."""
@@ -274,7 +303,9 @@ class PgStore:
 
     async def sweep(self) -> list[Change]:
         """Mark offline the online clients of stopped servers; the changes made."""
-        return await self._run(_sweep, self.me)
+        swept = await self._run(_sweep, self.me)
+        self._held.take(swept, None)
+        return swept
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(self._link.transaction, fn, *args)
@@ -315,14 +346,25 @@ def _beat(conn: psycopg.Connection[Any], me: str) -> None:
 def _sweep(conn: psycopg.Connection[Any], me: str) -> list[Change]:
     """The online clients of servers whose heartbeat stopped (or whose home is no server
     at all), marked offline (silent) and homeless; announced like any other change."""
+    # The stopped servers' rows stay locked until this commits: a server starting again
+    # (its first act writes its heartbeat) waits, and registers its clients only after
+    # this; one that started first is not stopped any more when its row is read here.
+    dead = [
+        server
+        for (server,) in conn.execute(
+            "SELECT id FROM servers WHERE id <> %s"
+            " AND beat < statement_timestamp() - make_interval(secs => %s)"
+            " ORDER BY id FOR UPDATE",  # one order: two sweeping servers never deadlock
+            (me, HEARTBEAT_TIMEOUT),
+        )
+    ]
     rows = conn.execute(
         "UPDATE clients SET presence = 'silent', home = NULL,"
         " changed = nextval('client_changes')"
-        " WHERE presence = 'online' AND home IS DISTINCT FROM %s AND NOT EXISTS"
-        " (SELECT 1 FROM servers WHERE id = clients.home"
-        "  AND beat >= now() - make_interval(secs => %s))"
+        " WHERE presence = 'online' AND home IS DISTINCT FROM %s AND (home = ANY(%s)"
+        "  OR NOT EXISTS (SELECT 1 FROM servers WHERE id = clients.home))"
         " RETURNING name, ip, port, key, sid",
-        (me, HEARTBEAT_TIMEOUT),
+        (me, dead),
     ).fetchall()
     changes: list[Change] = [
         ClientSaved(name, ip, port, bytes(key), bytes(sid), Presence.SILENT)
@@ -350,14 +392,27 @@ class _Transaction:
             " ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port,"
             " key = excluded.key, sid = excluded.sid, presence = excluded.presence,"
             " changed = excluded.changed, home = excluded.home"
-            " WHERE clients.key = excluded.key RETURNING name",
+            " WHERE clients.key = excluded.key"
+            " AND (excluded.presence = 'online' OR clients.sid = excluded.sid"
+            "  AND (clients.home = excluded.home OR clients.home IS NULL))"
+            " RETURNING name",
             (
                 change.name, change.ip, change.port, change.key, change.sid,
                 change.presence.value, self._me,
             ),
         ).fetchone()  # fmt: skip
-        if saved is None:
-            raise NameTaken(f"the name {change.name} is bound to another key")
+        if saved is not None:
+            return
+        # A client is marked offline (or deregistered) only in the session the row still
+        # names, by the server the row names (or none, after a sweep): one that
+        # registered again meanwhile, at any server, is not undone (the transaction is
+        # rolled back; this server reads what the database holds).
+        same_key = self._conn.execute(
+            "SELECT key = %s FROM clients WHERE name = %s", (change.key, change.name)
+        ).fetchone()
+        if same_key is not None and same_key[0]:
+            raise Superseded(f"{change.name} registered again meanwhile")
+        raise NameTaken(f"the name {change.name} is bound to another key")
 
     def remove_client(self, change: ClientRemoved) -> None:
         self._conn.execute("DELETE FROM clients WHERE name = %s", (change.name,))
@@ -402,6 +457,7 @@ __all__ = [
     "PgStore",
     "Snapshot",
     "StoreError",
+    "Superseded",
     "decode_changes",
     "encode_changes",
     "server_id",

@@ -103,17 +103,27 @@ class SharedLink:
         if not seqs:
             return
         rows = await self.store.changelog(seqs)
-        batches: list[list[Change]] = []
+        batches: list[tuple[str, list[Change]]] = []
         try:
             for seq in seqs:  # in the order of the notifications: the order of the commits
-                batches.append(decode_changes(rows[seq][1]))
+                batches.append((rows[seq][0], decode_changes(rows[seq][1])))
         except (KeyError, ValueError) as exc:
             why = "gone" if isinstance(exc, KeyError) else str(exc)
             self.log(Log(f"a changelog row could not be read ({why}): reading the tables"))
             await self._reload()
             return
-        for changes in batches:
-            await self.node.handle_outside(_value(changes), self.protocol.handle_shared)
+        for server, changes in batches:
+            await self.node.handle_outside(_value(changes), self._shared(server))
+
+    def _shared(self, server: str) -> Callable[[list[Change], float], list[Effect]]:
+        """Another server's changes: what the store knows the database holds, and the
+        state machine (both under the node's lock, so that they stay alike)."""
+
+        def handle(changes: list[Change], now: float) -> list[Effect]:
+            self.store.learned(changes, server)
+            return self.protocol.handle_shared(changes, now)
+
+        return handle
 
     # --- heartbeats ----------------------------------------------------------------------
 

@@ -1000,6 +1000,7 @@ SCREEN_COVERAGE: dict[str, tuple[str, tuple[object, ...]]] = {
         "test_reg_shows_stored_messages_oldest_first_interleaved",
         (WALL + 2.0, "user3", "hello guys"),
     ),
+    "time_prefix": ("test_a_stored_line_starts_with_the_time_prefix_replay_checks", (WALL,)),
     "HELP": ("test_help_and_table", ()),
     "OFFLINE_ONLY_REG": ("test_while_offline_the_only_command_is_reg", ()),
     "ALREADY_ONLINE": ("test_bad_commands_get_a_line_and_the_client_keeps_working", ()),
@@ -1142,6 +1143,16 @@ def _texts_in(test: types.FunctionType, module: types.ModuleType) -> list[str]:
         ):
             texts.append(getattr(screen, node.attr))
     return texts
+
+
+def test_a_stored_line_starts_with_the_time_prefix_replay_checks() -> None:
+    # chat-replay checks a shown prefix against screen.time_prefix of the stored time:
+    # both stored lines must begin with exactly that
+    for stored_at in (WALL, WALL + 0.25, 1648153596.77):
+        prefix = screen.time_prefix(stored_at)
+        assert prefix == f"({stored_at!r}) "
+        assert screen.stored_direct(stored_at, "user2", "hi").startswith(prefix)
+        assert screen.stored_channel(stored_at, "user3", "hi").startswith(prefix)
 
 
 def test_every_screen_line_has_a_test_that_shows_it() -> None:

@@ -191,6 +191,24 @@ def test_a_client_given_no_other_server_asked_to_rekey_by_another_stays_while_it
     assert not any("Moving" in line for line in sim.lines("user1"))
 
 
+def test_a_client_swept_by_another_server_that_registers_again_at_its_own_stays_online() -> None:
+    """A restarted inside the sweep window: B swept user1 and asked it to come, user1
+    (no --server) registered again at A; B's wait for it runs out and B leaves it be
+    (it does not mark offline a client another server registered meanwhile)."""
+    sim, a, b = two_servers()
+    x = join(sim, "user1", SERVER)  # no --server
+    record = b.clients["user1"]
+    swept = ClientSaved("user1", *record.addr, record.key, record.sid, Presence.SILENT)
+    sim.apply(B, b.handle_swept([swept], sim.now))
+    sim.pump()
+    sim.run(30.0)  # user1 registers again at A; B's wait for it would have run out
+    assert x.server == SERVER and a.clients["user1"].online
+    assert b.clients["user1"].online and "user1" in b.elsewhere
+    assert not any("did not come back" in log.text for _, log in sim.logs)
+    saved = [c for c in sim.persisted if isinstance(c, ClientSaved) and c.name == "user1"]
+    assert saved[-1].presence is Presence.ONLINE
+
+
 def test_a_client_given_no_other_server_moves_to_the_one_that_swept_it_if_its_own_is_gone() -> None:
     sim, _, b = two_servers()
     x = join(sim, "user1", SERVER)  # no --server

@@ -337,7 +337,7 @@ class ServerProtocol(ServerDelivery):
 
     def _rekey_lost(self, pending: Pending[Waiting], now: float) -> list[Effect]:
         record = self.clients[pending.context.recipient]
-        if not record.online:
+        if not record.online or record.name in self.elsewhere:  # another server has it
             return []
         effects = self._set_presence(record, Presence.SILENT)
         log = Log(f"{record.name} did not come back after the restart: marked offline")

@@ -105,9 +105,11 @@ class ServerSharing(ServerPresence):
         effects: list[Effect] = []
         if held is not None and record.name not in self.elsewhere:  # it was this one's
             self._end_session(held)
-            self._retry.end(("rekey", record.name))
-            self._returning.discard(record.name)
             effects += self._stop_stream(record.name)
+        # Asked here (after a restart, after a sweep) and registered at another server:
+        # not waited for any more (its "did not come back" would undo that registration).
+        self._retry.end(("rekey", record.name))
+        self._returning.discard(record.name)
         self.elsewhere.add(record.name)
         self._end_waits(self.followers.offline(record.name))
         if held is None or held.entry() != record.entry() or held.presence != record.presence:

@@ -272,10 +272,12 @@ class PgServer:
             for key, value in everything.items():
                 conf.write(f"{key} = {_conf_value(value)}\n")
 
-    def start(self, attempts: int = 5) -> None:
+    def start(self, attempts: int = 5, port: int | None = None) -> None:
+        """Start the cluster on a free port, or on ``port`` (its own again, after
+        ``stop``: a database outage that ends, the URLs still good)."""
         log = self.workdir / "server.log"
-        for _ in range(attempts):
-            self.port = _free_port()
+        for _ in range(attempts if port is None else 1):
+            self.port = port or _free_port()
             done = self._run(
                 str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(log),
                 "-w", "-t", "60", "-o", f"-p {self.port}", "start",

@@ -389,13 +389,21 @@ def settings_of(options: Options) -> dict[str, float | int | None]:
     return settings
 
 
+def _join_limit_argv(limits: Limits | None) -> list[str]:
+    """``--join-limit N`` for admission limits that differ from the default only there (as
+    ``chatapp serve --join-limit N`` sets them: N registrations, two handshake steps each)."""
+    if limits is None or limits.handshakes_per_ip_burst == Limits().handshakes_per_ip_burst:
+        return []
+    return ["--join-limit", str(int(limits.handshakes_per_ip_burst) // 2)]
+
+
 def _argv(options: Options, endpoint: Endpoint) -> list[str]:
     """The command line that would start this node where it listens."""
     port = str(endpoint.local_address[1])
     if isinstance(options, ServerOptions):
         limit = options.mailbox_limit
         more = ["--mailbox-limit", str(limit)] if limit != DEFAULT_MAILBOX_LIMIT else []
-        return ["chatapp", "serve", port, *more]
+        return ["chatapp", "serve", port, *more, *_join_limit_argv(options.limits)]
     others = [arg for ip, p in options.other_servers for arg in ("--server", f"{ip}:{p}")]
     return [
         "chatapp",

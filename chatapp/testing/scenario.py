@@ -3,7 +3,7 @@
 A scenario is a small text file, one step per line (``#`` starts a comment)::
 
     serve                          start the server (``serve --mailbox-limit 2``: with
-                                   room for 2 stored messages per client)
+                                   room for 2 stored messages per client; ``--join-limit``)
     join user1                     start a client (ports are picked for you)
     type user1 send user2 hello    type a line at user1's prompt
     expect user1 [Client Table Updated]
@@ -25,6 +25,7 @@ A scenario is a small text file, one step per line (``#`` starts a comment)::
     delay user1 -> server save 0.7 the next save from user1 goes 0.7 s late
     faults 0.1 0.05 7              from now on lose 10 %, duplicate 5 % of all datagrams
                                    (chosen by a generator seeded with 7)
+    attack mallory hellos 6        an attacker (``chatapp.testing.attacker``) sends 6 hellos
 
 The fault steps take ``*`` for any node, peer or message type and an optional
 count (``drop user1 -> server * 3``: the next 3 datagrams of any type); the
@@ -54,6 +55,7 @@ from chatapp.protocol.common import Timers
 from chatapp.protocol.inputs import Signal
 from chatapp.protocol.mailbox import DEFAULT_MAILBOX_LIMIT
 from chatapp.store import MemoryStore, Store
+from chatapp.testing.attacker import Attacker, attack_args, join_limits
 from chatapp.testing.faults import FaultKind, FaultPlan
 from chatapp.testing.screen import CapturedScreen
 from chatapp.testing.seed import line_matches
@@ -64,7 +66,7 @@ SERVER = "server"
 FAULT_KINDS = ("drop", "dup", "delay")
 STEP_KINDS = (
     "serve", "join", "type", "expect", "interrupt", "hangup", "stop", "kill", "wait", "exits",
-    *FAULT_KINDS, "faults",
+    *FAULT_KINDS, "faults", "attack",
 )  # fmt: skip
 SAME_PORT, NEW_KEY, PORT_OF = "same-port", "new-key", "port-of"
 #: How long an ``expect`` or ``exits`` waits before the scenario fails.
@@ -99,7 +101,7 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
                 f"{source}:{number}: unknown step {kind!r} (steps: {', '.join(STEP_KINDS)})"
             )
         if kind == "serve":
-            _mailbox_limit(rest, f"{source}:{number}")
+            _serve_options(rest, f"{source}:{number}")
             steps.append(Step(kind, SERVER, rest, number))
         elif kind in FAULT_KINDS or kind == "faults":
             _fault_args(kind, rest, f"{source}:{number}")
@@ -118,6 +120,8 @@ def parse_scenario(text: str, source: str = "<scenario>") -> list[Step]:
                 raise ScenarioError(f"{source}:{number}: {kind} needs a node name")
             if kind in ("type", "expect") and not arg:
                 raise ScenarioError(f"{source}:{number}: {kind} needs a line")
+            if kind == "attack":
+                _attack_args(arg, f"{source}:{number}")
             if kind == "exits" and arg and not arg.isdigit():
                 raise ScenarioError(f"{source}:{number}: exits takes a status, not {arg!r}")
             steps.append(Step(kind, node, arg, number))
@@ -157,14 +161,27 @@ def _fault_args(kind: str, text: str, where: str) -> FaultArgs:
         raise ScenarioError(f"{where}: {kind} takes {shape}, not {text!r}") from None
 
 
-def _mailbox_limit(text: str, where: str) -> int:
-    """``serve``'s option: ``--mailbox-limit N`` (or nothing: the default)."""
+def _serve_options(text: str, where: str) -> tuple[int, int | None]:
+    """``serve``'s ``--mailbox-limit N`` and ``--join-limit N`` (None: the default)."""
     words = text.split()
-    if not words:
-        return DEFAULT_MAILBOX_LIMIT
-    if len(words) == 2 and words[0] == "--mailbox-limit" and words[1].isdigit():
-        return int(words[1])
-    raise ScenarioError(f"{where}: serve takes --mailbox-limit N or nothing, not {text!r}")
+    found: dict[str, int] = {}
+    while len(words) >= 2 and words[0] in ("--mailbox-limit", "--join-limit"):
+        if not words[1].isdigit() or words[0] in found:
+            break
+        option, value, *words = words
+        found[option] = int(value)
+    if words:
+        raise ScenarioError(
+            f"{where}: serve takes --mailbox-limit N, --join-limit N or nothing, not {text!r}"
+        )
+    return found.get("--mailbox-limit", DEFAULT_MAILBOX_LIMIT), found.get("--join-limit")
+
+
+def _attack_args(text: str, where: str) -> tuple[str, list[str]]:
+    try:
+        return attack_args(text, where)
+    except ValueError as exc:
+        raise ScenarioError(str(exc)) from None
 
 
 def load_scenario(path: str | Path) -> list[Step]:
@@ -222,6 +239,7 @@ class Cluster:
         self.faults = FaultPlan()
         self._server_done = trio.Event()
         self.clients: dict[str, ClientHandle] = {}
+        self.attackers: dict[str, Attacker] = {}
         self._epoch = 0
         self._own_state_dir = state_dir is None
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="chatapp-cluster-"))
@@ -240,13 +258,15 @@ class Cluster:
         if self.server is not None and not self._server_done.is_set():
             raise ScenarioError(f"line {step.line_no}: the server is running already")
         self._epoch += 1
+        mailbox_limit, joins = _serve_options(step.text, f"line {step.line_no}")
         options = ServerOptions(
             port=self.server_addr[1] if self.server_addr is not None else 0,
             host=self.host,
             timers=self.timers,
             epoch=self._epoch,
             wall_offset=self._wall_offset,
-            mailbox_limit=_mailbox_limit(step.text, f"line {step.line_no}"),
+            mailbox_limit=mailbox_limit,
+            limits=join_limits(joins),
         )
         self._server_done = trio.Event()
         node = await self._nursery.start(self._run_server, options, self._server_done)
@@ -410,6 +430,21 @@ class Cluster:
                 f" not {step.text}"
             )
 
+    # --- hostile datagrams (chatapp.testing.attacker) --------------------------------
+
+    async def _attack(self, step: Step) -> None:
+        """An attacker node (role ``raw``) sends what the step names."""
+        kind, words = _attack_args(step.text, f"line {step.line_no}")
+        if step.node not in self.attackers:
+            attacker = await Attacker.open(step.node, self.network, self.host, self.recorder)
+            self.attackers[step.node] = attacker
+            self.faults.learn(attacker.endpoint.local_address, step.node)
+            self._nursery.start_soon(attacker.receive_loop)
+        try:
+            await self.attackers[step.node].play(kind, words, self.server_addr)
+        except (ValueError, trio.TooSlowError) as exc:
+            raise ScenarioError(f"line {step.line_no}: {step} failed: {exc!r}") from None
+
     def _client(self, step: Step) -> ClientHandle:
         try:
             return self.clients[step.node]
@@ -421,6 +456,8 @@ class Cluster:
         for handle in self.clients.values():
             if handle.node is not None:
                 handle.node.stop()
+        for attacker in self.attackers.values():
+            attacker.close()
         self._shutting_down = True
         if self.server is not None and not self._server_done.is_set():
             self.server.stop()  # its task closes the store as it ends

@@ -61,7 +61,7 @@ def raw_fields(data: bytes) -> dict[str, str]:
 
 
 class NodeInfo(msgspec.Struct, omit_defaults=True):
-    role: Literal["server", "client"]
+    role: Literal["server", "client", "raw"]
     argv: list[str] = []
     address: OptionalHostPort = ""
 
@@ -104,7 +104,7 @@ class Start(_Event, tag="start"):
     of its Ed25519 key: a secret), the server's key it had ``pinned``, and its ``marks``
     (by the server's key, per origin, the highest stored message shown)."""
 
-    role: Literal["server", "client"]
+    role: Literal["server", "client", "raw"]
     local: HostPort
     argv: list[str] = []
     seed: Base64 = ""

@@ -72,7 +72,9 @@ class _Keys:
             key = self.sessions.get(session_id(data))
             if key is None:
                 return None
-            from_client = (self.roles.get(event.node) == "client") == isinstance(event, Send)
+            from_client = (self.roles.get(event.node) in ("client", "raw")) == isinstance(
+                event, Send
+            )
             return Session(session_id(data), key).open(
                 TO_SERVER if from_client else TO_CLIENT, data
             )

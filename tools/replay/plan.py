@@ -204,6 +204,8 @@ class _Planner:
         self.latest: tuple[str, int, float] | None = None
         self.heard: Counter[str] = Counter()  # datagrams each played node had from the tested
         self.plan: list[Action] = []
+        #: Attackers (role ``raw``): always played from the recording, by their bytes.
+        self.raw = {name for name, info in recorded.nodes().items() if info.role == "raw"}
 
     def add(self, event: Event) -> None:
         if isinstance(event, Restored):
@@ -234,6 +236,9 @@ class _Planner:
         return isinstance(event, Recv) and not self._mine(event) and self._to_tested(event)
 
     def _action(self, event: Event) -> Action | None:
+        if event.node in self.raw and self.options.node is None:
+            # played in every replay: what it sent is sent again, the rest is its own
+            return Action(event, "puppet_send") if isinstance(event, Send) else None
         if self._mine(event):
             if self.options.target and event.node == self.options.node:
                 return None  # the running server under test does this itself

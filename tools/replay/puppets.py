@@ -24,7 +24,8 @@ from chatapp.net import Endpoint
 from chatapp.protocol.codecs import ClientCodec
 from chatapp.protocol.common import Received
 from chatapp.protocol.crypto import REGISTER_DOMAIN, Identity, SystemEntropy
-from chatapp.protocol.sealing import PLAIN_KIND, Session, decode_plain
+from chatapp.protocol.sealing import PLAIN_KIND, Session
+from chatapp.testing.attacker import read_unkeyed
 from chatapp.trace import Recorder
 from chatapp.wire import (
     Address,
@@ -101,7 +102,7 @@ class Puppet:
     def _read(self, data: bytes, addr: Address) -> Received:
         try:
             if self.keys is None:
-                return Received(_plain(data))
+                return read_unkeyed(data)
             message, _ = self.keys.codec.decode(data, addr)
         except WireError as exc:
             return Received(None, str(exc))
@@ -117,14 +118,6 @@ class Puppet:
         self.recorder.sent(self.name, self.endpoint.local_address, addr, data, message)
         with contextlib.suppress(OSError):
             await self.endpoint.send(data, addr)
-
-
-def _plain(data: bytes) -> Message:
-    """A played node reads only what needs no key (the rest it records as undecodable)."""
-    message = decode_plain(data) if data[:1] == bytes((PLAIN_KIND,)) else None
-    if not isinstance(message, Hello | Challenge | Register):
-        raise WireError("sealed: a played node holds no key to open it")
-    return message
 
 
 class Rewriter:

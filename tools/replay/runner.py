@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 import trio
 import trio.testing
 
@@ -54,7 +55,7 @@ from chatapp.trace import (
     Input as Typed,
 )
 from chatapp.typer_support import UsageError, usage_error_line
-from chatapp.wire import Address, fmt_addr
+from chatapp.wire import Address, Message, fmt_addr
 
 from .normalise import Normaliser
 from .plan import (
@@ -214,10 +215,10 @@ class Runner:
 
     async def _run_plan(self) -> Trace:
         async with trio.open_nursery() as nursery:
-            if self.options.node is not None:
-                for name in self.nodes:
-                    if name != self.options.node:
-                        await self._start_puppet(nursery, name)
+            for name, info in self.nodes.items():
+                tested = self.options.node
+                if name != tested and (tested is not None or info.role == "raw"):
+                    await self._start_puppet(nursery, name)
             for action in self.plan:
                 await self._pace(action)
                 await self._carry_out(nursery, action)
@@ -431,7 +432,9 @@ class Runner:
 
     async def _puppet_send(self, event: Send) -> None:
         under_test = self.options.node
-        assert under_test is not None
+        if under_test is None:
+            await self._raw_send(event)
+            return
         destination = self.options.target or self.new_addresses.get(under_test)
         if destination is None:
             return  # the node under test is not running: nothing to answer
@@ -441,6 +444,16 @@ class Runner:
         puppet = self.puppets[event.node]
         message = rewriter.message_of(event.msg, event.node)
         await puppet.send(puppet.bytes_for(message, event.data), message, destination)
+
+    async def _raw_send(self, event: Send) -> None:
+        """An attacker's datagram in a whole replay: its recorded bytes, to where the
+        node it went to is now."""
+        puppet = self.puppets[event.node]
+        try:
+            message = msgspec.convert(event.msg, Message) if event.msg is not None else None
+        except msgspec.ValidationError:
+            message = None
+        await puppet.send(event.data, message, self._new_address(parse_addr(event.peer)))
 
     def _live_keys(self, name: str) -> LiveKeys | None:
         """A client played against a running server speaks the protocol with its recorded

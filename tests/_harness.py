@@ -98,6 +98,35 @@ TEST_1_SCREENS = {
 """,
 }
 
+#: Each client's screen in the seed's Test 3 before user1 and user3 are interrupted (user2's
+#: ends with its own Ctrl-C), line for line.
+TEST_3_SCREENS = {
+    "user1": """
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> send_all hello guys
+>>> [Message received by the server.]
+>>> send_all hi
+>>> [Message received by the server.]
+>>> [Client Table Updated]
+>>>
+""",
+    "user2": """
+>>> [Client Table Updated]
+>>> [Client Table Updated]
+>>> Channel_Message user1 : hello guys
+>>> Caught keyboard interrupt. Exiting
+""",
+    "user3": """
+>>> [Client Table Updated]
+>>> Channel_Message user1 : hello guys
+>>> Channel_Message user1 : hi
+>>> [Client Table Updated]
+>>>
+""",
+}
+
 
 def chat_replay(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
     """``chat-replay ARGS`` in this process: its exit status and everything it printed."""

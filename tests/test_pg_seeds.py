@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 
 import pytest
-from _harness import TEST_1_SCREENS, free_udp_ports, join_args, serve_args
+from _harness import TEST_1_SCREENS, TEST_3_SCREENS, free_udp_ports, join_args, serve_args
 from test_e2e import (
     INTERRUPTED,
     TABLE,
@@ -216,39 +216,8 @@ def test_seed_test_3_across_two_servers(start: Start, pg_url: str, placement: st
 
     x.drain()
     z.drain()
-    assert_screen(
-        x,
-        """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> send_all hello guys
->>> [Message received by the server.]
->>> send_all hi
->>> [Message received by the server.]
->>> [Client Table Updated]
->>>
-""",
-    )
-    assert_screen(
-        y,
-        """
->>> [Client Table Updated]
->>> [Client Table Updated]
->>> Channel_Message user1 : hello guys
->>> Caught keyboard interrupt. Exiting
-""",
-    )
-    assert_screen(
-        z,
-        """
->>> [Client Table Updated]
->>> Channel_Message user1 : hello guys
->>> Channel_Message user1 : hi
->>> [Client Table Updated]
->>>
-""",
-    )
+    for name, client in (("user1", x), ("user2", y), ("user3", z)):
+        assert_screen(client, TEST_3_SCREENS[name])
     assert_seed_lines(3, {"user1": x, "user2": y, "user3": z})
     for client in (x, z):
         client.interrupt()
